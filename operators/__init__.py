@@ -1,0 +1,1 @@
+"""The midfill Kubernetes operator (kopf). Imports `midfill` only: never `trainer` or `serving`."""

@@ -1,0 +1,93 @@
+"""The `midfill` command line.
+
+The core defines the commands that need only the core (version, crds, validate). Components add
+their own (serve, operator, render, apply, ...) through the `midfill.commands` entry-point group:
+each entry point is a `register(app: typer.Typer) -> None` function living next to the code it
+drives, so this module never imports a component.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from midfill import __version__
+
+app = typer.Typer(
+    name="midfill",
+    help="Train and serve fill-in-the-middle code models on Kubernetes, or on one machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ENTRY_POINT_GROUP = "midfill.commands"
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print an error line to stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def version() -> None:
+    """Print the midfill version."""
+    typer.echo(f"midfill {__version__}")
+
+
+@app.command()
+def crds(
+    out: Annotated[Path | None, typer.Option("--out", help="Write one YAML file per CRD into this folder.")] = None,
+) -> None:
+    """Print (or write) the CustomResourceDefinitions generated from midfill.api."""
+    from midfill.crds import render_crds, write_crds
+
+    if out is None:
+        typer.echo("---\n".join(render_crds().values()), nl=False)
+        return
+    for path in write_crds(out):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Option("-f", "--file", help="YAML file with TrainingRun/ModelRelease documents.")],
+) -> None:
+    """Check resources against the API; one line per invalid field (exit 1), else a summary."""
+    from midfill.api import SpecError, load_file
+
+    try:
+        resources = load_file(file)
+    except SpecError as exc:
+        prefix = f"{exc.source}: " if exc.source else ""
+        for err in exc.errors:
+            typer.echo(f"{prefix}{err.path}: {err.message}", err=True)
+        raise typer.Exit(1) from None
+    names = ", ".join(f"{r.kind}/{r.metadata.name}" for r in resources)
+    typer.echo(f"{file}: valid ({names})")
+
+
+def _load_component_commands() -> None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a component whose dependencies are not installed here
+            missing = exc.name or str(exc)
+
+            @app.command(name=ep.name, hidden=True, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+            def _unavailable(_name: str = ep.name, _missing: str = missing) -> None:
+                raise fail(f"`midfill {_name}` is not available: missing module {_missing}")
+
+            continue
+        register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _load_component_commands()
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="midfill")

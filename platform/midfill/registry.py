@@ -1,0 +1,188 @@
+"""The MLflow model registry, as midfill uses it: idempotent registration, alias resolution,
+approval, and fetching a version's files.
+
+Every midfill process talks to MLflow through this module, so idempotency (one version per
+TrainingRun, whatever retries happen) is decided in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Tags midfill puts on model versions.
+TAG_RUN_NAME = "midfill.training_run"
+TAG_RUN_UID = "midfill.training_run_uid"
+TAG_ATTEMPT = "midfill.attempt"
+TAG_DATA_HASH = "midfill.data_hash"
+REVIEW_TAG = "review"
+REVIEW_APPROVED = "approved"
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+
+
+class RegistryError(RuntimeError):
+    """A registry lookup that cannot be satisfied (unknown model, alias or version)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered model version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        """models:/<name>/<version>"""
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/name/3 -> (name, "3", None); models:/name@champion -> (name, None, "champion")."""
+    match = _MODELS_URI.match(uri)
+    if not match:
+        raise ValueError(f"{uri!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>")
+    return match["name"], match["version"], match["alias"]
+
+
+def _client(tracking_uri: str | None):
+    # Imported lazily: mlflow takes seconds to import and most CLI commands never need it.
+    import mlflow
+    from mlflow import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _info(mv) -> VersionInfo:
+    return VersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        source=mv.source,
+        run_id=mv.run_id or None,
+        tags=dict(mv.tags or {}),
+        aliases=tuple(getattr(mv, "aliases", []) or []),
+    )
+
+
+class Registry:
+    """A thin, typed wrapper over MlflowClient for the operations midfill needs."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = _client(tracking_uri)
+
+    # -- registration ---------------------------------------------------------------------------
+    def find_by_run_uid(self, name: str, run_uid: str) -> VersionInfo | None:
+        """The version a TrainingRun (by uid) already registered, if any."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name='{name}' and tags.`{TAG_RUN_UID}`='{run_uid}'")
+        except MlflowException:
+            return None
+        versions = sorted(found, key=lambda mv: int(mv.version))
+        return _info(versions[0]) if versions else None
+
+    def register(
+        self,
+        *,
+        name: str,
+        source: str,
+        run_uid: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        description: str | None = None,
+    ) -> tuple[VersionInfo, bool]:
+        """Register `source` as a version of `name`, once per TrainingRun uid.
+
+        Returns (version, created). A retry after a crash finds the version by its run-uid tag and
+        returns it instead of creating a second one.
+        """
+        from mlflow.exceptions import MlflowException
+
+        existing = self.find_by_run_uid(name, run_uid)
+        if existing is not None:
+            return existing, False
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        all_tags = {**(tags or {}), TAG_RUN_UID: run_uid}
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags=all_tags, description=description
+        )
+        return _info(mv), True
+
+    # -- lookup -----------------------------------------------------------------------------------
+    def get(self, name: str, *, version: str | int | None = None, alias: str | None = None) -> VersionInfo:
+        """Resolve a version number or an alias; RegistryError saying what is missing otherwise."""
+        from mlflow.exceptions import MlflowException
+
+        assert (version is None) != (alias is None), "give exactly one of version and alias"
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            raise RegistryError(f"registered model {name!r} does not exist") from None
+        try:
+            mv = (
+                self.client.get_model_version(name, str(version))
+                if version is not None
+                else self.client.get_model_version_by_alias(name, alias)
+            )
+        except MlflowException:
+            what = f"version {version}" if version is not None else f"alias {alias!r}"
+            raise RegistryError(f"registered model {name!r} has no {what}") from None
+        return _info(mv)
+
+    def resolve_uri(self, uri: str) -> VersionInfo:
+        """Resolve models:/name/3 or models:/name@alias."""
+        name, version, alias = parse_models_uri(uri)
+        return self.get(name, version=version, alias=alias)
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """All versions of a model, oldest first ([] if the model does not exist)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name='{name}'")
+        except MlflowException:
+            return []
+        return sorted((_info(mv) for mv in found), key=lambda v: int(v.version))
+
+    # -- review -----------------------------------------------------------------------------------
+    def approve(self, name: str, version: str | int, *, alias: str = "champion", reviewer: str | None = None) -> VersionInfo:
+        """What a reviewer does in the MLflow UI: tag review=approved and point the alias at it."""
+        self.get(name, version=version)
+        self.client.set_model_version_tag(name, str(version), REVIEW_TAG, REVIEW_APPROVED)
+        if reviewer:
+            self.client.set_model_version_tag(name, str(version), "reviewer", reviewer)
+        self.client.set_registered_model_alias(name, alias, str(version))
+        return self.get(name, version=version)
+
+    # -- files ------------------------------------------------------------------------------------
+    def download(self, info: VersionInfo, dst: str | Path) -> Path:
+        """Copy a version's files (an export folder) to dst and return the local folder."""
+        import mlflow
+
+        dst = Path(dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri)
+        return Path(local)
+
+
+def unmet_approval(info: VersionInfo, *, required_tags: dict[str, str], required_alias: str | None) -> list[str]:
+    """What a version still lacks to be served (empty list = approved)."""
+    missing = [f"tag {k}={v}" for k, v in required_tags.items() if info.tags.get(k) != v]
+    if required_alias and required_alias not in info.aliases:
+        missing.append(f"alias {required_alias}")
+    return missing

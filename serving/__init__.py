@@ -1,0 +1,1 @@
+"""The midfill Ray Serve application: OpenAI-compatible infill endpoint."""

@@ -1,0 +1,1 @@
+"""The midfill trainer: the torchrun entry point and everything a training process needs."""
