@@ -184,3 +184,43 @@ def write_crds(out_dir: str | Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def to_json_schema(node: Any) -> Any:
+    """An openAPIV3Schema node as plain JSON Schema (to validate documents like the API server).
+
+    Handles the Kubernetes extensions: nullable, x-kubernetes-int-or-string,
+    x-kubernetes-preserve-unknown-fields; structural objects reject unknown fields (pruning).
+    """
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: to_json_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = to_json_schema(value)
+        elif key == "x-kubernetes-int-or-string":
+            out["type"] = ["integer", "string"]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and value is True:
+            # OpenAPI 3.0 marks the bound exclusive; JSON Schema puts the number here instead.
+            out[key] = node["minimum" if key == "exclusiveMinimum" else "maximum"]
+        elif not key.startswith("x-kubernetes") and key != "nullable":
+            out[key] = value
+    if node.get("exclusiveMinimum") is True:
+        out.pop("minimum", None)
+    if node.get("exclusiveMaximum") is True:
+        out.pop("maximum", None)
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"] if isinstance(out["type"], str) else [*out["type"], "null"]
+    if out.get("type") == "object" and "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def crd_json_schema(crd: dict[str, Any], version: str = VERSION) -> dict[str, Any]:
+    """The JSON Schema of one version of a CRD object."""
+    for ver in crd["spec"]["versions"]:
+        if ver["name"] == version:
+            return to_json_schema(ver["schema"]["openAPIV3Schema"])
+    raise KeyError(f"{crd['metadata']['name']} has no version {version}")

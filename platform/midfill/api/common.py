@@ -43,14 +43,22 @@ class ObjectMeta(BaseModel):
     name: str = Field(
         description="Resource name: lowercase letters, digits and '-', starting with a letter; "
         f"at most {MAX_NAME_LENGTH} characters (child objects append '-a<N>').",
-        max_length=MAX_NAME_LENGTH,
-        pattern=NAME_PATTERN,
     )
     namespace: str | None = Field(default=None, description="Namespace (default: the current one).")
     uid: str | None = Field(default=None, description="Set by the API server (or the local backend).")
     generation: int | None = Field(default=None, description="Set by the API server on spec changes.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} must be at most {MAX_NAME_LENGTH} lowercase letters, digits or '-', starting "
+                "with a letter and ending with a letter or digit (it names Services and Jobs), e.g. fim-debug"
+            )
+        return name
 
 
 Quantity = int | str
