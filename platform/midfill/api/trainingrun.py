@@ -50,6 +50,49 @@ class Architecture(ApiModel):
         return self
 
 
+class CompositionSpec(ApiModel):
+    """Compose two frozen models through a trainable bridge (RESEARCH.md sections 4 and 5).
+
+    calm: anchor and augmenting model both frozen; cross-attention from anchor layer states to
+    projected augmenting layer states at evenly spaced layer pairs (Bansal et al., 2024).
+    codet5p: the augmenting model runs as a bidirectional encoder; cross-attention is added to the
+    top decoder layers of the frozen anchor (Wang et al., 2023).
+    """
+
+    mode: Literal["calm", "codet5p"] = Field(description="calm or codet5p.")
+    anchor: str = Field(
+        min_length=1,
+        description="The large frozen model: a recipe name, an export path/URI, or models:/<name>/<version|@alias>.",
+    )
+    augment: str = Field(
+        min_length=1,
+        description="The small model (augmenting model or encoder): recipe name, export path/URI or models:/ URI.",
+    )
+    num_heads: int | None = Field(
+        default=None, ge=1, description="Heads of each bridge cross-attention. Default: the anchor's head count."
+    )
+    layer_spacing: int = Field(
+        default=4, ge=1, description="calm: compose every k-th augmenting layer with an evenly spaced anchor layer. Default 4."
+    )
+    num_composition_layers: int | None = Field(
+        default=None, ge=1, description="calm: number of layer pairs. Default: augmenting layers / layerSpacing."
+    )
+    cross_attention_layers: int = Field(
+        default=1, ge=1, description="codet5p: how many top anchor layers get cross-attention. Default 1 (as in CodeT5+)."
+    )
+    encoder_trainable: bool = Field(
+        default=True, description="codet5p: train the encoder too (CodeT5+ does). Default true."
+    )
+
+    @model_validator(mode="after")
+    def _uris(self) -> CompositionSpec:
+        for name in ("anchor", "augment"):
+            value = getattr(self, name)
+            if value.startswith("models:") and not MODELS_URI.match(value):
+                raise ValueError(f"{name}: {value!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>")
+        return self
+
+
 class ModelSpec(ApiModel):
     """What to train."""
 
@@ -71,6 +114,11 @@ class ModelSpec(ApiModel):
         default="auto",
         description="Attention kernel: auto picks flash_attention_2 when CUDA and flash-attn are "
         "present, else sdpa. Default auto.",
+    )
+    composition: CompositionSpec | None = Field(
+        default=None,
+        description="Train only a bridge between two frozen models (calm or codet5p) instead of one "
+        "model; recipe/architecture/init are then ignored. Default: none.",
     )
 
     @model_validator(mode="after")
