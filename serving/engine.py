@@ -1,0 +1,424 @@
+"""The generation engine: loads an export and runs a continuous batch of requests on one KV cache.
+
+Why this design (CPU-NOTES): on a CPU, prompt processing dominates and transformers' own continuous
+batching ran at 0.4-1.0x sequential. So each request's prompt is prefilled on its own (no padding
+waste, logits only for the last position) and its KV cache is then spliced into the running decode
+batch, left-padded; every decode step advances all running requests with one forward pass. Requests
+join and leave between steps, so a late arrival never waits for a whole batch to finish.
+
+One background thread owns the model and the cache. Callers submit a request and get a handle; the
+thread reports each step through a callback (the async `stream()` wraps it for the ingress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from midfill.export import ExportMetadata, read_metadata
+from midfill.fim import FimFormat, get_format
+from serving.stops import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLong(ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context; nothing is truncated."""
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, max_context: int) -> None:
+        self.prompt_tokens, self.max_tokens, self.max_context = prompt_tokens, max_tokens, max_context
+        if prompt_tokens >= max_context:
+            msg = (
+                f"the prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens "
+                f"(prompt + completion); shorten the prompt to at most {max_context - 1} tokens"
+            )
+        else:
+            msg = (
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
+                f"of {max_context} tokens; lower max_tokens to {max_context - prompt_tokens} or shorten the prompt"
+            )
+        super().__init__(msg)
+
+    @property
+    def prompt_alone_too_long(self) -> bool:
+        return self.prompt_tokens >= self.max_context
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        assert self.max_tokens >= 1 and self.temperature >= 0 and 0 < self.top_p <= 1
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step produced for one request: new text (may be empty) and, last, the finish."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request, as the blocking API returns it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[StepOutput], None]
+    stops: StopChecker
+    generator: torch.Generator | None
+    out_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+    stop_token: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class RequestHandle:
+    """Lets the caller stop a request; the engine drops it before its next step."""
+
+    def __init__(self, seq: _Seq) -> None:
+        self._seq = seq
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._seq.done
+
+
+class Engine:
+    """A loaded export plus the batching loop. Thread-safe: submit() from anywhere."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        metadata: ExportMetadata,
+        *,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        fim_format: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.metadata = metadata
+        self.fim: FimFormat = get_format(fim_format or metadata.fim_format)
+        self.max_batch_size = max_batch_size
+        if max_context is not None and max_context > metadata.max_context:
+            raise ValueError(f"max_context_tokens {max_context} exceeds the model's max_context {metadata.max_context}")
+        self.max_context = max_context or metadata.max_context
+        stop_names = metadata.stop_tokens or list(self.fim.stop_tokens)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in stop_names if t not in vocab]
+        if missing:
+            raise ValueError(f"stop tokens {missing} from midfill.json are not in the tokenizer")
+        self.stop_token_ids = frozenset(vocab[t] for t in stop_names)
+        self._inbox: queue.Queue[_Seq | None] = queue.Queue()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
+        self._positions: torch.Tensor | None = None  # (B,) real tokens in the cache per row
+        self._next: torch.Tensor | None = None  # (B,) last sampled token, input of the next step
+        self._closed = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
+        self._thread.start()
+
+    # -- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_export(cls, path: str | Path, *, dtype: str = "float32", **kwargs) -> Engine:
+        """Load an export folder (midfill.export contract)."""
+        meta = read_metadata(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        return cls(model, tokenizer, meta, **kwargs)
+
+    # -- the pure API ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def infill_prompt(self, prefix: str, suffix: str) -> str:
+        return self.fim.infill_prompt(prefix, suffix)
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise PromptTooLong unless prompt + completion fit the context."""
+        if prompt_tokens + max_tokens > self.max_context:
+            raise PromptTooLong(prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_context=self.max_context)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[StepOutput], None]) -> RequestHandle:
+        """Queue a request; `on_output` is called from the engine thread for every step and the finish."""
+        if not prompt_ids:
+            raise ValueError("prompt: must not be empty")
+        self.check_length(len(prompt_ids), params.max_tokens)
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        seq = _Seq(list(prompt_ids), params, on_output, StopChecker(params.stop), gen)
+        self._inbox.put(seq)
+        return RequestHandle(seq)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        """Blocking: run one request to its end."""
+        outputs: queue.Queue[StepOutput] = queue.Queue()
+        self.submit(prompt_ids, params, outputs.put)
+        text, ids = [], []
+        while True:
+            out = outputs.get()
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            if out.finished:
+                if out.finish_reason == "error":
+                    raise RuntimeError(out.error)
+                return Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+
+    def infill(self, prefix: str, suffix: str, params: SamplingParams) -> Completion:
+        """The middle between prefix and suffix, in the model's own FIM format."""
+        return self.generate(self.encode(self.infill_prompt(prefix, suffix)), params)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Async token stream; closing the iterator (client gone) cancels the request."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+        def deliver(out: StepOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:  # the event loop is gone; the request will be dropped as cancelled
+                handle.cancel()
+
+        handle = self.submit(prompt_ids, params, deliver)
+        try:
+            while True:
+                out = await outputs.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            handle.cancel()
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running), "waiting": len(self._waiting) + self._inbox.qsize()}
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # -- the loop (engine thread only) ----------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._closed:
+            block = not self._running and not self._waiting
+            try:
+                while True:
+                    seq = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+                    block = False
+                    if seq is None:
+                        break
+                    self._waiting.append(seq)
+            except queue.Empty:
+                pass
+            try:
+                self._step()
+            except Exception as exc:  # a failed step must not kill the engine: fail its requests, go on
+                log.exception("engine step failed")
+                for seq in self._running:
+                    self._finish(seq, "error", error=f"generation failed: {exc}")
+                self._reset_batch()
+        for seq in [*self._running, *self._waiting]:
+            self._finish(seq, "cancelled")
+
+    def _step(self) -> None:
+        # Drop what clients no longer want before spending compute on it.
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        self._retire([s for s in self._running if s.cancelled], reason="cancelled")
+        # Admit one waiting request per step: its prefill is the expensive part, and interleaving
+        # prefills with decode steps keeps the running requests streaming.
+        if self._waiting and len(self._running) < self.max_batch_size:
+            self._admit(self._waiting.popleft())
+        if self._running:
+            self._decode()
+
+    def _admit(self, seq: _Seq) -> None:
+        ids = torch.tensor([seq.prompt_ids])
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = self._sample(logits, [seq])[0]
+        self._merge(cache, seq, token)
+        if self._accept(seq, token):  # the first token already ended it (a stop, or max_tokens=1)
+            self._retire([seq], reason=None)
+
+    def _merge(self, cache: DynamicCache, seq: _Seq, token: int) -> None:
+        """Splice a prefilled (1, H, t, D) cache into the running batch, left-padding the shorter side."""
+        t = len(seq.prompt_ids)
+        new_mask = torch.ones(1, t, dtype=torch.long)
+        if self._cache is None:
+            self._cache, self._mask = cache, new_mask
+            self._positions, self._next = torch.tensor([t]), torch.tensor([token])
+            self._running = [seq]
+            return
+        T = self._mask.shape[1]
+        width = max(T, t)
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(new_mask, width, dim=1)], dim=0)
+        self._positions = torch.cat([self._positions, torch.tensor([t])])
+        self._next = torch.cat([self._next, torch.tensor([token])])
+        self._running.append(seq)
+
+    def _decode(self) -> None:
+        B = len(self._running)
+        self._mask = torch.cat([self._mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=self._next[:, None],
+                attention_mask=self._mask,
+                position_ids=self._positions[:, None],
+                past_key_values=self._cache,
+                use_cache=True,
+            ).logits[:, -1]
+        self.steps += 1
+        self._positions = self._positions + 1
+        tokens = self._sample(logits, self._running)
+        self._next = torch.tensor(tokens)
+        finished = []
+        for seq, token in zip(self._running, tokens, strict=True):
+            if self._accept(seq, token):
+                finished.append(seq)
+        self._retire(finished, reason=None)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        """Greedy rows take the argmax; sampled rows use temperature and top-p with their own generator."""
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+            if p.top_p < 1:
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        return tokens
+
+    def _accept(self, seq: _Seq, token: int) -> bool:
+        """Record one generated token; emit text; True if the request is now finished."""
+        if token in self.stop_token_ids:
+            seq.stop_token = True
+            self._finish(seq, "stop", pending=seq.stops.flush())
+            return True
+        seq.out_ids.append(token)
+        text = self.tokenizer.decode(seq.out_ids, skip_special_tokens=False)
+        emit, hit = seq.stops.feed(text)
+        if hit:
+            self._finish(seq, "stop", pending=emit, token_ids=(token,))
+            return True
+        if len(seq.out_ids) >= seq.params.max_tokens:
+            self._finish(seq, "length", pending=emit + seq.stops.flush(), token_ids=(token,))
+            return True
+        # Sent even when the text is held back (partial UTF-8 or stop prefix): callers count tokens.
+        seq.on_output(StepOutput(text=emit, token_ids=(token,), completion_tokens=len(seq.out_ids)))
+        return False
+
+    def _finish(
+        self, seq: _Seq, reason: str, *, pending: str = "", token_ids: tuple[int, ...] = (), error: str | None = None
+    ) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        try:
+            seq.on_output(
+                StepOutput(
+                    text=pending,
+                    token_ids=token_ids,
+                    finished=True,
+                    finish_reason=reason,
+                    prompt_tokens=len(seq.prompt_ids),
+                    # The stop token was generated (and costs the same), so usage counts it.
+                    completion_tokens=len(seq.out_ids) + int(seq.stop_token),
+                    error=error,
+                )
+            )
+        except Exception:  # a broken callback is the caller's problem, never the batch's
+            log.exception("output callback failed")
+
+    def _retire(self, seqs: list[_Seq], *, reason: str | None) -> None:
+        """Remove finished or cancelled rows from the batch and trim columns that are padding everywhere."""
+        if not seqs:
+            return
+        for seq in seqs:
+            if reason:
+                self._finish(seq, reason)
+        gone = set(map(id, seqs))
+        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
+        if not keep:
+            self._reset_batch()
+            return
+        idx = torch.tensor(keep)
+        first_real = int((self._mask[idx].cumsum(dim=1) == 0).sum(dim=1).min())
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[idx, :, first_real:]
+            layer.values = layer.values[idx, :, first_real:]
+        self._mask = self._mask[idx, first_real:]
+        self._positions, self._next = self._positions[idx], self._next[idx]
+        self._running = [self._running[i] for i in keep]
+
+    def _reset_batch(self) -> None:
+        self._running, self._cache, self._mask, self._positions, self._next = [], None, None, None, None
+
+
+def _left_pad(x: torch.Tensor, width: int, *, dim: int = 2) -> torch.Tensor:
+    """Zero-pad `x` on the left of `dim` up to `width` (zeros, not garbage: padded K/V stay finite)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -1,0 +1,154 @@
+"""The engine without Ray: batching must not change greedy tokens; stops, limits and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+import pytest
+import torch
+
+from serving.engine import Engine, PromptTooLong, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export):
+    eng = Engine.from_export(tiny_export, max_batch_size=8)
+    yield eng
+    eng.close()
+
+
+PREFIXES = [
+    "def add(a, b):\n    ",
+    "import os\n\nclass Config:\n    def __init__(self, path):\n        self.path = ",
+    "for i in range(10):\n",
+    "x = ",
+    "def parse(text):\n    '''Split text into words.'''\n    words = []\n    for line in text.splitlines():\n        ",
+    "if __name__ == '__main__':\n    ",
+]
+
+
+def _prompts(engine: Engine) -> list[list[int]]:
+    return [engine.encode(engine.infill_prompt(p, "\n    return result\n")) for p in PREFIXES]
+
+
+def _reference(engine: Engine, ids: list[int], n: int) -> list[int]:
+    """Sequential HF generate, greedy: what the batch must reproduce."""
+    out = engine.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=sorted(engine.stop_token_ids),
+        pad_token_id=engine.tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
+    while out and out[-1] in engine.stop_token_ids:
+        out.pop()
+    return out
+
+
+def _run_concurrently(engine: Engine, prompts: list[list[int]], params: SamplingParams):
+    results = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        results[i] = engine.generate(prompts[i], params)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_batched_greedy_equals_sequential_generate(engine):
+    prompts = _prompts(engine)
+    steps_before = engine.steps
+    results = _run_concurrently(engine, prompts, SamplingParams(max_tokens=24))
+    # Requests shared decode steps: far fewer steps than tokens generated.
+    assert engine.steps - steps_before < sum(r.completion_tokens for r in results)
+    for ids, result in zip(prompts, results, strict=True):
+        assert result.token_ids == _reference(engine, ids, 24)
+        assert result.text == engine.tokenizer.decode(result.token_ids)
+        assert result.prompt_tokens == len(ids)
+
+
+def test_max_tokens_is_honoured(engine):
+    result = engine.generate(_prompts(engine)[0], SamplingParams(max_tokens=5))
+    assert (result.finish_reason, result.completion_tokens, len(result.token_ids)) == ("length", 5, 5)
+
+
+def test_stop_string_cuts_the_text(engine):
+    ids = _prompts(engine)[1]
+    full = engine.generate(ids, SamplingParams(max_tokens=40)).text
+    stop = full[10:13]
+    assert stop.strip(), "the gibberish should hold a printable stop candidate"
+    cut = engine.generate(ids, SamplingParams(max_tokens=40, stop=("@@never@@", stop)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_stop_token_from_metadata_ends_the_completion(engine, tiny_export):
+    ids = _prompts(engine)[2]
+    greedy = engine.generate(ids, SamplingParams(max_tokens=20)).token_ids
+    k = next(i for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i])
+    stop_token = engine.tokenizer.convert_ids_to_tokens(greedy[k])
+    meta = engine.metadata.model_copy(update={"stop_tokens": [stop_token]})
+    other = Engine(engine.model, engine.tokenizer, meta, max_batch_size=2)
+    try:
+        result = other.generate(ids, SamplingParams(max_tokens=20))
+    finally:
+        other.close()
+    assert result.finish_reason == "stop"
+    assert result.token_ids == greedy[:k]
+    assert result.completion_tokens == k + 1  # the stop token is counted, not returned
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(engine):
+    ids = _prompts(engine)[3]
+    greedy = engine.generate(ids, SamplingParams(max_tokens=12)).token_ids
+    a = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=7)).token_ids
+    b = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=7)).token_ids
+    narrow = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=3)).token_ids
+    assert a == b
+    assert narrow == greedy
+
+
+def test_prompt_longer_than_context_is_rejected_not_truncated(engine):
+    with pytest.raises(PromptTooLong, match="shorten the prompt"):
+        engine.generate([5] * 300, SamplingParams(max_tokens=1))
+    with pytest.raises(PromptTooLong, match="lower max_tokens to 56"):
+        engine.generate([5] * 200, SamplingParams(max_tokens=100))
+
+
+def test_cancel_stops_generation_and_engine_keeps_serving(engine):
+    outputs: queue.Queue = queue.Queue()
+    handle = engine.submit(_prompts(engine)[0], SamplingParams(max_tokens=200), outputs.put)
+    first = outputs.get(timeout=30)
+    assert not first.finished
+    handle.cancel()
+    while not (last := outputs.get(timeout=30)).finished:
+        pass
+    assert last.finish_reason == "cancelled"
+    assert last.completion_tokens < 200
+    assert engine.generate(_prompts(engine)[1], SamplingParams(max_tokens=3)).completion_tokens == 3
+
+
+def test_closing_the_async_stream_cancels_the_request(engine):
+    async def consume_two() -> int:
+        stream = engine.stream(_prompts(engine)[4], SamplingParams(max_tokens=200))
+        seen = 0
+        async for out in stream:
+            seen += len(out.token_ids)
+            if seen >= 2:
+                break
+        await stream.aclose()  # what Starlette does when the client disconnects
+        return seen
+
+    assert asyncio.run(consume_two()) >= 2
+    for _ in range(100):
+        if engine.stats()["running"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert engine.stats() == {"running": 0, "waiting": 0}
