@@ -1,0 +1,138 @@
+"""How `midfill get` and `midfill describe` show stored resources (pure functions of the records)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import yaml
+
+from midfill.local.state import StoredResource
+
+TR_COLUMNS = ("NAME", "PHASE", "NODES", "STEP", "LOSS", "VERSION", "AGE")
+MR_COLUMNS = ("NAME", "PHASE", "MODEL", "VERSION", "URL", "AGE")
+
+
+def age(timestamp: str | None, *, now: dt.datetime | None = None) -> str:
+    """kubectl-style age: 45s, 12m, 3h, 2d."""
+    if not timestamp:
+        return "<unknown>"
+    try:
+        then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return "<unknown>"
+    seconds = max(0, int(((now or dt.datetime.now(dt.timezone.utc)) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def training_row(record: StoredResource) -> tuple[str, ...]:
+    status = record.status()
+    spec = record.resource["spec"]
+    par = spec.get("parallelism", {})
+    nodes = record.local.layout or f"{par.get('numNodes', 1)}x{par.get('nprocPerNode', 1)}"
+    prog = status.progress
+    step = "-"
+    if prog is not None:
+        step = f"{prog.step}/{prog.total_steps}" if prog.total_steps else str(prog.step)
+    loss = f"{prog.loss:.3f}" if prog is not None and prog.loss is not None else "-"
+    version = status.registered_model.version if status.registered_model else "-"
+    return (record.name, status.phase, nodes, step, loss, version, age(record.resource["metadata"].get("creationTimestamp")))
+
+
+def release_row(record: StoredResource) -> tuple[str, ...]:
+    status = record.status()
+    model = record.resource["spec"]["model"]
+    ref = model["registeredModelName"] + (f"/{model['version']}" if model.get("version") else f"@{model.get('alias') or 'champion'}")
+    version = status.stable_version or "-"
+    return (record.name, status.phase, ref, version, status.url or "-", age(record.resource["metadata"].get("creationTimestamp")))
+
+
+def table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns separated by three spaces, as kubectl prints them."""
+    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [columns, *rows]]
+    return "\n".join(lines)
+
+
+def get_table(kind: str, records: list[StoredResource]) -> str:
+    if kind == "TrainingRun":
+        return table(TR_COLUMNS, [training_row(r) for r in records])
+    return table(MR_COLUMNS, [release_row(r) for r in records])
+
+
+def as_output(records: list[StoredResource], fmt: str, *, single: bool) -> str:
+    """-o yaml|json: the stored objects (spec + status) as the API server would return them."""
+    objs: Any = [r.resource for r in records]
+    if not single:
+        objs = {"apiVersion": "v1", "kind": "List", "items": objs}
+    else:
+        objs = objs[0]
+    if fmt == "json":
+        return json.dumps(objs, indent=2)
+    return yaml.safe_dump(objs, sort_keys=False).rstrip()
+
+
+def _spec_summary(record: StoredResource) -> list[tuple[str, str]]:
+    spec = record.resource["spec"]
+    if record.kind == "TrainingRun":
+        tr = spec["training"]
+        par = spec.get("parallelism", {})
+        sources = ", ".join(s["uri"] for s in spec["data"]["sources"])
+        length = f"{tr['steps']} steps" if tr.get("steps") else f"{tr.get('tokens')} tokens"
+        return [
+            ("Recipe", spec.get("model", {}).get("recipe", "debug")),
+            ("Data", sources),
+            ("Training", f"{length}, seqLength {tr.get('seqLength')}, globalBatchTokens {tr.get('globalBatchTokens')}"),
+            ("Parallelism", f"{par.get('strategy', 'ddp')} {par.get('numNodes', 1)}x{par.get('nprocPerNode', 1)} (local: {record.local.layout or '-'})"),
+            ("Registry", spec.get("registry", {}).get("registeredModelName") or record.name),
+        ]
+    model = spec["model"]
+    approval = spec.get("approval", {})
+    auth = spec.get("auth", {})
+    ref = auth.get("apiKeySecretRef")
+    return [
+        ("Model", model["registeredModelName"] + (f" version {model['version']}" if model.get("version") else f" alias {model.get('alias') or 'champion'}")),
+        ("Approval", ", ".join(f"{k}={v}" for k, v in approval.get("requiredTags", {"review": "approved"}).items()) + (f", alias {approval['requiredAlias']}" if approval.get("requiredAlias") else "")),
+        ("Auth", "disabled" if auth.get("disabled") else f"Secret {ref['name']}/{ref.get('key', 'api-keys')} -> {record.local.api_keys_file or '-'}"),
+        ("Route prefix", spec.get("endpoint", {}).get("routePrefix", "/")),
+    ]
+
+
+def describe(record: StoredResource) -> str:
+    """kubectl-describe-like text: metadata, spec summary, status, conditions, events."""
+    meta = record.resource["metadata"]
+    status = record.status()
+    lines = [
+        f"Name:         {record.name}",
+        f"Kind:         {record.kind}",
+        f"UID:          {meta.get('uid')}",
+        f"Generation:   {meta.get('generation')}",
+        f"Created:      {meta.get('creationTimestamp')} ({age(meta.get('creationTimestamp'))} ago)",
+        "Spec:",
+    ]
+    lines += [f"  {k + ':':<14}{v}" for k, v in _spec_summary(record)]
+    lines.append("Status:")
+    wire = status.to_wire()
+    conditions = wire.pop("conditions", [])
+    for key, value in wire.items():
+        text = value if not isinstance(value, dict) else ", ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"  {key + ':':<24}{text}")
+    if record.local.log_file or record.local.supervisor_log:
+        lines.append(f"  {'logs:':<24}{record.local.log_file or record.local.supervisor_log}")
+    lines.append("Conditions:")
+    if conditions:
+        rows = [(c["type"], c["status"], c.get("reason", ""), c.get("lastTransitionTime", ""), c.get("message", "")) for c in conditions]
+        lines += ["  " + line for line in table(("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"), rows).splitlines()]
+    else:
+        lines.append("  <none>")
+    lines.append("Events:")
+    if record.events:
+        rows = [(e.time, e.type, e.reason, e.message) for e in record.events]
+        lines += ["  " + line for line in table(("TIME", "TYPE", "REASON", "MESSAGE"), rows).splitlines()]
+    else:
+        lines.append("  <none>")
+    return "\n".join(lines)
