@@ -1,0 +1,59 @@
+"""`python -m trainer --run FILE.yaml [--uid UID] [--attempt N] [--check]`, usually under torchrun.
+
+Exit codes: 0 done, 78 the config cannot run (one line on stderr naming the field), else a crash
+(retryable: the next attempt resumes from the latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from midfill.api import EXIT_CODE_INVALID_CONFIG, SpecError, TrainingRun, load_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a midfill TrainingRun.")
+    parser.add_argument("--run", required=True, help="TrainingRun YAML file")
+    parser.add_argument("--uid", help="TrainingRun uid (default: env MIDFILL_RUN_UID, metadata.uid, or a hash of the name)")
+    parser.add_argument("--attempt", type=int, help="attempt number (default: env MIDFILL_ATTEMPT or 1)")
+    parser.add_argument("--check", action="store_true", help="validate the config and data sources, then exit (0 or 78)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from pydantic import ValidationError
+
+    from trainer.job import ConfigError, prepare, run_job
+    from trainer.parallel import setup, teardown
+    from trainer.settings import TrainerSettings
+
+    try:
+        docs = [r for r in load_file(args.run) if isinstance(r, TrainingRun)]
+        if len(docs) != 1:
+            raise SpecError([], source=f"{args.run}: expected exactly one TrainingRun, found {len(docs)}")
+        overrides = {k: v for k, v in {"run_uid": args.uid, "attempt": args.attempt}.items() if v is not None}
+        settings = TrainerSettings(**overrides)
+    except (SpecError, ValidationError) as exc:
+        print(f"invalid config: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CODE_INVALID_CONFIG
+    d = setup()
+    try:
+        if args.check:
+            prepare(docs[0], settings, d)
+        else:
+            run_job(docs[0], settings, d)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return EXIT_CODE_INVALID_CONFIG
+    finally:
+        teardown()
+    return 0
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The optimisation loop: gradient accumulation to the global batch, clipping, warmup + cosine,
+bf16 autocast where the hardware has it, periodic logging, evaluation and checkpoints.
+
+The loop keeps Python per micro-step small (no host syncs except at log intervals) and uses a
+fused/foreach AdamW, which is most of what a CPU allows (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from midfill.api.trainingrun import TrainingSpec
+from trainer.objectives import Packed, Packer
+from trainer.parallel import Dist, all_reduce_sum
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """GPUs with bf16, or CPUs with native bf16 instructions (autocast elsewhere is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    return bf16_supported(device)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float) -> float:
+    """Multiplier of the peak LR at `step` (0-based): linear warmup, then cosine/linear decay to floor."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return floor + (1 - floor) * shape
+
+
+def make_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; fused kernels where the device has them."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": spec.learning_rate, "betas": (0.9, 0.95), "eps": 1e-8}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # DTensor params or a device without the fused kernel
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def collate(seqs: list[Packed], *, pad_id: int, document_mask: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch; labels ignore padding. With document_mask, attention and
+    positions restart at every piece (a 4D mask for sdpa; flash-attn reads the positions)."""
+    ids = torch.tensor([s.ids for s in seqs], dtype=torch.long)
+    seg = torch.tensor([s.segments for s in seqs], dtype=torch.long)
+    labels = ids.masked_fill(seg == 0, IGNORE)
+    batch = {"input_ids": ids, "labels": labels}
+    if document_mask:
+        L = ids.shape[1]
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        idx = torch.arange(L).expand_as(seg)
+        last_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+        batch["position_ids"] = idx - last_start
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        batch["attention_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses in fp32, number of predicted tokens)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to (all take the step just finished)."""
+
+    on_log: Callable[[int, dict[str, float]], None]
+    on_eval: Callable[[int], None]
+    on_checkpoint: Callable[[int], None]
+
+
+def _no_sync(model: torch.nn.Module, last: bool):
+    if last:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def train(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    packer: Packer,
+    spec: TrainingSpec,
+    state: LoopState,
+    total_steps: int,
+    accum: int,
+    pad_id: int,
+    document_mask: bool,
+    bf16: bool,
+    d: Dist,
+    hooks: LoopHooks,
+    checkpoint_interval: int,
+    kill_at_step: int | None = None,
+    show_bar: bool = False,
+) -> None:
+    """Run optimizer steps from state.step to total_steps, mutating state."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = None
+    if show_bar and d.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    window_loss = torch.zeros((), dtype=torch.float64)
+    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    grad_norm = torch.zeros(())
+    while state.step < total_steps:
+        for micro in range(accum):
+            seqs = [packer.next() for _ in range(spec.micro_batch_size)]
+            if any(s is None for s in seqs):
+                raise AssertionError("the training stream is endless; it cannot run out")
+            batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device)
+            last = micro == accum - 1
+            if hasattr(model, "set_requires_gradient_sync") and last:
+                model.set_requires_gradient_sync(True)
+            with _no_sync(model, last):
+                loss_sum, n = lm_loss(model, batch, bf16=bf16)
+                (loss_sum / n.clamp(min=1) / accum).backward()
+            window_loss += (loss_sum.detach() / n.clamp(min=1)).double().cpu()
+            window_tokens += batch["input_ids"].numel()
+        if spec.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+        if kill_at_step is not None and state.step == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted pod
+        if state.step % spec.log_interval_steps == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            loss_total, tokens_total = all_reduce_sum([float(window_loss), float(window_tokens)], d)
+            metrics = {
+                "loss": loss_total / (window_steps * accum * d.world_size),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_second": tokens_total / max(elapsed, 1e-9),
+                "grad_norm": float(grad_norm),
+                "step": float(state.step),
+            }
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+            hooks.on_log(state.step, metrics)
+            window_loss.zero_()
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        if state.step % spec.eval_interval_steps == 0 and state.step < total_steps:
+            hooks.on_eval(state.step)
+            model.train()
+            window_start = time.perf_counter()
+        if state.step % checkpoint_interval == 0 or state.step == total_steps:
+            hooks.on_checkpoint(state.step)
+            window_start = time.perf_counter()
+    if bar is not None:
+        bar.close()

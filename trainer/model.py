@@ -1,0 +1,67 @@
+"""The causal LM: a transformers Llama decoder built from a recipe, or loaded from an export."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from midfill.api.trainingrun import ModelSpec
+from trainer.recipes import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def attention_implementation(requested: str) -> str:
+    """flash_attention_2 when asked for or (auto) when CUDA and flash-attn are present, else sdpa."""
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ValueError(
+            "model.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            "(pip install 'midfill[gpu]'); use attention: auto to fall back to sdpa"
+        )
+    return requested
+
+
+def llama_config(recipe: Recipe, *, vocab_size: int, eos_id: int, pad_id: int, attn: str) -> LlamaConfig:
+    """The transformers config of a recipe (bias-free Llama, RMSNorm, SwiGLU, RoPE)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=recipe.max_position_embeddings,
+        rope_theta=recipe.rope_theta,
+        tie_word_embeddings=recipe.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        attn_implementation=attn,
+    )
+
+
+def build_model(spec: ModelSpec, recipe: Recipe, *, init_dir: Path | None, vocab_size: int, eos_id: int, pad_id: int, seed: int) -> tuple[PreTrainedModel, str]:
+    """(model in fp32 on CPU, attention implementation). Random init is seeded, so every rank agrees."""
+    attn = attention_implementation(spec.attention)
+    if init_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(init_dir, attn_implementation=attn, dtype=torch.float32)
+        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    else:
+        torch.manual_seed(seed)
+        cfg = llama_config(recipe, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, attn=attn)
+        model = LlamaForCausalLM(cfg)
+    log.info("attention implementation: %s", attn)
+    return model, attn
+
+
+def num_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
