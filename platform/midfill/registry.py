@@ -80,6 +80,25 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.client = _client(tracking_uri)
 
+    # -- experiments ------------------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created on first use. With a local store (SQLite/file),
+        artifacts go next to the database instead of MLflow's default ./mlruns in the cwd."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        uri = self.tracking_uri or ""
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created concurrently by another process
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     # -- registration ---------------------------------------------------------------------------
     def find_by_run_uid(self, name: str, run_uid: str) -> VersionInfo | None:
         """The version a TrainingRun (by uid) already registered, if any."""
@@ -180,9 +199,36 @@ class Registry:
         return Path(local)
 
 
-def unmet_approval(info: VersionInfo, *, required_tags: dict[str, str], required_alias: str | None) -> list[str]:
-    """What a version still lacks to be served (empty list = approved)."""
+def metric_tag_key(suite: str, metric: str) -> str:
+    """The model-version tag holding an evaluation metric (MLflow tag keys cannot hold '@')."""
+    return f"eval.{suite}.{metric.replace('@', '_at_')}"
+
+
+def version_metric(info: VersionInfo, key: str) -> float | None:
+    """The recorded value of 'suite/metric' (e.g. humaneval-single-line/pass@1) on a version."""
+    suite, _, metric = key.partition("/")
+    raw = info.tags.get(metric_tag_key(suite, metric))
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def unmet_approval(
+    info: VersionInfo,
+    *,
+    required_tags: dict[str, str],
+    required_alias: str | None,
+    min_metrics: dict[str, float] | None = None,
+) -> list[str]:
+    """What a version still lacks to be served (empty list = approved), one readable item each."""
     missing = [f"tag {k}={v}" for k, v in required_tags.items() if info.tags.get(k) != v]
     if required_alias and required_alias not in info.aliases:
         missing.append(f"alias {required_alias}")
+    for key, threshold in sorted((min_metrics or {}).items()):
+        value = version_metric(info, key)
+        if value is None:
+            missing.append(f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite {key.partition('/')[0]}`)")
+        elif value < threshold:
+            missing.append(f"metric {key} >= {threshold:g} (is {value:g})")
     return missing

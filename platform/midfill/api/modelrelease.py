@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from midfill.api.common import API_VERSION, ApiModel, Condition, NodePool, ObjectMeta, ResourceRequirements
 
@@ -42,6 +42,11 @@ class ModelRef(ApiModel):
         return self.alias or DEFAULT_ALIAS
 
 
+# Evaluation metrics a release may require (higher is better); `midfill eval` records them.
+GATE_METRICS = ("pass@1", "exact_match", "stop_rate")
+EVAL_SUITES = ("humaneval-single-line", "humaneval-multi-line", "line-em", "left-to-right")
+
+
 class Approval(ApiModel):
     """What a model version must carry before it is served (set by a reviewer in MLflow)."""
 
@@ -52,6 +57,22 @@ class Approval(ApiModel):
         default_factory=lambda: {"review": "approved"},
         description="Tags the version must have with these values. Default {review: approved}.",
     )
+    min_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Evaluation floors, 'suite/metric': value, e.g. {humaneval-single-line/pass@1: 0.05}; "
+        "a version below (or not evaluated) is not promoted. Default: none.",
+    )
+
+    @field_validator("min_metrics")
+    @classmethod
+    def _metric_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            suite, _, metric = key.partition("/")
+            if suite not in EVAL_SUITES or metric not in GATE_METRICS:
+                raise ValueError(
+                    f"{key!r} is not 'suite/metric'; suites: {', '.join(EVAL_SUITES)}; metrics: {', '.join(GATE_METRICS)}"
+                )
+        return value
 
 
 class EndpointSpec(ApiModel):

@@ -376,6 +376,16 @@ class RegistrySpec(ApiModel):
     experiment_name: str = Field(default="midfill", min_length=1, description="MLflow experiment for the run's metrics. Default midfill.")
 
 
+class EvaluationSpec(ApiModel):
+    """A quick evaluation the trainer runs on the registered version (results go on the version)."""
+
+    suites: list[Literal["humaneval-single-line", "humaneval-multi-line", "line-em", "left-to-right"]] = Field(
+        default_factory=list, description="Suites to run after registration, e.g. [line-em]. Default: none."
+    )
+    limit: int = Field(default=50, ge=1, description="Tasks per suite (spread over the suite). Default 50.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Longest middle generated. Default 64.")
+
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/midfill/trainer:0.1.0"
 
 
@@ -396,6 +406,7 @@ class TrainingRunSpec(ApiModel):
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restarts and non-retryable exit codes.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")
     registry: RegistrySpec = Field(default_factory=RegistrySpec, description="MLflow registration.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quick evaluation after registration.")
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description=f"Trainer image. Default {DEFAULT_TRAINER_IMAGE}.")
     suspend: bool = Field(default=False, description="true stops the active attempt (keeping checkpoints); false resumes. Default false.")
     active_deadline_seconds: int | None = Field(

@@ -1,0 +1,111 @@
+"""Getting middles from a model: in-process from an export folder, or through a served endpoint
+with the same template and stop handling editor clients use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from midfill.evaluation.suites import InfillTask
+from midfill.export import read_metadata
+from midfill.fim import get_format
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A generated middle and whether the model ended it itself (stop token/string, not length)."""
+
+    text: str
+    stopped: bool
+
+
+class Infiller(Protocol):
+    """Anything that fills holes."""
+
+    name: str
+
+    def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]: ...
+
+
+def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class LocalInfiller:
+    """Greedy infilling with the exported model in this process (transformers, left-padded batches)."""
+
+    def __init__(self, model_dir: str | Path, *, batch_size: int = 8, fim_format: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = str(model_dir)
+        self.meta = read_metadata(model_dir)
+        self.format = get_format(fim_format or self.meta.fim_format)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.batch_size = batch_size
+        self.max_context = self.meta.max_context
+        stops = [*self.format.stop_tokens, *self.meta.stop_tokens]
+        self.stop_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in stops if t in self.tokenizer.get_vocab()})
+
+    def _encode(self, task: InfillTask, budget: int) -> list[int]:
+        # Keep the prompt within the context: trim the far ends of prefix and suffix, never the hole.
+        prefix, suffix = task.prefix, task.suffix
+        while True:
+            ids = self.tokenizer(self.format.infill_prompt(prefix, suffix), add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget or (not prefix and not suffix):
+                return ids[-budget:]
+            prefix, suffix = prefix[len(prefix) // 4 :], suffix[: len(suffix) * 3 // 4]
+
+    def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
+        import torch
+
+        out: list[Completion] = []
+        budget = self.max_context - max_new_tokens
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        for start in range(0, len(tasks), self.batch_size):
+            batch = [self._encode(t, budget) for t in tasks[start : start + self.batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                    eos_token_id=self.stop_ids, pad_token_id=pad,
+                )
+            for row in gen[:, width:].tolist():
+                ended = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
+                text = self.tokenizer.decode(row[:ended] if ended is not None else row, skip_special_tokens=False)
+                text, cut = _cut(text, stop)
+                out.append(Completion(text=text, stopped=ended is not None or cut))
+        return out
+
+
+class EndpointInfiller:
+    """Infilling through a served model's OpenAI completions endpoint (prompt + suffix), as Tabby
+    and scripts call it, with the client-side stop strings."""
+
+    def __init__(self, url: str, *, api_key: str | None, model: str | None = None, concurrency: int = 8) -> None:
+        from openai import OpenAI
+
+        self.name = url
+        self.client = OpenAI(base_url=url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"), api_key=api_key or "none", max_retries=2)
+        self.model = model or self.client.models.list().data[0].id
+        self.concurrency = concurrency
+
+    def _one(self, task: InfillTask, max_new_tokens: int, stop: list[str]) -> Completion:
+        resp = self.client.completions.create(
+            model=self.model, prompt=task.prefix, suffix=task.suffix, max_tokens=max_new_tokens, temperature=0,
+            stop=stop or None,
+        )
+        choice = resp.choices[0]
+        return Completion(text=choice.text, stopped=choice.finish_reason == "stop")
+
+    def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda t: self._one(t, max_new_tokens, stop), tasks))

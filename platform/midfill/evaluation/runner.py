@@ -1,0 +1,163 @@
+"""Run a suite against an infiller, score it, and record the results on a model version."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from midfill.evaluation.infill import Infiller
+from midfill.evaluation.sandbox import Limits, run_program
+from midfill.evaluation.suites import (
+    SUITES,
+    InfillTask,
+    heldout_files,
+    humaneval_multi_line,
+    humaneval_single_line,
+    line_em_tasks,
+    stdlib_root,
+)
+
+
+@dataclass
+class TaskOutcome:
+    """One task's result, as written to the per-task JSON artifact."""
+
+    task_id: str
+    completion: str
+    stopped: bool
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class SuiteResult:
+    """Metrics (name -> value) and per-task outcomes of one suite run."""
+
+    suite: str
+    model: str
+    metrics: dict[str, float]
+    tasks: list[TaskOutcome] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def _normalize_middle(text: str, task: InfillTask) -> str:
+    # The hole spans whole lines: a middle that does not end its last line would glue onto the suffix.
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _execute(tasks: list[InfillTask], middles: list[str], *, workers: int, limits: Limits) -> list[tuple[bool, str]]:
+    def one(pair: tuple[InfillTask, str]) -> tuple[bool, str]:
+        task, middle = pair
+        outcome = run_program(task.prefix + middle + task.suffix + (task.test or ""), limits=limits)
+        return outcome.status == "passed", f"{outcome.status}: {outcome.detail[-300:]}" if outcome.status != "passed" else ""
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, zip(tasks, middles, strict=True)))
+
+
+def run_infill_suite(
+    suite: str,
+    infiller: Infiller,
+    *,
+    limit: int | None = None,
+    data_dir: Path | None = None,
+    max_new_tokens: int = 64,
+    workers: int = 2,
+    limits: Limits = Limits(),
+) -> SuiteResult:
+    """Generate middles for a suite's tasks and score them (pass@1 by execution, or exact match)."""
+    if suite == "humaneval-single-line":
+        tasks = humaneval_single_line()
+    elif suite == "humaneval-multi-line":
+        tasks = humaneval_multi_line()
+    elif suite == "line-em":
+        files = heldout_files(data_dir, all_files=True) if data_dir else heldout_files(stdlib_root())
+        tasks = line_em_tasks(files, limit=limit or 200)
+    else:
+        raise ValueError(f"unknown infill suite {suite!r}; use one of {', '.join(SUITES[:3])}")
+    if limit:
+        tasks = tasks[:: max(1, len(tasks) // limit)][:limit]  # spread over problems, not the first few
+    single = all(t.single_line for t in tasks)
+    # Editors ask single-line completions to stop at the newline; multi-line holes end on the model's own stop.
+    stop = ["\n"] if single else []
+    completions = infiller.infill(tasks, max_new_tokens=max_new_tokens, stop=stop)
+    outcomes: list[TaskOutcome] = []
+    if suite.startswith("humaneval"):
+        middles = [_normalize_middle(c.text, t) for c, t in zip(completions, tasks, strict=True)]
+        results = _execute(tasks, middles, workers=workers, limits=limits)
+        for task, comp, (ok, detail) in zip(tasks, completions, results, strict=True):
+            outcomes.append(TaskOutcome(task.task_id, comp.text, comp.stopped, ok, detail))
+        metrics = {"pass@1": _mean(o.passed for o in outcomes)}
+    else:
+        for task, comp in zip(tasks, completions, strict=True):
+            outcomes.append(TaskOutcome(task.task_id, comp.text, comp.stopped, comp.text.strip() == task.reference.strip()))
+        metrics = {"exact_match": _mean(o.passed for o in outcomes)}
+    metrics["stop_rate"] = _mean(o.stopped for o in outcomes)
+    metrics["tasks"] = float(len(outcomes))
+    return SuiteResult(suite=suite, model=infiller.name, metrics=metrics, tasks=outcomes)
+
+
+def run_left_to_right(model_dir: Path, *, data_dir: Path | None = None, limit: int | None = None, seq_length: int = 512) -> SuiteResult:
+    """Held-out causal loss and perplexity (plain left-to-right text, no infill format)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    files = heldout_files(data_dir, all_files=True) if data_dir else heldout_files(stdlib_root())
+    total_loss, total_tokens = 0.0, 0
+    windows = 0
+    for path in files:
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        for start in range(0, max(1, len(ids) - 1), seq_length):
+            chunk = torch.tensor([ids[start : start + seq_length + 1]])
+            if chunk.shape[1] < 2:
+                continue
+            with torch.inference_mode():
+                logits = model(chunk[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+            total_loss += float(loss)
+            total_tokens += chunk.shape[1] - 1
+            windows += 1
+            if limit and windows >= limit:
+                break
+        if limit and windows >= limit:
+            break
+    loss = total_loss / max(1, total_tokens)
+    return SuiteResult(
+        suite="left-to-right", model=str(model_dir),
+        metrics={"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": float(total_tokens)},
+    )
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def record_on_version(result: SuiteResult, *, tracking_uri: str | None, name: str, version: str) -> str:
+    """Log metrics + the per-task JSON to an MLflow run and tag the model version with each metric
+    (what the review gate and `midfill describe` read). Returns the MLflow run id."""
+    import mlflow
+
+    from midfill.registry import Registry, metric_tag_key
+
+    registry = Registry(tracking_uri)
+    experiment_id = registry.experiment_id("midfill-eval")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-v{version}-{result.suite}") as run:
+        mlflow.set_tags({"midfill.model": name, "midfill.version": version, "midfill.suite": result.suite})
+        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in result.metrics.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{result.suite}.json"
+            path.write_text(result.to_json())
+            mlflow.log_artifact(str(path), artifact_path="eval")
+    for metric, value in result.metrics.items():
+        registry.client.set_model_version_tag(name, version, metric_tag_key(result.suite, metric), f"{value:.6g}")
+    registry.client.set_model_version_tag(name, version, f"eval.{result.suite}.run_id", run.info.run_id)
+    return run.info.run_id

