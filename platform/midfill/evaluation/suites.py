@@ -9,13 +9,13 @@ ids follow the published form `SingleLineInfilling/HumanEval/<n>/L<i>` and
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from midfill.api.modelrelease import EVAL_SUITES as SUITES
+from midfill.datasplit import DEFAULT_VALIDATION_FRACTION, STDLIB_SKIP_DIRS, is_validation, stdlib_root
 
 
 @dataclass(frozen=True)
@@ -77,27 +77,17 @@ def humaneval_multi_line() -> list[InfillTask]:
     return tasks
 
 
-def _is_heldout(relative: str, modulus: int = 20) -> bool:
-    # The same rule CPU-NOTES used: sha1(relative path) % 20 == 0 holds out ~5% of files.
-    return int(hashlib.sha1(relative.encode()).hexdigest(), 16) % modulus == 0
-
-
-def stdlib_root() -> Path:
-    """The Python standard library sources: a real code corpus on every machine."""
-    import sysconfig
-
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def heldout_files(root: Path, *, pattern: str = "*.py", all_files: bool = False) -> list[Path]:
-    """Files of `root` held out from training (or all of them when the folder is a test set)."""
-    skip = ("site-packages", "test", "tests", "idle_test", "__pycache__")
+def heldout_files(
+    root: Path, *, pattern: str = "*.py", all_files: bool = False, fraction: float = DEFAULT_VALIDATION_FRACTION
+) -> list[Path]:
+    """Files of `root` the trainer held out (same rule and fraction as spec.data.validationFraction),
+    or all of them when the folder is a test set of its own."""
     files = []
     for path in sorted(root.rglob(pattern)):
         rel = path.relative_to(root).as_posix()
-        if any(part in skip for part in path.relative_to(root).parts[:-1]):
+        if any(part in STDLIB_SKIP_DIRS for part in path.relative_to(root).parts[:-1]):
             continue
-        if all_files or _is_heldout(rel):
+        if all_files or is_validation(rel, fraction):
             files.append(path)
     return files
 
