@@ -1,4 +1,5 @@
-"""`python -m trainer --run FILE.yaml [--uid UID] [--attempt N] [--check]`, usually under torchrun.
+"""`python -m trainer --run FILE.yaml [--uid UID] [--attempt N] [--check]`, usually under torchrun:
+`torchrun --nnodes N --nproc-per-node P ... -m trainer --run-file FILE.yaml --uid UID --attempt N`.
 
 Exit codes: 0 done, 78 the config cannot run (one line on stderr naming the field), else a crash
 (retryable: the next attempt resumes from the latest checkpoint).
@@ -15,12 +16,17 @@ from midfill.api import EXIT_CODE_INVALID_CONFIG, SpecError, TrainingRun, load_f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a midfill TrainingRun.")
-    parser.add_argument("--run", required=True, help="TrainingRun YAML file")
+    # --run-file is the same option under a name torchrun's own parser leaves alone: torchrun
+    # rejects `--run` after `-m trainer` as an ambiguous abbreviation of its --run-path.
+    parser.add_argument("--run", "--run-file", dest="run", required=True, help="TrainingRun YAML file")
     parser.add_argument("--uid", help="TrainingRun uid (default: env MIDFILL_RUN_UID, metadata.uid, or a hash of the name)")
     parser.add_argument("--attempt", type=int, help="attempt number (default: env MIDFILL_ATTEMPT or 1)")
     parser.add_argument("--check", action="store_true", help="validate the config and data sources, then exit (0 or 78)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import os
+
+    quiet = os.environ.get("RANK", "0") != "0"  # one log stream: rank 0's
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pydantic import ValidationError
 

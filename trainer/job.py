@@ -56,7 +56,7 @@ def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> Pr
     spec = run.spec
     try:
         recipe = get_recipe(spec.model.recipe).with_overrides(spec.model.architecture)
-        if spec.training.seq_length > recipe.max_position_embeddings:
+        if spec.model.composition is None and spec.training.seq_length > recipe.max_position_embeddings:
             raise ValueError(
                 f"training.seqLength: {spec.training.seq_length} exceeds the {recipe.name} recipe's context "
                 f"({recipe.max_position_embeddings}); shorten it or set model.architecture.maxPositionEmbeddings"
