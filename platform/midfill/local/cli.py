@@ -166,8 +166,9 @@ def _wait_training(store: StateStore, name: str, *, timeout: float) -> bool:
                 info = f"loss {prog.loss:.3f}" if prog.loss is not None else status.phase
                 bar.update(task, completed=prog.step, total=prog.total_steps, info=info)
             if not tty and time.monotonic() - last_line > 15:
-                step = f"step {prog.step}/{prog.total_steps}" if prog else "starting"
-                typer.echo(f"  {name}: {status.phase} {step} {info}")
+                step = f" step {prog.step}/{prog.total_steps}" if prog else ""
+                loss = f" loss {prog.loss:.3f}" if prog and prog.loss is not None else ""
+                typer.echo(f"  {name}: {status.phase}{step}{loss}")
                 last_line = time.monotonic()
             if status.phase in TERMINAL_TR or time.monotonic() > deadline:
                 break

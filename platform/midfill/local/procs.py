@@ -76,6 +76,9 @@ def group_alive(pgid: int) -> bool:
 def stop(pid: int | None, create_time: float | None, *, pgids: list[int] = (), timeout: float = 20.0) -> None:
     """SIGTERM the process (its group) and the listed process groups; SIGKILL what is left after `timeout`."""
     targets: list[int] = []
+    # Helpers that made process groups of their own (Ray's workers do) stay in the supervisor's
+    # session: remember them now, and end any that outlive the supervisor.
+    session = session_members(pid) if alive(pid, create_time) else []
     if alive(pid, create_time):
         assert pid is not None
         with contextlib.suppress(OSError):
@@ -90,6 +93,22 @@ def stop(pid: int | None, create_time: float | None, *, pgids: list[int] = (), t
     for target in targets:
         if _target_alive(target):
             _signal(target, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p, t) for p, t in session):
+        time.sleep(0.2)
+    for member, ctime in session:
+        if alive(member, ctime):
+            _signal(-member, signal.SIGKILL)
+
+
+def session_members(sid: int | None) -> list[tuple[int, float]]:
+    """(pid, create_time) of the processes in session `sid` (a supervisor started by spawn_detached)."""
+    out = []
+    for proc in psutil.process_iter(["create_time"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid != sid and os.getsid(proc.pid) == sid:
+                out.append((proc.pid, proc.info["create_time"]))
+    return out
 
 
 def _signal(target: int, sig: int) -> None:

@@ -39,9 +39,10 @@ from midfill.settings import CoreSettings
 KIND = "ModelRelease"
 APP_IMPORT_PATH = "serving.app:build_app"
 POLL_SECONDS = 3.0
-# Logical CPUs of the local Ray: replicas share the real cores, so Ray's bookkeeping must leave room
-# for a rolling swap (old and new replica side by side) and a little autoscaling.
-LOCAL_CPUS_PER_REPLICA = 1.0
+# Ray's CPUs are bookkeeping: replicas share the machine's real cores, so the local Ray declares
+# plenty, leaving room for a rolling swap (old and new replica side by side) and autoscaling. A
+# replica's request is capped at the real cores (it also sets the replica's torch threads).
+LOGICAL_CPUS_MIN = 16
 
 
 # -- API keys ---------------------------------------------------------------------------------------
@@ -171,7 +172,8 @@ def _ray_temp_dir(state_dir: Path, name: str) -> str:
 def local_serve_args(release: ModelRelease, *, version: VersionInfo, tracking_uri: str, keys: str | None) -> ServeArgs:
     """ServeArgs for the release pinned to one version, with CPU requests fitted to this machine."""
     args = ServeArgs.for_release(release, model_uri=version.uri, tracking_uri=tracking_uri, api_keys_file=keys)
-    return args.model_copy(update={"num_cpus": min(args.num_cpus, LOCAL_CPUS_PER_REPLICA), "num_gpus": 0.0})
+    cpus = float(os.cpu_count() or 1)
+    return args.model_copy(update={"num_cpus": min(args.num_cpus, cpus), "num_gpus": 0.0})
 
 
 def control(state_dir: Path, name: str) -> int:
@@ -195,7 +197,7 @@ def control(state_dir: Path, name: str) -> int:
     ray.init(
         _temp_dir=_ray_temp_dir(store.state_dir, name),
         include_dashboard=False,
-        num_cpus=max(8, 4 * cpus),
+        num_cpus=max(LOGICAL_CPUS_MIN, 8 * cpus),
         object_store_memory=200 * 1024**2,
         namespace=f"midfill-{name}",
         configure_logging=False,

@@ -10,6 +10,8 @@ by module name, never imported here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -28,6 +30,7 @@ from midfill.settings import CoreSettings
 
 KIND = "TrainingRun"
 TRAINER_MODULE = "trainer"
+LAUNCH_MODULE = "midfill.local.run_trainer"
 ACTIVE_PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting")
 POLL_SECONDS = 2.0
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
@@ -70,9 +73,10 @@ def build_app_def(*, run: TrainingRun, run_file: Path, uid: str, attempt: int, n
     """The torchx AppDef: torchrun -m trainer --run FILE --uid UID --attempt N on 1 x nproc processes."""
     from torchx.components.dist import ddp
 
+    # `-m trainer --run FILE` through the run_trainer shim: torchrun rejects `--run` (see there).
     return ddp(
-        "--run", str(run_file), "--uid", uid, "--attempt", str(attempt),
-        m=TRAINER_MODULE,
+        str(run_file), "--uid", uid, "--attempt", str(attempt),
+        m=LAUNCH_MODULE,
         name=f"{run.metadata.name}-a{attempt}",
         j=f"1x{nproc}",
         cpu=nproc,
@@ -196,9 +200,14 @@ def _mirror_progress(status: TrainingRunStatus, run_folder: Path) -> None:
         status.last_checkpoint = CheckpointRef(uri=prog.checkpoint_uri, step=prog.checkpoint_step, time=prog.checkpoint_time)
 
 
-def _exit_code(log_dir: Path, returncode: int | None) -> int | None:
+def _exit_code(log_dir: Path) -> int | None:
     """The trainer's exit code: torchrun reports the failed worker's in its summary, else its own."""
     codes: list[int] = []
+    returncode = None
+    for path in log_dir.rglob("SUCCESS"):  # torchx's record of the finished app: exit code per replica
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            replicas = json.loads(path.read_text())["roles"]
+            returncode = next((r["exitcode"] for role in replicas.values() for r in role if r["exitcode"]), returncode)
     for path in sorted(log_dir.rglob("*.log")):
         try:
             codes += [int(c) for c in _EXITCODE.findall(path.read_text(errors="replace"))]
@@ -277,7 +286,7 @@ def supervise(state_dir: Path, name: str, attempt: int) -> int:
                 store.update(KIND, name, lambda rec: _succeeded(rec, result, gen))
                 return 0
         else:
-            code = _exit_code(log_dir, None)
+            code = _exit_code(log_dir)
             why = f"attempt {attempt} failed (exit code {code if code is not None else 'unknown'}); see `midfill logs {name}`"
         policy = run.spec.failure_policy
         retry = code not in policy.non_retryable_exit_codes and attempt <= policy.max_restarts

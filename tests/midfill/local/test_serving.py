@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -40,4 +41,5 @@ def test_serve_args_pin_the_version_and_fit_the_machine(tmp_path: Path) -> None:
     assert args.served_model_name == "m"
     assert args.api_keys_file == "/k" and not args.auth_disabled
     assert args.max_new_tokens == 32
-    assert args.num_cpus == 1.0 and args.num_gpus == 0.0  # capped: replicas share this machine's cores
+    # Capped: replicas share this machine's cores (the spec asks 4 CPUs per replica).
+    assert args.num_cpus == min(4.0, float(os.cpu_count() or 1)) and args.num_gpus == 0.0
