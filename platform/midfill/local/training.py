@@ -2,7 +2,7 @@
 
 `start_attempt` (called by `midfill apply`) records the attempt and starts a detached supervisor,
 `python -m midfill.local supervise-training`, which submits `torchx.components.dist.ddp` running
-`-m trainer --run <copy of the YAML> --uid <uid> --attempt <N>` to the `local_cwd` scheduler, mirrors
+`-m trainer --run-file <copy of the YAML> --uid <uid> --attempt <N>` to the `local_cwd` scheduler, mirrors
 the trainer's progress.json/result.json into the resource's status, and restarts failed attempts as
 spec.failurePolicy says (each restart resumes from the newest checkpoint). The trainer is started
 by module name, never imported here.
@@ -30,7 +30,6 @@ from midfill.settings import CoreSettings
 
 KIND = "TrainingRun"
 TRAINER_MODULE = "trainer"
-LAUNCH_MODULE = "midfill.local.run_trainer"
 ACTIVE_PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting")
 POLL_SECONDS = 2.0
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
@@ -70,13 +69,14 @@ def trainer_env(store: StateStore, settings: CoreSettings, *, nproc: int, cpus: 
 
 
 def build_app_def(*, run: TrainingRun, run_file: Path, uid: str, attempt: int, nproc: int, env: dict[str, str]):
-    """The torchx AppDef: torchrun -m trainer --run FILE --uid UID --attempt N on 1 x nproc processes."""
+    """The torchx AppDef: torchrun -m trainer --run-file FILE --uid UID --attempt N on 1 x nproc processes."""
     from torchx.components.dist import ddp
 
-    # `-m trainer --run FILE` through the run_trainer shim: torchrun rejects `--run` (see there).
+    # --run-file, not --run: torchrun parses its script's arguments too, and `--run` is an
+    # ambiguous prefix of its own --run-path.
     return ddp(
-        str(run_file), "--uid", uid, "--attempt", str(attempt),
-        m=LAUNCH_MODULE,
+        "--run-file", str(run_file), "--uid", uid, "--attempt", str(attempt),
+        m=TRAINER_MODULE,
         name=f"{run.metadata.name}-a{attempt}",
         j=f"1x{nproc}",
         cpu=nproc,

@@ -38,8 +38,8 @@ def test_torchx_job_runs_the_trainer_module_with_uid_and_attempt(tmp_path: Path,
     [role] = app.roles
     command = role.args[-1]
     assert "torchrun" in command and "--nproc_per_node 2" in command
-    # torchrun rejects `--run` (ambiguous with its --run-path): the shim passes it on to `-m trainer`.
-    assert f"-m midfill.local.run_trainer {tmp_path / 'run.yaml'} --uid u-1 --attempt 3" in command
+    # --run-file: torchrun rejects `--run` in its script's arguments (ambiguous with its --run-path).
+    assert f"-m trainer --run-file {tmp_path / 'run.yaml'} --uid u-1 --attempt 3" in command
     assert role.env["MIDFILL_STATE_DIR"] == str(tmp_path.resolve())
     assert app.name == "cap-a3"
     assert role.max_retries == 0  # restarts are new attempts, counted in the status
