@@ -1,0 +1,219 @@
+"""Pure builders: a TrainingRun (+ attempt number + operator settings) -> the objects of one attempt.
+
+Per attempt N the operator creates a ConfigMap `<run>-a<N>` (the run's YAML, read by the trainer), the
+headless Service `<run>` (stable DNS for the gang; shared by all attempts) and the Indexed Job
+`<run>-a<N>` whose pods run `torchrun -m trainer`. No client, no I/O: `midfill render` prints exactly
+these dicts, and the handlers create them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from midfill.api import API_VERSION, TrainingRun
+from midfill.api.trainingrun import DEFAULT_TRAINER_IMAGE
+from operators.settings import OperatorSettings
+
+LABEL_RUN = "midfill.dev/training-run"
+LABEL_ATTEMPT = "midfill.dev/attempt"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "midfill-operator"}
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/midfill"
+RUN_FILE = "trainingrun.yaml"
+WORK_DIR = "/var/midfill"
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def job_name(run_name: str, attempt: int) -> str:
+    """Fixed child name of an attempt (idempotent creation: a retry finds the same name)."""
+    return f"{run_name}-a{attempt}"
+
+
+def run_uid(run: TrainingRun) -> str:
+    return run.metadata.uid or PLACEHOLDER_UID
+
+
+def owner_reference(run: TrainingRun) -> dict[str, Any]:
+    """Makes the TrainingRun the controller of a child, so the cluster's GC deletes it with the run."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainingRun",
+        "name": run.metadata.name,
+        "uid": run_uid(run),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(run: TrainingRun, attempt: int | None = None) -> dict[str, str]:
+    out = {**MANAGED_BY, LABEL_RUN: run.metadata.name}
+    if attempt is not None:
+        out[LABEL_ATTEMPT] = str(attempt)
+    return out
+
+
+def _meta(run: TrainingRun, name: str, attempt: int | None, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {**labels(run, attempt), **(extra_labels or {})},
+                            "ownerReferences": [owner_reference(run)]}
+    if run.metadata.namespace:
+        meta["namespace"] = run.metadata.namespace
+    return meta
+
+
+def build_config_map(run: TrainingRun, *, attempt: int) -> dict[str, Any]:
+    """The run's YAML as the trainer reads it (immutable: a spec edit reaches the next attempt only)."""
+    meta = {k: v for k, v in {
+        "name": run.metadata.name, "namespace": run.metadata.namespace, "uid": run.metadata.uid,
+        "generation": run.metadata.generation, "labels": run.metadata.labels or None,
+    }.items() if v is not None}
+    doc = {"apiVersion": API_VERSION, "kind": "TrainingRun", "metadata": meta, "spec": run.spec.to_wire()}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, job_name(run.metadata.name, attempt), attempt),
+        "immutable": True,
+        "data": {RUN_FILE: yaml.safe_dump(doc, sort_keys=False)},
+    }
+
+
+def build_service(run: TrainingRun, *, settings: OperatorSettings) -> dict[str, Any]:
+    """Headless Service `<run>`: pods get DNS names `<job>-<index>.<run>` before they are ready
+    (publishNotReadyAddresses), which the rendezvous needs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, run.metadata.name, None),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_RUN: run.metadata.name},
+            "ports": [{"name": "rendezvous", "port": settings.master_port, "targetPort": settings.master_port, "protocol": "TCP"}],
+        },
+    }
+
+
+def checkpoint_dir(run: TrainingRun, settings: OperatorSettings) -> str | None:
+    """MIDFILL_CHECKPOINT_DIR for the pods: the same folder for every attempt, so each one resumes."""
+    if run.spec.checkpoint.uri:
+        return None  # the trainer uses spec.checkpoint.uri itself
+    if settings.checkpoint_claim_name:
+        return f"{settings.checkpoint_mount_path.rstrip('/')}/{run.metadata.namespace or 'default'}/{run.metadata.name}"
+    return f"{WORK_DIR}/checkpoints"  # pod-local: lost with the pod (documented in docs/operator.md)
+
+
+def _env(run: TrainingRun, *, attempt: int, settings: OperatorSettings) -> list[dict[str, Any]]:
+    name = job_name(run.metadata.name, attempt)
+    par = run.spec.parallelism
+    env: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": str(par.num_nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(par.nproc_per_node)},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{run.metadata.name}"},
+        {"name": "PET_MASTER_PORT", "value": str(settings.master_port)},
+        {"name": "PET_RDZV_ID", "value": f"{run_uid(run)}-a{attempt}"},
+        # Whole-gang restarts are the operator's (each a new attempt that resumes), not torchrun's.
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
+        {"name": "MIDFILL_RUN_UID", "value": run_uid(run)},
+        {"name": "MIDFILL_ATTEMPT", "value": str(attempt)},
+        {"name": "MIDFILL_STATE_DIR", "value": WORK_DIR},
+        {"name": "MIDFILL_PROGRESS_BAR", "value": "false"},
+    ]
+    if settings.tracking_uri:
+        env.append({"name": "MIDFILL_TRACKING_URI", "value": settings.tracking_uri})
+    ckpt = checkpoint_dir(run, settings)
+    if ckpt:
+        env.append({"name": "MIDFILL_CHECKPOINT_DIR", "value": ckpt})
+    return env
+
+
+def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
+              active_deadline_seconds: int | None = None) -> dict[str, Any]:
+    """The Indexed Job of one attempt: one pod per node, all-or-nothing (backoffLimit 0)."""
+    spec = run.spec
+    name = job_name(run.metadata.name, attempt)
+    nodes = spec.parallelism.num_nodes
+    queue = spec.scheduling.queue_name
+    image = settings.trainer_image if spec.image == DEFAULT_TRAINER_IMAGE else spec.image
+    resources = {k: v for k, v in spec.resources.to_wire().items() if v}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "command": ["torchrun"],
+        "args": ["-m", "trainer", "--run", f"{CONFIG_DIR}/{RUN_FILE}", "--uid", run_uid(run), "--attempt", str(attempt)],
+        "env": _env(run, attempt=attempt, settings=settings),
+        "ports": [{"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "work", "mountPath": WORK_DIR},
+        ],
+    }
+    if resources:
+        container["resources"] = resources
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": name}},
+        # NCCL and the data loader workers exchange tensors through /dev/shm; the default 64 Mi is too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "work", "emptyDir": {}},
+    ]
+    if settings.checkpoint_claim_name and not spec.checkpoint.uri:
+        container["volumeMounts"].append({"name": "checkpoints", "mountPath": settings.checkpoint_mount_path})
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.checkpoint_claim_name}})
+
+    pod_spec: dict[str, Any] = {
+        "subdomain": run.metadata.name,
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+    }
+    pool = spec.node_pool
+    if pool.node_selector:
+        pod_spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in pool.tolerations]
+    if pool.affinity:
+        pod_spec["affinity"] = pool.affinity
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+
+    rules: list[dict[str, Any]] = []
+    # Exit code 0 may not appear in an In rule; a zero exit is a success anyway.
+    codes = sorted({c for c in spec.failure_policy.non_retryable_exit_codes if c != 0})
+    if codes:
+        rules.append({"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": codes}})
+    # A preempted or evicted pod is not the trainer's fault: do not count it as a failure.
+    rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
+
+    pod_labels = labels(run, attempt)
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": rules},
+        # Kueue admits the whole gang at once by un-suspending the Job (no half-scheduled gangs).
+        "suspend": bool(queue),
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(run, name, attempt, {QUEUE_LABEL: queue} if queue else None),
+        "spec": job_spec,
+    }
+
+
+def build_attempt(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
+                  active_deadline_seconds: int | None = None) -> list[dict[str, Any]]:
+    """Everything one attempt needs, in creation order (the Job last: its pods mount the others)."""
+    return [
+        build_config_map(run, attempt=attempt),
+        build_service(run, settings=settings),
+        build_job(run, attempt=attempt, settings=settings, active_deadline_seconds=active_deadline_seconds),
+    ]

@@ -1,0 +1,166 @@
+"""Thin kopf handlers for TrainingRuns: observe, reconcile (pure), act, write status once if changed.
+
+Every trigger (create/update/resume, the resync timer, any change of one of our Jobs) ends in
+`sync`, which takes a per-run lock and re-reads the run, so concurrent triggers never act on a
+stale status. Children carry ownerReferences (the cluster's garbage collector removes them with the
+run); `cleanup` also deletes them when the operator sees the run go, which is what removes them
+where no garbage collector runs (the test emulator) and makes the removal immediate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import defaultdict
+from typing import Any
+
+import kopf
+
+from midfill.api import GROUP, VERSION, SpecError, TrainingRun, parse_resource
+from midfill.api.trainingrun import RegisteredModelRef, TrainingRunStatus
+from operators.kube import CONFIGMAPS, JOBS, SERVICES, TRAININGRUNS, Kube, status_patch
+from operators.settings import OperatorSettings
+from operators.trainingrun import builders
+from operators.trainingrun.reconcile import (
+    DeleteJob, Observed, StartAttempt, job_view, needs_registry_lookup, needs_resync, reconcile,
+)
+
+RESYNC_SECONDS = OperatorSettings().resync_seconds
+_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+
+def split_body(body: dict[str, Any]) -> tuple[TrainingRun | SpecError, TrainingRunStatus, dict[str, Any]]:
+    """Parse a TrainingRun as the API returned it: (run or SpecError, our status, raw status)."""
+    raw_status = dict(body.get("status") or {})
+    ours = {k: v for k, v in raw_status.items() if k != "kopf"}
+    try:
+        status = TrainingRunStatus.model_validate(ours)
+    except ValueError:
+        status = TrainingRunStatus()  # unreadable status (edited by hand): rebuilt from the cluster
+    doc = {k: v for k, v in body.items() if k != "status"}
+    try:
+        run: TrainingRun | SpecError = parse_resource(doc)
+    except SpecError as exc:
+        run = exc
+    return run, status, raw_status
+
+
+async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: TrainingRunStatus,
+                  body: dict[str, Any], logger: logging.Logger) -> Observed:
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
+    jobs = {}
+    attempt = max(status.attempt, 1)
+    while True:  # the status' attempt, and any newer one created just before a crash
+        raw = await kube.get(JOBS, namespace, builders.job_name(name, attempt))
+        if raw is None:
+            if attempt > status.attempt:
+                break
+        else:
+            owners = {o.get("uid") for o in raw["metadata"].get("ownerReferences") or []}
+            view = job_view(raw)
+            if view is not None and (uid in owners or not owners):
+                jobs[attempt] = view
+            elif view is not None and not view.deleting:  # left over from a deleted run of the same name
+                await kube.delete(JOBS, namespace, view.name)
+        attempt += 1
+    observed = Observed(now=dt.datetime.now(dt.timezone.utc), jobs=jobs)
+    if isinstance(run, SpecError) or not memo.settings.tracking_uri:
+        return observed
+    registry = memo.registry()
+    progress = registered = None
+    try:
+        if status.phase not in ("Succeeded", "Failed"):
+            progress = await asyncio.to_thread(registry.run_progress, uid, experiment_name=run.spec.registry.experiment_name)
+        if needs_registry_lookup(status, observed):
+            found = await asyncio.to_thread(registry.find_by_run_uid, run.registered_model_name(), uid)
+            if found is not None:
+                registered = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri)
+    except Exception as exc:  # MLflow down must not stop the Jobs from being managed
+        logger.warning(f"MLflow at {memo.settings.tracking_uri} not readable: {exc}")
+    return Observed(now=observed.now, jobs=jobs, progress=progress, registered=registered)
+
+
+async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions: list, logger: logging.Logger) -> None:
+    namespace = run.metadata.namespace or "default"
+    for action in actions:
+        if isinstance(action, StartAttempt):
+            for obj in builders.build_attempt(run, attempt=action.attempt, settings=settings,
+                                              active_deadline_seconds=action.active_deadline_seconds):
+                res = {"ConfigMap": CONFIGMAPS, "Service": SERVICES, "Job": JOBS}[obj["kind"]]
+                created = await kube.create(res, namespace, obj)
+                if created and obj["kind"] == "Job":
+                    logger.info(f"created Job {obj['metadata']['name']}")
+        elif isinstance(action, DeleteJob):
+            if await kube.delete(JOBS, namespace, action.name):
+                logger.info(f"deleted Job {action.name}")
+
+
+async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> None:
+    """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
+    kube: Kube = memo.kube
+    async with _locks[(namespace, name)]:
+        body = await kube.get(TRAININGRUNS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        run, status, raw_status = split_body(body)
+        observed = await observe(kube, memo, run, status, body, logger)
+        plan = reconcile(run, status=status, observed=observed, generation=body["metadata"].get("generation"))
+        if isinstance(run, TrainingRun):
+            await act(kube, memo.settings, run, plan.actions, logger)
+        else:
+            for action in plan.actions:
+                if isinstance(action, DeleteJob):
+                    await kube.delete(JOBS, namespace, action.name)
+        # The one place a TrainingRun's status is written, and only when it changed.
+        patch = status_patch(raw_status, plan.status.to_wire())
+        if patch:
+            await kube.patch(TRAININGRUNS, namespace, name, {"status": patch}, subresource="status")
+            if "phase" in patch:
+                kind = "Warning" if plan.status.phase == "Failed" else "Normal"
+                kopf.event(body, type=kind, reason=plan.status.phase, message=plan.status.message or "")
+                logger.info(f"phase {plan.status.phase}: {plan.status.message}")
+
+
+@kopf.on.resume(GROUP, VERSION, "trainingruns")
+@kopf.on.create(GROUP, VERSION, "trainingruns")
+@kopf.on.update(GROUP, VERSION, "trainingruns", field="spec")
+async def trainingrun_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await sync(memo, namespace, name, logger)
+
+
+@kopf.timer(GROUP, VERSION, "trainingruns", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS,
+            when=lambda status, **_: needs_resync(dict(status)))
+async def trainingrun_resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Edge-triggered handlers miss what happens outside the API (time passing, MLflow): check it here."""
+    await sync(memo, namespace, name, logger)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT, **builders.MANAGED_BY})
+async def job_event(labels: dict[str, str], namespace: str, type: str | None, memo: kopf.Memo,
+                    logger: logging.Logger, **_: Any) -> None:
+    """A Job of ours changed (pods ready, failed, completed): re-check its TrainingRun now."""
+    if type == "DELETED" and not labels:
+        return
+    await sync(memo, namespace, labels[builders.LABEL_RUN], logger)
+
+
+@kopf.on.event(GROUP, VERSION, "trainingruns")
+async def trainingrun_deleted(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
+                              logger: logging.Logger, **_: Any) -> None:
+    if type != "DELETED":
+        return
+    await cleanup(memo.kube, namespace=namespace, name=name, uid=body["metadata"].get("uid"), logger=logger)
+    _locks.pop((namespace, name), None)
+
+
+async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: logging.Logger) -> None:
+    """Delete every child of a deleted run (only those it owns: a new run of the same name keeps its own)."""
+    selector = {builders.LABEL_RUN: name, **builders.MANAGED_BY}
+    for res in (JOBS, CONFIGMAPS, SERVICES):
+        for obj in await kube.list(res, namespace, selector):
+            owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
+            if uid in owners:
+                await kube.delete(res, namespace, obj["metadata"]["name"])
+                logger.info(f"deleted {obj.get('kind') or res.plural} {obj['metadata']['name']} of deleted TrainingRun {name}")
