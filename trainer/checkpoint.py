@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ from midfill.api import now_rfc3339
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
+# A plain `python -m trainer` (world size 1) saves without a process group, which DCP supports.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")

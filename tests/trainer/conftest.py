@@ -1,4 +1,4 @@
-"""Fixtures for the trainer tests: a small BPE trained on a few stdlib files, tiny TrainingRuns."""
+"""Fixtures for the trainer tests: a small BPE trained on a few stdlib files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import yaml
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SAMPLE_FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py", "colorsys.py"]
@@ -22,35 +21,3 @@ def bpe(code_texts):
     from trainer.tokenizer import train_bpe
 
     return train_bpe(code_texts * 2, vocab_size=600, num_mask_tokens=8)
-
-
-def tiny_run(name: str, **training) -> dict:
-    """A TrainingRun document that trains in seconds on 2 CPU cores (json + email stdlib packages)."""
-    return {
-        "apiVersion": "midfill.dev/v1alpha1",
-        "kind": "TrainingRun",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {
-                "recipe": "debug",
-                "architecture": {"hiddenSize": 64, "numLayers": 2, "numHeads": 4, "numKvHeads": 4, "intermediateSize": 128, "maxPositionEmbeddings": 128},
-            },
-            "tokenizer": {"vocabSize": 512, "trainBytes": 1_000_000},
-            "data": {
-                "sources": [{"uri": "stdlib://json", "include": ["*.py"]}, {"uri": "stdlib://email", "include": ["*.py"], "weight": 0.5}],
-                "validationFraction": 0.2,
-            },
-            "objective": {"spanCorruption": {"weight": 0.5, "maxSpans": 2}},
-            "training": {
-                "seqLength": 64, "globalBatchTokens": 1024, "microBatchSize": 4, "steps": 30, "learningRate": 0.003,
-                "warmupSteps": 3, "logIntervalSteps": 5, "evalIntervalSteps": 15, "evalBatches": 2, **training,
-            },
-            "checkpoint": {"intervalSteps": 10, "keepLast": 2},
-            "registry": {"tags": {"team": "test"}},
-        },
-    }
-
-
-def write_run(path: Path, doc: dict) -> Path:
-    path.write_text(yaml.safe_dump(doc))
-    return path

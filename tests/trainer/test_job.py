@@ -1,0 +1,159 @@
+"""End to end: real torchrun (gloo, 2 processes), real MLflow on SQLite, real DCP checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+from midfill import fim
+from midfill.api import EXIT_CODE_INVALID_CONFIG
+from midfill.export import read_metadata
+from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_UID, read_progress, read_result
+from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry
+
+from tiny_runs import tiny_run, write_run
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _trainer(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str) -> subprocess.CompletedProcess:
+    full_env = {
+        **os.environ,
+        "MIDFILL_STATE_DIR": str(root / "state"),
+        "MIDFILL_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "trainer", "--run-file", str(run_file)]
+    else:
+        cmd = [sys.executable, "-m", "trainer", "--run", str(run_file)]
+    cmd += ["--uid", uid, "--attempt", str(attempt)]
+    return subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=240)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    run_file = write_run(root / "run.yaml", tiny_run("tiny-ddp"))
+    proc = _trainer(root, run_file, uid="uid-ddp", nproc=2)
+    _ok(proc)
+    return root, run_file
+
+
+def test_torchrun_two_processes_train_and_the_loss_falls(ddp_run):
+    root, _ = ddp_run
+    run_dir = root / "state" / "runs" / "tiny-ddp"
+    progress = read_progress(run_dir)
+    assert progress.step == progress.total_steps == 30 and progress.checkpoint_step == 30
+    registry = Registry(f"sqlite:///{root / 'mlflow.db'}")
+    run = registry.client.get_run(progress.mlflow_run_id)
+    assert run.data.tags[RUN_TAG_UID] == "uid-ddp" and run.data.tags[RUN_TAG_ATTEMPT] == "1"
+    assert {"loss", "val_loss", "lr", "tokens_per_second", "grad_norm", "step", "line_infill_exact_match"} <= set(run.data.metrics)
+    assert run.data.params["world_size"] == "2" and run.data.params["attn_implementation"] == "sdpa"
+    losses = [m.value for m in sorted(registry.client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+    complete = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    assert complete == ["step-00000020", "step-00000030"]
+    assert len(list((run_dir / "checkpoints" / "step-00000030").glob("rank-*.pt"))) == 2
+
+
+def test_export_loads_with_transformers_and_infills(ddp_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _ = ddp_run
+    result = read_result(root / "state" / "runs" / "tiny-ddp")
+    registry = Registry(f"sqlite:///{root / 'mlflow.db'}")
+    info = registry.resolve_uri(result.uri)
+    assert info.tags[TAG_RUN_NAME] == "tiny-ddp" and info.tags[TAG_ATTEMPT] == "1" and info.tags["team"] == "test"
+    folder = registry.download(info, tmp_path)
+    meta = read_metadata(folder)
+    assert meta.fim_format == "codegen2" and meta.sentinels["eom"] == fim.EOM and meta.stop_tokens == [fim.EOM, fim.EOS]
+    assert meta.max_context == 128 and meta.step == 30 and meta.recipe == "debug"
+    assert meta.training_run.uid == "uid-ddp" and meta.data_hash == info.tags[TAG_DATA_HASH]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompt = fim.CODEGEN2.infill_prompt("def add(a, b):\n", "\n\nprint(add(1, 2))\n")
+    ids = tok(prompt, return_tensors="pt")
+    stop = tok.convert_tokens_to_ids(list(fim.CODEGEN2.stop_tokens))
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    new = out[0, ids["input_ids"].shape[1]:]
+    assert len(new) >= 1
+    assert isinstance(tok.decode(new, skip_special_tokens=True), str)
+
+
+def test_a_retry_after_success_registers_nothing_new(ddp_run):
+    root, run_file = ddp_run
+    proc = _trainer(root, run_file, uid="uid-ddp", attempt=2)  # one process now: the data order restarts, weights resume
+    _ok(proc)
+    registry = Registry(f"sqlite:///{root / 'mlflow.db'}")
+    assert [v.version for v in registry.versions("tiny-ddp")] == ["1"]
+    assert read_result(root / "state" / "runs" / "tiny-ddp").version == "1"
+
+
+def test_a_crash_between_registration_and_result_is_retried_safely(tmp_path):
+    run_file = write_run(tmp_path / "run.yaml", tiny_run("tiny-reg", steps=10))
+    crashed = _trainer(tmp_path, run_file, uid="uid-reg", MIDFILL_KILL_AFTER_REGISTER="1")
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    run_dir = tmp_path / "state" / "runs" / "tiny-reg"
+    assert read_result(run_dir) is None
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(registry.versions("tiny-reg")) == 1
+    _ok(_trainer(tmp_path, run_file, uid="uid-reg"))  # same attempt again (e.g. the pod restarted)
+    assert [v.version for v in registry.versions("tiny-reg")] == ["1"]
+    assert read_result(run_dir).version == "1"
+    runs = registry.client.search_runs([registry.client.get_experiment_by_name("midfill").experiment_id])
+    assert len(runs) == 1  # the retry of the same uid+attempt reused the MLflow run
+
+
+def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    """Tolerance: exact (bitwise) equality. Same seed, steps, thread count; data position,
+    optimizer, scheduler and RNG all come back from the checkpoint at step 10."""
+    doc = tiny_run("tiny-resume")
+    straight_root, killed_root = tmp_path / "straight", tmp_path / "killed"
+    straight_root.mkdir(), killed_root.mkdir()
+    _ok(_trainer(straight_root, write_run(straight_root / "run.yaml", doc), uid="u"))
+    run_file = write_run(killed_root / "run.yaml", doc)
+    killed = _trainer(killed_root, run_file, uid="u", MIDFILL_KILL_AT_STEP="15")
+    assert killed.returncode == -9
+    ckpt = killed_root / "state" / "runs" / "tiny-resume" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000010"]
+    (ckpt / "step-00000020").mkdir()  # a torn checkpoint newer than the good one: must be skipped
+    (ckpt / "step-00000020" / "__0_0.distcp").write_bytes(b"torn")
+    resumed = _trainer(killed_root, run_file, uid="u", attempt=2)
+    _ok(resumed)
+    assert "resumed from" in resumed.stderr and "step-00000010" in resumed.stderr
+    a = load_safetensors(straight_root / "state" / "runs" / "tiny-resume" / "export" / "model.safetensors")
+    b = load_safetensors(killed_root / "state" / "runs" / "tiny-resume" / "export" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_invalid_config_exits_78_with_one_line_naming_the_field(tmp_path, capsys, monkeypatch):
+    from trainer.__main__ import main
+
+    monkeypatch.setenv("MIDFILL_STATE_DIR", str(tmp_path / "state"))
+    bad = tiny_run("bad")
+    bad["spec"]["training"]["seqLenght"] = 64
+    assert main(["--run", str(write_run(tmp_path / "bad.yaml", bad))]) == EXIT_CODE_INVALID_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "spec.training.seqLenght" in err
+    too_long = tiny_run("too-long", seqLength=1024, globalBatchTokens=4096)
+    too_long["spec"]["model"]["architecture"] = {}
+    assert main(["--run", str(write_run(tmp_path / "long.yaml", too_long)), "--check"]) == EXIT_CODE_INVALID_CONFIG
+    assert "training.seqLength" in capsys.readouterr().err
+    no_data = tiny_run("no-data")
+    no_data["spec"]["data"]["sources"] = [{"uri": str(tmp_path / "nothing-here")}]
+    assert main(["--run", str(write_run(tmp_path / "nodata.yaml", no_data)), "--check"]) == EXIT_CODE_INVALID_CONFIG
+    assert "data.sources[0].uri" in capsys.readouterr().err
