@@ -157,3 +157,16 @@ def test_invalid_config_exits_78_with_one_line_naming_the_field(tmp_path, capsys
     no_data["spec"]["data"]["sources"] = [{"uri": str(tmp_path / "nothing-here")}]
     assert main(["--run", str(write_run(tmp_path / "nodata.yaml", no_data)), "--check"]) == EXIT_CODE_INVALID_CONFIG
     assert "data.sources[0].uri" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_trains_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    doc = tiny_run("tiny-fsdp", steps=10)
+    doc["spec"]["parallelism"] = {"strategy": "fsdp"}
+    _ok(_trainer(tmp_path, write_run(tmp_path / "run.yaml", doc), uid="uid-fsdp", nproc=2))
+    result = read_result(tmp_path / "state" / "runs" / "tiny-fsdp")
+    assert result.version == "1"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "state" / "runs" / "tiny-fsdp" / "export")
+    assert model.config.num_hidden_layers == 2
