@@ -2,7 +2,9 @@
 `torchrun --nnodes N --nproc-per-node P ... -m trainer --run-file FILE.yaml --uid UID --attempt N`.
 
 Exit codes: 0 done, 78 the config cannot run (one line on stderr naming the field), else a crash
-(retryable: the next attempt resumes from the latest checkpoint).
+(retryable: the next attempt resumes from the latest checkpoint). torchrun itself exits 1 when a
+worker fails, whatever the worker's code; launchers that need the 78 run `--check` first (same
+arguments, no torchrun): it validates the spec and lists the data for the planned world size.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", "--run-file", dest="run", required=True, help="TrainingRun YAML file")
     parser.add_argument("--uid", help="TrainingRun uid (default: env MIDFILL_RUN_UID, metadata.uid, or a hash of the name)")
     parser.add_argument("--attempt", type=int, help="attempt number (default: env MIDFILL_ATTEMPT or 1)")
-    parser.add_argument("--check", action="store_true", help="validate the config and data sources, then exit (0 or 78)")
+    parser.add_argument("--check", action="store_true", help="validate the config and list the data sources for the planned world size, then exit (0 or 78); run it before torchrun, which turns a worker's 78 into 1")
     args = parser.parse_args(argv)
     import os
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     d = setup()
     try:
         if args.check:
-            prepare(docs[0], settings, d)
+            prepare(docs[0], settings, d, check_only=True)
         else:
             run_job(docs[0], settings, d)
     except ConfigError as exc:

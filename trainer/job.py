@@ -51,9 +51,15 @@ class Prepared:
     total_steps: int
 
 
-def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> Prepared:
-    """Everything decided from the config, checked before any training (ConfigError names the field)."""
+def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist, *, check_only: bool = False) -> Prepared | None:
+    """Everything decided from the config, checked before any training (ConfigError names the field).
+
+    check_only (`--check`): the checks that need no GPU, model or tokenizer training, for the
+    planned world size (spec.parallelism) -- cheap enough to run before torchrun, whose own exit
+    code hides the trainer's 78 (it exits 1 when any worker fails).
+    """
     spec = run.spec
+    world = spec.parallelism.world_size() if check_only and not d.enabled else d.world_size
     try:
         recipe = get_recipe(spec.model.recipe).with_overrides(spec.model.architecture)
         if spec.model.composition is None and spec.training.seq_length > recipe.max_position_embeddings:
@@ -62,14 +68,16 @@ def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> Pr
                 f"({recipe.max_position_embeddings}); shorten it or set model.architecture.maxPositionEmbeddings"
             )
         seqs_per_step = spec.training.global_batch_tokens // spec.training.seq_length
-        per_rank = seqs_per_step // d.world_size
-        if seqs_per_step % d.world_size or per_rank % spec.training.micro_batch_size:
-            unit = spec.training.seq_length * spec.training.micro_batch_size * d.world_size
+        per_rank = seqs_per_step // world
+        if seqs_per_step % world or per_rank % spec.training.micro_batch_size:
+            unit = spec.training.seq_length * spec.training.micro_batch_size * world
             raise ValueError(
                 f"training.globalBatchTokens: {spec.training.global_batch_tokens} must be a multiple of "
                 f"seqLength x microBatchSize x processes = {unit} (e.g. {max(1, seqs_per_step * spec.training.seq_length // unit) * unit})"
             )
         corpus = Corpus.from_spec(spec.data)
+        if check_only:
+            return None
         init_dir = _fetch_init(spec.model.init, settings, d)
         hf_tok = _tokenizer(run, corpus, init_dir, RunPaths.for_run(run, settings), d)
     except ValueError as exc:
