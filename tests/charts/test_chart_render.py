@@ -167,7 +167,7 @@ def test_install_yaml_is_the_fresh_render_of_the_defaults(helm: Path, tmp_path: 
     out = tmp_path / "install.yaml"
     # The same recipe `make manifests` runs, minus its steps that write into the tree.
     proc = subprocess.run(
-        ["make", "--no-print-directory", "-s", "-o", "tools", "-o", "chart-crds", "manifests",
+        ["make", "--no-print-directory", "-s", "-o", "tools", "-o", "chart-crds", "-o", "chart-rbac", "manifests",
          f"INSTALL_YAML={out}", f"HELM={helm}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
