@@ -17,6 +17,7 @@ K8S_TOOLS := $(VENV)/.k8s-tools
 
 help:
 	@echo "make test   - create/refresh .venv and run the test suite (what CI runs)"
+	@echo "make demo   - create/refresh .venv, then train, approve, serve and query a model locally"
 	@echo "make crds   - regenerate manifests/crds/ from midfill.api"
 	@echo "make lock   - re-pin requirements-lock.txt from the current .venv"
 	@echo "make tools  - put pinned helm and kubectl into .venv/bin (part of make venv)"
@@ -39,6 +40,11 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The whole journey on this machine (scripts/demo.py): train the debug recipe on the stdlib,
+# approve, release on a local Ray Serve, infill through the openai client. Safe to run again.
+demo: venv
+	$(PY) scripts/demo.py
 
 crds: venv
 	$(VENV)/bin/midfill crds --out manifests/crds

@@ -159,7 +159,7 @@ def _alive(pid: int | None) -> bool:
 
 @pytest.mark.timeout(400)
 def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cleanup, tiny_run, write_yaml, state_dir) -> None:
-    doc = tiny_run("resume", steps=300, logIntervalSteps=10)
+    doc = tiny_run("resume", steps=120, logIntervalSteps=10)
     doc["spec"]["checkpoint"] = {"intervalSteps": 20, "keepLast": 2}
     run_file = write_yaml(tmp_path / "run.yaml", doc)
     cleanup.append(("tr", "resume"))
@@ -186,7 +186,7 @@ def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cl
     status = status_of(env, "tr", "resume")
     assert status["phase"] == "Failed" and "resume from the last checkpoint" in status["message"]
     killed_at = read_progress(run_folder).checkpoint_step
-    assert killed_at is not None and killed_at < 300
+    assert killed_at is not None and killed_at < 120
 
     out = midfill("apply", "-f", str(run_file), "--wait", env=env, timeout=300).stdout
     assert "attempt 2 started, resuming from the last checkpoint" in out

@@ -1,0 +1,125 @@
+"""`make demo`: the whole midfill journey on one machine, with the YAML a cluster would take.
+
+1. `midfill apply -f manifests/samples/trainingrun-debug.yaml --wait` trains the debug recipe on the
+   Python standard library (torchrun through torchx's local scheduler, a progress bar), and the
+   trainer registers the model in MLflow (SQLite under the state dir).
+2. `midfill approve fim-debug --version N` does what a reviewer does in the MLflow UI.
+3. `midfill apply -f manifests/samples/modelrelease.yaml --wait` serves the approved version on a
+   local Ray Serve.
+4. Real infill requests through the `openai` package (completions with `suffix`).
+
+Running it again is safe: a finished TrainingRun is not retrained, approving is idempotent, and a
+running release is left as it is. The endpoint is left running (the output says how to stop it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIDFILL = str(Path(sys.executable).parent / "midfill")
+TRAINING_YAML = ROOT / "manifests" / "samples" / "trainingrun-debug.yaml"
+RELEASE_YAML = ROOT / "manifests" / "samples" / "modelrelease.yaml"
+TRAINING_TIMEOUT_S = 1800
+SERVING_TIMEOUT_S = 600
+
+# (prefix, suffix): the model writes what goes between them.
+EXAMPLES = [
+    (
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return ",
+        "\n\n\nprint(fibonacci(10))\n",
+    ),
+    (
+        "import os\n\n\ndef python_files(folder):\n    found = []\n    for name in os.listdir(folder):\n        if ",
+        ":\n            found.append(os.path.join(folder, name))\n    return found\n",
+    ),
+    (
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        ",
+        "\n\n    def pop(self):\n        return self.items.pop()\n",
+    ),
+]
+
+
+def step(text: str) -> None:
+    print(f"\n\033[1m==> {text}\033[0m", flush=True)
+
+
+def midfill(*args: str, capture: bool = False) -> str:
+    """Run the real CLI (its output, progress bar included, goes to the terminal unless captured)."""
+    print("$ midfill " + " ".join(args), flush=True)
+    proc = subprocess.run([MIDFILL, *args], cwd=ROOT, text=True, capture_output=capture)
+    if proc.returncode != 0:
+        if capture:
+            sys.stderr.write(proc.stdout + proc.stderr)
+        sys.exit(f"demo: `midfill {' '.join(args)}` failed (exit {proc.returncode}); see the messages above")
+    return proc.stdout if capture else ""
+
+
+def get(kind: str, name: str) -> dict:
+    return json.loads(midfill("get", kind, name, "-o", "json", capture=True))
+
+
+def main() -> int:
+    state_dir = Path(os.environ.get("MIDFILL_STATE_DIR", ROOT / ".midfill")).resolve()
+    os.environ["MIDFILL_STATE_DIR"] = str(state_dir)
+    print(f"midfill demo: state dir {state_dir} (resources, logs, checkpoints, MLflow store, API keys)")
+
+    step("1/4 Train the debug recipe on the Python standard library (a few minutes on 2 cores)")
+    midfill("apply", "-f", str(TRAINING_YAML), "--wait", "--timeout", str(TRAINING_TIMEOUT_S))
+    run = get("tr", "fim-debug")
+    registered = run["status"]["registeredModel"]
+    model, version = registered["name"], registered["version"]
+    midfill("get", "tr")
+
+    step(f"2/4 Approve {registered['uri']} (a reviewer does this in the MLflow UI)")
+    midfill("approve", model, "--version", version)
+
+    step("3/4 Release the approved version on a local Ray Serve")
+    midfill("apply", "-f", str(RELEASE_YAML), "--wait", "--timeout", str(SERVING_TIMEOUT_S))
+    release = get("mr", "fim-debug")
+    status = release["status"]
+    if status.get("phase") != "Available":
+        sys.exit(f"demo: the release is {status.get('phase')}: {status.get('message')}")
+    midfill("get", "mr")
+    ref = release["spec"]["auth"]["apiKeySecretRef"]
+    key_file = state_dir / "secrets" / ref["name"] / ref.get("key", "api-keys")
+
+    step("4/4 Infill requests through the openai client (completions with `suffix`)")
+    from openai import OpenAI
+
+    client = OpenAI(base_url=status["url"], api_key=key_file.read_text().split()[0], timeout=120, max_retries=2)
+    for prefix, suffix in EXAMPLES:
+        started = time.monotonic()
+        answer = client.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=48, temperature=0)
+        seconds = time.monotonic() - started
+        print("\n\033[2m--- prefix ---\033[0m\n" + prefix)
+        print("\033[2m--- suffix ---\033[0m\n" + suffix)
+        print(f"\033[2m--- completion ({answer.usage.completion_tokens} tokens, {seconds:.1f} s, {answer.choices[0].finish_reason}) ---\033[0m")
+        print("\033[32m" + answer.choices[0].text + "\033[0m")
+
+    print(
+        f"""
+\033[1mWhere to look next\033[0m
+  YAML applied:      {TRAINING_YAML.relative_to(ROOT)}  and  {RELEASE_YAML.relative_to(ROOT)}
+                     (the same files work with `kubectl apply` on a cluster with the operator)
+  Endpoint:          {status['url']}  (OpenAI completions API; model "{model}", version {status.get('stableVersion')})
+  API key file:      {key_file}  (stands in for Secret {ref['name']})
+  MLflow UI:         .venv/bin/midfill ui   -> http://127.0.0.1:5000 (runs, metrics, model versions, approvals)
+  Status:            .venv/bin/midfill get tr ; .venv/bin/midfill describe mr fim-debug
+  Logs:              .venv/bin/midfill logs fim-debug --kind tr   (training)  /  --kind mr  (serving)
+  Try it:            curl {status['url']}/completions -H "Authorization: Bearer $(cat {key_file})" \\
+                       -H 'content-type: application/json' -d '{{"prompt": "def add(a, b):\\n    ", "suffix": "\\n", "max_tokens": 16}}'
+
+The endpoint is LEFT RUNNING. Stop it with:  .venv/bin/midfill delete mr fim-debug
+(Training state, checkpoints and the registry stay in {state_dir}; `make demo` again reuses them.)"""
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
