@@ -188,6 +188,51 @@ class Registry:
         self.client.set_registered_model_alias(name, alias, str(version))
         return self.get(name, version=version)
 
+    # -- training progress (read by the operator) -----------------------------------------------------
+    def run_progress(self, run_uid: str, *, experiment_name: str | None = None):
+        """Latest metrics `step`, `loss`, `tokens_per_second` of a TrainingRun's newest MLflow run.
+
+        The trainer tags its MLflow run with midfill.progress.RUN_TAG_UID/RUN_TAG_ATTEMPT; the newest
+        run (the latest attempt) wins. Returns a ProgressRecord, or None when no run is found yet.
+        """
+        from mlflow.exceptions import MlflowException
+
+        from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_UID, ProgressRecord
+
+        try:
+            if experiment_name is not None:
+                exp = self.client.get_experiment_by_name(experiment_name)
+                ids = [exp.experiment_id] if exp is not None else []
+            else:
+                ids = [e.experiment_id for e in self.client.search_experiments()]
+            if not ids:
+                return None
+            runs = self.client.search_runs(
+                ids, filter_string=f"tags.`{RUN_TAG_UID}` = '{run_uid}'",
+                order_by=["attributes.start_time DESC"], max_results=1,
+            )
+        except MlflowException:
+            return None
+        if not runs:
+            return None
+        run = runs[0]
+        metrics = run.data.metrics
+        attempt = run.data.tags.get(RUN_TAG_ATTEMPT)
+        end = run.info.end_time or run.info.start_time
+        import datetime as _dt
+
+        updated = (
+            _dt.datetime.fromtimestamp(end / 1000, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if end else None
+        )
+        return ProgressRecord(
+            step=int(metrics.get("step", 0)),
+            loss=metrics.get("loss"),
+            tokens_per_second=metrics.get("tokens_per_second"),
+            attempt=int(attempt) if attempt and attempt.isdigit() else None,
+            mlflow_run_id=run.info.run_id,
+            update_time=updated,
+        )
+
     # -- files ------------------------------------------------------------------------------------
     def download(self, info: VersionInfo, dst: str | Path) -> Path:
         """Copy a version's files (an export folder) to dst and return the local folder."""
