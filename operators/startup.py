@@ -28,6 +28,7 @@ def configure(kopf_settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any
     # Our status lives in .status; kopf's own progress goes to annotations only.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="midfill.dev")
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="midfill.dev")
+    kopf_settings.persistence.finalizer = "midfill.dev/kopf-finalizer"  # kopf stops resync timers before deletion
     kopf_settings.posting.reporting_component = "midfill-operator"
     if "kube" not in memo:
         memo.kube = Kube()

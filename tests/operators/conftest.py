@@ -1,0 +1,3 @@
+"""Fixtures of the operator tests (the emulated cluster, MLflow on SQLite, the running operator)."""
+
+from tests.operators.emulator import cluster, operator, tracking_uri  # noqa: F401
