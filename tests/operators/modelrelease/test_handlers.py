@@ -1,0 +1,97 @@
+"""ModelRelease handlers end to end: registry approval in MLflow (SQLite) -> RayService in the emulator.
+
+The test plays KubeRay's part by writing the RayService status it would report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from midfill.registry import Registry
+from tests.operators.emulator import eventually
+
+SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "modelrelease.yaml"
+
+
+def release() -> dict:
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["metadata"] = {"name": "fim"}
+    return doc
+
+
+def served_uri(rayservice: dict) -> str:
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    return config["applications"][0]["args"]["model_uri"]
+
+
+def status(cluster) -> dict:
+    return (cluster.get("modelreleases", "fim") or {}).get("status") or {}
+
+
+async def kuberay_reports_running(cluster) -> None:
+    rs = cluster.get("rayservices", "fim")
+    await cluster.patch("rayservices", "fim", {"status": {
+        "observedGeneration": rs["metadata"]["generation"],
+        "activeServiceStatus": {"applicationStatuses": {"infill": {"status": "RUNNING"}}}}}, "status")
+
+
+async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator, tracking_uri, tmp_path):
+    registry = Registry(tracking_uri)
+    registry.register(name="fim-debug", source=str(tmp_path), run_uid="run-1")
+    registry.client.set_registered_model_alias("fim-debug", "champion", "1")  # alias set, review tag missing
+
+    async with operator():
+        await cluster.create(release())
+        await eventually(lambda: status(cluster).get("phase") == "WaitingForApproval", what="WaitingForApproval")
+        assert "tag review=approved" in status(cluster)["message"]
+        assert cluster.get("rayservices", "fim") is None
+
+        registry.approve("fim-debug", 1)
+        rs = await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
+        assert served_uri(rs) == "models:/fim-debug/1"
+        first_cluster_config, first_uid = rs["spec"]["rayClusterConfig"], rs["metadata"]["uid"]
+        await kuberay_reports_running(cluster)
+        await eventually(lambda: status(cluster).get("phase") == "Available", what="Available")
+        assert status(cluster)["stableVersion"] == "1"
+        assert status(cluster)["url"].startswith("http://fim-serve-svc.team.svc")
+
+    # Restarted operator: finds the RayService and leaves it alone.
+    async with operator():
+        registry.register(name="fim-debug", source=str(tmp_path), run_uid="run-2")
+        registry.approve("fim-debug", 2)
+        rs = await eventually(lambda: (r := cluster.get("rayservices", "fim")) and served_uri(r) == "models:/fim-debug/2" and r,
+                              what="serveConfigV2 on version 2")
+        # In place: same object, same cluster config; only serveConfigV2 (and our annotations) changed.
+        assert rs["metadata"]["uid"] == first_uid and rs["spec"]["rayClusterConfig"] == first_cluster_config
+        assert [v["metadata"]["uid"] for v in cluster.history("rayservices", "fim")].count(first_uid) == len(cluster.history("rayservices", "fim"))
+        assert cluster.names("rayservices") == ["fim"]
+        await kuberay_reports_running(cluster)
+        await eventually(lambda: status(cluster).get("stableVersion") == "2" and status(cluster)["phase"] == "Available")
+        assert status(cluster)["previousStableVersion"] == "1"
+
+        await cluster.delete("modelreleases", "fim")
+        await eventually(lambda: not cluster.names("rayservices"), what="RayService deleted")
+
+
+async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri, tmp_path):
+    registry = Registry(tracking_uri)
+    for uid in ("a", "b"):
+        registry.register(name="fim-debug", source=str(tmp_path), run_uid=uid)
+    registry.approve("fim-debug", 1)
+    doc = release()
+    doc["spec"]["rollout"]["healthDeadlineSeconds"] = 10
+    async with operator():
+        await cluster.create(doc)
+        await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
+        await kuberay_reports_running(cluster)
+        await eventually(lambda: status(cluster).get("stableVersion") == "1")
+        registry.approve("fim-debug", 2)
+        await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/2")
+        # KubeRay never reports version 2 healthy: after the deadline the operator goes back to 1.
+        await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/1", timeout=40,
+                         what="rollback to version 1")
+        rolled = next(c for c in status(cluster)["conditions"] if c["type"] == "RolledBack")
+        assert rolled["status"] == "True" and "version 2" in rolled["message"]
+        assert status(cluster)["resolvedVersion"] == "2" and status(cluster)["stableVersion"] == "1"
