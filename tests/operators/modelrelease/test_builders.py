@@ -1,0 +1,72 @@
+"""ModelRelease builders: serveConfigV2 carries the serving app and its args, the version changes only it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from midfill.api import load_file
+from midfill.serve_args import ServeArgs
+from operators.modelrelease import builders
+from operators.settings import OperatorSettings
+from tests.operators.validation import validate
+
+SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "modelrelease.yaml"
+SETTINGS = OperatorSettings(tracking_uri="http://mlflow:5000")
+
+
+def release():
+    (rel,) = load_file(SAMPLE)
+    rel.metadata.namespace, rel.metadata.uid = "team", "r-uid"
+    rel.spec.endpoint.node_pool.node_selector = {"pool": "gpu"}
+    return rel
+
+
+def test_serve_config_runs_the_app_with_release_args():
+    rel = release()
+    rs = builders.build_rayservice(rel, version="3", settings=SETTINGS)
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    assert app["import_path"] == "serving.app:build_app" and app["route_prefix"] == "/"
+    expected = ServeArgs.for_release(rel, model_uri="models:/fim-debug/3", tracking_uri="http://mlflow:5000",
+                                     api_keys_file="/etc/midfill/api-keys/api-keys").model_dump(mode="json")
+    assert app["args"] == expected
+    assert app["args"]["max_replicas"] == 4 and app["args"]["num_cpus"] == 2.0
+    assert rs["metadata"]["annotations"]["midfill.dev/model-version"] == "3"
+    assert rs["metadata"]["ownerReferences"][0]["uid"] == "r-uid"
+
+
+def test_cluster_config_has_image_resources_node_pool_and_secret():
+    rs = builders.build_rayservice(release(), version="3", settings=SETTINGS)
+    cluster = rs["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    pod = workers["template"]["spec"]
+    assert pod["containers"][0]["image"] == "ghcr.io/midfill/serving:0.1.0"
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}}
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert workers["minReplicas"] == 1 and workers["maxReplicas"] == 4 and cluster["enableInTreeAutoscaling"] is True
+    assert pod["volumes"] == [{"name": "api-keys", "secret": {"secretName": "fim-debug-api-keys"}}]
+    assert {"name": "api-keys", "mountPath": "/etc/midfill/api-keys", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def test_a_new_version_changes_only_serve_config():
+    rel = release()
+    v3 = builders.build_rayservice(rel, version="3", settings=SETTINGS)
+    v4 = builders.build_rayservice(rel, version="4", settings=SETTINGS)
+    assert v3["spec"]["rayClusterConfig"] == v4["spec"]["rayClusterConfig"]
+    assert v3["spec"]["serveConfigV2"] != v4["spec"]["serveConfigV2"]
+    patch = builders.version_patch(rel, version="4", settings=SETTINGS, rollout_start="2026-01-01T00:00:00Z")
+    assert set(patch["spec"]) == {"serveConfigV2"} and patch["spec"]["serveConfigV2"] == v4["spec"]["serveConfigV2"]
+
+
+def test_auth_disabled_mounts_nothing_and_objects_validate():
+    rel = release()
+    rel.spec.auth.api_key_secret_ref = None
+    rel.spec.auth.disabled = True
+    rs = builders.build_rayservice(rel, version="1", settings=SETTINGS)
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["auth_disabled"] is True and args["api_keys_file"] is None
+    assert "volumes" not in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    validate(rs)
+    validate(builders.build_rayservice(release(), version="2", settings=SETTINGS))

@@ -1,0 +1,102 @@
+"""TrainingRun builders: the fields the issue asks for, and every object schema-valid on 1.30 and 1.35."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from midfill.api import load_file
+from operators.settings import OperatorSettings
+from operators.trainingrun import builders
+from tests.operators.validation import validate
+
+SAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "samples"
+
+
+@pytest.fixture
+def big_run():
+    (run,) = load_file(SAMPLES / "trainingrun-7b-flash.yaml")
+    run.metadata.namespace, run.metadata.uid = "ml", "1234-uid"
+    return run
+
+
+def container(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(job: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(job)["env"]}
+
+
+def test_job_is_an_all_or_nothing_indexed_gang(big_run):
+    settings = OperatorSettings(tracking_uri="http://mlflow:5000", checkpoint_claim_name="ckpt")
+    job = builders.build_job(big_run, attempt=3, settings=settings, active_deadline_seconds=5000)
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert job["metadata"]["name"] == "fim-7b-a3" and job["metadata"]["namespace"] == "ml"
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    assert spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never" and pod["subdomain"] == "fim-7b"
+    fail, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [78]}}
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # Kueue: queue label, created suspended so the whole gang is admitted at once.
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training" and spec["suspend"] is True
+    assert spec["activeDeadlineSeconds"] == 5000
+    assert pod["priorityClassName"] == "training-high"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == 8
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm == {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(job)["volumeMounts"]
+    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "midfill.dev/v1alpha1", "kind": "TrainingRun", "name": "fim-7b",
+                                                   "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}]
+
+
+def test_pods_run_torchrun_with_the_gang_environment(big_run):
+    settings = OperatorSettings(tracking_uri="http://mlflow:5000")
+    job = builders.build_job(big_run, attempt=2, settings=settings)
+    c, e = container(job), env(job)
+    assert c["command"] == ["torchrun"]
+    assert c["args"] == ["-m", "trainer", "--run", "/etc/midfill/trainingrun.yaml", "--uid", "1234-uid", "--attempt", "2"]
+    assert e["PET_NNODES"] == "4" and e["PET_NPROC_PER_NODE"] == "8"
+    assert e["PET_NODE_RANK"] == {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert e["PET_MASTER_ADDR"] == "fim-7b-a2-0.fim-7b" and e["PET_MASTER_PORT"] == "29500"
+    assert e["PET_RDZV_ID"] == "1234-uid-a2"
+    assert e["MIDFILL_TRACKING_URI"] == "http://mlflow:5000" and e["MIDFILL_RUN_UID"] == "1234-uid" and e["MIDFILL_ATTEMPT"] == "2"
+    assert "MIDFILL_CHECKPOINT_DIR" not in e  # spec.checkpoint.uri (s3://) is used by the trainer itself
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert mount["mountPath"] == "/etc/midfill"
+    assert next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")["configMap"]["name"] == "fim-7b-a2"
+
+
+def test_config_map_holds_the_run_and_service_is_headless(big_run):
+    cm = builders.build_config_map(big_run, attempt=1)
+    doc = yaml.safe_load(cm["data"]["trainingrun.yaml"])
+    assert doc["metadata"]["uid"] == "1234-uid" and doc["spec"]["parallelism"]["numNodes"] == 4
+    (reloaded,) = [__import__("midfill.api", fromlist=["parse_resource"]).parse_resource(doc)]
+    assert reloaded.spec == big_run.spec
+    svc = builders.build_service(big_run, settings=OperatorSettings())
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"midfill.dev/training-run": "fim-7b"}
+
+
+def test_checkpoints_on_a_shared_claim_are_the_same_for_every_attempt():
+    (run,) = load_file(SAMPLES / "trainingrun-debug.yaml")
+    run.metadata.namespace = "team"
+    settings = OperatorSettings(checkpoint_claim_name="ckpt")
+    dirs = {env(builders.build_job(run, attempt=n, settings=settings))["MIDFILL_CHECKPOINT_DIR"] for n in (1, 2, 3)}
+    assert dirs == {"/checkpoints/team/fim-debug"}
+    job = builders.build_job(run, attempt=1, settings=settings)
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}} in job["spec"]["template"]["spec"]["volumes"]
+    assert job["spec"]["suspend"] is False and "activeDeadlineSeconds" not in job["spec"]
+
+
+@pytest.mark.parametrize("sample", ["trainingrun-debug.yaml", "trainingrun-7b-flash.yaml"])
+def test_every_object_is_valid_kubernetes(sample):
+    (run,) = load_file(SAMPLES / sample)
+    run.metadata.namespace, run.metadata.uid = "team", "0f0e"
+    settings = OperatorSettings(tracking_uri="http://mlflow:5000", checkpoint_claim_name="ckpt")
+    for obj in builders.build_attempt(run, attempt=1, settings=settings, active_deadline_seconds=100):
+        validate(obj)
