@@ -1,0 +1,80 @@
+"""The ModelRelease state machine, table-driven and pure."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from midfill.api import load_file
+from midfill.api.common import Condition
+from midfill.api.modelrelease import ModelReleaseStatus
+from operators.modelrelease.reconcile import (
+    CreateRayService, Observed, RayServiceView, Resolution, UpdateVersion, rayservice_view, reconcile,
+)
+
+SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "modelrelease.yaml"
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def release(paused=False):
+    (rel,) = load_file(SAMPLE)
+    rel.metadata.namespace = "team"
+    rel.spec.paused = paused
+    return rel
+
+
+def rs(version, healthy=True, age=5):
+    return RayServiceView(version=version, rollout_start=NOW - dt.timedelta(seconds=age), healthy=healthy, health="x")
+
+
+APPROVED_3 = Resolution(version="3")
+UNAPPROVED_3 = Resolution(version="3", unmet=("tag review=approved",))
+ROLLED_BACK = [Condition(type="RolledBack", status="True", reason="HealthDeadlineExceeded")]
+
+CASES = [
+    ("unresolvable alias", release(), ModelReleaseStatus(), Resolution(error="registered model 'x' has no alias 'champion'"), None, "Pending", []),
+    ("not approved, nothing served", release(), ModelReleaseStatus(), UNAPPROVED_3, None, "WaitingForApproval", []),
+    ("approved, no RayService", release(), ModelReleaseStatus(), APPROVED_3, None, "Progressing", [CreateRayService("3")]),
+    ("deployed, waiting for health", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3, rs("3", healthy=False), "Progressing", []),
+    ("healthy", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3, rs("3"), "Available", []),
+    ("new approved version rolls in place", release(), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Progressing", [UpdateVersion("3")]),
+    ("new unapproved version keeps stable", release(), ModelReleaseStatus(stable_version="2"), UNAPPROVED_3, rs("2"), "Available", []),
+    ("unhealthy past deadline rolls back", release(), ModelReleaseStatus(stable_version="2", resolved_version="3"), APPROVED_3,
+     rs("3", healthy=False, age=601), "Progressing", [UpdateVersion("2")]),
+    ("rolled-back version is not retried", release(), ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
+     APPROVED_3, rs("2"), "Available", []),
+    ("a newer version after a rollback is tried", release(), ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
+     Resolution(version="4"), rs("2"), "Progressing", [UpdateVersion("4")]),
+    ("unhealthy with nothing to roll back to", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3,
+     rs("3", healthy=False, age=601), "Degraded", []),
+    ("paused changes nothing", release(paused=True), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Paused", []),
+]
+
+
+@pytest.mark.parametrize("name,rel,st,res,view,phase,actions", CASES, ids=[c[0] for c in CASES])
+def test_transitions(name, rel, st, res, view, phase, actions):
+    plan = reconcile(rel, status=st, observed=Observed(now=NOW, resolution=res, rayservice=view), generation=4)
+    assert plan.status.phase == phase, plan.status.message
+    assert plan.actions == actions
+    assert plan.status.observed_generation == 4
+
+
+def test_status_says_what_it_waits_for_and_tracks_stable_versions():
+    plan = reconcile(release(), status=ModelReleaseStatus(), observed=Observed(now=NOW, resolution=UNAPPROVED_3), generation=1)
+    assert "tag review=approved" in plan.status.message
+    approved = next(c for c in plan.status.conditions if c.type == "Approved")
+    assert approved.status == "False" and "review=approved" in approved.message
+    healthy = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
+                        observed=Observed(now=NOW, resolution=APPROVED_3, rayservice=rs("3")), generation=1)
+    assert (healthy.status.stable_version, healthy.status.previous_stable_version) == ("3", "2")
+    assert healthy.status.url == "http://fim-debug-serve-svc.team.svc.cluster.local:8000"
+
+
+def test_rayservice_view_needs_status_for_the_current_generation():
+    obj = {"metadata": {"generation": 3, "annotations": {"midfill.dev/model-version": "5"}},
+           "status": {"observedGeneration": 2, "activeServiceStatus": {"applicationStatuses": {"infill": {"status": "RUNNING"}}}}}
+    assert rayservice_view(obj).version == "5" and not rayservice_view(obj).healthy
+    obj["status"]["observedGeneration"] = 3
+    assert rayservice_view(obj).healthy
