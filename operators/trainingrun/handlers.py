@@ -71,7 +71,7 @@ async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: T
     registry = memo.registry()
     progress = registered = None
     try:
-        if status.phase not in ("Succeeded", "Failed"):
+        if jobs and status.phase not in ("Succeeded", "Failed"):  # no Job yet: nothing to report, create it first
             progress = await asyncio.to_thread(registry.run_progress, uid, experiment_name=run.spec.registry.experiment_name)
         if needs_registry_lookup(status, observed):
             found = await asyncio.to_thread(registry.find_by_run_uid, run.registered_model_name(), uid)
