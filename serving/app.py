@@ -1,0 +1,61 @@
+"""The Ray Serve application: `serve run serving.app:build_app model_uri=...`, a RayService's
+serveConfigV2 (import_path serving.app:build_app, args = midfill.serve_args.ServeArgs fields), or
+`midfill serve`. All three hand build_app the same dict.
+
+Ray's options come from the args: autoscaling, and max_ongoing_requests sized above the expected
+concurrency (Ray's default of 5 collapses throughput, CPU-NOTES). The replica itself admits up to
+max_ongoing_requests + max_queued_requests generation requests and answers 429 beyond that; Ray's
+own queue is a backstop sized to the whole deployment's capacity.
+Limits and keys go through user_config, so changing them calls reconfigure() instead of reloading;
+changing model_uri rolls new replicas in while old ones drain their requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from midfill.serve_args import ServeArgs
+from serving.ingress import RELOADABLE, InfillServer
+
+# Routes that are not generation (health, metrics, models) must still reach a full replica.
+CONTROL_HEADROOM = 8
+# Long streams finish on the old replica while a new model version takes over.
+GRACEFUL_SHUTDOWN_S = 300
+
+
+def deployment_options(args: ServeArgs) -> dict[str, Any]:
+    """The Ray Serve deployment options these args ask for (pure; tested without Ray)."""
+    queued = max(args.max_queued_requests, 0)
+    options: dict[str, Any] = {
+        "max_ongoing_requests": args.max_ongoing_requests + queued + CONTROL_HEADROOM,
+        # Ray counts every request not yet assigned to a replica, so a burst of clients can trip a
+        # small limit even when replicas have room (503 from the proxy). Our replicas answer 429 at
+        # their own limit; Ray's queue is only a backstop at the whole deployment's capacity.
+        "max_queued_requests": -1 if args.max_queued_requests < 0 else (args.max_ongoing_requests + queued) * args.max_replicas,
+        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        "user_config": {k: getattr(args, k) for k in RELOADABLE},
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+        "health_check_period_s": 10,
+    }
+    if args.min_replicas == args.max_replicas:
+        options["num_replicas"] = args.min_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": args.min_replicas,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+            "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s,
+        }
+    return options
+
+
+def build_app(args: ServeArgs | dict[str, Any]) -> Application:
+    """The application for these args (a ServeArgs or a dict of its fields)."""
+    parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+    # Reloadable settings travel in user_config only, so a change to them leaves the init args
+    # (and therefore the replicas) untouched.
+    init_args = parsed.model_dump(exclude=set(RELOADABLE) - {"auth_disabled", "api_keys_file", "api_keys_env"})
+    return InfillServer.options(**deployment_options(parsed)).bind(init_args)

@@ -1,0 +1,319 @@
+"""The HTTP face of a replica: OpenAI-compatible /v1/completions, /v1/models, /health, /metrics.
+
+One deployment holds both the routes and the engine: on a CPU, a second hop per streamed token costs
+more than separate scaling would buy, and a replica is the unit that autoscales anyway.
+
+The model loads in a background thread, so /health can say 503 while it loads; completion requests
+that reach a loading replica wait for it (up to serve_load_timeout_s) instead of failing, which is
+what lets a model swap drop nothing while Ray Serve rolls replicas.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the
+# route methods, which Ray Serve rewraps.
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from ray import serve
+
+from midfill.fim import parse_starcoder_prompt
+from midfill.serve_args import ServeArgs
+from serving.auth import KeyStore, key_from_headers
+from serving.engine import Engine, PromptTooLong, SamplingParams
+from serving.loading import locate_model
+from serving.protocol import (
+    ApiError,
+    CompletionRequest,
+    completion_body,
+    completion_id,
+    error_body,
+    models_body,
+    usage,
+    usage_chunk,
+    validation_error,
+)
+from serving.settings import ServingSettings
+
+log = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+# Settings that change without reloading the model (Ray Serve user_config -> reconfigure()).
+RELOADABLE = ("max_new_tokens", "max_batch_size", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
+
+api = FastAPI(title="midfill infill endpoint", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in err["loc"]) or None
+    return JSONResponse(error_body(f"{param}: {err['msg']}", type_="invalid_request_error", param=param), status_code=422)
+
+
+@api.exception_handler(404)
+async def _not_found(request: Request, _exc) -> JSONResponse:
+    return JSONResponse(error_body(f"no route {request.method} {request.url.path}", type_="invalid_request_error", code="not_found"), status_code=404)
+
+
+@api.exception_handler(405)
+async def _bad_method(request: Request, _exc) -> JSONResponse:
+    return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}", type_="invalid_request_error"), status_code=405)
+
+
+def _sse_event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class Metrics:
+    """Prometheus metrics of one replica (its own registry: several replicas may share a process in tests)."""
+
+    def __init__(self, engine_stats) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("midfill_requests", "Completion requests by HTTP status and mode.", ["status", "mode"], registry=self.registry)
+        self.latency = Histogram(
+            "midfill_request_latency_seconds", "End-to-end completion latency.", ["stream"], registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+        )
+        self.prompt_tokens = Counter("midfill_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.generated_tokens = Counter("midfill_generated_tokens", "Tokens generated.", registry=self.registry)
+        Gauge("midfill_queue_depth", "Requests waiting for a batch slot.", registry=self.registry).set_function(
+            lambda: engine_stats()["waiting"]
+        )
+        Gauge("midfill_running_requests", "Requests in the decode batch.", registry=self.registry).set_function(
+            lambda: engine_stats()["running"]
+        )
+
+
+@serve.deployment(name="InfillServer")
+@serve.ingress(api)
+class InfillServer:
+    """A replica: one loaded model behind the OpenAI completions API."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = ServeArgs.model_validate(args)
+        self.settings = ServingSettings()
+        self.created = int(time.time())
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self._loaded = threading.Event()
+        self.keys = KeyStore(keys_file=self.args.api_keys_file, keys_env=self.args.api_keys_env, disabled=self.args.auth_disabled)
+        self.max_new_tokens = self.args.max_new_tokens
+        self.max_batch_size = self.args.max_batch_size
+        self.max_queued_requests = self.args.max_queued_requests
+        self.inflight = 0
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {"running": 0, "waiting": 0})
+        # Cheap checks now (a bad URI fails the deployment with a clear message), weights in the background.
+        folder, default_name = locate_model(
+            self.args.model_uri,
+            tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),
+            cache_dir=self.settings.model_cache(),
+        )
+        self.model_name = self.args.served_model_name or default_name
+        threading.Thread(target=self._load, args=(folder,), name="midfill-load", daemon=True).start()
+
+    def _load(self, folder) -> None:
+        import torch
+
+        try:
+            torch.set_num_threads(self.settings.serve_torch_threads or max(1, int(self.args.num_cpus)))
+            self.engine = Engine.from_export(
+                folder,
+                dtype=self.settings.serve_dtype,
+                max_batch_size=self.max_batch_size,
+                max_context=self.args.max_context_tokens,
+                fim_format=self.args.fim_format,
+            )
+            log.info("midfill: loaded %s from %s", self.model_name, folder)
+        except Exception as exc:  # reported by /health and check_health; the replica is then replaced
+            log.exception("midfill: loading %s failed", folder)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._loaded.set()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply settings that need no reload (limits, keys); unknown keys are an error, not ignored."""
+        unknown = set(config) - set(RELOADABLE)
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {sorted(unknown)}; reloadable are {list(RELOADABLE)}")
+        merged = ServeArgs.model_validate({**self.args.model_dump(), **config})
+        self.keys = KeyStore(keys_file=merged.api_keys_file, keys_env=merged.api_keys_env, disabled=merged.auth_disabled)
+        self.max_new_tokens, self.max_queued_requests = merged.max_new_tokens, merged.max_queued_requests
+        self.max_batch_size = merged.max_batch_size
+        if self.engine is not None:
+            self.engine.max_batch_size = merged.max_batch_size
+        self.args = merged
+
+    def check_health(self) -> None:
+        """Ray Serve's probe: a replica whose model failed to load, or whose engine died, is replaced."""
+        if self.load_error:
+            raise RuntimeError(self.load_error)
+        if self.engine is not None and not self.engine.alive:
+            raise RuntimeError("engine thread is not running")
+
+    def __del__(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.keys.check(key_from_headers(request.headers)):
+            missing = key_from_headers(request.headers) is None
+            raise ApiError(
+                401,
+                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`" if missing else "invalid API key",
+                code="missing_api_key" if missing else "invalid_api_key",
+            )
+
+    async def _ready_engine(self) -> Engine:
+        if not self._loaded.is_set():
+            await asyncio.to_thread(self._loaded.wait, self.settings.serve_load_timeout_s)
+        if self.load_error:
+            raise ApiError(503, f"model failed to load: {self.load_error}", code="model_load_failed")
+        if self.engine is None:
+            raise ApiError(503, "model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "5"})
+        return self.engine
+
+    async def _parse(self, request: Request) -> CompletionRequest:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", code="body_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            req = CompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        req.check_supported()
+        if req.model is not None and req.model != self.model_name:
+            raise ApiError(404, f"model {req.model!r} does not exist; this endpoint serves {self.model_name!r}", param="model", code="model_not_found")
+        return req
+
+    def _prompt(self, engine: Engine, req: CompletionRequest) -> tuple[list[int], str]:
+        """Token ids and the mode: suffix (we template), raw-fim (StarCoder sentinels translated), raw."""
+        text = req.prompt_text()
+        if req.suffix is not None:
+            return engine.encode(engine.infill_prompt(text, req.suffix)), "suffix"
+        parsed = parse_starcoder_prompt(text)
+        if parsed is not None:
+            return engine.encode(engine.infill_prompt(*parsed)), "raw-fim"
+        return engine.encode(text), "raw"
+
+    def _params(self, engine: Engine, req: CompletionRequest, prompt_tokens: int) -> SamplingParams:
+        if req.max_tokens is not None and req.max_tokens > self.max_new_tokens:
+            raise ApiError(400, f"max_tokens: {req.max_tokens} is above this server's limit of {self.max_new_tokens}", param="max_tokens", code="invalid_value")
+        room = engine.max_context - prompt_tokens
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(self.max_new_tokens, room)
+        try:
+            engine.check_length(prompt_tokens, max(max_tokens, 1))
+        except PromptTooLong as exc:
+            if exc.prompt_alone_too_long:
+                raise ApiError(413, str(exc), param="prompt", code="context_length_exceeded") from None
+            raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_strings(), seed=req.seed)
+
+    def _admit(self) -> None:
+        limit = self.args.max_ongoing_requests + self.max_queued_requests
+        if self.max_queued_requests >= 0 and self.inflight >= limit:
+            raise ApiError(429, f"server is at capacity ({limit} requests in flight); retry shortly", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+    # -- routes -----------------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        if self.load_error:
+            return JSONResponse({"status": "failed", "error": self.load_error}, status_code=503)
+        if self.engine is None:
+            return JSONResponse({"status": "loading", "model": self.model_name}, status_code=503)
+        if not self.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.model_name, **self.engine.stats()})
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        engine = await self._ready_engine()
+        return JSONResponse(models_body(name=self.model_name, max_model_len=engine.max_context, created=self.created))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        start, mode = time.monotonic(), "-"
+        try:
+            self._authorize(request)
+            req = await self._parse(request)
+            self._admit()
+            engine = await self._ready_engine()
+            ids, mode = self._prompt(engine, req)
+            params = self._params(engine, req, len(ids))
+        except ApiError as exc:
+            self.metrics.requests.labels(status=str(exc.status), mode=mode).inc()
+            raise
+        self.metrics.prompt_tokens.inc(len(ids))
+        self.inflight += 1
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._sse(engine, ids, params, include_usage, start, mode), media_type="text/event-stream")
+        try:
+            return JSONResponse(await self._complete(engine, ids, params, start, mode))
+        finally:
+            self.inflight -= 1
+
+    async def _complete(self, engine: Engine, ids, params, start: float, mode: str) -> dict:
+        text, last = [], None
+        async for out in engine.stream(ids, params):
+            text.append(out.text)
+            last = out
+        self._count(last, start, mode, stream="false")
+        if last.finish_reason == "error":
+            raise ApiError(500, last.error or "generation failed", code="generation_failed")
+        return completion_body(
+            id_=completion_id(), model=self.model_name, text="".join(text), finish_reason=last.finish_reason,
+            usage_=usage(last.prompt_tokens, last.completion_tokens),
+        )
+
+    async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str):
+        id_, created, last = completion_id(), int(time.time()), None
+        try:
+            async for out in engine.stream(ids, params):
+                last = out
+                if out.finished and out.finish_reason == "error":
+                    yield _sse_event(error_body(out.error or "generation failed", type_="server_error", code="generation_failed"))
+                    break
+                if out.text or out.finished:
+                    yield _sse_event(completion_body(id_=id_, model=self.model_name, text=out.text, finish_reason=out.finish_reason if out.finished else None, usage_=None, created=created))
+            if include_usage and last is not None:
+                yield _sse_event(usage_chunk(id_=id_, model=self.model_name, created=created, usage_=usage(last.prompt_tokens, last.completion_tokens)))
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs on normal end and when the client disconnects (the generator is closed, which
+            # closes engine.stream and cancels the request there).
+            self.inflight -= 1
+            self._count(last, start, mode, stream="true")
+
+    def _count(self, last, start: float, mode: str, *, stream: str) -> None:
+        reason = last.finish_reason if last is not None and last.finished else "cancelled"
+        status = {"error": "500", "cancelled": "499"}.get(reason, "200")
+        self.metrics.requests.labels(status=status, mode=mode).inc()
+        self.metrics.latency.labels(stream=stream).observe(time.monotonic() - start)
+        if last is not None:
+            self.metrics.generated_tokens.inc(last.completion_tokens)

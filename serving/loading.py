@@ -1,0 +1,30 @@
+"""Where a replica's model comes from: a local export folder or an MLflow registry URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from midfill.export import read_metadata
+from midfill.registry import Registry, parse_models_uri
+
+
+def locate_model(model_uri: str, *, tracking_uri: str | None, cache_dir: Path) -> tuple[Path, str]:
+    """(local export folder, default served name). Registry URIs are resolved and downloaded once
+    per version into cache_dir. Raises ValueError (bad URI or folder) or RegistryError."""
+    if model_uri.startswith("models:/"):
+        name, _, _ = parse_models_uri(model_uri)
+        registry = Registry(tracking_uri)
+        info = registry.resolve_uri(model_uri)
+        dst = cache_dir / info.name / info.version
+        if not (dst / "done").is_file():
+            local = registry.download(info, dst / "files")
+            (dst / "where").write_text(str(local))
+            (dst / "done").write_text(info.uri)
+        folder = Path((dst / "where").read_text())
+        read_metadata(folder)
+        return folder, name
+    folder = Path(model_uri).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"model_uri: {model_uri} is neither models:/<name>/<version|@alias> nor an existing folder")
+    read_metadata(folder)
+    return folder.resolve(), folder.name
