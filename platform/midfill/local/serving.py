@@ -206,12 +206,13 @@ def control(state_dir: Path, name: str) -> int:
     build_app = import_attr(APP_IMPORT_PATH)
     registry = Registry(tracking_uri)
     served: ServeArgs | None = None
+    failed: set[str] = set()  # versions whose rollout failed: not retried until the spec changes
     try:
         while not stop["requested"]:
             record = store.get(KIND, name)
             if record is None or record.local.stop_requested:
                 break
-            served = _reconcile(store, record, registry=registry, tracking_uri=tracking_uri, port=port, served=served, serve=serve, build_app=build_app)
+            served = _reconcile(store, record, registry=registry, tracking_uri=tracking_uri, port=port, served=served, failed=failed, serve=serve, build_app=build_app)
             for _ in range(int(POLL_SECONDS * 10)):
                 if stop["requested"]:
                     break
@@ -243,7 +244,7 @@ def _stopped(rec: StoredResource) -> None:
     rec.add_event("Stopped", status.message)
 
 
-def _reconcile(store, record, *, registry, tracking_uri, port, served, serve, build_app) -> ServeArgs | None:
+def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, serve, build_app) -> ServeArgs | None:
     """One pass: resolve, check approval, (re)deploy if needed, write status. Returns what is served."""
     release = typed_model_release(record)
     gen = record.resource["metadata"]["generation"]
@@ -271,8 +272,16 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, serve, bu
     except RegistryError as exc:
         cond = set_condition(cond, type="ModelResolved", status="False", reason="NotFound", message=str(exc), observed_generation=gen)
         if served is None:
-            status.phase = "WaitingForApproval" if "alias" in str(exc) else "Pending"
-            status.message = f"waiting: {exc}" + (f"; approve a version: midfill approve {release.spec.model.registered_model_name} --version N" if "alias" in str(exc) else "")
+            name = release.spec.model.registered_model_name
+            versions = [v.version for v in registry.versions(name)]
+            if "alias" in str(exc):
+                status.phase = "WaitingForApproval"
+                status.message = (
+                    f"waiting for approval: {exc} (versions: {', '.join(versions) or 'none yet'}); approve one: "
+                    f"midfill approve {name} --version {versions[-1] if versions else 'N'}"
+                )
+            else:
+                status.phase, status.message = "Pending", f"waiting: {exc}"
         write(("Warning", "ModelNotResolved", str(exc)))
         return served
     status.resolved_version = version.version
@@ -290,6 +299,9 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, serve, bu
     cond = set_condition(cond, type="Approved", status="True", reason="Approved", message=f"version {version.version} approved", observed_generation=gen)
     keys = record.local.api_keys_file
     wanted = local_serve_args(release, version=version, tracking_uri=tracking_uri, keys=keys)
+    attempt_key = f"{gen}:{version.uri}"
+    if served != wanted and attempt_key in failed:
+        return served  # its failure is in the status; a new version or spec change tries again
     if served == wanted:
         if status.phase != "Available" or status.url != url:
             status.phase, status.url, status.message = "Available", url, f"serving {version.uri} at {url}"
@@ -314,7 +326,7 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, serve, bu
             status.phase, status.message = "Failed", failure
             cond = set_condition(cond, type="Available", status="False", reason="RolloutFailed", message=failure, observed_generation=gen)
         write(("Warning", "RolloutFailed", failure))
-        # Do not retry the same version in a tight loop: remember it as "served" only if it is.
+        failed.add(attempt_key)
         return served
     if status.stable_version != version.version:
         status.previous_stable_version = status.stable_version

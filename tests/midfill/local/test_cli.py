@@ -108,3 +108,34 @@ def test_delete_forgets_a_resource(cli, state_dir, existing) -> None:
     result = cli("delete", "tr", "keep")
     assert result.exit_code == 0 and "deleted" in result.output
     assert StateStore(state_dir).get("TrainingRun", "keep") is None
+
+
+def test_ui_serves_the_mlflow_ui_on_the_local_store(state_dir, tmp_path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MIDFILL_STATE_DIR": str(state_dir)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "midfill"), "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.5)
+        assert answer.status_code == 200
+        assert (state_dir / "mlflow.db").exists()  # the UI reads the store the CLI and trainer write
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
