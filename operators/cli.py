@@ -55,8 +55,7 @@ def register(app: typer.Typer) -> None:
         asyncio.run(kopf.operator(
             clusterwide=not namespaces,
             namespaces=namespaces,
-            standalone=settings.standalone,
-            peering_name=None if settings.standalone else settings.peering_name,
+            # Peering is configured in operators/startup.py (kopf's peering CRDs are optional).
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
             memo=kopf.Memo(settings=settings),
         ))

@@ -23,6 +23,11 @@ def configure(kopf_settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any
     kopf_settings.watching.server_timeout = settings.watch_server_timeout
     kopf_settings.watching.client_timeout = settings.watch_client_timeout
     kopf_settings.watching.connect_timeout = 30
+    # Peering (one active replica) when kopf's peering CRDs are installed; without them kopf falls
+    # back to standalone with a warning instead of pausing (mandatory=False).
+    kopf_settings.peering.name = settings.peering_name
+    kopf_settings.peering.standalone = settings.standalone
+    kopf_settings.peering.mandatory = False
     # Namespaces are given explicitly (or the operator is cluster-wide): no need to list them.
     kopf_settings.scanning.disabled = True
     # Our status lives in .status; kopf's own progress goes to annotations only.
