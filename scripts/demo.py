@@ -92,7 +92,7 @@ def main() -> int:
     step("4/4 Infill requests through the openai client (completions with `suffix`)")
     from openai import OpenAI
 
-    client = OpenAI(base_url=status["url"], api_key=key_file.read_text().split()[0], timeout=120, max_retries=2)
+    client = OpenAI(base_url=status["url"] + "/v1", api_key=key_file.read_text().split()[0], timeout=120, max_retries=2)
     for prefix, suffix in EXAMPLES:
         started = time.monotonic()
         answer = client.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=48, temperature=0)
@@ -107,12 +107,12 @@ def main() -> int:
 \033[1mWhere to look next\033[0m
   YAML applied:      {TRAINING_YAML.relative_to(ROOT)}  and  {RELEASE_YAML.relative_to(ROOT)}
                      (the same files work with `kubectl apply` on a cluster with the operator)
-  Endpoint:          {status['url']}  (OpenAI completions API; model "{model}", version {status.get('stableVersion')})
+  Endpoint:          {status['url']}/v1  (OpenAI completions API base URL; model "{model}", version {status.get('stableVersion')})
   API key file:      {key_file}  (stands in for Secret {ref['name']})
   MLflow UI:         .venv/bin/midfill ui   -> http://127.0.0.1:5000 (runs, metrics, model versions, approvals)
   Status:            .venv/bin/midfill get tr ; .venv/bin/midfill describe mr fim-debug
   Logs:              .venv/bin/midfill logs fim-debug --kind tr   (training)  /  --kind mr  (serving)
-  Try it:            curl {status['url']}/completions -H "Authorization: Bearer $(cat {key_file})" \\
+  Try it:            curl {status['url']}/v1/completions -H "Authorization: Bearer $(cat {key_file})" \\
                        -H 'content-type: application/json' -d '{{"prompt": "def add(a, b):\\n    ", "suffix": "\\n", "max_tokens": 16}}'
 
 The endpoint is LEFT RUNNING. Stop it with:  .venv/bin/midfill delete mr fim-debug

@@ -251,7 +251,8 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, s
     status = record.status()
     cond = status.conditions
     status.observed_generation = gen
-    url = f"http://127.0.0.1:{port}{release.spec.endpoint.route_prefix.rstrip('/')}/v1"
+    # As the operator reports it: the endpoint's base URL (OpenAI clients add /v1).
+    url = f"http://127.0.0.1:{port}{release.spec.endpoint.route_prefix.rstrip('/')}"
 
     def write(event: tuple[str, str, str] | None = None) -> None:
         status.conditions = cond
@@ -285,18 +286,20 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, s
         write(("Warning", "ModelNotResolved", str(exc)))
         return served
     status.resolved_version = version.version
-    cond = set_condition(cond, type="ModelResolved", status="True", reason="Resolved", message=version.uri, observed_generation=gen)
+    ref = release.spec.model
+    what = f"version {ref.version}" if ref.version is not None else f"alias {ref.effective_alias()}"
+    cond = set_condition(cond, type="ModelResolved", status="True", reason="Resolved", message=f"{ref.registered_model_name} {what} -> version {version.version}", observed_generation=gen)
     missing = unmet_approval(version, required_tags=release.spec.approval.required_tags, required_alias=release.spec.approval.required_alias)
     if missing:
         waits = f"version {version.version} waits for approval: {', '.join(missing)} (midfill approve {version.name} --version {version.version})"
-        cond = set_condition(cond, type="Approved", status="False", reason="AwaitingReview", message=waits, observed_generation=gen)
+        cond = set_condition(cond, type="Approved", status="False", reason="WaitingForApproval", message=waits, observed_generation=gen)
         if served is None:
             status.phase, status.message = "WaitingForApproval", waits
         else:
             status.message = f"serving version {status.stable_version}; {waits}"
         write(("Normal", "WaitingForApproval", waits))
         return served
-    cond = set_condition(cond, type="Approved", status="True", reason="Approved", message=f"version {version.version} approved", observed_generation=gen)
+    cond = set_condition(cond, type="Approved", status="True", reason="Approved", message=f"version {version.version} meets the approval requirements", observed_generation=gen)
     keys = record.local.api_keys_file
     wanted = local_serve_args(release, version=version, tracking_uri=tracking_uri, keys=keys)
     attempt_key = f"{gen}:{version.uri}"
@@ -305,12 +308,12 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, s
     if served == wanted:
         if status.phase != "Available" or status.url != url:
             status.phase, status.url, status.message = "Available", url, f"serving {version.uri} at {url}"
-            cond = set_condition(cond, type="Available", status="True", reason="Serving", message=status.message, observed_generation=gen)
+            cond = set_condition(cond, type="Available", status="True", reason="Healthy", message=status.message, observed_generation=gen)
             write()
         return served
     # Roll out: serve.run replaces the app's deployments (new replica up before the old one goes).
     status.phase, status.message = "Progressing", f"rolling out {version.uri}"
-    cond = set_condition(cond, type="Progressing", status="True", reason="RollingOut", message=status.message, observed_generation=gen)
+    cond = set_condition(cond, type="Progressing", status="True", reason="Deploying" if served is None else "Updating", message=status.message, observed_generation=gen)
     write(("Normal", "RollingOut", status.message))
     try:
         serve.run(build_app(wanted), name=record.name, route_prefix=wanted.route_prefix)
@@ -332,8 +335,9 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, s
         status.previous_stable_version = status.stable_version
     status.stable_version = version.version
     status.phase, status.url, status.message = "Available", url, f"serving {version.uri} at {url}"
-    cond = set_condition(cond, type="Progressing", status="False", reason="RolledOut", message=status.message, observed_generation=gen)
-    cond = set_condition(cond, type="Available", status="True", reason="Serving", message=status.message, observed_generation=gen)
+    cond = set_condition(cond, type="Progressing", status="False", reason="Complete", message=status.message, observed_generation=gen)
+    cond = set_condition(cond, type="Available", status="True", reason="Healthy", message=status.message, observed_generation=gen)
+    cond = set_condition(cond, type="Degraded", status="False", reason="Healthy", message="", observed_generation=gen)
     write(("Normal", "Available", status.message))
     return wanted
 

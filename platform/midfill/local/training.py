@@ -15,13 +15,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from midfill.api import TrainingRun, get_condition, now_rfc3339, set_condition
+from midfill.api import EXIT_CODE_INVALID_CONFIG, TrainingRun, get_condition, now_rfc3339, set_condition
 from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_training_run
@@ -144,6 +145,7 @@ def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: 
         status.completion_time = None
         gen = rec.resource["metadata"]["generation"]
         status.observed_generation = gen
+        status.conditions = set_condition(status.conditions, type="PodsReady", status="False", reason="Starting", message=status.message, observed_generation=gen)
         status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Starting", message=status.message, observed_generation=gen)
         if get_condition(status.conditions, "Failed"):
             status.conditions = set_condition(status.conditions, type="Failed", status="False", reason="Restarted", message=f"attempt {attempt} started", observed_generation=gen)
@@ -229,6 +231,14 @@ def supervise(state_dir: Path, name: str, attempt: int) -> int:
     def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
         stop["requested"] = True
 
+    first = store.get(KIND, name)
+    if first is None:
+        return 0
+    problem = _check_config(store, settings, first, attempt)
+    if problem is not None:
+        gen = first.resource["metadata"]["generation"]
+        store.update(KIND, name, lambda rec: _failed(rec, "InvalidConfig", problem, gen))
+        return 1
     runner = get_runner()
     while True:
         record = store.get(KIND, name)
@@ -257,9 +267,10 @@ def supervise(state_dir: Path, name: str, attempt: int) -> int:
             rec.local.log_file = str(logs[0]) if logs else None
             status = rec.status()
             status.phase = "Running"
-            status.message = f"attempt {attempt} running (1x{nproc} processes)"
-            status.conditions = set_condition(status.conditions, type="Running", status="True", reason="AttemptRunning", message=status.message, observed_generation=gen)
-            status.conditions = set_condition(status.conditions, type="Restarting", status="False", reason="AttemptRunning", message=status.message, observed_generation=gen)
+            status.message = f"attempt {attempt} is training (1x{nproc} local processes)"
+            status.conditions = set_condition(status.conditions, type="PodsReady", status="True", reason="AllPodsReady", message=f"1x{nproc} local processes started", observed_generation=gen)
+            status.conditions = set_condition(status.conditions, type="Running", status="True", reason="Training", message=status.message, observed_generation=gen)
+            status.conditions = set_condition(status.conditions, type="Restarting", status="False", reason="Running", message="", observed_generation=gen)
             rec.set_status(status)
             rec.add_event("Started", f"attempt {attempt}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd {handle})")
 
@@ -298,6 +309,26 @@ def supervise(state_dir: Path, name: str, attempt: int) -> int:
         store.update(KIND, name, lambda rec: _restarting(rec, attempt, why, gen))
 
 
+def _check_config(store: StateStore, settings: CoreSettings, record: StoredResource, attempt: int) -> str | None:
+    """`python -m trainer --check` before torchrun (which turns the trainer's exit 78 into 1).
+
+    Returns the trainer's one-line reason when the config cannot run, else None.
+    """
+    run = typed_training_run(record)
+    nproc, _ = local_layout(run)
+    run_file = record.local.run_file or str(write_run_file(store, record))
+    args = [sys.executable, "-m", TRAINER_MODULE, "--run-file", run_file, "--uid", record.resource["metadata"]["uid"], "--attempt", str(attempt), "--check"]
+    env = {**os.environ, **trainer_env(store, settings, nproc=nproc)}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout + proc.stderr)
+    sys.stdout.flush()
+    if proc.returncode != EXIT_CODE_INVALID_CONFIG:
+        return None  # fine, or a crash the real attempt will report (and retry)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "invalid config" in line), lines[-1] if lines else "")
+    return f"{reason.strip()} (exit {EXIT_CODE_INVALID_CONFIG}: not retried; fix the spec and apply again)"
+
+
 def _is_group_leader(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid
@@ -315,7 +346,9 @@ def _succeeded(rec: StoredResource, result, gen: int) -> None:
     status = rec.status()
     status.registered_model = RegisteredModelRef(name=result.registered_model_name, version=result.version, uri=result.uri)
     message = f"trained and registered {result.uri}"
-    _finish(status, phase="Succeeded", reason="Completed", message=message, generation=gen)
+    _finish(status, phase="Succeeded", reason="JobComplete", message=message, generation=gen)
+    status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Completed", message=message, observed_generation=gen)
+    status.conditions = set_condition(status.conditions, type="Restarting", status="False", reason="Completed", message="", observed_generation=gen)
     status.conditions = set_condition(status.conditions, type="ModelRegistered", status="True", reason="Registered", message=result.uri, observed_generation=gen)
     rec.set_status(status)
     rec.add_event("ModelRegistered", message)

@@ -43,3 +43,16 @@ def test_torchx_job_runs_the_trainer_module_with_uid_and_attempt(tmp_path: Path,
     assert role.env["MIDFILL_STATE_DIR"] == str(tmp_path.resolve())
     assert app.name == "cap-a3"
     assert role.max_retries == 0  # restarts are new attempts, counted in the status
+
+
+def test_a_config_the_trainer_cannot_run_fails_at_once_with_its_reason(cli, state_dir, tmp_path, tiny_run, write_yaml) -> None:
+    """Valid for the API but not for the recipe: the trainer's --check (exit 78) fails the run, no retries."""
+    doc = tiny_run("nope")
+    doc["spec"]["model"]["architecture"].pop("maxPositionEmbeddings")  # the debug recipe's context is 512
+    doc["spec"]["training"].update(seqLength=1024, globalBatchTokens=4096)
+    result = cli("apply", "-f", str(write_yaml(tmp_path / "nope.yaml", doc)), "--wait", "--timeout", "120")
+    assert result.exit_code == 1
+    status = StateStore(state_dir).get("TrainingRun", "nope").status()
+    assert status.phase == "Failed" and status.attempt == 1 and status.restart_count == 0
+    assert "seqLength" in (status.message or "") and "not retried" in (status.message or "")
+    assert [c.reason for c in status.conditions if c.type == "Failed"] == ["InvalidConfig"]
