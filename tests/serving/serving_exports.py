@@ -30,6 +30,7 @@ def build_export(
     vocab_size: int = 1024,
     max_context: int = 256,
     seed: int = 0,
+    texts: list[str] | None = None,
 ) -> Path:
     """Write a random-init CodeGen2-format export to dst and return dst."""
     import torch
@@ -44,7 +45,7 @@ def build_export(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(stdlib_texts(), trainer=trainer)
+    tok.train_from_iterator(texts or stdlib_texts(), trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
     hf_tok.save_pretrained(dst)
 
