@@ -72,7 +72,7 @@ async def main(args: argparse.Namespace) -> dict:
     async with TimedEmulator() as emulator, kmock.Server(emulator) as server:
         for res, (kind, namespaced) in RESOURCES.items():
             emulator.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "create", "patch", "delete"})
-        cluster = Cluster(emulator, server)
+        cluster = Cluster(emulator, server, timeout=300)  # 200 creates at once queue up
         kubeconfig = tmp / "kubeconfig"
         kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"

@@ -73,8 +73,8 @@ class Emulator(kmock.KubernetesEmulator):
 class Cluster:
     """The emulator plus the few calls tests make (what kubectl and controllers would do)."""
 
-    def __init__(self, emulator: Emulator, server: kmock.Server) -> None:
-        self.emulator, self.server = emulator, server
+    def __init__(self, emulator: Emulator, server: kmock.Server, *, timeout: float = 10) -> None:
+        self.emulator, self.server, self.timeout = emulator, server, timeout
 
     def get(self, plural: str, name: str) -> dict[str, Any] | None:
         res = next(r for r in RESOURCES if r.endswith("/" + plural))
@@ -94,7 +94,7 @@ class Cluster:
     def _session(self) -> aiohttp.ClientSession:
         # A connection per call: a kept-alive connection was seen to stall after the operator stopped.
         return aiohttp.ClientSession(base_url=self.server.url, connector=aiohttp.TCPConnector(force_close=True),
-                                     timeout=aiohttp.ClientTimeout(total=10))
+                                     timeout=aiohttp.ClientTimeout(total=self.timeout))
 
     @staticmethod
     def _path(plural: str, name: str | None = None, sub: str | None = None) -> str:
