@@ -1,0 +1,97 @@
+"""The chart's MLflow container, run for real: the command, arguments and environment the chart
+renders start the pinned `mlflow server` with SQLite, proxied artifacts on the volume, and a Host
+allowlist that admits the in-cluster service name (what the operator and pods use) and nothing else."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from chartutil import NAMESPACE, container_env, one
+
+SERVICE_HOST = f"midfill-mlflow.{NAMESPACE}.svc:5000"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(render: Any, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Start the rendered MLflow container's process with /mlflow mapped to tmp_path."""
+    container = one(render(), "Deployment", "midfill-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    data = tmp_path / "mlflow"
+    data.mkdir()
+    env = {k: v for k, v in container_env(container).items() if isinstance(v, str)}
+    env = {k: v.replace("/mlflow/", f"{data}/", 1) for k, v in env.items()}  # the volume's mount path
+    env["HOME"] = str(tmp_path)
+    port = _free_port()
+    args = []
+    for arg in container["args"]:
+        if arg.startswith("--host="):
+            arg = "--host=127.0.0.1"
+        elif arg.startswith("--port="):
+            arg = f"--port={port}"
+        elif arg.startswith("--workers="):
+            arg = "--workers=1"  # two shared cores
+        args.append(arg)
+    command = container["command"]
+    assert command == ["mlflow", "server"]
+    binary = Path(sys.executable).parent / "mlflow"
+    log = (tmp_path / "mlflow.log").open("w")
+    proc = subprocess.Popen(
+        [str(binary), "server", *args], env={"PATH": os.environ["PATH"], **env}, cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not become healthy in 90 s"
+            time.sleep(0.5)
+        yield base, data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_rendered_mlflow_server_serves_the_cluster_and_refuses_other_hosts(server: tuple[str, Path]) -> None:
+    base, data = server
+    as_service = {"Host": SERVICE_HOST}
+    # What the operator does first: registry calls by the service name.
+    created = httpx.post(f"{base}/api/2.0/mlflow/registered-models/create", json={"name": "fim-7b"}, headers=as_service)
+    assert created.status_code == 200, created.text
+    got = httpx.get(f"{base}/api/2.0/mlflow/registered-models/get", params={"name": "fim-7b"}, headers=as_service)
+    assert got.json()["registered_model"]["name"] == "fim-7b"
+    # kubectl port-forward arrives as localhost:<port>.
+    assert httpx.get(f"{base}/api/2.0/mlflow/registered-models/search", headers={"Host": "localhost:5000"}).status_code == 200
+    # DNS-rebinding guard: any other Host is refused.
+    refused = httpx.get(f"{base}/api/2.0/mlflow/registered-models/search", headers={"Host": "evil.example.com"})
+    assert refused.status_code == 403
+    # Artifacts are proxied by the server onto the volume (--serve-artifacts + MLFLOW_ARTIFACTS_DESTINATION).
+    put = httpx.put(f"{base}/api/2.0/mlflow-artifacts/artifacts/1/abc/midfill.json", content=b"{}", headers=as_service)
+    assert put.status_code == 200, put.text
+    assert (data / "artifacts" / "1" / "abc" / "midfill.json").read_bytes() == b"{}"
+    # Runs and the registry live in SQLite on the volume.
+    assert (data / "mlflow.db").is_file()
