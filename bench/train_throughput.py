@@ -51,9 +51,10 @@ def fresh_model(bpe):
     return model
 
 
-def ours(corpus, bpe, objective, *, steps: int, compile_model: bool, micro: int = MICRO) -> dict:
+def ours(corpus, bpe, objective, *, steps: int, compile_model: bool, micro: int | None = None) -> dict:
+    micro = micro or MICRO
     model = fresh_model(bpe)
-    spec = TrainingSpec(seq_length=SEQ, global_batch_tokens=SEQ * micro, micro_batch_size=micro, steps=2 * steps, learning_rate=1e-3, warmup_steps=2, log_interval_steps=steps, eval_interval_steps=10**6)
+    spec = TrainingSpec(seq_length=SEQ, global_batch_tokens=SEQ * micro, micro_batch_size=micro, steps=2 * steps, learning_rate=1e-3, warmup_steps=2, log_interval_steps=steps, eval_interval_steps=10**6, compile=compile_model)
     if compile_model:
         model = torch.compile(model)
     opt = loop.make_optimizer(model, spec, torch.device("cpu"))
@@ -115,13 +116,13 @@ def packing(corpus, bpe, objective) -> dict:
     endless = sum(sum(1 for s in q.segments if s) for q in seqs) / (len(seqs) * SEQ)
     val = packer(corpus, bpe, objective, epochs=1, files=corpus.validation)
     vals = list(iter(val.next, None))
-    finite = sum(sum(1 for s in q.segments if s) for q in vals) / (len(vals) * SEQ)
+    finite = sum(sum(1 for s in q.segments if s) for q in vals) / (len(vals) * SEQ) if vals else None
     real = unpadded = 0
     for f in corpus.validation:
         n = len(bpe.encode(read_text(f) or "").ids) + 1
         real += n
         unpadded += -(-n // SEQ) * SEQ
-    return {"endless_stream": endless, "one_pass_validation": finite, "unpacked_reference": real / unpadded}
+    return {"endless_stream": endless, "one_pass_validation": finite, "unpacked_reference": real / unpadded if unpadded else None}
 
 
 def main() -> None:
