@@ -100,7 +100,11 @@ def main() -> int:
         print("\n\033[2m--- prefix ---\033[0m\n" + prefix)
         print("\033[2m--- suffix ---\033[0m\n" + suffix)
         print(f"\033[2m--- completion ({answer.usage.completion_tokens} tokens, {seconds:.1f} s, {answer.choices[0].finish_reason}) ---\033[0m")
-        print("\033[32m" + answer.choices[0].text + "\033[0m")
+        text = answer.choices[0].text
+        print("\033[32m" + text + "\033[0m")
+        if not text.strip():
+            print(f"(only whitespace: {text!r}; a few minutes of CPU training make a weak model, and a longer run "
+                  "(spec.training.steps) makes it better)")
 
     print(
         f"""

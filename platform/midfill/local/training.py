@@ -259,7 +259,7 @@ def supervise(state_dir: Path, name: str, attempt: int) -> int:
         import psutil
 
         me = psutil.Process()
-        pgids = [c.pid for c in me.children() if _is_group_leader(c.pid)]
+        pgids = _worker_groups(me)
 
         def running(rec: StoredResource) -> None:
             rec.local.child_pgids = pgids
@@ -279,7 +279,10 @@ def supervise(state_dir: Path, name: str, attempt: int) -> int:
         while True:
             app_status = runner.status(handle)
             state = app_status.state if app_status else AppState.UNKNOWN
-            store.update(KIND, name, lambda rec: _set_progress(rec, store))
+            # torchrun starts its workers in sessions of their own: keep their groups on record so
+            # `delete` (or the next attempt) can stop them even if this supervisor is killed.
+            groups = _worker_groups(me)
+            store.update(KIND, name, lambda rec: _set_progress(rec, store, groups=groups))
             if state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN) or stop["requested"]:
                 break
             time.sleep(POLL_SECONDS)
@@ -336,7 +339,19 @@ def _is_group_leader(pid: int) -> bool:
         return False
 
 
-def _set_progress(rec: StoredResource, store: StateStore) -> None:
+def _worker_groups(me) -> list[int]:
+    """Process groups led by this supervisor's descendants (torchrun replicas and their workers)."""
+    import psutil
+
+    try:
+        return sorted(c.pid for c in me.children(recursive=True) if _is_group_leader(c.pid))
+    except psutil.Error:
+        return []
+
+
+def _set_progress(rec: StoredResource, store: StateStore, *, groups: list[int] | None = None) -> None:
+    if groups:
+        rec.local.child_pgids = sorted(set(rec.local.child_pgids) | set(groups))
     status = rec.status()
     _mirror_progress(status, store.run_folder(rec.name))
     rec.set_status(status)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from midfill.local.state import StateStore
-from midfill.progress import read_progress
+from midfill.progress import read_progress, read_result
 from midfill.registry import TAG_RUN_UID, Registry
 
 MIDFILL = str(Path(sys.executable).parent / "midfill")
@@ -175,18 +175,20 @@ def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cl
         time.sleep(0.1)
     else:
         raise AssertionError("no checkpoint within the deadline")
-    # Kill `midfill apply` and the training supervisor behind it, hard (as a crash or a closed
-    # laptop lid would); the orphaned workers are left for the next apply to clean up.
+    # Kill `midfill apply`, the training supervisor behind it and its torchrun workers, hard, as a
+    # crash or a power cut would.
     record = store.get("TrainingRun", "resume")
     uid = record.resource["metadata"]["uid"]
     apply.kill()
-    apply.wait()
     os.kill(record.local.supervisor_pid, signal.SIGKILL)
-    time.sleep(0.5)
+    for pgid in record.local.child_pgids:
+        os.killpg(pgid, signal.SIGKILL)
+    apply.wait()
+    killed_at = read_progress(run_folder).checkpoint_step
+    assert killed_at is not None and 20 <= killed_at < 120
+    assert read_result(run_folder) is None  # it had not finished
     status = status_of(env, "tr", "resume")
     assert status["phase"] == "Failed" and "resume from the last checkpoint" in status["message"]
-    killed_at = read_progress(run_folder).checkpoint_step
-    assert killed_at is not None and killed_at < 120
 
     out = midfill("apply", "-f", str(run_file), "--wait", env=env, timeout=300).stdout
     assert "attempt 2 started, resuming from the last checkpoint" in out
