@@ -9,7 +9,9 @@ The blocking client runs in worker threads so handlers stay async.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +45,15 @@ TRAININGRUNS = Res("midfill.dev", "v1alpha1", "trainingruns")
 MODELRELEASES = Res("midfill.dev", "v1alpha1", "modelreleases")
 
 
-def load_client() -> client.ApiClient:
+def load_client(*, connections: int = 16) -> client.ApiClient:
     """In-cluster service account if there is one, else the kubeconfig (KUBECONFIG / ~/.kube/config)."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections  # one connection per worker thread
+    return client.ApiClient(configuration)
 
 
 def matches(obj: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -61,8 +65,13 @@ def matches(obj: dict[str, Any], labels: dict[str, str]) -> bool:
 class Kube:
     """get/list/create/patch/delete of raw objects; async wrappers run the blocking client in a thread."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api = api_client or load_client()
+    def __init__(self, api_client: client.ApiClient | None = None, *, threads: int = 16) -> None:
+        self.api = api_client or load_client(connections=threads)
+        # Calls wait on the network, not the CPU: more threads than cores keeps a burst of runs moving.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+
+    async def _run(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def _call(self, method: str, path: str, *, body: Any = None, query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Any:
@@ -122,19 +131,19 @@ class Kube:
 
     # -- async wrappers -----------------------------------------------------------------------------
     async def get(self, res: Res, namespace: str, name: str) -> dict[str, Any] | None:
-        return await asyncio.to_thread(self.get_sync, res, namespace, name)
+        return await self._run(self.get_sync, res, namespace, name)
 
     async def list(self, res: Res, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.list_sync, res, namespace, labels)
+        return await self._run(self.list_sync, res, namespace, labels)
 
     async def create(self, res: Res, namespace: str, body: dict[str, Any]) -> bool:
-        return await asyncio.to_thread(self.create_sync, res, namespace, body)
+        return await self._run(self.create_sync, res, namespace, body)
 
     async def patch(self, res: Res, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None) -> None:
-        await asyncio.to_thread(self.patch_sync, res, namespace, name, body, subresource=subresource)
+        await self._run(self.patch_sync, res, namespace, name, body, subresource=subresource)
 
     async def delete(self, res: Res, namespace: str, name: str) -> bool:
-        return await asyncio.to_thread(self.delete_sync, res, namespace, name)
+        return await self._run(self.delete_sync, res, namespace, name)
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any], *, keep: tuple[str, ...] = ("kopf",)) -> dict[str, Any] | None:

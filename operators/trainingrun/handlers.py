@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -27,6 +28,9 @@ from operators.trainingrun.reconcile import (
 )
 
 RESYNC_SECONDS = OperatorSettings().resync_seconds
+# MLflow (SQLAlchemy/HTTP) calls get their own small pool so a slow tracking server never holds up
+# the Kubernetes calls queued in the default executor.
+_MLFLOW_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlflow")
 _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
 
@@ -47,7 +51,7 @@ def split_body(body: dict[str, Any]) -> tuple[TrainingRun | SpecError, TrainingR
 
 
 async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: TrainingRunStatus,
-                  body: dict[str, Any], logger: logging.Logger) -> Observed:
+                  body: dict[str, Any], logger: logging.Logger, *, read_progress: bool) -> Observed:
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
     jobs = {}
@@ -70,11 +74,14 @@ async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: T
         return observed
     registry = memo.registry()
     progress = registered = None
+    loop = asyncio.get_running_loop()
     try:
-        if jobs and status.phase not in ("Succeeded", "Failed"):  # no Job yet: nothing to report, create it first
-            progress = await asyncio.to_thread(registry.run_progress, uid, experiment_name=run.spec.registry.experiment_name)
+        # Progress is the timer's job (watch events carry none); no Job yet means nothing to report.
+        if read_progress and jobs and status.phase not in ("Succeeded", "Failed"):
+            progress = await loop.run_in_executor(_MLFLOW_POOL, lambda: registry.run_progress(
+                uid, experiment_name=run.spec.registry.experiment_name))
         if needs_registry_lookup(status, observed):
-            found = await asyncio.to_thread(registry.find_by_run_uid, run.registered_model_name(), uid)
+            found = await loop.run_in_executor(_MLFLOW_POOL, registry.find_by_run_uid, run.registered_model_name(), uid)
             if found is not None:
                 registered = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri)
     except Exception as exc:  # MLflow down must not stop the Jobs from being managed
@@ -97,7 +104,7 @@ async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions:
                 logger.info(f"deleted Job {action.name}")
 
 
-async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> None:
+async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, read_progress: bool = False) -> None:
     """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
     kube: Kube = memo.kube
     async with _locks[(namespace, name)]:
@@ -105,7 +112,7 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> 
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         run, status, raw_status = split_body(body)
-        observed = await observe(kube, memo, run, status, body, logger)
+        observed = await observe(kube, memo, run, status, body, logger, read_progress=read_progress)
         plan = reconcile(run, status=status, observed=observed, generation=body["metadata"].get("generation"))
         if isinstance(run, TrainingRun):
             await act(kube, memo.settings, run, plan.actions, logger)
@@ -134,15 +141,13 @@ async def trainingrun_changed(name: str, namespace: str, memo: kopf.Memo, logger
             when=lambda status, **_: needs_resync(dict(status)))
 async def trainingrun_resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Edge-triggered handlers miss what happens outside the API (time passing, MLflow): check it here."""
-    await sync(memo, namespace, name, logger)
+    await sync(memo, namespace, name, logger, read_progress=True)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT, **builders.MANAGED_BY})
 async def job_event(labels: dict[str, str], namespace: str, type: str | None, memo: kopf.Memo,
                     logger: logging.Logger, **_: Any) -> None:
     """A Job of ours changed (pods ready, failed, completed): re-check its TrainingRun now."""
-    if type == "DELETED" and not labels:
-        return
     await sync(memo, namespace, labels[builders.LABEL_RUN], logger)
 
 
