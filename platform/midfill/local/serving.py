@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import tempfile
@@ -222,6 +223,7 @@ def control(state_dir: Path, name: str) -> int:
             serve.shutdown()
         with contextlib.suppress(Exception):
             ray.shutdown()
+        shutil.rmtree(_ray_temp_dir(store.state_dir, name), ignore_errors=True)  # Ray's session files
         store.update(KIND, name, _stopped)
     return 0
 
