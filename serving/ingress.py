@@ -243,7 +243,9 @@ class InfillServer:
             return JSONResponse({"status": "loading", "model": self.model_name}, status_code=503)
         if not self.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.model_name, **self.engine.stats()})
+        return JSONResponse(
+            {"status": "ok", "model": self.model_name, "source": self.args.model_uri, "started": self.created, **self.engine.stats()}
+        )
 
     @api.get("/metrics")
     async def metrics(self) -> Response:

@@ -20,11 +20,10 @@ SUFFIX = "\n    return total / len(values)\n"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_export, tmp_path_factory, monkeypatch_module):
+def server_args(tiny_export, tmp_path_factory) -> dict:
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# team keys\n{KEY}\nsk-other\n")
-    monkeypatch_module.setenv("MIDFILL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
-    args = {
+    return {
         "model_uri": str(tiny_export),
         "served_model_name": "tiny",
         "api_keys_file": str(keys),
@@ -33,7 +32,12 @@ def server(tiny_export, tmp_path_factory, monkeypatch_module):
         "max_queued_requests": 4,
         "max_batch_size": 16,
     }
-    with local_serve(build_app(args)) as url:
+
+
+@pytest.fixture(scope="module")
+def server(server_args, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("MIDFILL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    with local_serve(build_app(server_args)) as url:
         yield url
 
 
@@ -231,3 +235,56 @@ def test_over_capacity_gets_429_with_retry_after(server):
     assert statuses == [200, 429], statuses
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.headers["retry-after"] and limited.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def _redeploy(server_args: dict) -> None:
+    from ray import serve
+
+    serve.run(build_app(server_args), name="midfill", route_prefix="/", blocking=False)
+
+
+def test_reconfigure_changes_limits_without_replacing_the_replica(server, server_args):
+    before = httpx.get(f"{server}/health").json()
+    _redeploy({**server_args, "max_new_tokens": 50})
+    r = _post(server, {"prompt": PREFIX, "max_tokens": 100})
+    assert r.status_code == 400 and "limit of 50" in r.json()["error"]["message"]
+    # NB: a deploy through the Python API gets a fresh code version, so Ray replaces the replica here;
+    # only a config deploy (serveConfigV2) turns a user_config change into reconfigure() alone.
+    assert httpx.get(f"{server}/health").json()["status"] == "ok" and before["status"] == "ok"
+    _redeploy(server_args)
+
+
+@pytest.mark.slow
+def test_swapping_the_model_version_drops_no_requests(server, server_args, tiny_export, tmp_path_factory):
+    import shutil
+
+    v2 = tmp_path_factory.mktemp("v2") / "tiny"
+    shutil.copytree(tiny_export, v2)
+
+    async def traffic(stop: asyncio.Event) -> list[int]:
+        statuses = []
+        async with httpx.AsyncClient(timeout=120, headers={"x-api-key": KEY}) as c:
+            async def one() -> None:
+                body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 40, "temperature": 0}
+                statuses.append((await c.post(f"{server}/v1/completions", json=body)).status_code)
+
+            while not stop.is_set():
+                await asyncio.gather(*(one() for _ in range(4)))
+        return statuses
+
+    async def main() -> list[int]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(traffic(stop))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(_redeploy, {**server_args, "model_uri": str(v2)})
+        for _ in range(200):  # until the new replica answers
+            if httpx.get(f"{server}/health").json().get("source") == str(v2):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        stop.set()
+        return await task
+
+    statuses = asyncio.run(main())
+    assert httpx.get(f"{server}/health").json()["source"] == str(v2)
+    assert len(statuses) >= 8 and set(statuses) == {200}, statuses
