@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "platform"))
 
 from midfill.api.trainingrun import CompositionSpec  # noqa: E402
-from trainer.composition import (  # noqa: E402
+from midfill.composition import (  # noqa: E402
     build_composed_model,
     greedy_generate,
     num_total,

@@ -1,11 +1,11 @@
-"""trainer/composition/codet5p.py: bidirectional encoder, cross-attention in the top anchor layers."""
+"""midfill/composition/codet5p.py: bidirectional encoder, cross-attention in the top anchor layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.composition import (
+from midfill.composition import (
     codet5p_bridge_parameters,
     greedy_generate,
     num_trainable,

@@ -5,7 +5,8 @@
 - codet5p (Wang et al., 2023): the augmenting model as a bidirectional encoder, cross-attention in
   the top anchor layers (`codet5p.py`).
 
-Entry points for the trainer and for serving:
+Shared by the trainer (training, export) and serving (loading, decoding), which may not import
+each other (ARCHITECTURE.md), hence here in the core. Entry points:
 
     model = build_composed_model(spec.model.composition, anchor_lm, augment_lm)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=...)
@@ -16,11 +17,11 @@ Entry points for the trainer and for serving:
 See docs/composition.md.
 """
 
-from trainer.composition.build import ComposedModel, build_composed_model, parent_fingerprint
-from trainer.composition.calm import CalmModel, ComposedOutput, calm_bridge_parameters, calm_layer_pairs
-from trainer.composition.codet5p import CodeT5pModel, codet5p_bridge_parameters, top_layers
-from trainer.composition.decoding import Greedy, greedy_generate
-from trainer.composition.state import (
+from midfill.composition.build import ComposedModel, build_composed_model, parent_fingerprint
+from midfill.composition.calm import CalmModel, ComposedOutput, calm_bridge_parameters, calm_layer_pairs
+from midfill.composition.codet5p import CodeT5pModel, codet5p_bridge_parameters, top_layers
+from midfill.composition.decoding import Greedy, greedy_generate
+from midfill.composition.state import (
     bridge_state_dict,
     load_bridge_state_dict,
     load_composed,

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from midfill.api.trainingrun import CompositionSpec
-from trainer.composition.build import ComposedModel, build_composed_model, parent_fingerprint
+from midfill.composition.build import ComposedModel, build_composed_model, parent_fingerprint
 
 FORMAT = "midfill.composition/v1"
 BRIDGE_FILE = "bridge.safetensors"
@@ -132,6 +132,12 @@ def load_local_parent(ref: str) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
+def _relative_to(folder: str | Path, ref: str) -> str:
+    """A `./...` reference names a parent saved inside the composition's own folder (the trainer
+    does that for parents built from a recipe, which have no other home)."""
+    return str(Path(folder).absolute() / ref) if ref.startswith("./") else ref
+
+
 def load_composed(
     folder: str | Path,
     *,
@@ -142,8 +148,8 @@ def load_composed(
     manifest = read_manifest(folder)
     spec = CompositionSpec.model_validate(manifest["composition"])
     parents = manifest["parents"]
-    anchor = load_parent(parents["anchor"]["ref"])
-    augment = load_parent(parents["augment"]["ref"])
+    anchor = load_parent(_relative_to(folder, parents["anchor"]["ref"]))
+    augment = load_parent(_relative_to(folder, parents["augment"]["ref"]))
     if check_fingerprints:
         for role, lm in (("anchor", anchor), ("augment", augment)):
             if parent_fingerprint(lm) != parents[role]["fingerprint"]:

@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from midfill.api.trainingrun import CompositionSpec
-from trainer.composition.calm import CalmModel, calm_layer_pairs
-from trainer.composition.codet5p import CodeT5pModel, top_layers
+from midfill.composition.calm import CalmModel, calm_layer_pairs
+from midfill.composition.codet5p import CodeT5pModel, top_layers
 
 ComposedModel = CalmModel | CodeT5pModel
 

@@ -1,11 +1,11 @@
-"""trainer/composition/bridge.py: the cross-attention masks and the zero-initialised blocks."""
+"""midfill/composition/bridge.py: the cross-attention masks and the zero-initialised blocks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.composition.bridge import CalmBridge, CrossAttention, causal_cross_mask, padding_cross_mask
+from midfill.composition.bridge import CalmBridge, CrossAttention, causal_cross_mask, padding_cross_mask
 
 
 def test_causal_cross_mask_is_position_aligned_with_a_past():

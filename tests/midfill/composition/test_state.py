@@ -1,4 +1,4 @@
-"""trainer/composition/state.py: a saved composition holds the bridge only and names its parents."""
+"""midfill/composition/state.py: a saved composition holds the bridge only and names its parents."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.composition import (
+from midfill.composition import (
     load_composed,
     read_manifest,
     save_composed,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.composition.build import ComposedModel
+from midfill.composition.build import ComposedModel
 
 
 @dataclass

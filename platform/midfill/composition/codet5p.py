@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
 
-from trainer.composition.bridge import CrossAttention, padding_cross_mask
-from trainer.composition.calm import ComposedOutput
-from trainer.composition.stack import Stack, freeze
+from midfill.composition.bridge import CrossAttention, padding_cross_mask
+from midfill.composition.calm import ComposedOutput
+from midfill.composition.stack import Stack, freeze
 
 
 def top_layers(*, anchor_layers: int, count: int) -> list[int]:

@@ -1,11 +1,11 @@
-"""trainer/composition/calm.py: layer pairs, causal position-aligned bridges, separate caches, training."""
+"""midfill/composition/calm.py: layer pairs, causal position-aligned bridges, separate caches, training."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.composition import (
+from midfill.composition import (
     calm_bridge_parameters,
     calm_layer_pairs,
     greedy_generate,
@@ -143,7 +143,7 @@ def test_training_moves_only_the_bridge(parents):
 
 def test_the_sample_trainingrun_builds_over_tiny_parents(parents, repo_root):
     from midfill.api import load_file
-    from trainer.composition import build_composed_model
+    from midfill.composition import build_composed_model
 
     (run,) = load_file(repo_root / "manifests/samples/trainingrun-calm.yaml")
     spec = run.spec.model.composition

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
 
-from trainer.composition.bridge import CalmBridge, causal_cross_mask
-from trainer.composition.stack import Stack, freeze
+from midfill.composition.bridge import CalmBridge, causal_cross_mask
+from midfill.composition.stack import Stack, freeze
 
 
 def calm_layer_pairs(

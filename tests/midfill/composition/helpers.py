@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from midfill.api.trainingrun import CompositionSpec
-from trainer.composition import build_composed_model, trainable_named_parameters
+from midfill.composition import build_composed_model, trainable_named_parameters
 
 VOCAB = 61
 
