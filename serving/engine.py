@@ -161,10 +161,25 @@ class Engine:
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
-    def from_export(cls, path: str | Path, *, dtype: str = "float32", **kwargs) -> Engine:
-        """Load an export folder (midfill.export contract)."""
+    def from_export(
+        cls, path: str | Path, *, dtype: str = "float32", tracking_uri: str | None = None, cache_dir: Path | None = None, **kwargs
+    ) -> Engine:
+        """Load an export folder (midfill.export contract). A composed export (composition.json)
+        loads its parents by reference -- models:/ ones from `tracking_uri` into `cache_dir`
+        (default: the serving settings') -- and is served by `serving.composed.ComposedEngine`."""
         meta = read_metadata(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        from serving import composed
+
+        if composed.is_composed(path):
+            if cache_dir is None or tracking_uri is None:
+                from serving.settings import ServingSettings
+
+                settings = ServingSettings()
+                cache_dir = cache_dir or settings.model_cache()
+                tracking_uri = tracking_uri or settings.resolved_tracking_uri()
+            model = composed.load_composed_export(path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype))
+            return composed.ComposedEngine(model, tokenizer, meta, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), attn_implementation="sdpa")
         return cls(model, tokenizer, meta, **kwargs)
 

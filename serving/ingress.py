@@ -136,6 +136,8 @@ class InfillServer:
                 max_batch_size=self.max_batch_size,
                 max_context=self.args.max_context_tokens,
                 fim_format=self.args.fim_format,
+                tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),  # a composed model's parents
+                cache_dir=self.settings.model_cache(),
             )
             log.info("midfill: loaded %s from %s", self.model_name, folder)
         except Exception as exc:  # reported by /health and check_health; the replica is then replaced

@@ -11,6 +11,9 @@ Layout under the checkpoint root (a local/shared path or an fsspec URI):
 Writing goes to the temp folder, which is renamed into place and only then marked COMPLETE, so a
 crash at any moment leaves either a complete checkpoint or one that `latest()` skips. Only the
 newest `keep_last` complete checkpoints are kept.
+
+`trainable_only` (composed models) saves and restores only the parameters that train, with their
+optimizer state: the frozen parents are stored once, by reference, in the export, never per step.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from midfill.api import now_rfc3339
 from trainer.parallel import Dist
@@ -48,9 +51,12 @@ class CheckpointInfo:
 class CheckpointManager:
     """Save and find checkpoints of one run; `save` and `load` are collective (all ranks call them)."""
 
-    def __init__(self, root: str, *, keep_last: int, d: Dist) -> None:
+    def __init__(self, root: str, *, keep_last: int, d: Dist, trainable_only: bool = False) -> None:
         self.root = root.rstrip("/")
         self.keep_last, self.d = keep_last, d
+        # strict=False on load only lets the frozen parameters be absent; DCP still fails on any
+        # trainable tensor the checkpoint lacks, since it loads exactly the keys of the template.
+        self.options = StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
         self.fs, self.path = fsspec.core.url_to_fs(self.root)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
@@ -102,7 +108,7 @@ class CheckpointManager:
                     self.fs.rm(self._p(leftover), recursive=True)
             self.fs.makedirs(self._p(tmp), exist_ok=True)
         self.d.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra}, storage_writer=self._writer(tmp))
         with self.fs.open(self._p(f"{tmp}/rank-{self.d.rank:05d}.pt"), "wb") as fh:
             buf = io.BytesIO()
@@ -120,11 +126,11 @@ class CheckpointManager:
     def load(self, info: CheckpointInfo, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restore model and optimizer in place; `extra` is a template of the saved extra (DCP loads
         exactly the keys asked for). Returns (extra, this rank's state or None if absent)."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd, "extra": extra}
         fs, path = fsspec.core.url_to_fs(info.uri)
         dcp.load(state, storage_reader=self._reader(info.uri))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=self.options)
         rank_file = f"{path}/rank-{self.d.rank:05d}.pt"
         rank_state = None
         if fs.exists(rank_file):

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from midfill.api import TrainingRun, now_rfc3339
 from midfill.progress import PROGRESS_FILE, ProgressRecord, write_json_atomic
 from midfill.registry import Registry
-from trainer import checkpoint, evaluate, export, loop, parallel
+from trainer import checkpoint, composed_job, evaluate, export, loop, parallel
 from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
 from trainer.model import build_model, num_params
@@ -49,6 +49,7 @@ class Prepared:
     init_dir: Path | None
     accum: int
     total_steps: int
+    composed: composed_job.ComposedSetup | None = None  # spec.model.composition, parents resolved
 
 
 def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist, *, check_only: bool = False) -> Prepared | None:
@@ -76,10 +77,20 @@ def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist, *, ch
                 f"seqLength x microBatchSize x processes = {unit} (e.g. {max(1, seqs_per_step * spec.training.seq_length // unit) * unit})"
             )
         corpus = Corpus.from_spec(spec.data)
+        if spec.model.composition is not None:
+            composed_job.check_spec(run)
         if check_only:
             return None
-        init_dir = _fetch_init(spec.model.init, settings, d)
+        composed = None
+        if spec.model.composition is not None:
+            parents = composed_job.fetch_parents(spec.model.composition, settings, lambda uri, field: _fetch_init(uri, settings, d, field=field))
+            composed = composed_job.setup(spec.model.composition, parents, seq_length=spec.training.seq_length)
+            init_dir = composed.tokenizer_dir  # the parents' tokenizer: both read the same tokens
+        else:
+            init_dir = _fetch_init(spec.model.init, settings, d)
         hf_tok = _tokenizer(run, corpus, init_dir, RunPaths.for_run(run, settings), d)
+        if composed is not None:
+            composed_job.check_tokenizer(composed, hf_tok)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return Prepared(
@@ -94,10 +105,11 @@ def prepare(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist, *, ch
         init_dir=init_dir,
         accum=per_rank // spec.training.micro_batch_size,
         total_steps=spec.training.total_steps(),
+        composed=composed,
     )
 
 
-def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist) -> Path | None:
+def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist, *, field: str = "model.init") -> Path | None:
     if init == "scratch":
         return None
     if init.startswith("models:/"):
@@ -110,7 +122,7 @@ def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist) -> Path 
         d.barrier()
         found = next(dst.rglob("config.json"), None)
         if found is None:
-            raise ValueError(f"model.init: {init} has no config.json; it is not a Hugging Face export")
+            raise ValueError(f"{field}: {init} has no config.json; it is not a Hugging Face export")
         return found.parent
     if "://" in init and not init.startswith("file://"):
         import fsspec
@@ -123,7 +135,7 @@ def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist) -> Path 
         return dst
     path = Path(init.removeprefix("file://"))
     if not (path / "config.json").is_file():
-        raise ValueError(f"model.init: {init} is not an exported model folder (no config.json)")
+        raise ValueError(f"{field}: {init} is not an exported model folder (no config.json)")
     return path
 
 
@@ -157,15 +169,24 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
     tracker.start(run_name=f"{run.metadata.name}-a{p.attempt}", uid=p.uid, attempt=p.attempt, tags={"midfill.training_run": run.metadata.name})
 
     eos, pad = p.hf_tok.eos_token_id, p.hf_tok.pad_token_id
-    model, attn = build_model(spec.model, p.recipe, init_dir=p.init_dir, vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed)
+    if p.composed is not None:
+        try:
+            model, attn = composed_job.build(p.composed, attention=spec.model.attention, seq_length=spec.training.seq_length,
+                                             vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed)
+        except ValueError as exc:  # geometry that does not fit the parents; the message names the field
+            raise ConfigError(str(exc)) from None
+    else:
+        model, attn = build_model(spec.model, p.recipe, init_dir=p.init_dir, vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed)
+    trainable = sum(t.numel() for t in {id(t): t for t in model.parameters() if t.requires_grad}.values())
     bf16 = loop.use_bf16(spec.training.precision, d.device)
     tracker.log_params({
         **flatten(spec.to_wire(), "spec."),
-        "attn_implementation": attn, "num_params": str(num_params(model)), "world_size": str(d.world_size),
+        "attn_implementation": attn, "num_params": str(num_params(model)), "trainable_params": str(trainable), "world_size": str(d.world_size),
         "grad_accumulation": str(p.accum), "bf16": str(bf16), "data_hash": p.corpus.data_hash(),
         "train_files": str(sum(len(f) for f in p.corpus.train)), "validation_files": str(len(p.corpus.validation)),
     })
-    log.info("model %s: %.1fM params, attention %s, bf16 %s, accumulation %d", p.recipe.name, num_params(model) / 1e6, attn, bf16, p.accum)
+    log.info("model %s: %.1fM params (%.2fM trainable), attention %s, bf16 %s, accumulation %d",
+             f"composed {p.composed.spec.mode}" if p.composed else p.recipe.name, num_params(model) / 1e6, trainable / 1e6, attn, bf16, p.accum)
     model = parallel.wrap(model, strategy=spec.parallelism.strategy, d=d, mixed_bf16=bf16 and d.device.type == "cuda")
     if spec.training.compile:
         model = torch.compile(model)
@@ -178,7 +199,8 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
     num_masks = spec.tokenizer.num_mask_tokens
     packer = Packer(stream, p.tok, spec.objective, seq_length=t.seq_length, num_mask_tokens=num_masks, seed=t.seed)
     state = loop.LoopState()
-    ckpts = checkpoint.CheckpointManager(p.paths.checkpoint_dir, keep_last=spec.checkpoint.keep_last, d=d)
+    ckpts = checkpoint.CheckpointManager(p.paths.checkpoint_dir, keep_last=spec.checkpoint.keep_last, d=d, trainable_only=p.composed is not None)
+    prepare_batch = parallel.unwrap(model).prepare_batch if p.composed is not None else None
     progress = ProgressRecord(total_steps=p.total_steps, attempt=p.attempt, mlflow_run_id=tracker.run_id)
     try:
         resume = ckpts.resolve(spec.checkpoint.resume)
@@ -198,7 +220,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
 
     val_batches = evaluate.validation_batches(p.corpus, p.tok, spec.objective, seq_length=t.seq_length, num_mask_tokens=num_masks, micro_batch=t.micro_batch_size, batches=t.eval_batches, d=d, seed=t.seed)
     cases = evaluate.infill_cases(p.corpus, n=INFILL_CASES, seed=t.seed) if spec.objective.infill_format() == "codegen2" else []
-    max_context = p.recipe.max_position_embeddings
+    max_context = p.composed.max_context if p.composed else p.recipe.max_position_embeddings
 
     def write_progress(**update) -> None:
         nonlocal progress
@@ -213,7 +235,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
 
     def on_eval(step: int) -> None:
         metrics = {}
-        val = evaluate.validation_loss(model, val_batches, pad_id=pad, document_mask=spec.objective.document_mask, bf16=bf16, d=d)
+        val = evaluate.validation_loss(model, val_batches, pad_id=pad, document_mask=spec.objective.document_mask, bf16=bf16, d=d, prepare_batch=prepare_batch)
         if val is not None:
             metrics["val_loss"] = val
         em = evaluate.line_infill_exact_match(parallel.unwrap(model), p.tok, cases, max_context=max_context, device=d.device)
@@ -233,7 +255,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             total_steps=p.total_steps, accum=p.accum, pad_id=pad, document_mask=spec.objective.document_mask,
             bf16=bf16, d=d, hooks=loop.LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint),
             checkpoint_interval=spec.checkpoint.interval_steps, kill_at_step=settings.kill_at_step,
-            show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(),
+            show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(), prepare_batch=prepare_batch,
         )
     on_eval(state.step)
     _finish(p, model=model, tracker=tracker, settings=settings, d=d, step=state.step)
@@ -242,14 +264,20 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
 def _finish(p: Prepared, *, model: torch.nn.Module, tracker: Tracker, settings: TrainerSettings, d: parallel.Dist, step: int) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective under FSDP
+    # A composed model exports its bridge only (and never gathers its frozen parents).
+    full = None if p.composed else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective under FSDP
     if d.is_main:
         hf_model = parallel.unwrap(model)
         meta = export.metadata(p.run, uid=p.uid, attempt=p.attempt, data_hash=p.corpus.data_hash(), step=step,
-                               max_context=p.recipe.max_position_embeddings, num_mask_tokens=p.run.spec.tokenizer.num_mask_tokens)
+                               max_context=p.composed.max_context if p.composed else p.recipe.max_position_embeddings,
+                               num_mask_tokens=p.run.spec.tokenizer.num_mask_tokens)
+        if p.composed:
+            write = lambda: composed_job.write_export(p.composed, hf_model, p.hf_tok, meta, p.paths.export_dir)  # noqa: E731
+        else:
+            write = lambda: export.write_export(hf_model, full, p.hf_tok, meta, p.paths.export_dir)  # noqa: E731
         result = export.register(
             p.run, registry=Registry(settings.resolved_tracking_uri()), tracker=tracker,
-            export=lambda: export.write_export(hf_model, full, p.hf_tok, meta, p.paths.export_dir),
+            export=write,
             uid=p.uid, attempt=p.attempt, data_hash=p.corpus.data_hash(), run_dir=p.paths.run_dir,
             kill_after_register=settings.kill_after_register,
         )

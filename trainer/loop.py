@@ -155,8 +155,12 @@ def train(
     checkpoint_interval: int,
     kill_at_step: int | None = None,
     show_bar: bool = False,
+    prepare_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Run optimizer steps from state.step to total_steps, mutating state."""
+    """Run optimizer steps from state.step to total_steps, mutating state.
+
+    prepare_batch: applied to every collated micro-batch (composed codet5p models add the encoder's
+    input and mask the labels it reads)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     bar = None
@@ -173,6 +177,8 @@ def train(
             if any(s is None for s in seqs):
                 raise AssertionError("the training stream is endless; it cannot run out")
             batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device)
+            if prepare_batch is not None:
+                batch = prepare_batch(batch)
             last = micro == accum - 1
             if hasattr(model, "set_requires_gradient_sync") and last:
                 model.set_requires_gradient_sync(True)
