@@ -47,7 +47,8 @@ def resolve(registry: Any, release: ModelRelease) -> Resolution:
         info = registry.get(ref.registered_model_name, version=ref.version, alias=ref.effective_alias())
     except RegistryError as exc:
         return Resolution(error=str(exc))
-    unmet = unmet_approval(info, required_tags=approval.required_tags, required_alias=approval.required_alias)
+    unmet = unmet_approval(info, required_tags=approval.required_tags, required_alias=approval.required_alias,
+                           min_metrics=approval.min_metrics)
     return Resolution(version=info.version, unmet=tuple(unmet))
 
 

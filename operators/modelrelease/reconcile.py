@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from midfill.api import ModelRelease, SpecError, set_condition
 from midfill.api.modelrelease import ModelReleaseStatus
+from midfill.registry import approval_reason
 from operators.modelrelease.builders import ANNOTATION_ROLLOUT_START, ANNOTATION_VERSION, APP_NAME, endpoint_url
 from operators.trainingrun.reconcile import fmt_time, parse_time
 
@@ -122,7 +123,7 @@ def reconcile(release: ModelRelease | SpecError, *, status: ModelReleaseStatus, 
         if approved:
             cond("Approved", "True", "Approved", f"version {res.version} meets the approval requirements")
         else:
-            cond("Approved", "False", "WaitingForApproval", f"version {res.version} waits for: {', '.join(res.unmet)}")
+            cond("Approved", "False", approval_reason(res.unmet), f"version {res.version} waits for: {', '.join(res.unmet)}")
 
     rs = observed.rayservice
     serving = rs.version if rs else None

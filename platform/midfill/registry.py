@@ -277,3 +277,9 @@ def unmet_approval(
         elif value < threshold:
             missing.append(f"metric {key} >= {threshold:g} (is {value:g})")
     return missing
+
+
+def approval_reason(unmet: tuple[str, ...] | list[str]) -> str:
+    """BelowMinMetrics when only evaluation thresholds hold the version back (a reviewer's tag or
+    alias would not help: a better model or a new evaluation would), else WaitingForApproval."""
+    return "BelowMinMetrics" if unmet and all(u.startswith("metric ") for u in unmet) else "WaitingForApproval"

@@ -33,7 +33,7 @@ from midfill.api import ModelRelease, set_condition
 from midfill.api.modelrelease import ModelReleaseStatus
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_model_release
-from midfill.registry import Registry, RegistryError, VersionInfo, unmet_approval
+from midfill.registry import Registry, RegistryError, VersionInfo, approval_reason, unmet_approval
 from midfill.serve_args import ServeArgs
 from midfill.settings import CoreSettings
 
@@ -291,10 +291,12 @@ def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, s
     ref = release.spec.model
     what = f"version {ref.version}" if ref.version is not None else f"alias {ref.effective_alias()}"
     cond = set_condition(cond, type="ModelResolved", status="True", reason="Resolved", message=f"{ref.registered_model_name} {what} -> version {version.version}", observed_generation=gen)
-    missing = unmet_approval(version, required_tags=release.spec.approval.required_tags, required_alias=release.spec.approval.required_alias)
+    approval = release.spec.approval
+    missing = unmet_approval(version, required_tags=approval.required_tags, required_alias=approval.required_alias,
+                             min_metrics=approval.min_metrics)
     if missing:
         waits = f"version {version.version} waits for approval: {', '.join(missing)} (midfill approve {version.name} --version {version.version})"
-        cond = set_condition(cond, type="Approved", status="False", reason="WaitingForApproval", message=waits, observed_generation=gen)
+        cond = set_condition(cond, type="Approved", status="False", reason=approval_reason(missing), message=waits, observed_generation=gen)
         if served is None:
             status.phase, status.message = "WaitingForApproval", waits
         else:

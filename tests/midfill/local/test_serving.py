@@ -43,3 +43,50 @@ def test_serve_args_pin_the_version_and_fit_the_machine(tmp_path: Path) -> None:
     assert args.max_new_tokens == 32
     # Capped: replicas share this machine's cores (the spec asks 4 CPUs per replica).
     assert args.num_cpus == min(4.0, float(os.cpu_count() or 1)) and args.num_gpus == 0.0
+
+
+class RecordingServe:
+    """Stands in for `ray.serve` in the reconcile pass only: records what would be deployed.
+    (The real Ray Serve rollout is exercised by test_journey.)"""
+
+    def __init__(self) -> None:
+        self.deployed: list = []
+
+    def run(self, app, *, name: str, route_prefix: str) -> None:
+        self.deployed.append(app)
+
+
+def test_local_release_refuses_a_version_below_min_metrics(tmp_path: Path) -> None:
+    from midfill.local.serving import KIND, _reconcile
+    from midfill.registry import Registry, metric_tag_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = Registry(uri)
+    registry.register(name="m", source=str(tmp_path), run_uid="run-1")
+    registry.approve("m", 1)  # the reviewer said yes; the evaluation floor still says no
+    release = parse_resource({
+        "apiVersion": "midfill.dev/v1alpha1", "kind": "ModelRelease", "metadata": {"name": "rel"},
+        "spec": {"model": {"registeredModelName": "m"}, "auth": {"disabled": True},
+                 "approval": {"minMetrics": {"humaneval-single-line/pass@1": 0.05}}},
+    })
+    store = StateStore(tmp_path / "state")
+    store.apply(release)
+    serve = RecordingServe()
+
+    def one_pass(served):
+        return _reconcile(store, store.get(KIND, "rel"), registry=registry, tracking_uri=uri, port=8123,
+                          served=served, failed=set(), serve=serve, build_app=lambda args: args)
+
+    registry.client.set_model_version_tag("m", "1", metric_tag_key("humaneval-single-line", "pass@1"), "0.02")
+    assert one_pass(None) is None and serve.deployed == []
+    status = store.get(KIND, "rel").status()
+    approved = next(c for c in status.conditions if c.type == "Approved")
+    assert status.phase == "WaitingForApproval"
+    assert (approved.status, approved.reason) == ("False", "BelowMinMetrics")
+    assert "metric humaneval-single-line/pass@1 >= 0.05 (is 0.02)" in approved.message
+
+    registry.client.set_model_version_tag("m", "1", metric_tag_key("humaneval-single-line", "pass@1"), "0.07")
+    served = one_pass(None)
+    assert served is not None and served.model_uri == "models:/m/1" and serve.deployed == [served]
+    status = store.get(KIND, "rel").status()
+    assert status.phase == "Available" and status.stable_version == "1"

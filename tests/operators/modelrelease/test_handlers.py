@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from midfill.registry import Registry
+from midfill.api import parse_resource
+from midfill.registry import Registry, metric_tag_key
+from operators.modelrelease.handlers import resolve
 from tests.operators.emulator import eventually
 
 SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "modelrelease.yaml"
@@ -95,3 +97,20 @@ async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri,
         rolled = next(c for c in status(cluster)["conditions"] if c["type"] == "RolledBack")
         assert rolled["status"] == "True" and "version 2" in rolled["message"]
         assert status(cluster)["resolvedVersion"] == "2" and status(cluster)["stableVersion"] == "1"
+
+
+def test_resolve_applies_min_metrics_from_the_version_tags(tmp_path):
+    """The operator's registry read: an approved version below spec.approval.minMetrics stays unmet."""
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    registry.register(name="fim-debug", source=str(tmp_path), run_uid="run-1")
+    registry.approve("fim-debug", 1)
+    doc = release()
+    doc["spec"]["approval"] = {"minMetrics": {"line-em/exact_match": 0.25}}
+    rel = parse_resource(doc)
+    assert resolve(registry, rel).unmet == (
+        "metric line-em/exact_match >= 0.25 (not evaluated: run `midfill eval models:/fim-debug/1 --suite line-em`)",)
+    key = metric_tag_key("line-em", "exact_match")
+    registry.client.set_model_version_tag("fim-debug", "1", key, "0.125")
+    assert resolve(registry, rel).unmet == ("metric line-em/exact_match >= 0.25 (is 0.125)",)
+    registry.client.set_model_version_tag("fim-debug", "1", key, "0.5")
+    assert resolve(registry, rel).unmet == ()

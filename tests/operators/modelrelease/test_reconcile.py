@@ -78,3 +78,16 @@ def test_rayservice_view_needs_status_for_the_current_generation():
     assert rayservice_view(obj).version == "5" and not rayservice_view(obj).healthy
     obj["status"]["observedGeneration"] = 3
     assert rayservice_view(obj).healthy
+
+
+def test_a_version_below_min_metrics_is_not_promoted_and_the_condition_names_the_metric():
+    below = Resolution(version="3", unmet=("metric humaneval-single-line/pass@1 >= 0.05 (is 0.02)",))
+    plan = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
+                     observed=Observed(now=NOW, resolution=below, rayservice=rs("2")), generation=1)
+    assert plan.actions == []  # version 2 keeps serving
+    approved = next(c for c in plan.status.conditions if c.type == "Approved")
+    assert (approved.status, approved.reason) == ("False", "BelowMinMetrics")
+    assert "humaneval-single-line/pass@1 >= 0.05 (is 0.02)" in approved.message
+    above = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
+                      observed=Observed(now=NOW, resolution=APPROVED_3, rayservice=rs("2")), generation=1)
+    assert above.actions == [UpdateVersion("3")]
