@@ -248,11 +248,29 @@ def describe(
 ) -> None:
     """Spec summary, status, conditions and history of one resource."""
     kind = _kind(kind)
-    _, store = _context()
+    settings, store = _context()
     record = _observe(store, kind, name)
     if record is None:
         raise _fail(f"{kind.lower()} {name!r} not found (state dir {store.state_dir})")
-    typer.echo(views.describe(record))
+    typer.echo(views.describe(record, evaluation=_evaluation_of(settings, record)))
+
+
+def _evaluation_of(settings: CoreSettings, record) -> tuple[str, dict[str, str]] | None:
+    """The tags of the version a TrainingRun registered or a ModelRelease resolved (best effort: a
+    registry that cannot be read leaves the section out rather than failing describe)."""
+    status = record.status()
+    if record.kind == "TrainingRun":
+        ref = status.registered_model
+        name, version = (ref.name, ref.version) if ref else (None, None)
+    else:
+        name, version = record.resource["spec"]["model"]["registeredModelName"], status.resolved_version
+    if not name or not version:
+        return None
+    try:
+        info = _registry(settings).get(name, version=version)
+    except Exception:  # noqa: BLE001
+        return None
+    return info.uri, info.tags
 
 
 def _log_files(store: StateStore, record: StoredResource) -> list[Path]:

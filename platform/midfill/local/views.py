@@ -102,8 +102,19 @@ def _spec_summary(record: StoredResource) -> list[tuple[str, str]]:
     ]
 
 
-def describe(record: StoredResource) -> str:
-    """kubectl-describe-like text: metadata, spec summary, status, conditions, events."""
+def evaluation_rows(tags: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(suite, metric, value) from a model version's eval.<suite>.<metric> tags (run ids left out)."""
+    rows = []
+    for key, value in sorted(tags.items()):
+        parts = key.split(".", 2)
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] != "run_id":
+            rows.append((parts[1], parts[2].replace("_at_", "@"), value))
+    return rows
+
+
+def describe(record: StoredResource, *, evaluation: tuple[str, dict[str, str]] | None = None) -> str:
+    """kubectl-describe-like text: metadata, spec summary, status, conditions, evaluation results of
+    the version it trained or serves (`evaluation` = (version uri, its tags)), events."""
     meta = record.resource["metadata"]
     status = record.status()
     lines = [
@@ -129,6 +140,14 @@ def describe(record: StoredResource) -> str:
         lines += ["  " + line for line in table(("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"), rows).splitlines()]
     else:
         lines.append("  <none>")
+    if evaluation is not None:
+        uri, tags = evaluation
+        rows = evaluation_rows(tags)
+        lines.append(f"Evaluation ({uri}):")
+        if rows:
+            lines += ["  " + line for line in table(("SUITE", "METRIC", "VALUE"), rows).splitlines()]
+        else:
+            lines.append(f"  <none> (run: midfill eval {uri} --suite line-em)")
     lines.append("Events:")
     if record.events:
         rows = [(e.time, e.type, e.reason, e.message) for e in record.events]

@@ -139,3 +139,25 @@ def test_ui_serves_the_mlflow_ui_on_the_local_store(state_dir, tmp_path) -> None
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_describe_shows_the_evaluation_recorded_on_the_trained_version(cli, state_dir, existing, tmp_path) -> None:
+    from midfill.api.trainingrun import RegisteredModelRef
+    from midfill.registry import Registry, metric_tag_key
+    from midfill.settings import CoreSettings
+
+    registry = Registry(CoreSettings().resolved_tracking_uri())
+    registry.register(name="keep", source=str(tmp_path), run_uid="uid-keep")
+    registry.client.set_model_version_tag("keep", "1", metric_tag_key("line-em", "exact_match"), "0.25")
+    registry.client.set_model_version_tag("keep", "1", metric_tag_key("humaneval-single-line", "pass@1"), "0.125")
+
+    def registered(rec) -> None:
+        status = rec.status()
+        status.registered_model = RegisteredModelRef(name="keep", version="1", uri="models:/keep/1")
+        rec.set_status(status)
+
+    StateStore(state_dir).update("TrainingRun", "keep", registered)
+    described = cli("describe", "tr", "keep").output
+    assert "Evaluation (models:/keep/1):" in described
+    rows = [line.split() for line in described.split("Evaluation (models:/keep/1):")[1].splitlines()[1:4]]
+    assert ["humaneval-single-line", "pass@1", "0.125"] in rows and ["line-em", "exact_match", "0.25"] in rows
