@@ -20,15 +20,12 @@ from typing import Any
 import fsspec
 
 from midfill.api.trainingrun import DataSource, DataSpec
+from midfill.datasplit import STDLIB_SKIP_DIRS, is_validation  # one rule for trainer and evaluator
 
 log = logging.getLogger(__name__)
 
 STDLIB_SCHEME = "stdlib://"
-# Folders of the stdlib tree that are not "the standard library's sources".
-STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 _GLOB_CHARS = set("*?[")
-# Validation membership: sha1(relative path) mod this < fraction * this.
-_SPLIT_BUCKETS = 10_000
 
 
 @dataclass(frozen=True)
@@ -40,12 +37,6 @@ class FileRef:
     url: str  # what fsspec opens
     rel: str  # path relative to the source root (the split key)
     size: int
-
-
-def is_validation(rel: str, fraction: float) -> bool:
-    """Whether a file is held out; a pure function of its relative path (same on every rank and run)."""
-    bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % _SPLIT_BUCKETS
-    return bucket < round(fraction * _SPLIT_BUCKETS)
 
 
 def _stdlib_root(uri: str) -> str:

@@ -24,6 +24,7 @@ from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
 from trainer.model import build_model, num_params
 from trainer.objectives import Packer
+from trainer.post_eval import run_post_registration_eval
 from trainer.recipes import Recipe, get_recipe
 from trainer.settings import RunPaths, TrainerSettings, default_run_uid
 from trainer.tracking import Tracker, flatten
@@ -284,6 +285,12 @@ def _finish(p: Prepared, *, model: torch.nn.Module, tracker: Tracker, settings: 
         log.info("registered %s (export %s)", result.uri, result.export_uri)
         tracker.finish()
     d.barrier()
+    # Rank 0 alone, after the barrier: the other ranks are done and must not time out waiting.
+    if d.is_main and p.run.spec.evaluation.suites:
+        registry = Registry(settings.resolved_tracking_uri())
+        version = registry.get(result.registered_model_name, version=result.version)
+        run_post_registration_eval(p.run, registry=registry, version=version, export_dir=p.paths.export_dir,
+                                   validation=p.corpus.validation)
 
 
 def _is_tty() -> bool:

@@ -102,7 +102,9 @@ def test_a_retry_after_success_registers_nothing_new(ddp_run):
 
 
 def test_a_crash_between_registration_and_result_is_retried_safely(tmp_path):
-    run_file = write_run(tmp_path / "run.yaml", tiny_run("tiny-reg", steps=10))
+    doc = tiny_run("tiny-reg", steps=10)
+    doc["spec"]["evaluation"] = {"suites": ["line-em", "left-to-right"], "limit": 4, "maxNewTokens": 8}
+    run_file = write_run(tmp_path / "run.yaml", doc)
     crashed = _trainer(tmp_path, run_file, uid="uid-reg", MIDFILL_KILL_AFTER_REGISTER="1")
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     run_dir = tmp_path / "state" / "runs" / "tiny-reg"
@@ -114,6 +116,14 @@ def test_a_crash_between_registration_and_result_is_retried_safely(tmp_path):
     assert read_result(run_dir).version == "1"
     runs = registry.client.search_runs([registry.client.get_experiment_by_name("midfill").experiment_id])
     assert len(runs) == 1  # the retry of the same uid+attempt reused the MLflow run
+    # spec.evaluation ran once, on the registered version, after the retry (the crash came before it).
+    version = registry.get("tiny-reg", version="1")
+    assert float(version.tags["eval.line-em.tasks"]) == 4
+    assert 0.0 <= float(version.tags["eval.line-em.exact_match"]) <= 1.0
+    assert float(version.tags["eval.left-to-right.loss"]) > 0
+    _ok(_trainer(tmp_path, run_file, uid="uid-reg"))  # yet another retry evaluates nothing again
+    eval_runs = registry.client.search_runs([registry.client.get_experiment_by_name("midfill-eval").experiment_id])
+    assert sorted(r.data.tags["midfill.suite"] for r in eval_runs) == ["left-to-right", "line-em"]
 
 
 def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):

@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run an evaluation suite and print its metrics (and record them on the model version)."""
         from midfill.cli import fail
-        from midfill.evaluation.infill import EndpointInfiller, LocalInfiller
-        from midfill.evaluation.runner import record_on_version, run_infill_suite, run_left_to_right
+        from midfill.evaluation.infill import EndpointInfiller
+        from midfill.evaluation.runner import evaluate_export, record_on_version, run_infill_suite
         from midfill.registry import Registry, RegistryError
         from midfill.settings import CoreSettings
 
@@ -52,18 +52,12 @@ def register(app: typer.Typer) -> None:
                     raise fail(f"MODEL: {exc}") from None
             elif not endpoint and not (model_dir / "midfill.json").is_file():
                 raise fail(f"MODEL: {model} is neither a models:/ URI nor an export folder (no midfill.json)")
-            if suite == "left-to-right":
-                result = run_left_to_right(model_dir, data_dir=data_dir, limit=limit)
+            workers = max(1, min(4, os.cpu_count() or 1))
+            if endpoint:
+                infiller = EndpointInfiller(endpoint, api_key=api_key, model=version.name if version else None)
+                result = run_infill_suite(suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers)
             else:
-                infiller = (
-                    EndpointInfiller(endpoint, api_key=api_key, model=version.name if version else None)
-                    if endpoint
-                    else LocalInfiller(model_dir)
-                )
-                result = run_infill_suite(
-                    suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens,
-                    workers=max(1, min(4, os.cpu_count() or 1)),
-                )
+                result = evaluate_export(suite, model_dir, limit=limit, max_new_tokens=max_new_tokens, data_dir=data_dir, workers=workers)
         for name, value in result.metrics.items():
             typer.echo(f"{suite}/{name}: {value:.4g}")
         if output:

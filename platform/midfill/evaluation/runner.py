@@ -67,18 +67,21 @@ def run_infill_suite(
     *,
     limit: int | None = None,
     data_dir: Path | None = None,
+    files: list[Path] | None = None,
     max_new_tokens: int = 64,
     workers: int = 2,
     limits: Limits = Limits(),
 ) -> SuiteResult:
-    """Generate middles for a suite's tasks and score them (pass@1 by execution, or exact match)."""
+    """Generate middles for a suite's tasks and score them (pass@1 by execution, or exact match).
+
+    line-em reads `files` (e.g. a run's held-out files), else every file of `data_dir`, else the
+    held-out part of the standard library."""
     if suite == "humaneval-single-line":
         tasks = humaneval_single_line()
     elif suite == "humaneval-multi-line":
         tasks = humaneval_multi_line()
     elif suite == "line-em":
-        files = heldout_files(data_dir, all_files=True) if data_dir else heldout_files(stdlib_root())
-        tasks = line_em_tasks(files, limit=limit or 200)
+        tasks = line_em_tasks(_heldout(files, data_dir), limit=limit or 200)
     else:
         raise ValueError(f"unknown infill suite {suite!r}; use one of {', '.join(SUITES[:3])}")
     if limit:
@@ -103,14 +106,24 @@ def run_infill_suite(
     return SuiteResult(suite=suite, model=infiller.name, metrics=metrics, tasks=outcomes)
 
 
-def run_left_to_right(model_dir: Path, *, data_dir: Path | None = None, limit: int | None = None, seq_length: int = 512) -> SuiteResult:
+def _heldout(files: list[Path] | None, data_dir: Path | None) -> list[Path]:
+    if files is not None:
+        return files
+    return heldout_files(data_dir, all_files=True) if data_dir else heldout_files(stdlib_root())
+
+
+def run_left_to_right(
+    model_dir: Path, *, data_dir: Path | None = None, files: list[Path] | None = None, limit: int | None = None, seq_length: int = 512
+) -> SuiteResult:
     """Held-out causal loss and perplexity (plain left-to-right text, no infill format)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    files = heldout_files(data_dir, all_files=True) if data_dir else heldout_files(stdlib_root())
+    files = _heldout(files, data_dir)
+    # Windows of seq_length + 1 tokens (inputs + the next token) must fit the model's positions.
+    seq_length = min(seq_length, int(getattr(model.config, "max_position_embeddings", seq_length + 1)) - 1)
     total_loss, total_tokens = 0.0, 0
     windows = 0
     for path in files:
@@ -134,6 +147,20 @@ def run_left_to_right(model_dir: Path, *, data_dir: Path | None = None, limit: i
         suite="left-to-right", model=str(model_dir),
         metrics={"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": float(total_tokens)},
     )
+
+
+def evaluate_export(
+    suite: str, model_dir: Path, *, limit: int | None = None, max_new_tokens: int = 64,
+    data_dir: Path | None = None, files: list[Path] | None = None, workers: int = 2,
+) -> SuiteResult:
+    """One suite on an export folder, loaded in this process (what `midfill eval` and the trainer's
+    post-registration evaluation run)."""
+    if suite == "left-to-right":
+        return run_left_to_right(model_dir, data_dir=data_dir, files=files, limit=limit)
+    from midfill.evaluation.infill import LocalInfiller
+
+    return run_infill_suite(suite, LocalInfiller(model_dir), limit=limit, data_dir=data_dir, files=files,
+                            max_new_tokens=max_new_tokens, workers=workers)
 
 
 def _mean(values) -> float:
