@@ -94,7 +94,10 @@ async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri,
         # KubeRay never reports version 2 healthy: after the deadline the operator goes back to 1.
         await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/1", timeout=40,
                          what="rollback to version 1")
-        rolled = next(c for c in status(cluster)["conditions"] if c["type"] == "RolledBack")
+        # The RayService is patched before the status is written: wait for the condition too.
+        rolled = await eventually(
+            lambda: next((c for c in status(cluster).get("conditions", []) if c["type"] == "RolledBack"), None),
+            what="RolledBack condition")
         assert rolled["status"] == "True" and "version 2" in rolled["message"]
         assert status(cluster)["resolvedVersion"] == "2" and status(cluster)["stableVersion"] == "1"
 
