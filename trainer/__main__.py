@@ -16,7 +16,7 @@ import sys
 from midfill.api import EXIT_CODE_INVALID_CONFIG, SpecError, TrainingRun, load_file
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a midfill TrainingRun.")
     # --run-file is the same option under a name torchrun's own parser leaves alone: torchrun
     # rejects `--run` after `-m trainer` as an ambiguous abbreviation of its --run-path.
@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uid", help="TrainingRun uid (default: env MIDFILL_RUN_UID, metadata.uid, or a hash of the name)")
     parser.add_argument("--attempt", type=int, help="attempt number (default: env MIDFILL_ATTEMPT or 1)")
     parser.add_argument("--check", action="store_true", help="validate the config and list the data sources for the planned world size, then exit (0 or 78); run it before torchrun, which turns a worker's 78 into 1")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import os
 
     quiet = os.environ.get("RANK", "0") != "0"  # one log stream: rank 0's

@@ -22,6 +22,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "midfill-operator"}
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 CONTAINER = "trainer"
+CHECK_CONTAINER = "check-config"  # init container: `python -m trainer --check` (exit 78 = invalid config)
 CONFIG_DIR = "/etc/midfill"
 RUN_FILE = "trainingrun.yaml"
 WORK_DIR = "/var/midfill"
@@ -143,7 +144,7 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
         "name": CONTAINER,
         "image": image,
         "command": ["torchrun"],
-        "args": ["-m", "trainer", "--run", f"{CONFIG_DIR}/{RUN_FILE}", "--uid", run_uid(run), "--attempt", str(attempt)],
+        "args": ["-m", "trainer", "--run-file", f"{CONFIG_DIR}/{RUN_FILE}", "--uid", run_uid(run), "--attempt", str(attempt)],
         "env": _env(run, attempt=attempt, settings=settings),
         "ports": [{"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"}],
         "volumeMounts": [
@@ -164,9 +165,20 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
         container["volumeMounts"].append({"name": "checkpoints", "mountPath": settings.checkpoint_mount_path})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.checkpoint_claim_name}})
 
+    # torchrun exits 1 whatever its worker's code, which would hide the trainer's 78 (invalid config)
+    # from the podFailurePolicy: the same checks run first, without torchrun, in an init container.
+    check = {
+        "name": CHECK_CONTAINER,
+        "image": image,
+        "command": ["python"],
+        "args": ["-m", "trainer", "--check", "--run-file", f"{CONFIG_DIR}/{RUN_FILE}"],
+        "env": container["env"],
+        "volumeMounts": [m for m in container["volumeMounts"] if m["name"] != "dshm"],
+    }
     pod_spec: dict[str, Any] = {
         "subdomain": run.metadata.name,
         "restartPolicy": "Never",
+        "initContainers": [check],
         "containers": [container],
         "volumes": volumes,
     }
@@ -184,7 +196,8 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
     # Exit code 0 may not appear in an In rule; a zero exit is a success anyway.
     codes = sorted({c for c in spec.failure_policy.non_retryable_exit_codes if c != 0})
     if codes:
-        rules.append({"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": codes}})
+        for container_name in (CHECK_CONTAINER, CONTAINER):
+            rules.append({"action": "FailJob", "onExitCodes": {"containerName": container_name, "operator": "In", "values": codes}})
     # A preempted or evicted pod is not the trainer's fault: do not count it as a failure.
     rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torch.distributed.run import get_args_parser
 
 from midfill.api import load_file
 from operators.settings import OperatorSettings
 from operators.trainingrun import builders
+from trainer.__main__ import parse_args as trainer_args
 from tests.operators.validation import validate
 
 SAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "samples"
@@ -37,7 +39,8 @@ def test_job_is_an_all_or_nothing_indexed_gang(big_run):
     assert job["metadata"]["name"] == "fim-7b-a3" and job["metadata"]["namespace"] == "ml"
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
     assert spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never" and pod["subdomain"] == "fim-7b"
-    fail, ignore = spec["podFailurePolicy"]["rules"]
+    fail_check, fail, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail_check == {"action": "FailJob", "onExitCodes": {"containerName": "check-config", "operator": "In", "values": [78]}}
     assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [78]}}
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     # Kueue: queue label, created suspended so the whole gang is admitted at once.
@@ -59,7 +62,16 @@ def test_pods_run_torchrun_with_the_gang_environment(big_run):
     job = builders.build_job(big_run, attempt=2, settings=settings)
     c, e = container(job), env(job)
     assert c["command"] == ["torchrun"]
-    assert c["args"] == ["-m", "trainer", "--run", "/etc/midfill/trainingrun.yaml", "--uid", "1234-uid", "--attempt", "2"]
+    assert c["args"] == ["-m", "trainer", "--run-file", "/etc/midfill/trainingrun.yaml", "--uid", "1234-uid", "--attempt", "2"]
+    # torchrun's own parser accepts them (an abbreviation such as --run is ambiguous to it and fails).
+    parsed = get_args_parser().parse_args(c["args"])
+    assert parsed.module and parsed.training_script == "trainer" and parsed.training_script_args[:2] == ["--run-file", "/etc/midfill/trainingrun.yaml"]
+    # ... and the trainer's parser takes what torchrun hands on.
+    assert trainer_args(parsed.training_script_args).run == "/etc/midfill/trainingrun.yaml"
+    (check,) = job["spec"]["template"]["spec"]["initContainers"]
+    assert check["name"] == "check-config" and check["image"] == c["image"]
+    assert check["command"] == ["python"] and check["args"] == ["-m", "trainer", "--check", "--run-file", "/etc/midfill/trainingrun.yaml"]
+    assert {"name": "config", "mountPath": "/etc/midfill", "readOnly": True} in check["volumeMounts"]
     assert e["PET_NNODES"] == "4" and e["PET_NPROC_PER_NODE"] == "8"
     assert e["PET_NODE_RANK"] == {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
     assert e["PET_MASTER_ADDR"] == "fim-7b-a2-0.fim-7b" and e["PET_MASTER_PORT"] == "29500"
