@@ -1,6 +1,6 @@
 """Serving a composed export (docs/composition.md): the bridge + composition.json, whose parents are
-named by reference and loaded here (`models:/name/<version>` through the registry, downloaded once
-into the model cache; a path; or `./parents/<role>` inside the export).
+named by reference and loaded by midfill.composition.parents (`models:/name/<version>` through the
+registry, downloaded once into the model cache; a path; or `./parents/<role>` inside the export).
 
 Decoding is per request: every running request keeps its own composed cache (`model.new_cache()`:
 a KV cache per parent plus the bridge keys/values, or the codet5p encoder memory) and each engine
@@ -13,49 +13,14 @@ cancellation and sampling are the plain engine's.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from midfill.composition import load_composed
-from midfill.composition.state import MANIFEST_FILE
-from midfill.registry import Registry
+# The parent resolver is the core's, shared with `midfill eval`, so both load the same composition;
+# these names stay importable from here for the engine.
+from midfill.composition.parents import is_composed, load_composed_export, parent_loader
 from serving.engine import Engine, _Seq
 
-
-def is_composed(folder: str | Path) -> bool:
-    return (Path(folder) / MANIFEST_FILE).is_file()
-
-
-def parent_loader(*, tracking_uri: str | None, cache_dir: Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """`load_parent` for `load_composed`: registry URIs are downloaded once per version into cache_dir."""
-    from transformers import LlamaForCausalLM
-
-    def load(ref: str) -> LlamaForCausalLM:
-        if ref.startswith("models:/"):
-            registry = Registry(tracking_uri)
-            info = registry.resolve_uri(ref)
-            dst = cache_dir / "parents" / info.name / info.version
-            if not (dst / "done").is_file():
-                (dst / "where").parent.mkdir(parents=True, exist_ok=True)
-                (dst / "where").write_text(str(registry.download(info, dst / "files")))
-                (dst / "done").write_text(info.uri)
-            found = next(Path((dst / "where").read_text()).rglob("config.json"), None)
-            if found is None:
-                raise ValueError(f"composition parent {ref}: no config.json in the registered files; not a model export")
-            folder = found.parent
-        else:
-            folder = Path(ref.removeprefix("file://")).expanduser()
-            if not (folder / "config.json").is_file():
-                raise ValueError(f"composition parent {ref!r}: not an exported model folder (no config.json) on this machine")
-        return LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
-
-    return load
-
-
-def load_composed_export(folder: str | Path, *, tracking_uri: str | None, cache_dir: Path, dtype: torch.dtype = torch.float32):
-    model = load_composed(folder, load_parent=parent_loader(tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=dtype))
-    return model.to(dtype)
+__all__ = ["ComposedEngine", "is_composed", "load_composed_export", "parent_loader"]
 
 
 class ComposedEngine(Engine):
