@@ -51,8 +51,11 @@ def run_post_registration_eval(
                 continue
             log.info("evaluating %s on %s (%d tasks)", suite, version.uri, spec.limit)
             try:
+                # A composed export's models:/ parents come from the run's registry, downloaded once
+                # into this temporary folder for all suites.
                 result = evaluate_export(suite, model_dir, limit=spec.limit, max_new_tokens=spec.max_new_tokens,
-                                         files=suite_files, workers=max(1, min(4, os.cpu_count() or 1)))
+                                         files=suite_files, workers=max(1, min(4, os.cpu_count() or 1)),
+                                         tracking_uri=registry.tracking_uri, cache_dir=Path(tmp) / "parent-cache")
                 record_on_version(result, tracking_uri=registry.tracking_uri, name=version.name, version=version.version)
             except Exception:  # noqa: BLE001 - the model is registered; an evaluation failure must not fail the run
                 log.exception("evaluation %s on %s failed; not recorded", suite, version.uri)

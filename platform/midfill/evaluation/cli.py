@@ -57,7 +57,9 @@ def register(app: typer.Typer) -> None:
                 infiller = EndpointInfiller(endpoint, api_key=api_key, model=version.name if version else None)
                 result = run_infill_suite(suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers)
             else:
-                result = evaluate_export(suite, model_dir, limit=limit, max_new_tokens=max_new_tokens, data_dir=data_dir, workers=workers)
+                # a composed export's models:/ parents: this registry, downloaded under the state dir
+                result = evaluate_export(suite, model_dir, limit=limit, max_new_tokens=max_new_tokens, data_dir=data_dir,
+                                         workers=workers, tracking_uri=tracking_uri)
         for name, value in result.metrics.items():
             typer.echo(f"{suite}/{name}: {value:.4g}")
         if output:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Protocol
 
 from midfill.evaluation.suites import InfillTask
-from midfill.export import read_metadata
 from midfill.fim import get_format
 
 
@@ -34,18 +33,24 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 class LocalInfiller:
-    """Greedy infilling with the exported model in this process (transformers, left-padded batches)."""
+    """Greedy infilling with the exported model in this process: a plain model in left-padded
+    batches (transformers generate), a composed export (composition.json) one prompt at a time with
+    its own composed cache, as serving decodes it (midfill.evaluation.models). `tracking_uri` and
+    `cache_dir` say where a composition's `models:/` parents come from and are downloaded to."""
 
-    def __init__(self, model_dir: str | Path, *, batch_size: int = 8, fim_format: str | None = None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(
+        self, model_dir: str | Path, *, batch_size: int = 8, fim_format: str | None = None,
+        tracking_uri: str | None = None, cache_dir: Path | None = None,
+    ) -> None:
+        from midfill.evaluation.models import load_export
 
         self.name = str(model_dir)
-        self.meta = read_metadata(model_dir)
+        self.loaded = load_export(model_dir, tracking_uri=tracking_uri, cache_dir=cache_dir)
+        self.meta = self.loaded.meta
         self.format = get_format(fim_format or self.meta.fim_format)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = self.loaded.tokenizer
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.model = self.loaded.model
         self.batch_size = batch_size
         self.max_context = self.meta.max_context
         stops = [*self.format.stop_tokens, *self.meta.stop_tokens]
@@ -61,27 +66,39 @@ class LocalInfiller:
             prefix, suffix = prefix[len(prefix) // 4 :], suffix[: len(suffix) * 3 // 4]
 
     def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
+        budget = self.max_context - max_new_tokens
+        if self.loaded.composed:
+            from midfill.evaluation.models import composed_greedy
+
+            rows = [composed_greedy(self.model, self._encode(t, budget), max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
+                    for t in tasks]
+            return [self._completion(row, stop) for row in rows]
+        out: list[Completion] = []
+        for start in range(0, len(tasks), self.batch_size):
+            out.extend(self._completion(row, stop) for row in self._generate(tasks[start : start + self.batch_size], budget, max_new_tokens))
+        return out
+
+    def _generate(self, tasks: list[InfillTask], budget: int, max_new_tokens: int) -> list[list[int]]:
         import torch
 
-        out: list[Completion] = []
-        budget = self.max_context - max_new_tokens
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
-        for start in range(0, len(tasks), self.batch_size):
-            batch = [self._encode(t, budget) for t in tasks[start : start + self.batch_size]]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-            with torch.inference_mode():
-                gen = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=self.stop_ids, pad_token_id=pad,
-                )
-            for row in gen[:, width:].tolist():
-                ended = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
-                text = self.tokenizer.decode(row[:ended] if ended is not None else row, skip_special_tokens=False)
-                text, cut = _cut(text, stop)
-                out.append(Completion(text=text, stopped=ended is not None or cut))
-        return out
+        batch = [self._encode(t, budget) for t in tasks]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        with torch.inference_mode():
+            gen = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=self.stop_ids, pad_token_id=pad,
+            )
+        return gen[:, width:].tolist()
+
+    def _completion(self, row: list[int], stop: list[str]) -> Completion:
+        # The middle ends at the first stop token (excluded), then at the first stop string.
+        ended = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
+        text = self.tokenizer.decode(row[:ended] if ended is not None else row, skip_special_tokens=False)
+        text, cut = _cut(text, stop)
+        return Completion(text=text, stopped=ended is not None or cut)
 
 
 class EndpointInfiller:

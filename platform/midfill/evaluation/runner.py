@@ -113,34 +113,32 @@ def _heldout(files: list[Path] | None, data_dir: Path | None) -> list[Path]:
 
 
 def run_left_to_right(
-    model_dir: Path, *, data_dir: Path | None = None, files: list[Path] | None = None, limit: int | None = None, seq_length: int = 512
+    model_dir: Path, *, data_dir: Path | None = None, files: list[Path] | None = None, limit: int | None = None,
+    seq_length: int = 512, tracking_uri: str | None = None, cache_dir: Path | None = None,
 ) -> SuiteResult:
-    """Held-out causal loss and perplexity (plain left-to-right text, no infill format)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Held-out causal loss and perplexity (plain left-to-right text, no infill format).
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    A composed export is scored through its own forward (midfill.evaluation.models.window_loss):
+    calm exactly as a plain model; codet5p with its encoder reading the first half of each window
+    and only the tokens after it counted, as it was trained. `limit` caps the windows."""
+    from midfill.evaluation.models import load_export, window_loss, windows
+
+    loaded = load_export(model_dir, tracking_uri=tracking_uri, cache_dir=cache_dir)
     files = _heldout(files, data_dir)
     # Windows of seq_length + 1 tokens (inputs + the next token) must fit the model's positions.
-    seq_length = min(seq_length, int(getattr(model.config, "max_position_embeddings", seq_length + 1)) - 1)
-    total_loss, total_tokens = 0.0, 0
-    windows = 0
+    seq_length = min(seq_length, loaded.max_positions - 1)
+    encoder_context = seq_length // 2 if loaded.mode == "codet5p" else None
+    total_loss, total_tokens, done = 0.0, 0, 0
     for path in files:
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-        for start in range(0, max(1, len(ids) - 1), seq_length):
-            chunk = torch.tensor([ids[start : start + seq_length + 1]])
-            if chunk.shape[1] < 2:
-                continue
-            with torch.inference_mode():
-                logits = model(chunk[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-            total_loss += float(loss)
-            total_tokens += chunk.shape[1] - 1
-            windows += 1
-            if limit and windows >= limit:
+        ids = loaded.tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        for chunk, context in windows(ids, seq_length=seq_length, encoder_context=encoder_context):
+            loss, counted = window_loss(loaded, chunk, context=context)
+            total_loss += loss
+            total_tokens += counted
+            done += 1
+            if limit and done >= limit:
                 break
-        if limit and windows >= limit:
+        if limit and done >= limit:
             break
     loss = total_loss / max(1, total_tokens)
     return SuiteResult(
@@ -152,14 +150,18 @@ def run_left_to_right(
 def evaluate_export(
     suite: str, model_dir: Path, *, limit: int | None = None, max_new_tokens: int = 64,
     data_dir: Path | None = None, files: list[Path] | None = None, workers: int = 2,
+    tracking_uri: str | None = None, cache_dir: Path | None = None,
 ) -> SuiteResult:
-    """One suite on an export folder, loaded in this process (what `midfill eval` and the trainer's
-    post-registration evaluation run)."""
+    """One suite on an export folder, plain or composed, loaded in this process (what `midfill eval`
+    and the trainer's post-registration evaluation run). A composition's `models:/` parents are
+    resolved at `tracking_uri` and downloaded into `cache_dir` (defaults: the core settings')."""
     if suite == "left-to-right":
-        return run_left_to_right(model_dir, data_dir=data_dir, files=files, limit=limit)
+        return run_left_to_right(model_dir, data_dir=data_dir, files=files, limit=limit,
+                                 tracking_uri=tracking_uri, cache_dir=cache_dir)
     from midfill.evaluation.infill import LocalInfiller
 
-    return run_infill_suite(suite, LocalInfiller(model_dir), limit=limit, data_dir=data_dir, files=files,
+    infiller = LocalInfiller(model_dir, tracking_uri=tracking_uri, cache_dir=cache_dir)
+    return run_infill_suite(suite, infiller, limit=limit, data_dir=data_dir, files=files,
                             max_new_tokens=max_new_tokens, workers=workers)
 
 
