@@ -70,6 +70,7 @@ BAD_SPECS = [
     ("mr", "spec.autoscaling.minReplicas", 5, "spec.autoscaling.minReplicas", "<= maxReplicas"),
     ("mr", "spec.auth", {}, "spec.auth", "auth.disabled: true"),
     ("mr", "spec.rollout.canarySteps", [50, 10], "spec.rollout.canarySteps", "increasing"),
+    ("mr", "spec.rollout.strategy", "Canary", "spec.rollout.strategy", "not implemented yet; use InPlace"),
     ("mr", "spec.serving.maxNewTokens", 0, "spec.serving.maxNewTokens", "greater than or equal to 1"),
 ]
 

@@ -151,18 +151,24 @@ class RolloutSpec(ApiModel):
 
     strategy: Literal["InPlace", "Canary"] = Field(
         default="InPlace",
-        description="InPlace swaps the model inside the running cluster (no second cluster, no 2x GPUs); "
-        "Canary shifts traffic in steps. Default InPlace.",
+        description="InPlace swaps the model inside the running cluster (no second cluster, no 2x GPUs), "
+        "with automatic rollback. Canary (traffic in steps) is reserved: not implemented yet, so it is "
+        "refused rather than silently rolled in place. Default InPlace.",
     )
     canary_steps: list[int] = Field(
         default_factory=lambda: [10, 50, 100],
-        description="Canary traffic percentages, increasing, ending at 100. Default [10, 50, 100].",
+        description="Canary traffic percentages, increasing, ending at 100 (for strategy Canary, reserved). Default [10, 50, 100].",
     )
     auto_rollback: bool = Field(default=True, description="Return to the previous stable version if the new one is not healthy in time. Default true.")
     health_deadline_seconds: int = Field(default=600, ge=10, description="How long a new version may take to become healthy. Default 600.")
 
     @model_validator(mode="after")
     def _steps(self) -> RolloutSpec:
+        if self.strategy == "Canary":
+            raise ValueError(
+                "strategy: Canary is not implemented yet; use InPlace (the new version replaces the old one "
+                "in the running cluster and is rolled back if it is not healthy within healthDeadlineSeconds)"
+            )
         steps = self.canary_steps
         if any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or (steps and steps[-1] != 100):
             raise ValueError(
