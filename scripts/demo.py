@@ -75,6 +75,7 @@ def main() -> int:
     registered = run["status"]["registeredModel"]
     model, version = registered["name"], registered["version"]
     midfill("get", "tr")
+    midfill("describe", "tr", "fim-debug")  # status, conditions and the line-em score recorded on the version
 
     step(f"2/4 Approve {registered['uri']} (a reviewer does this in the MLflow UI)")
     midfill("approve", model, "--version", version)
