@@ -35,27 +35,26 @@ class ComposedEngine(Engine):
         # the cache keeps its memory for the later steps.
         return {"encoder_input_ids": ids} if self.model.mode == "codet5p" else {}
 
-    def _admit(self, seq: _Seq) -> None:
-        ids = torch.tensor([seq.prompt_ids])
-        cache = self.model.new_cache()
-        with torch.inference_mode():
+    def _admit(self, group: list[_Seq]) -> None:
+        for seq in group:
+            ids = torch.tensor([seq.prompt_ids])
+            cache = self.model.new_cache()
             logits = self.model(ids, cache=cache, **self._context(ids)).logits[:, -1]
-        token = self._sample(logits, [seq])[0]
-        self._running.append(seq)
-        self._state[id(seq)] = (cache, token)
-        if self._accept(seq, token):
-            self._retire([seq], reason=None)
+            token = self._sample(logits, [seq])[0]
+            self._running.append(seq)
+            self._state[id(seq)] = (cache, token)
+            if self._accept(seq, token):
+                self._retire([seq], reason=None)
 
     def _decode(self) -> None:
         finished = []
-        with torch.inference_mode():
-            for seq in list(self._running):
-                cache, nxt = self._state[id(seq)]
-                logits = self.model(torch.tensor([[nxt]]), cache=cache).logits[:, -1]
-                token = self._sample(logits, [seq])[0]
-                self._state[id(seq)] = (cache, token)
-                if self._accept(seq, token):
-                    finished.append(seq)
+        for seq in list(self._running):
+            cache, nxt = self._state[id(seq)]
+            logits = self.model(torch.tensor([[nxt]]), cache=cache).logits[:, -1]
+            token = self._sample(logits, [seq])[0]
+            self._state[id(seq)] = (cache, token)
+            if self._accept(seq, token):
+                finished.append(seq)
         self.steps += 1
         self._retire(finished, reason=None)
 

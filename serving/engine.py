@@ -1,9 +1,10 @@
 """The generation engine: loads an export and runs a continuous batch of requests on one KV cache.
 
 Why this design (CPU-NOTES): on a CPU, prompt processing dominates and transformers' own continuous
-batching ran at 0.4-1.0x sequential. So each request's prompt is prefilled on its own (no padding
-waste, logits only for the last position) and its KV cache is then spliced into the running decode
-batch, left-padded; every decode step advances all running requests with one forward pass. Requests
+batching ran at 0.4-1.0x sequential. So waiting requests are prefilled in small groups between decode
+steps (left-padded to the group's longest prompt, up to `max_prefill_tokens`, logits only for the
+last position) and their keys/values are copied into the decode batch's preallocated buffers
+(serving.kv_slots); every decode step advances all running requests with one forward pass. Requests
 join and leave between steps, so a late arrival never waits for a whole batch to finish.
 
 One background thread owns the model and the cache. Callers submit a request and get a handle; the
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from midfill.export import ExportMetadata, read_metadata
 from midfill.fim import FimFormat, get_format
+from serving.kv_slots import DecodeBatchCache
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class Engine:
         metadata: ExportMetadata,
         *,
         max_batch_size: int = 16,
+        max_prefill_tokens: int = 2048,
         max_context: int | None = None,
         fim_format: str | None = None,
     ) -> None:
@@ -138,6 +141,9 @@ class Engine:
         self.metadata = metadata
         self.fim: FimFormat = get_format(fim_format or metadata.fim_format)
         self.max_batch_size = max_batch_size
+        # Prompts prefilled together in one forward (padded tokens): batching prefills is ~20% faster
+        # per prompt on CPU, but the running requests wait for the whole group.
+        self.max_prefill_tokens = max_prefill_tokens
         if max_context is not None and max_context > metadata.max_context:
             raise ValueError(f"max_context_tokens {max_context} exceeds the model's max_context {metadata.max_context}")
         self.max_context = max_context or metadata.max_context
@@ -150,10 +156,9 @@ class Engine:
         self._inbox: queue.Queue[_Seq | None] = queue.Queue()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
-        self._positions: torch.Tensor | None = None  # (B,) real tokens in the cache per row
-        self._next: torch.Tensor | None = None  # (B,) last sampled token, input of the next step
+        self._kv: DecodeBatchCache | None = None  # keys/values of the running rows, created on first use
+        self._positions = torch.zeros(0, dtype=torch.long)  # (B,) real tokens in the cache per row
+        self._next = torch.zeros(0, dtype=torch.long)  # (B,) last sampled token, input of the next step
         self._closed = False
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
@@ -262,7 +267,10 @@ class Engine:
 
     # -- the loop (engine thread only) ----------------------------------------------------------------
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            self._serve_until_closed()
+
+    def _serve_until_closed(self) -> None:
         while not self._closed:
             block = not self._running and not self._waiting
             try:
@@ -290,53 +298,64 @@ class Engine:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled")
         self._retire([s for s in self._running if s.cancelled], reason="cancelled")
-        # Admit one waiting request per step: its prefill is the expensive part, and interleaving
-        # prefills with decode steps keeps the running requests streaming.
-        if self._waiting and len(self._running) < self.max_batch_size:
-            self._admit(self._waiting.popleft())
+        # Admit waiting requests between decode steps: their prefill is the expensive part, and
+        # interleaving it with decode steps keeps the running requests streaming.
+        group = self._admissions()
+        if group:
+            self._admit(group)
         if self._running:
             self._decode()
 
-    def _admit(self, seq: _Seq) -> None:
-        ids = torch.tensor([seq.prompt_ids])
-        cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        token = self._sample(logits, [seq])[0]
-        self._merge(cache, seq, token)
-        if self._accept(seq, token):  # the first token already ended it (a stop, or max_tokens=1)
-            self._retire([seq], reason=None)
+    def _admissions(self) -> list[_Seq]:
+        """The waiting requests to prefill together this step: as many as fit the free rows and
+        `max_prefill_tokens` (padded to the longest prompt), and always at least one."""
+        group: list[_Seq] = []
+        longest = 0
+        while self._waiting and len(self._running) + len(group) < self.max_batch_size:
+            longest_with = max(longest, len(self._waiting[0].prompt_ids))
+            if group and longest_with * (len(group) + 1) > self.max_prefill_tokens:
+                break
+            group.append(self._waiting.popleft())
+            longest = longest_with
+        return group
 
-    def _merge(self, cache: DynamicCache, seq: _Seq, token: int) -> None:
-        """Splice a prefilled (1, H, t, D) cache into the running batch, left-padding the shorter side."""
-        t = len(seq.prompt_ids)
-        new_mask = torch.ones(1, t, dtype=torch.long)
-        if self._cache is None:
-            self._cache, self._mask = cache, new_mask
-            self._positions, self._next = torch.tensor([t]), torch.tensor([token])
-            self._running = [seq]
-            return
-        T = self._mask.shape[1]
-        width = max(T, t)
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(new_mask, width, dim=1)], dim=0)
-        self._positions = torch.cat([self._positions, torch.tensor([t])])
-        self._next = torch.cat([self._next, torch.tensor([token])])
-        self._running.append(seq)
+    def _admit(self, group: list[_Seq]) -> None:
+        """Prefill a group in one forward pass (left-padded to its longest prompt), then move its
+        keys/values into the decode batch."""
+        width = max(len(s.prompt_ids) for s in group)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group])
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group])
+        cache = DynamicCache(config=self.model.config)
+        padded = len(group) > 1 and not bool(mask.all())
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask if padded else None,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        tokens = self._sample(logits, group)
+        if self._kv is None:
+            self._kv = DecodeBatchCache(self.max_context)
+        self._kv.add(cache, mask)
+        self._positions = torch.cat([self._positions, mask.sum(dim=1)])
+        self._next = torch.cat([self._next, torch.tensor(tokens)])
+        self._running.extend(group)
+        finished = [seq for seq, token in zip(group, tokens, strict=True) if self._accept(seq, token)]
+        self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
 
     def _decode(self) -> None:
-        B = len(self._running)
-        self._mask = torch.cat([self._mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=self._next[:, None],
-                attention_mask=self._mask,
-                position_ids=self._positions[:, None],
-                past_key_values=self._cache,
-                use_cache=True,
-            ).logits[:, -1]
+        mask = self._kv.begin_step()
+        logits = self.model(
+            input_ids=self._next[:, None],
+            attention_mask=mask,
+            position_ids=self._positions[:, None],
+            past_key_values=self._kv.cache,
+            use_cache=True,
+        ).logits[:, -1]
+        self._kv.end_step()
         self.steps += 1
         self._positions = self._positions + 1
         tokens = self._sample(logits, self._running)
@@ -405,35 +424,23 @@ class Engine:
             log.exception("output callback failed")
 
     def _retire(self, seqs: list[_Seq], *, reason: str | None) -> None:
-        """Remove finished or cancelled rows from the batch and trim columns that are padding everywhere."""
+        """Remove finished or cancelled rows from the batch."""
         if not seqs:
             return
         for seq in seqs:
             if reason:
                 self._finish(seq, reason)
         gone = set(map(id, seqs))
-        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
-        if not keep:
+        order = self._kv.remove([i for i, s in enumerate(self._running) if id(s) in gone])
+        if not order:
             self._reset_batch()
             return
-        idx = torch.tensor(keep)
-        first_real = int((self._mask[idx].cumsum(dim=1) == 0).sum(dim=1).min())
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[idx, :, first_real:]
-            layer.values = layer.values[idx, :, first_real:]
-        self._mask = self._mask[idx, first_real:]
+        idx = torch.tensor(order)
         self._positions, self._next = self._positions[idx], self._next[idx]
-        self._running = [self._running[i] for i in keep]
+        self._running = [self._running[i] for i in order]
 
     def _reset_batch(self) -> None:
-        self._running, self._cache, self._mask, self._positions, self._next = [], None, None, None, None
-
-
-def _left_pad(x: torch.Tensor, width: int, *, dim: int = 2) -> torch.Tensor:
-    """Zero-pad `x` on the left of `dim` up to `width` (zeros, not garbage: padded K/V stay finite)."""
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+        self._running = []
+        self._positions, self._next = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        if self._kv is not None:
+            self._kv.clear()
