@@ -26,6 +26,9 @@ def serve(
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (explicit opt-out).")] = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name reported by /v1/models.")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together.")] = 16,
+    max_prefill_tokens: Annotated[
+        int, typer.Option("--max-prefill-tokens", help="Padded prompt tokens prefilled together per step.")
+    ] = 2048,
     num_cpus: Annotated[float, typer.Option("--num-cpus", help="CPUs for the replica (torch threads).")] = 1,
 ) -> None:
     """Serve a model locally on Ray Serve (OpenAI /v1/completions) until Ctrl-C."""
@@ -41,6 +44,7 @@ def serve(
             api_keys_file=str(api_key_file.resolve()) if api_key_file else None,
             auth_disabled=no_auth,
             max_batch_size=max_batch_size,
+            max_prefill_tokens=max_prefill_tokens,
             num_cpus=num_cpus,
         )
     except ValueError as exc:

@@ -47,7 +47,7 @@ log = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 # Settings that change without reloading the model (Ray Serve user_config -> reconfigure()).
-RELOADABLE = ("max_new_tokens", "max_batch_size", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
+RELOADABLE = ("max_new_tokens", "max_batch_size", "max_prefill_tokens", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
 
 api = FastAPI(title="midfill infill endpoint", docs_url=None, redoc_url=None)
 
@@ -134,6 +134,7 @@ class InfillServer:
                 folder,
                 dtype=self.settings.serve_dtype,
                 max_batch_size=self.max_batch_size,
+                max_prefill_tokens=self.args.max_prefill_tokens,
                 max_context=self.args.max_context_tokens,
                 fim_format=self.args.fim_format,
                 tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),  # a composed model's parents
@@ -157,6 +158,7 @@ class InfillServer:
         self.max_batch_size = merged.max_batch_size
         if self.engine is not None:
             self.engine.max_batch_size = merged.max_batch_size
+            self.engine.max_prefill_tokens = merged.max_prefill_tokens
         self.args = merged
 
     def check_health(self) -> None:

@@ -98,6 +98,15 @@ class ServingSpec(ApiModel):
         default=None, description="Override the model's FIM format (from midfill.json). Default: the model's."
     )
     max_batch_size: int = Field(default=16, ge=1, le=512, description="Requests decoded together per replica. Default 16.")
+    max_prefill_tokens: int = Field(
+        default=2048,
+        ge=1,
+        le=1048576,
+        description=(
+            "Prompt tokens (padded) prefilled together in one step; larger groups raise throughput but stall "
+            "running streams longer. A longer prompt is still prefilled, alone. Default 2048."
+        ),
+    )
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Concurrent requests per replica (Ray Serve); keep above expected concurrency. Default 64."
     )
