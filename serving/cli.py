@@ -29,6 +29,9 @@ def serve(
     max_prefill_tokens: Annotated[
         int, typer.Option("--max-prefill-tokens", help="Padded prompt tokens prefilled together per step.")
     ] = 2048,
+    prefix_cache_tokens: Annotated[
+        int, typer.Option("--prefix-cache-tokens", help="Recent prompt tokens kept for reuse (0 disables).")
+    ] = 8192,
     num_cpus: Annotated[float, typer.Option("--num-cpus", help="CPUs for the replica (torch threads).")] = 1,
 ) -> None:
     """Serve a model locally on Ray Serve (OpenAI /v1/completions) until Ctrl-C."""
@@ -45,6 +48,7 @@ def serve(
             auth_disabled=no_auth,
             max_batch_size=max_batch_size,
             max_prefill_tokens=max_prefill_tokens,
+            prefix_cache_tokens=prefix_cache_tokens,
             num_cpus=num_cpus,
         )
     except ValueError as exc:

@@ -3,8 +3,8 @@
 Why this design (CPU-NOTES): on a CPU, prompt processing dominates and transformers' own continuous
 batching ran at 0.4-1.0x sequential. So waiting requests are prefilled in small groups between decode
 steps (left-padded to the group's longest prompt, up to `max_prefill_tokens`, logits only for the
-last position) and their keys/values are copied into the decode batch's preallocated buffers
-(serving.kv_slots); every decode step advances all running requests with one forward pass. Requests
+last position; a prompt that starts like a recent one reuses its keys/values -- serving.prefill) and
+their keys/values are copied into the decode batch's preallocated buffers (serving.kv_slots); every decode step advances all running requests with one forward pass. Requests
 join and leave between steps, so a late arrival never waits for a whole batch to finish.
 
 One background thread owns the model and the cache. Callers submit a request and get a handle; the
@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from midfill.export import ExportMetadata, read_metadata
 from midfill.fim import FimFormat, get_format
 from serving.kv_slots import DecodeBatchCache
+from serving.prefill import Prefiller
+from serving.prefix_cache import PrefixCache
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class StepOutput:
     finish_reason: str | None = None  # stop | length | cancelled | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # on the finish: prompt tokens served from the prefix cache
     error: str | None = None
 
 
@@ -92,6 +95,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -105,6 +109,7 @@ class _Seq:
     cancelled: bool = False
     done: bool = False
     stop_token: bool = False
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused (serving.prefix_cache)
     submitted_at: float = field(default_factory=time.monotonic)
 
 
@@ -133,6 +138,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         max_prefill_tokens: int = 2048,
+        prefix_cache_tokens: int = 8192,
         max_context: int | None = None,
         fim_format: str | None = None,
     ) -> None:
@@ -144,6 +150,9 @@ class Engine:
         # Prompts prefilled together in one forward (padded tokens): batching prefills is ~20% faster
         # per prompt on CPU, but the running requests wait for the whole group.
         self.max_prefill_tokens = max_prefill_tokens
+        # Recent prompts' keys/values, reused by prompts that start the same way (0 disables).
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self._prefiller = Prefiller(model, pad_id=tokenizer.pad_token_id or 0, prefix_cache=self.prefix_cache)
         if max_context is not None and max_context > metadata.max_context:
             raise ValueError(f"max_context_tokens {max_context} exceeds the model's max_context {metadata.max_context}")
         self.max_context = max_context or metadata.max_context
@@ -226,7 +235,7 @@ class Engine:
             if out.finished:
                 if out.finish_reason == "error":
                     raise RuntimeError(out.error)
-                return Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+                return Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.cached_tokens)
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams) -> Completion:
         """The middle between prefix and suffix, in the model's own FIM format."""
@@ -320,31 +329,20 @@ class Engine:
         return group
 
     def _admit(self, group: list[_Seq]) -> None:
-        """Prefill a group in one forward pass (left-padded to its longest prompt), then move its
-        keys/values into the decode batch."""
-        width = max(len(s.prompt_ids) for s in group)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group])
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group])
-        cache = DynamicCache(config=self.model.config)
-        padded = len(group) > 1 and not bool(mask.all())
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask if padded else None,
-            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        tokens = self._sample(logits, group)
-        if self._kv is None:
-            self._kv = DecodeBatchCache(self.max_context)
-        self._kv.add(cache, mask)
-        self._positions = torch.cat([self._positions, mask.sum(dim=1)])
-        self._next = torch.cat([self._next, torch.tensor(tokens)])
-        self._running.extend(group)
-        finished = [seq for seq, token in zip(group, tokens, strict=True) if self._accept(seq, token)]
-        self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
+        """Prefill the group (serving.prefill) and move its keys/values into the decode batch."""
+        for indices, done in self._prefiller.run([s.prompt_ids for s in group]):
+            seqs = [group[i] for i in indices]
+            for seq, cached in zip(seqs, done.cached_tokens, strict=True):
+                seq.cached_tokens = cached
+            tokens = self._sample(done.logits, seqs)
+            if self._kv is None:
+                self._kv = DecodeBatchCache(self.max_context)
+            self._kv.add(done.cache, done.mask)
+            self._positions = torch.cat([self._positions, done.mask.sum(dim=1)])
+            self._next = torch.cat([self._next, torch.tensor(tokens)])
+            self._running.extend(seqs)
+            finished = [seq for seq, token in zip(seqs, tokens, strict=True) if self._accept(seq, token)]
+            self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
 
     def _decode(self) -> None:
         mask = self._kv.begin_step()
@@ -417,6 +415,7 @@ class Engine:
                     prompt_tokens=len(seq.prompt_ids),
                     # The stop token was generated (and costs the same), so usage counts it.
                     completion_tokens=len(seq.out_ids) + int(seq.stop_token),
+                    cached_tokens=seq.cached_tokens,
                     error=error,
                 )
             )

@@ -47,7 +47,7 @@ log = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 # Settings that change without reloading the model (Ray Serve user_config -> reconfigure()).
-RELOADABLE = ("max_new_tokens", "max_batch_size", "max_prefill_tokens", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
+RELOADABLE = ("max_new_tokens", "max_batch_size", "max_prefill_tokens", "prefix_cache_tokens", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
 
 api = FastAPI(title="midfill infill endpoint", docs_url=None, redoc_url=None)
 
@@ -90,6 +90,9 @@ class Metrics:
         )
         self.prompt_tokens = Counter("midfill_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.generated_tokens = Counter("midfill_generated_tokens", "Tokens generated.", registry=self.registry)
+        self.cached_prompt_tokens = Counter(
+            "midfill_prompt_tokens_cached", "Prompt tokens whose keys/values were reused (prefix cache).", registry=self.registry
+        )
         Gauge("midfill_queue_depth", "Requests waiting for a batch slot.", registry=self.registry).set_function(
             lambda: engine_stats()["waiting"]
         )
@@ -135,6 +138,7 @@ class InfillServer:
                 dtype=self.settings.serve_dtype,
                 max_batch_size=self.max_batch_size,
                 max_prefill_tokens=self.args.max_prefill_tokens,
+                prefix_cache_tokens=self.args.prefix_cache_tokens,
                 max_context=self.args.max_context_tokens,
                 fim_format=self.args.fim_format,
                 tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),  # a composed model's parents
@@ -159,6 +163,7 @@ class InfillServer:
         if self.engine is not None:
             self.engine.max_batch_size = merged.max_batch_size
             self.engine.max_prefill_tokens = merged.max_prefill_tokens
+            self.engine.prefix_cache.max_tokens = merged.prefix_cache_tokens  # shrinks on the next store
         self.args = merged
 
     def check_health(self) -> None:
@@ -294,7 +299,7 @@ class InfillServer:
             raise ApiError(500, last.error or "generation failed", code="generation_failed")
         return completion_body(
             id_=completion_id(), model=self.model_name, text="".join(text), finish_reason=last.finish_reason,
-            usage_=usage(last.prompt_tokens, last.completion_tokens),
+            usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
         )
 
     async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str):
@@ -308,7 +313,7 @@ class InfillServer:
                 if out.text or out.finished:
                     yield _sse_event(completion_body(id_=id_, model=self.model_name, text=out.text, finish_reason=out.finish_reason if out.finished else None, usage_=None, created=created))
             if include_usage and last is not None:
-                yield _sse_event(usage_chunk(id_=id_, model=self.model_name, created=created, usage_=usage(last.prompt_tokens, last.completion_tokens)))
+                yield _sse_event(usage_chunk(id_=id_, model=self.model_name, created=created, usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)))
             yield "data: [DONE]\n\n"
         finally:
             # Runs on normal end and when the client disconnects (the generator is closed, which
@@ -323,3 +328,4 @@ class InfillServer:
         self.metrics.latency.labels(stream=stream).observe(time.monotonic() - start)
         if last is not None:
             self.metrics.generated_tokens.inc(last.completion_tokens)
+            self.metrics.cached_prompt_tokens.inc(last.cached_tokens)

@@ -27,6 +27,7 @@ class ServeArgs(BaseModel):
     fim_format: Literal["codegen2", "starcoder"] | None = None
     max_batch_size: int = Field(default=16, ge=1)
     max_prefill_tokens: int = Field(default=2048, ge=1, description="Padded prompt tokens prefilled together per step.")
+    prefix_cache_tokens: int = Field(default=8192, ge=0, description="Recent prompt tokens kept for reuse (0 disables).")
     # Ray Serve deployment options
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
@@ -74,6 +75,7 @@ class ServeArgs(BaseModel):
             fim_format=spec.serving.fim_format,
             max_batch_size=spec.serving.max_batch_size,
             max_prefill_tokens=spec.serving.max_prefill_tokens,
+            prefix_cache_tokens=spec.serving.prefix_cache_tokens,
             min_replicas=spec.autoscaling.min_replicas,
             max_replicas=spec.autoscaling.max_replicas,
             target_ongoing_requests=spec.autoscaling.target_ongoing_requests,

@@ -74,6 +74,22 @@ def test_batched_greedy_equals_sequential_generate(engine):
         assert result.prompt_tokens == len(ids)
 
 
+def test_an_edited_prompt_reuses_the_earlier_prompts_work_and_decodes_the_same(engine):
+    import sysconfig
+    from pathlib import Path
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[2000:2600]
+    before = engine.encode(engine.infill_prompt(text, "\n    return result\n"))
+    after = engine.encode(engine.infill_prompt(text + "x = ", "\n    return result\n"))  # the user typed
+    common = next(i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b)
+    assert common >= 64
+    first = engine.generate(before, SamplingParams(max_tokens=8))
+    second = engine.generate(after, SamplingParams(max_tokens=8))
+    assert first.cached_tokens == 0  # nothing like it was seen before
+    assert second.cached_tokens == common
+    assert second.token_ids == _reference(engine, after, 8)
+
+
 def test_max_tokens_is_honoured(engine):
     result = engine.generate(_prompts(engine)[0], SamplingParams(max_tokens=5))
     assert (result.finish_reason, result.completion_tokens, len(result.token_ids)) == ("length", 5, 5)

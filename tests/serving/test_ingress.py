@@ -76,6 +76,17 @@ def test_suffix_mode_applies_the_models_template(client, reference):
     assert out.model == "tiny" and out.object == "text_completion"
 
 
+def test_a_resent_file_reports_cached_prompt_tokens_in_usage(client, reference):
+    # An editor resends the file as the user types: the second prompt starts like the first.
+    body = "import os\n\n\ndef walk(top):\n    # Yield every file under top.\n    for root, dirs, files in os.walk(top):\n"
+    first = _greedy(client, prompt=body + "        for ", suffix=SUFFIX, max_tokens=6)
+    second = _greedy(client, prompt=body + "        for name", suffix=SUFFIX, max_tokens=6)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    expected = reference.infill(body + "        for name", SUFFIX, SamplingParams(max_tokens=6))
+    assert second.choices[0].text == expected.text
+
+
 def test_raw_starcoder_template_is_translated_to_the_native_format(client):
     raw = _greedy(client, prompt=f"{FIM_PREFIX}{PREFIX}{FIM_SUFFIX}{SUFFIX}{FIM_MIDDLE}", max_tokens=12)
     with_suffix = _greedy(client, prompt=PREFIX, suffix=SUFFIX, max_tokens=12)

@@ -107,6 +107,16 @@ class ServingSpec(ApiModel):
             "running streams longer. A longer prompt is still prefilled, alone. Default 2048."
         ),
     )
+    prefix_cache_tokens: int = Field(
+        default=8192,
+        ge=0,
+        le=16777216,
+        description=(
+            "Prompt tokens of recent requests whose keys/values are kept per replica, so a prompt that starts "
+            "like a recent one (an editor resending the file as the user types) prefills only the rest. "
+            "0 disables. Default 8192."
+        ),
+    )
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Concurrent requests per replica (Ray Serve); keep above expected concurrency. Default 64."
     )
