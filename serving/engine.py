@@ -166,8 +166,9 @@ class Engine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._kv: DecodeBatchCache | None = None  # keys/values of the running rows, created on first use
-        self._positions = torch.zeros(0, dtype=torch.long)  # (B,) real tokens in the cache per row
-        self._next = torch.zeros(0, dtype=torch.long)  # (B,) last sampled token, input of the next step
+        self.device = next(model.parameters()).device  # inputs go where the weights are
+        self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) real tokens in the cache per row
+        self._next = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) last sampled token, input of the next step
         self._closed = False
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
@@ -176,11 +177,19 @@ class Engine:
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
     def from_export(
-        cls, path: str | Path, *, dtype: str = "float32", tracking_uri: str | None = None, cache_dir: Path | None = None, **kwargs
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        tracking_uri: str | None = None,
+        cache_dir: Path | None = None,
+        **kwargs,
     ) -> Engine:
-        """Load an export folder (midfill.export contract). A composed export (composition.json)
-        loads its parents by reference -- models:/ ones from `tracking_uri` into `cache_dir`
-        (default: the serving settings') -- and is served by `serving.composed.ComposedEngine`."""
+        """Load an export folder (midfill.export contract) onto `device` (serving.settings.resolve_device).
+        A composed export (composition.json) loads its parents by reference -- models:/ ones from
+        `tracking_uri` into `cache_dir` (default: the serving settings') -- and is served by
+        `serving.composed.ComposedEngine`, on the CPU for now."""
         meta = read_metadata(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         from serving import composed
@@ -195,7 +204,7 @@ class Engine:
             model = composed.load_composed_export(path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype))
             return composed.ComposedEngine(model, tokenizer, meta, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), attn_implementation="sdpa")
-        return cls(model, tokenizer, meta, **kwargs)
+        return cls(model.to(device), tokenizer, meta, **kwargs)
 
     # -- the pure API ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -339,7 +348,7 @@ class Engine:
                 self._kv = DecodeBatchCache(self.max_context)
             self._kv.add(done.cache, done.mask)
             self._positions = torch.cat([self._positions, done.mask.sum(dim=1)])
-            self._next = torch.cat([self._next, torch.tensor(tokens)])
+            self._next = torch.cat([self._next, torch.tensor(tokens, device=self.device)])
             self._running.extend(seqs)
             finished = [seq for seq, token in zip(seqs, tokens, strict=True) if self._accept(seq, token)]
             self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
@@ -357,7 +366,7 @@ class Engine:
         self.steps += 1
         self._positions = self._positions + 1
         tokens = self._sample(logits, self._running)
-        self._next = torch.tensor(tokens)
+        self._next = torch.tensor(tokens, device=self.device)
         finished = []
         for seq, token in zip(self._running, tokens, strict=True):
             if self._accept(seq, token):
@@ -372,7 +381,8 @@ class Engine:
             p = seq.params
             if p.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+            # On the CPU: the request's generator lives there, and one row is cheap to move.
+            probs = torch.softmax(logits[i].cpu() / p.temperature, dim=-1)
             if p.top_p < 1:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
@@ -434,12 +444,13 @@ class Engine:
         if not order:
             self._reset_batch()
             return
-        idx = torch.tensor(order)
+        idx = torch.tensor(order, device=self.device)
         self._positions, self._next = self._positions[idx], self._next[idx]
         self._running = [self._running[i] for i in order]
 
     def _reset_batch(self) -> None:
         self._running = []
-        self._positions, self._next = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._next = torch.zeros(0, dtype=torch.long, device=self.device)
         if self._kv is not None:
             self._kv.clear()

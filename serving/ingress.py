@@ -133,9 +133,11 @@ class InfillServer:
 
         try:
             torch.set_num_threads(self.settings.serve_torch_threads or max(1, int(self.args.num_cpus)))
+            device, dtype = self.settings.device_and_dtype()
             self.engine = Engine.from_export(
                 folder,
-                dtype=self.settings.serve_dtype,
+                dtype=dtype,
+                device=device,
                 max_batch_size=self.max_batch_size,
                 max_prefill_tokens=self.args.max_prefill_tokens,
                 prefix_cache_tokens=self.args.prefix_cache_tokens,

@@ -30,6 +30,7 @@ class Prefiller:
 
     def __init__(self, model, *, pad_id: int, prefix_cache: PrefixCache | None) -> None:
         self.model, self.pad_id, self.prefix_cache = model, pad_id, prefix_cache
+        self.device = next(model.parameters()).device
 
     def run(self, prompts: list[list[int]]) -> list[tuple[list[int], Prefilled]]:
         """Prefill `prompts`; returns (indices into prompts, their Prefilled) per forward pass."""
@@ -44,8 +45,8 @@ class Prefiller:
 
     def _group(self, prompts: list[list[int]]) -> Prefilled:
         width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         cache = DynamicCache(config=self.model.config)
         padded = not bool(mask.all())
         logits = self.model(
@@ -65,7 +66,8 @@ class Prefiller:
         cache = self.prefix_cache.start_cache(reuse, self.model.config)
         # Positions and the causal mask follow from the cache's length (transformers' cache_position).
         logits = self.model(
-            input_ids=torch.tensor([prompt[reuse.tokens :]]), past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=torch.tensor([prompt[reuse.tokens :]], device=self.device), past_key_values=cache, use_cache=True,
+            logits_to_keep=1,
         ).logits[:, -1]
         self.prefix_cache.store(prompt, cache)
-        return Prefilled(cache, torch.ones(1, len(prompt), dtype=torch.long), logits, [reuse.tokens])
+        return Prefilled(cache, torch.ones(1, len(prompt), dtype=torch.long, device=self.device), logits, [reuse.tokens])

@@ -12,11 +12,18 @@ from midfill.settings import CoreSettings
 
 
 class ServingSettings(CoreSettings):
-    """Env: MIDFILL_SERVE_DTYPE, MIDFILL_SERVE_TORCH_THREADS, MIDFILL_SERVE_MODEL_CACHE,
+    """Env: MIDFILL_SERVE_DEVICE, MIDFILL_SERVE_DTYPE, MIDFILL_SERVE_TORCH_THREADS, MIDFILL_SERVE_MODEL_CACHE,
     MIDFILL_SERVE_LOAD_TIMEOUT_S, MIDFILL_API_KEY."""
 
-    serve_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="Weights and activations dtype. bfloat16 speeds up prompt processing on CPUs with AMX/avx512_bf16."
+    serve_device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the model runs: auto = the replica's GPU when it has one (num_gpus), else the CPU."
+    )
+    serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "Weights and activations dtype. auto = bfloat16 on a GPU, float32 on a CPU (bfloat16 speeds up prompt "
+            "processing on CPUs with AMX/avx512_bf16 but changes greedy tokens slightly)."
+        ),
     )
     serve_torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads per replica (default: the replica's num_cpus)."
@@ -28,6 +35,20 @@ class ServingSettings(CoreSettings):
         default=600, gt=0, description="How long a request waits for a replica that is still loading its model before a 503."
     )
     api_key: str | None = Field(default=None, description="Key `midfill complete` sends (env MIDFILL_API_KEY).")
+
+    def device_and_dtype(self) -> tuple[str, str]:
+        """The resolved (device, dtype) for this process."""
+        import torch
+
+        device = self.serve_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("MIDFILL_SERVE_DEVICE=cuda but no CUDA GPU is visible to this replica (num_gpus: 0?)")
+        dtype = self.serve_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        return device, dtype
 
     def model_cache(self) -> Path:
         return self.serve_model_cache or (self.state_dir / "models")

@@ -168,3 +168,23 @@ def test_closing_the_async_stream_cancels_the_request(engine):
             break
         threading.Event().wait(0.05)
     assert engine.stats() == {"running": 0, "waiting": 0}
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_batched_greedy_equals_generate(tiny_export):
+    eng = Engine.from_export(tiny_export, device="cuda", max_batch_size=8)
+    try:
+        prompts = _prompts(eng)
+        results = _run_concurrently(eng, prompts, SamplingParams(max_tokens=16))
+        for ids, result in zip(prompts, results, strict=True):
+            expected = eng.model.generate(
+                torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                max_new_tokens=16, do_sample=False, eos_token_id=sorted(eng.stop_token_ids), pad_token_id=eng.tokenizer.pad_token_id,
+            )[0, len(ids):].tolist()
+            while expected and expected[-1] in eng.stop_token_ids:
+                expected.pop()
+            assert result.token_ids == expected
+        sampled = eng.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=1))
+        assert sampled.completion_tokens >= 1
+    finally:
+        eng.close()

@@ -1,0 +1,35 @@
+"""Where and in what precision a replica runs its model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.settings import ServingSettings
+
+
+def test_auto_runs_on_the_cpu_in_float32_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ServingSettings().device_and_dtype() == ("cpu", "float32")
+    monkeypatch.setenv("MIDFILL_SERVE_DTYPE", "bfloat16")
+    assert ServingSettings().device_and_dtype() == ("cpu", "bfloat16")
+
+
+def test_auto_takes_the_replicas_gpu_in_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ServingSettings().device_and_dtype() == ("cuda", "bfloat16")
+    monkeypatch.setenv("MIDFILL_SERVE_DEVICE", "cpu")
+    assert ServingSettings().device_and_dtype() == ("cpu", "float32")
+
+
+def test_asking_for_cuda_without_a_gpu_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MIDFILL_SERVE_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="num_gpus"):
+        ServingSettings().device_and_dtype()
+
+
+def test_an_unknown_device_is_refused(monkeypatch):
+    monkeypatch.setenv("MIDFILL_SERVE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="serve_device"):
+        ServingSettings()
