@@ -5,7 +5,7 @@ serveConfigV2 (import_path serving.app:build_app, args = midfill.serve_args.Serv
 Ray's options come from the args: autoscaling, and max_ongoing_requests sized above the expected
 concurrency (Ray's default of 5 collapses throughput, CPU-NOTES). The replica itself admits up to
 max_ongoing_requests + max_queued_requests generation requests and answers 429 beyond that; Ray's
-own queue is a backstop sized to the whole deployment's capacity.
+own queue is a backstop at twice the whole deployment's capacity.
 Limits and keys go through user_config, so changing them calls reconfigure() instead of reloading;
 changing model_uri rolls new replicas in while old ones drain their requests.
 """
@@ -21,6 +21,8 @@ from serving.ingress import RELOADABLE, InfillServer
 
 # Routes that are not generation (health, metrics, models) must still reach a full replica.
 CONTROL_HEADROOM = 8
+# Ray's own queue limit, as a multiple of what the replicas admit (see deployment_options).
+BACKSTOP_FACTOR = 2
 # Long streams finish on the old replica while a new model version takes over.
 GRACEFUL_SHUTDOWN_S = 300
 
@@ -31,9 +33,12 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": args.max_ongoing_requests + queued + CONTROL_HEADROOM,
         # Ray counts every request not yet assigned to a replica, so a burst of clients can trip a
-        # small limit even when replicas have room (503 from the proxy). Our replicas answer 429 at
-        # their own limit; Ray's queue is only a backstop at the whole deployment's capacity.
-        "max_queued_requests": -1 if args.max_queued_requests < 0 else (args.max_ongoing_requests + queued) * args.max_replicas,
+        # small limit even when replicas have room (503 from the proxy; seen in CI with a 50-request
+        # burst against a limit of 44 on a loaded machine). Our replicas answer 429 at their own
+        # limit; Ray's queue is only a backstop, at twice the whole deployment's capacity.
+        "max_queued_requests": -1
+        if args.max_queued_requests < 0
+        else BACKSTOP_FACTOR * (args.max_ongoing_requests + queued) * args.max_replicas,
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         "user_config": {k: getattr(args, k) for k in RELOADABLE},
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,

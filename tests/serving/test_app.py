@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from midfill.serve_args import ServeArgs
-from serving.app import CONTROL_HEADROOM, build_app, deployment_options
+from serving.app import BACKSTOP_FACTOR, CONTROL_HEADROOM, build_app, deployment_options
 from serving.ingress import RELOADABLE
 
 
@@ -21,7 +21,7 @@ def test_autoscaling_and_limits_come_from_args():
     }
     # The replica answers 429 itself, so Ray must deliver everything up to that limit (and above Ray's default of 5).
     assert opts["max_ongoing_requests"] == 48 + 16 + CONTROL_HEADROOM
-    assert opts["max_queued_requests"] == (48 + 16) * 4
+    assert opts["max_queued_requests"] == BACKSTOP_FACTOR * (48 + 16) * 4
     assert opts["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
 
 
