@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from midfill.api import GROUP, VERSION, ModelRelease, SpecError, parse_resource
 from midfill.api.modelrelease import ModelReleaseStatus
@@ -57,7 +58,10 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> 
     settings: OperatorSettings = memo.settings
     async with _locks[(namespace, name)]:
         body = await kube.get(MODELRELEASES, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        if body is None:  # gone: its RayService must not outlive it, even if the DELETED event was missed
+            await _delete_rayservices_of(kube, namespace, name, owner_uid=None, logger=logger)
+            return
+        if body["metadata"].get("deletionTimestamp"):
             return
         release, status, raw_status = split_body(body)
         now = dt.datetime.now(dt.timezone.utc)
@@ -88,7 +92,13 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> 
         # The one place a ModelRelease's status is written, and only when it changed.
         patch = status_patch(raw_status, plan.status.to_wire())
         if patch:
-            await kube.patch(MODELRELEASES, namespace, name, {"status": patch}, subresource="status")
+            try:
+                await kube.patch(MODELRELEASES, namespace, name, {"status": patch}, subresource="status")
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                logger.debug("the ModelRelease was deleted while it was being synced; nothing to report")
+                return
             if "phase" in patch:
                 kind = "Warning" if plan.status.phase in ("Failed", "Degraded") else "Normal"
                 kopf.event(body, type=kind, reason=plan.status.phase, message=plan.status.message or "")
@@ -120,9 +130,17 @@ async def release_deleted(type: str | None, body: kopf.Body, name: str, namespac
                           logger: logging.Logger, **_: Any) -> None:
     if type != "DELETED":
         return
-    uid = body["metadata"].get("uid")
-    for obj in await memo.kube.list(RAYSERVICES, namespace, {builders.LABEL_RELEASE: name, **builders.MANAGED_BY}):
-        if uid in {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}:
-            await memo.kube.delete(RAYSERVICES, namespace, obj["metadata"]["name"])
-            logger.info(f"deleted RayService {obj['metadata']['name']} of deleted ModelRelease {name}")
+    await _delete_rayservices_of(memo.kube, namespace, name, owner_uid=body["metadata"].get("uid"), logger=logger)
     _locks.pop((namespace, name), None)
+
+
+async def _delete_rayservices_of(kube: Kube, namespace: str, name: str, *, owner_uid: str | None,
+                                 logger: logging.Logger) -> None:
+    """Delete the RayServices we made for release `name`: those owned by `owner_uid`, or (None) all of
+    them, once the release is known to be gone. (Kubernetes' garbage collector would do it through the
+    ownerReference; this also covers clusters and emulators without one.)"""
+    for obj in await kube.list(RAYSERVICES, namespace, {builders.LABEL_RELEASE: name, **builders.MANAGED_BY}):
+        owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
+        if owner_uid is None or owner_uid in owners:
+            await kube.delete(RAYSERVICES, namespace, obj["metadata"]["name"])
+            logger.info(f"deleted RayService {obj['metadata']['name']} of deleted ModelRelease {name}")

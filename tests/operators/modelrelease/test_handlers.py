@@ -117,3 +117,21 @@ def test_resolve_applies_min_metrics_from_the_version_tags(tmp_path):
     assert resolve(registry, rel).unmet == ("metric line-em/exact_match >= 0.25 (is 0.125)",)
     registry.client.set_model_version_tag("fim-debug", "1", key, "0.5")
     assert resolve(registry, rel).unmet == ()
+
+
+async def test_a_rayservice_whose_release_is_gone_is_deleted(cluster, operator):
+    # As left behind when the operator was down (or missed the DELETED event) while its ModelRelease
+    # was deleted, on a cluster without the garbage collector acting on the ownerReference.
+    from operators.modelrelease import builders
+
+    await cluster.create({
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": "fim", "labels": {builders.LABEL_RELEASE: "fim", **builders.MANAGED_BY},
+                     "ownerReferences": [{"apiVersion": "midfill.dev/v1alpha1", "kind": "ModelRelease", "name": "fim",
+                                          "uid": "gone", "controller": True}]},
+        "spec": {"serveConfigV2": ""},
+    })
+    await cluster.create({"apiVersion": "ray.io/v1", "kind": "RayService",  # not ours: left alone
+                          "metadata": {"name": "other", "labels": {builders.LABEL_RELEASE: "other"}}, "spec": {}})
+    async with operator():
+        await eventually(lambda: cluster.names("rayservices") == ["other"], what="orphaned RayService deleted")
