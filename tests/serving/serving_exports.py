@@ -76,3 +76,16 @@ def build_export(
         ),
     )
     return dst
+
+
+def tiny_llama(vocab_size: int, *, max_positions: int = 256):
+    """A random-init 2-layer Llama small enough to compare caches token by token (no tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()

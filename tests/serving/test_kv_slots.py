@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from serving.kv_slots import DecodeBatchCache
+from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 
 VOCAB = 96
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB)
 
 
 class Alone:
