@@ -4,8 +4,9 @@ Layout: per model layer, one (rows, heads, columns, head_dim) buffer for keys an
 plus a (rows, columns) attention mask. Rows are left-padded so that every running request's newest
 token sits in the same column: a decode step writes all rows at one column and copies nothing else.
 (The growing `DynamicCache` re-copies the whole cache with `torch.cat` every step, and the engine
-used to splice every joining request in the same way; on 2 CPU cores a 32-row decode step took
-20-28 ms that way and 13 ms with these buffers -- docs/benchmarks.md.)
+used to splice every joining request in the same way; on 2 CPU cores a 32-row decode step of the
+debug model took 20-29 ms that way and 13-14 ms with these buffers, side by side in one profile --
+docs/benchmarks.md, serve_throughput.)
 
 - A joining request's prefilled keys/values are copied into the next free row, right-aligned to the
   write column (if its prompt is longer than the columns in use, the other rows shift right once).
