@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from midfill.export import ExportMetadata, read_metadata
 from midfill.fim import FimFormat, get_format
+from serving import attention
 from serving.kv_slots import DecodeBatchCache
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
@@ -203,7 +204,9 @@ class Engine:
                 tracking_uri = tracking_uri or settings.resolved_tracking_uri()
             model = composed.load_composed_export(path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype))
             return composed.ComposedEngine(model, tokenizer, meta, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        # On a CPU, serving.attention beats torch's fused kernel for decode steps and low-precision prompts.
+        attn = attention.register() if torch.device(device).type == "cpu" else "sdpa"
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), attn_implementation=attn)
         return cls(model.to(device), tokenizer, meta, **kwargs)
 
     # -- the pure API ---------------------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """The decode batch's key/value cache: preallocated buffers that requests join and leave.
 
-Layout: per model layer, one (rows, heads, columns, head_dim) buffer for keys and one for values,
-plus a (rows, columns) attention mask. Rows are left-padded so that every running request's newest
-token sits in the same column: a decode step writes all rows at one column and copies nothing else.
-(The growing `DynamicCache` re-copies the whole cache with `torch.cat` every step, and the engine
-used to splice every joining request in the same way; on 2 CPU cores a 32-row decode step of the
-debug model took 20-29 ms that way and 13-14 ms with these buffers, side by side in one profile --
-docs/benchmarks.md, serve_throughput.)
+Layout: per model layer, one (rows, heads, width, head_dim) buffer for keys and one for values, plus
+a (rows, width) attention mask. Rows are left-padded so that every running request's newest token
+sits in the same column, the write column `cols`: a decode step writes all rows at that column and
+copies nothing else. (The growing `DynamicCache` re-copies the whole cache with `torch.cat` every
+step, and the engine used to splice every joining request in the same way; on 2 CPU cores a 32-row
+decode step of the debug model took 20-29 ms that way and 13-14 ms with preallocated buffers, side
+by side in one profile -- docs/benchmarks.md, serve_throughput.)
 
-- A joining request's prefilled keys/values are copied into the next free row, right-aligned to the
-  write column (if its prompt is longer than the columns in use, the other rows shift right once).
-- A leaving request's row is filled by moving the last row into it; `remove` returns the new order.
-- When the write column reaches the end, the columns that are padding in every row are dropped
-  (compaction); rows never exceed the model's context, so there is always room after it.
+The model sees the whole width, not just the written columns -- as transformers' `StaticCache`
+does: the columns right of the write column are masked by causality (the query sits at `cols`).
+That keeps every view it gets contiguous and its shapes few: on a CPU a bfloat16 `bmm` copies a
+strided input first, and oneDNN builds a new kernel for every new shape (both measured,
+serving.attention). So the width only changes in steps of `bucket` columns:
 
-Padding columns hold zeros or stale (finite) keys/values and are masked; the model sees the active
-block through `cache`, a transformers `DynamicCache` whose layers are views into the buffers, so any
-decoder that uses the standard Cache API runs on it unchanged.
+- when the write column reaches the width, the columns that are padding in every row are dropped
+  and the buffers are re-laid out with between `bucket` + 1 and 2 x `bucket` free columns;
+- a joining request's prefilled keys/values are copied into the next free row, right-aligned to the
+  write column (if its prompt is longer than the columns in use, the other rows shift right once);
+- a leaving request's row is filled by moving the last row into it (`remove` returns the new order);
+  once `bucket` columns are padding in every row they are dropped, so nobody attends over them.
+
+Rows never exceed the model's context, so the width never exceeds the context plus 2 x `bucket`.
+Padding and unwritten columns hold zeros or stale (finite) keys/values and are masked. The model
+reads the buffers through `cache`, a transformers `DynamicCache` whose layers are views into them,
+so any decoder that uses the standard Cache API runs on it unchanged.
 """
 
 from __future__ import annotations
@@ -39,39 +47,40 @@ class _SlotLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self._owner.cols
+        return self._owner.cols  # where the step's query sits: positions and the causal mask follow
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._owner.cols + query_length, 0
+        return self._owner.width, 0  # the step attends over the whole (contiguous) width
 
 
 class DecodeBatchCache:
     """Keys/values of the running requests, one row each (see the module docstring).
 
-    `column_capacity` must be at least the longest row a request can reach (prompt + max_tokens <=
-    the model's context); the slack above it only makes compactions rarer.
+    `max_row_tokens` must be at least the longest row a request can reach (prompt + max_tokens <=
+    the model's context).
     """
 
-    def __init__(self, column_capacity: int, *, slack: int = 64) -> None:
-        self.column_capacity = column_capacity + slack
-        self.slack = slack
+    def __init__(self, max_row_tokens: int, *, bucket: int = 32) -> None:
+        self.max_row_tokens = max_row_tokens
+        self.bucket = bucket
         self.rows = 0
-        self.cols = 0
+        self.cols = 0  # the write column: every row's next token goes here
+        self.width = 0  # columns allocated (and seen by the model)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None
         self.cache = DynamicCache()
-        self.compactions = 0
+        self.relayouts = 0
 
     # -- what a decode step uses --------------------------------------------------------------------
     def begin_step(self) -> torch.Tensor:
-        """Make room for one column and return the step's (rows, cols + 1) attention mask."""
-        if self.cols + 1 > self.column_capacity:
-            self.compact()
-        if self.cols + 1 > self.column_capacity:
-            raise RuntimeError(f"a request outgrew the key/value buffer ({self.column_capacity} columns)")
+        """Make room for one column and return the step's (rows, width) attention mask."""
+        if self.cols + 1 > self.width:
+            self._relayout(drop=self._leading_padding())
+            if self.cols + 1 > self.max_row_tokens:  # the engine's length check keeps rows shorter
+                raise RuntimeError(f"a request outgrew the key/value buffer ({self.max_row_tokens} tokens a row)")
         self._mask[: self.rows, self.cols] = 1
-        return self._mask[: self.rows, : self.cols + 1]
+        return self._mask[: self.rows]
 
     def end_step(self) -> None:
         self.cols += 1
@@ -80,28 +89,28 @@ class DecodeBatchCache:
         q = keys.shape[2]
         self._keys[layer][: self.rows, :, self.cols : self.cols + q] = keys
         self._values[layer][: self.rows, :, self.cols : self.cols + q] = values
-        end = self.cols + q
-        return self._keys[layer][: self.rows, :, :end], self._values[layer][: self.rows, :, :end]
+        return self._keys[layer][: self.rows], self._values[layer][: self.rows]
 
     # -- joining and leaving ------------------------------------------------------------------------
     def add(self, prefilled: DynamicCache, mask: torch.Tensor) -> None:
         """Append the rows of a prefill: `prefilled` holds (g, H, t, D) per layer, left-padded as `mask` (g, t)."""
         g, t = mask.shape
-        if t > self.column_capacity - self.slack:
-            raise ValueError(f"a prompt of {t} tokens does not fit the {self.column_capacity - self.slack}-column buffer")
-        first = prefilled.layers[0].keys
+        if t > self.max_row_tokens:
+            raise ValueError(f"a prompt of {t} tokens does not fit the buffer ({self.max_row_tokens} tokens a row)")
         if not self._keys:
-            self._allocate(prefilled, rows=g)
+            self._allocate(prefilled, rows=g, width=self._width_for(t))
         self._grow_rows(self.rows + g)
-        if t > self.cols:
-            self._shift_right(t - self.cols)
+        if self.rows == 0 and t + 1 <= self.width <= self._width_for(t):
+            self.cols = t  # an empty batch whose width suits the prompt: nothing to move
+        elif t > self.cols or self.rows == 0:  # the running rows shift right so the new prompt ends at the write column
+            self._relayout(drop=self.cols - t)
         rows, start = slice(self.rows, self.rows + g), self.cols - t
-        keep = mask[:, None, :, None].to(first.dtype)  # padded prompt positions become zeros
+        keep = mask[:, None, :, None].to(self._keys[0].dtype)  # padded prompt positions become zeros
         for layer, source in enumerate(prefilled.layers):
             for buf, new in ((self._keys[layer], source.keys), (self._values[layer], source.values)):
                 buf[rows, :, :start] = 0
                 buf[rows, :, start : self.cols] = new * keep
-        self._mask[rows, :start] = 0
+        self._mask[rows] = 0
         self._mask[rows, start : self.cols] = mask
         self.rows += g
 
@@ -119,24 +128,12 @@ class DecodeBatchCache:
             self.rows -= 1
         if self.rows == 0:
             self.cols = 0
-        elif self._leading_padding() >= self.slack:
-            self.compact()  # do not keep attending over columns nobody uses
+        elif self._leading_padding() >= self.bucket:
+            self._relayout(drop=self._leading_padding())  # do not keep attending over columns nobody uses
         return order
 
     def clear(self) -> None:
         self.rows = self.cols = 0
-
-    def compact(self) -> None:
-        """Drop the columns that are padding in every row."""
-        lead = self._leading_padding()
-        if lead == 0:
-            return
-        width = self.cols - lead
-        for buf in (*self._keys, *self._values):
-            buf[: self.rows, :, :width] = buf[: self.rows, :, lead : self.cols].clone()
-        self._mask[: self.rows, :width] = self._mask[: self.rows, lead : self.cols].clone()
-        self.cols = width
-        self.compactions += 1
 
     # -- storage ------------------------------------------------------------------------------------
     def _leading_padding(self) -> int:
@@ -145,13 +142,38 @@ class DecodeBatchCache:
         real = self._mask[: self.rows, : self.cols]
         return int((real.cumsum(dim=1) == 0).sum(dim=1).min())
 
-    def _allocate(self, prefilled: DynamicCache, *, rows: int) -> None:
+    def _width_for(self, cols: int) -> int:
+        """Between bucket + 1 and 2 x bucket free columns after `cols`, in whole buckets."""
+        return (cols // self.bucket + 2) * self.bucket
+
+    def _relayout(self, *, drop: int) -> None:
+        """Re-lay the used columns into new buffers: `drop` leading columns removed (negative: shift
+        right by that much), width re-bucketed around the new write column."""
+        cols = self.cols - drop
+        width = self._width_for(cols)
+        src, dst = max(drop, 0), max(-drop, 0)
+        used = self.cols - src
+
+        def moved(buf: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(buf.shape)
+            shape[dim] = width
+            out = buf.new_zeros(shape)
+            out[: self.rows].narrow(dim, dst, used).copy_(buf[: self.rows].narrow(dim, src, used))
+            return out
+
+        self._keys = [moved(b, 2) for b in self._keys]
+        self._values = [moved(b, 2) for b in self._values]
+        self._mask = moved(self._mask, 1)
+        self.cols, self.width = cols, width
+        self.relayouts += 1
+
+    def _allocate(self, prefilled: DynamicCache, *, rows: int, width: int) -> None:
+        self.width = width
         for layer in prefilled.layers:
             _, heads, _, dim = layer.keys.shape
-            shape = (rows, heads, self.column_capacity, dim)
-            self._keys.append(layer.keys.new_zeros(shape))
-            self._values.append(layer.values.new_zeros(shape))
-        self._mask = torch.zeros(rows, self.column_capacity, dtype=torch.long, device=prefilled.layers[0].keys.device)
+            self._keys.append(layer.keys.new_zeros((rows, heads, self.width, dim)))
+            self._values.append(layer.values.new_zeros((rows, heads, self.width, dim)))
+        self._mask = torch.zeros(rows, self.width, dtype=torch.long, device=prefilled.layers[0].keys.device)
         self.cache.layers = [_SlotLayer(self, i) for i in range(len(self._keys))]
         self.cache.layer_class_to_replicate = None
 
@@ -170,13 +192,3 @@ class DecodeBatchCache:
         self._keys = [grown(b) for b in self._keys]
         self._values = [grown(b) for b in self._values]
         self._mask = grown(self._mask)
-
-    def _shift_right(self, by: int) -> None:
-        """Move the used columns right so a longer prompt fits left of the write column (the new
-        width is that prompt's length, which always fits)."""
-        if self.rows:
-            for buf in (*self._keys, *self._values):
-                buf[: self.rows, :, by : by + self.cols] = buf[: self.rows, :, : self.cols].clone()
-            self._mask[: self.rows, by : by + self.cols] = self._mask[: self.rows, : self.cols].clone()
-            self._mask[: self.rows, :by] = 0
-        self.cols += by

@@ -8,7 +8,9 @@ import threading
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from serving import attention
 from serving.engine import Engine, PromptTooLong, SamplingParams
 
 
@@ -33,9 +35,20 @@ def _prompts(engine: Engine) -> list[list[int]]:
     return [engine.encode(engine.infill_prompt(p, "\n    return result\n")) for p in PREFIXES]
 
 
-def _reference(engine: Engine, ids: list[int], n: int) -> list[int]:
+@pytest.fixture(scope="module")
+def reference_model(tiny_export):
+    """The same weights as transformers loads them by default (sdpa attention): the engine on a CPU
+    uses serving.attention, so the reference must not share its model."""
+    return AutoModelForCausalLM.from_pretrained(str(tiny_export), attn_implementation="sdpa").eval()
+
+
+def test_the_engine_on_a_cpu_uses_its_own_attention(engine):
+    assert engine.model.config._attn_implementation == attention.NAME
+
+
+def _reference(model, engine: Engine, ids: list[int], n: int) -> list[int]:
     """Sequential HF generate, greedy: what the batch must reproduce."""
-    out = engine.model.generate(
+    out = model.generate(
         torch.tensor([ids]),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
         max_new_tokens=n,
@@ -62,19 +75,19 @@ def _run_concurrently(engine: Engine, prompts: list[list[int]], params: Sampling
     return results
 
 
-def test_batched_greedy_equals_sequential_generate(engine):
+def test_batched_greedy_equals_sequential_generate(engine, reference_model):
     prompts = _prompts(engine)
     steps_before = engine.steps
     results = _run_concurrently(engine, prompts, SamplingParams(max_tokens=24))
     # Requests shared decode steps: far fewer steps than tokens generated.
     assert engine.steps - steps_before < sum(r.completion_tokens for r in results)
     for ids, result in zip(prompts, results, strict=True):
-        assert result.token_ids == _reference(engine, ids, 24)
+        assert result.token_ids == _reference(reference_model, engine, ids, 24)
         assert result.text == engine.tokenizer.decode(result.token_ids)
         assert result.prompt_tokens == len(ids)
 
 
-def test_an_edited_prompt_reuses_the_earlier_prompts_work_and_decodes_the_same(engine):
+def test_an_edited_prompt_reuses_the_earlier_prompts_work_and_decodes_the_same(engine, reference_model):
     import sysconfig
     from pathlib import Path
 
@@ -87,7 +100,7 @@ def test_an_edited_prompt_reuses_the_earlier_prompts_work_and_decodes_the_same(e
     second = engine.generate(after, SamplingParams(max_tokens=8))
     assert first.cached_tokens == 0  # nothing like it was seen before
     assert second.cached_tokens == common
-    assert second.token_ids == _reference(engine, after, 8)
+    assert second.token_ids == _reference(reference_model, engine, after, 8)
 
 
 def test_max_tokens_is_honoured(engine):
