@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from midfill.hardware import cpu_has_native_bf16
 from midfill.settings import CoreSettings
 
 
@@ -21,8 +22,9 @@ class ServingSettings(CoreSettings):
     serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
         description=(
-            "Weights and activations dtype. auto = bfloat16 on a GPU, float32 on a CPU (bfloat16 speeds up prompt "
-            "processing on CPUs with AMX/avx512_bf16 but changes greedy tokens slightly)."
+            "Weights and activations dtype. auto = bfloat16 on a GPU and on a CPU with bfloat16 instructions "
+            "(avx512_bf16 or AMX; about twice float32's throughput there, docs/benchmarks.md), else float32. "
+            "Greedy tokens can differ slightly between the two; float32 reproduces transformers' float32 generate."
         ),
     )
     serve_torch_threads: int | None = Field(
@@ -47,7 +49,7 @@ class ServingSettings(CoreSettings):
             raise RuntimeError("MIDFILL_SERVE_DEVICE=cuda but no CUDA GPU is visible to this replica (num_gpus: 0?)")
         dtype = self.serve_dtype
         if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
+            dtype = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
         return device, dtype
 
     def model_cache(self) -> Path:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from midfill.api.trainingrun import TrainingSpec
+from midfill.hardware import cpu_has_native_bf16
 from trainer.objectives import Packed, Packer
 from trainer.parallel import Dist, all_reduce_sum
 
@@ -34,11 +35,7 @@ def bf16_supported(device: torch.device) -> bool:
     """GPUs with bf16, or CPUs with native bf16 instructions (autocast elsewhere is slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_has_native_bf16()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -13,6 +13,7 @@ from midfill.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from ray_helpers import local_serve
 from serving.app import build_app
 from serving.engine import Engine, SamplingParams
+from serving.settings import ServingSettings
 
 KEY = "sk-test-0123456789"
 PREFIX = "def mean(values):\n    total = 0\n    for v in values:\n        "
@@ -50,7 +51,8 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def reference(tiny_export):
-    eng = Engine.from_export(tiny_export, max_batch_size=4)
+    # The dtype the endpoint runs in (ServingSettings: bfloat16 on CPUs that have it).
+    eng = Engine.from_export(tiny_export, dtype=ServingSettings().device_and_dtype()[1], max_batch_size=4)
     yield eng
     eng.close()
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from serving import settings
 from serving.settings import ServingSettings
 
 
-def test_auto_runs_on_the_cpu_in_float32_without_a_gpu(monkeypatch):
+@pytest.mark.parametrize(("native_bf16", "dtype"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_on_a_cpu_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch, native_bf16, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native_bf16)
+    assert ServingSettings().device_and_dtype() == ("cpu", dtype)
+    monkeypatch.setenv("MIDFILL_SERVE_DTYPE", "float32")
     assert ServingSettings().device_and_dtype() == ("cpu", "float32")
     monkeypatch.setenv("MIDFILL_SERVE_DTYPE", "bfloat16")
     assert ServingSettings().device_and_dtype() == ("cpu", "bfloat16")
@@ -17,6 +22,7 @@ def test_auto_runs_on_the_cpu_in_float32_without_a_gpu(monkeypatch):
 
 def test_auto_takes_the_replicas_gpu_in_bfloat16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: False)
     assert ServingSettings().device_and_dtype() == ("cuda", "bfloat16")
     monkeypatch.setenv("MIDFILL_SERVE_DEVICE", "cpu")
     assert ServingSettings().device_and_dtype() == ("cpu", "float32")
