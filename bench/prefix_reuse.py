@@ -4,7 +4,7 @@ An editor resends the file around the cursor as the user types. Here 8 editing s
 files, the cursor at a line start mid-file: ~320 prefix + ~100 suffix tokens) each type the next
 line 2 characters at a time and ask for a 16-token completion after every burst (12 requests per
 session, one at a time), with 1 and with 4 sessions at once. Same debug-size random-init model as
-serve_throughput. One run; JSON to bench/results/prefix_reuse.json:
+serve_throughput, in the dtype the endpoint serves in on this machine. One run; JSON to bench/results/prefix_reuse.json:
 
     flock /tmp/midfill-cpu.lock .venv/bin/python bench/prefix_reuse.py
 """
@@ -20,9 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from serve_throughput import corpus, summary
+from serve_throughput import corpus, load_baseline_model, on_fresh_thread, summary
+from transformers import AutoTokenizer
 
+from midfill.export import read_metadata
+from midfill.fim import get_format
 from serving.engine import Engine, SamplingParams
+from serving.settings import ServingSettings
 from serving_exports import build_export  # put on sys.path by serve_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +86,16 @@ def run_engine(engine: Engine, work: list[list[list[int]]], concurrency: int) ->
     return result
 
 
-def sequential_generate(engine: Engine, work: list[list[list[int]]]) -> dict:
+def sequential_generate(model, tokenizer, work: list[list[list[int]]], stop: list[int]) -> dict:
     lat, total = [], 0
     start = time.perf_counter()
-    stop = sorted(engine.stop_token_ids)
     for session in work:
         for ids in session:
             x = torch.tensor([ids])
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = engine.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                                            do_sample=False, eos_token_id=stop, pad_token_id=engine.tokenizer.pad_token_id)
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                     do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
             lat.append(time.perf_counter() - t0)
             total += out.shape[1] - x.shape[1]
     return summary(lat, total, time.perf_counter() - start)
@@ -107,16 +110,21 @@ def main() -> None:
     opts = ap.parse_args()
 
     torch.set_num_threads(2)
+    dtype = ServingSettings().device_and_dtype()[1]  # what the endpoint serves in on this machine
     work_dir = Path(tempfile.mkdtemp(prefix="mfbench"))
-    export = build_export(work_dir / "debug", layers=4, hidden=256, heads=4, vocab_size=8192, max_context=512, texts=corpus())
-    engine = Engine.from_export(export, max_batch_size=32)
-    plan = sessions(engine.tokenizer, corpus(), opts.sessions)
-    work = [[engine.encode(engine.infill_prompt(p, s)) for p, s in session] for session in plan]
+    export = on_fresh_thread(build_export, work_dir / "debug", layers=4, hidden=256, heads=4, vocab_size=8192, max_context=512, texts=corpus())
+    tokenizer, fim = AutoTokenizer.from_pretrained(str(export)), get_format(read_metadata(export).fim_format)
+    stop = sorted(tokenizer.convert_tokens_to_ids(list(fim.stop_tokens)))
+    plan = sessions(tokenizer, corpus(), opts.sessions)
+    work = [[tokenizer.encode(fim.infill_prompt(p, s), add_special_tokens=False) for p, s in session] for session in plan]
     lengths = [len(ids) for session in work for ids in session]
-    print(f"{len(work)} sessions x {BURSTS} requests, prompt tokens mean {statistics.mean(lengths):.0f}", flush=True)
+    print(f"{len(work)} sessions x {BURSTS} requests, prompt tokens mean {statistics.mean(lengths):.0f}, {dtype}", flush=True)
+    base_models = {d: on_fresh_thread(load_baseline_model, export, d) for d in ("float32", "bfloat16")}
 
-    # This VM's speed drifts by ±25% within minutes: every configuration runs in each of `rounds`
-    # interleaved rounds and keeps its best run (as timeit keeps the minimum).
+    # This VM's speed drifts by up to 2x within minutes: every configuration runs in each of
+    # `rounds` interleaved rounds and keeps its best run (as timeit keeps the minimum). The baseline
+    # is the faster of float32 and bfloat16 `generate`; each round's engine is closed before the
+    # next baselines run (serve_throughput.on_fresh_thread says why).
     best: dict[str, dict] = {}
 
     def keep(name: str, res: dict) -> None:
@@ -125,14 +133,19 @@ def main() -> None:
             best[name] = res
 
     for _ in range(opts.rounds):
-        keep("baseline", sequential_generate(engine, work))
-        for c in (1, opts.concurrency):
-            for name, tokens in (("engine_no_prefix_cache", 0), ("engine_prefix_cache_8192", 8192)):
-                engine.prefix_cache.clear()
-                engine.prefix_cache.max_tokens = tokens
-                keep(f"{name}/{c}", run_engine(engine, work, c))
-    engine.close()
-    base = best.pop("baseline")
+        for d, model in base_models.items():
+            keep(f"baseline_{d}", on_fresh_thread(sequential_generate, model, tokenizer, work, stop))
+        engine = on_fresh_thread(Engine.from_export, export, dtype=dtype, max_batch_size=32)
+        try:
+            for c in (1, opts.concurrency):
+                for name, tokens in (("engine_no_prefix_cache", 0), ("engine_prefix_cache_8192", 8192)):
+                    engine.prefix_cache.clear()
+                    engine.prefix_cache.max_tokens = tokens
+                    keep(f"{name}/{c}", run_engine(engine, work, c))
+        finally:
+            engine.close()
+    baselines = {d: best.pop(f"baseline_{d}") for d in base_models}
+    base = max(baselines.values(), key=lambda r: r["tokens_per_s"])
     runs: dict[str, dict[str, dict]] = {"engine_no_prefix_cache": {}, "engine_prefix_cache_8192": {}}
     for key, res in best.items():
         name, c = key.split("/")
@@ -140,10 +153,12 @@ def main() -> None:
         runs[name][c] = res
 
     results = {
-        "model": {"layers": 4, "hidden": 256, "heads": 4, "vocab": engine.tokenizer.vocab_size, "init": "random", "max_context": 512},
+        "model": {"layers": 4, "hidden": 256, "heads": 4, "vocab": tokenizer.vocab_size, "init": "random", "max_context": 512},
+        "dtype": dtype,
         "sessions": len(work), "requests_per_session": BURSTS, "chars_per_burst": BURST, "rounds_best_of": opts.rounds,
         "prompt_tokens_mean": round(statistics.mean(lengths)), "prompt_tokens_total": sum(lengths), "new_tokens": NEW_TOKENS,
-        "baseline_sequential_generate": base,
+        "baseline_sequential_generate": baselines,
+        "baseline_tokens_per_s_reference": base["tokens_per_s"],
         **runs,
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)

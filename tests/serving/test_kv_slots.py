@@ -139,3 +139,26 @@ def test_a_prompt_longer_than_the_buffer_is_refused(model):
         model(input_ids=torch.ones(1, 10, dtype=torch.long), past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="10 tokens"):
         kv.add(cache, torch.ones(1, 10, dtype=torch.long))
+
+
+def test_the_model_sees_contiguous_buffers_whose_width_moves_in_whole_buckets(model):
+    """serving.attention's matrix products read the buffers without copying only if they are
+    contiguous, and oneDNN reuses its kernels only if the shapes repeat."""
+    gen = torch.Generator().manual_seed(3)
+    kv = DecodeBatchCache(200, bucket=16)
+    batch = Batch(model, kv)
+    batch.join({"a": _prompt(gen, 20), "b": _prompt(gen, 7)})
+    widths = set()
+    for _ in range(40):
+        batch.step({name: 1 for name in batch.names})
+        widths.add(kv.width)
+        for layer in kv.cache.layers:
+            assert layer.keys.is_contiguous() and layer.values.is_contiguous()
+            assert layer.keys.shape[2] == kv.width
+        assert kv.width % 16 == 0 and kv.cols <= kv.width <= kv.cols + 2 * 16  # cols == width: the next step re-lays out
+    assert len(widths) <= 4  # 40 steps crossed at most 3 bucket boundaries
+    batch.leave("a")  # b's row has 13 leading padding columns: not yet a whole bucket
+    assert kv.width % 16 == 0
+    before = kv.relayouts
+    batch.join({"c": _prompt(gen, 3)})  # shorter than the columns in use: no re-layout
+    assert kv.relayouts == before
