@@ -118,6 +118,7 @@ class InfillServer:
         self.max_batch_size = self.args.max_batch_size
         self.max_queued_requests = self.args.max_queued_requests
         self.inflight = 0
+        self._settings_lock = threading.Lock()  # reconfigure() vs the loading thread
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {"running": 0, "waiting": 0})
         # Cheap checks now (a bad URI fails the deployment with a clear message), weights in the background.
         folder, default_name = locate_model(
@@ -134,7 +135,7 @@ class InfillServer:
         try:
             torch.set_num_threads(self.settings.serve_torch_threads or max(1, int(self.args.num_cpus)))
             device, dtype = self.settings.device_and_dtype()
-            self.engine = Engine.from_export(
+            engine = Engine.from_export(
                 folder,
                 dtype=dtype,
                 device=device,
@@ -146,6 +147,11 @@ class InfillServer:
                 tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),  # a composed model's parents
                 cache_dir=self.settings.model_cache(),
             )
+            # Ray calls reconfigure() right after __init__, usually while the weights still load: the
+            # settings it brought (in self.args) are applied now, under the lock it takes too.
+            with self._settings_lock:
+                self._apply_reloadable(engine, self.args)
+                self.engine = engine
             log.info("midfill: loaded %s from %s", self.model_name, folder)
         except Exception as exc:  # reported by /health and check_health; the replica is then replaced
             log.exception("midfill: loading %s failed", folder)
@@ -159,14 +165,20 @@ class InfillServer:
         if unknown:
             raise ValueError(f"user_config: unknown keys {sorted(unknown)}; reloadable are {list(RELOADABLE)}")
         merged = ServeArgs.model_validate({**self.args.model_dump(), **config})
-        self.keys = KeyStore(keys_file=merged.api_keys_file, keys_env=merged.api_keys_env, disabled=merged.auth_disabled)
-        self.max_new_tokens, self.max_queued_requests = merged.max_new_tokens, merged.max_queued_requests
-        self.max_batch_size = merged.max_batch_size
-        if self.engine is not None:
-            self.engine.max_batch_size = merged.max_batch_size
-            self.engine.max_prefill_tokens = merged.max_prefill_tokens
-            self.engine.prefix_cache.max_tokens = merged.prefix_cache_tokens  # shrinks on the next store
-        self.args = merged
+        keys = KeyStore(keys_file=merged.api_keys_file, keys_env=merged.api_keys_env, disabled=merged.auth_disabled)
+        with self._settings_lock:
+            self.keys = keys
+            self.max_new_tokens, self.max_queued_requests = merged.max_new_tokens, merged.max_queued_requests
+            self.max_batch_size = merged.max_batch_size
+            if self.engine is not None:
+                self._apply_reloadable(self.engine, merged)
+            self.args = merged
+
+    @staticmethod
+    def _apply_reloadable(engine: Engine, args: ServeArgs) -> None:
+        engine.max_batch_size = args.max_batch_size
+        engine.max_prefill_tokens = args.max_prefill_tokens
+        engine.prefix_cache.max_tokens = args.prefix_cache_tokens  # shrinks on the next store
 
     def check_health(self) -> None:
         """Ray Serve's probe: a replica whose model failed to load, or whose engine died, is replaced."""
@@ -245,6 +257,16 @@ class InfillServer:
         if self.max_queued_requests >= 0 and self.inflight >= limit:
             raise ApiError(429, f"server is at capacity ({limit} requests in flight); retry shortly", code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
+    def _effective_limits(self) -> dict[str, int]:
+        """What the engine runs with now (after reconfigure), as /health reports it."""
+        return {
+            "max_batch_size": self.engine.max_batch_size,
+            "max_prefill_tokens": self.engine.max_prefill_tokens,
+            "prefix_cache_tokens": self.engine.prefix_cache.max_tokens,
+            "max_new_tokens": self.max_new_tokens,
+            "max_context_tokens": self.engine.max_context,
+        }
+
     # -- routes -----------------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -255,7 +277,10 @@ class InfillServer:
         if not self.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse(
-            {"status": "ok", "model": self.model_name, "source": self.args.model_uri, "started": self.created, **self.engine.stats()}
+            {
+                "status": "ok", "model": self.model_name, "source": self.args.model_uri, "started": self.created,
+                **self.engine.stats(), "limits": self._effective_limits(),
+            }
         )
 
     @api.get("/metrics")

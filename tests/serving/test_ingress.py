@@ -31,7 +31,9 @@ def server_args(tiny_export, tmp_path_factory) -> dict:
         "max_new_tokens": 200,
         "max_ongoing_requests": 40,
         "max_queued_requests": 4,
-        "max_batch_size": 16,
+        "max_batch_size": 12,
+        "max_prefill_tokens": 1024,
+        "prefix_cache_tokens": 4096,
     }
 
 
@@ -133,7 +135,14 @@ def test_models_health_and_metrics(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     assert models.data[0].model_extra["max_model_len"] == 256
-    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok"
+    # The reloadable settings reach the engine even though Ray delivers them (reconfigure) while
+    # the replica is still loading the model.
+    assert health["limits"] == {
+        "max_batch_size": 12, "max_prefill_tokens": 1024, "prefix_cache_tokens": 4096, "max_new_tokens": 200,
+        "max_context_tokens": 256,
+    }
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("midfill_requests_total", "midfill_request_latency_seconds", "midfill_generated_tokens_total", "midfill_queue_depth"):
         assert name in metrics
