@@ -8,7 +8,10 @@ their keys/values are copied into the decode batch's preallocated buffers (servi
 join and leave between steps, so a late arrival never waits for a whole batch to finish.
 
 One background thread owns the model and the cache. Callers submit a request and get a handle; the
-thread reports each step through a callback (the async `stream()` wraps it for the ingress).
+thread reports each step through a callback (the async `stream()` wraps it for the ingress). Keep it
+the only thread of the process that runs torch operations: each such thread gets its own OpenMP
+pool, and two pools on few cores make every operation wait for a kernel wake-up (docs/serving.md).
+On a CPU the model runs with serving.attention's `midfill_cpu` attention, on a GPU with sdpa.
 """
 
 from __future__ import annotations

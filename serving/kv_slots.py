@@ -4,9 +4,9 @@ Layout: per model layer, one (rows, heads, width, head_dim) buffer for keys and 
 a (rows, width) attention mask. Rows are left-padded so that every running request's newest token
 sits in the same column, the write column `cols`: a decode step writes all rows at that column and
 copies nothing else. (The growing `DynamicCache` re-copies the whole cache with `torch.cat` every
-step, and the engine used to splice every joining request in the same way; on 2 CPU cores a 32-row
-decode step of the debug model took 20-29 ms that way and 13-14 ms with preallocated buffers, side
-by side in one profile -- docs/benchmarks.md, serve_throughput.)
+step, and the engine used to splice every joining request in the same way; a one-off profile on 2
+CPU cores measured a 32-row decode step of the debug model at 20-29 ms that way and 13-14 ms with
+preallocated buffers, before serving.attention.)
 
 The model sees the whole width, not just the written columns -- as transformers' `StaticCache`
 does: the columns right of the write column are masked by causality (the query sits at `cols`).
