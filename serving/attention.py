@@ -7,9 +7,9 @@ numbers are in docs/benchmarks.md, serve_throughput): a 32-row decode step in bf
 prompt group in bfloat16 is slower through it than through the products. For float32 prompts it is
 as fast as the products, so those still go to it.
 
-The products are only that fast on contiguous inputs with shapes seen before: a bfloat16 `bmm` copies
-a strided input first, and oneDNN builds a kernel for every new shape. serving.kv_slots keeps the
-decode batch's buffers contiguous and their width in whole buckets for this reason.
+The products are only that fast on contiguous inputs: a bfloat16 `bmm` copies a strided input first
+(profiled: that copy was half of a 32-row decode step). serving.kv_slots keeps the decode batch's
+buffers contiguous for this reason.
 
 Numerics: scores in the model's dtype, as in transformers' own reference ("eager") attention, and
 a softmax that accumulates in float32. Masked positions get the dtype's minimum, not -inf, so a

@@ -10,9 +10,9 @@ preallocated buffers, before serving.attention.)
 
 The model sees the whole width, not just the written columns -- as transformers' `StaticCache`
 does: the columns right of the write column are masked by causality (the query sits at `cols`).
-That keeps every view it gets contiguous and its shapes few: on a CPU a bfloat16 `bmm` copies a
-strided input first, and oneDNN builds a new kernel for every new shape (both measured,
-serving.attention). So the width only changes in steps of `bucket` columns:
+That keeps every view it gets contiguous (on a CPU a bfloat16 `bmm` copies a strided input first,
+serving.attention), at the price of re-allocating when the width changes; so it changes in steps
+of `bucket` columns, one copy of the buffers per `bucket` or more decode steps:
 
 - when the write column reaches the width, the columns that are padding in every row are dropped
   and the buffers are re-laid out with between `bucket` + 1 and 2 x `bucket` free columns;
