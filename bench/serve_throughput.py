@@ -1,7 +1,7 @@
 """Serving throughput: the Ray Serve endpoint vs sequential `model.generate` in-process.
 
-Model: the debug size from CPU-NOTES (Llama, 4 layers, hidden 256, 4 heads, BPE vocab 8192 trained on
-stdlib sources), random init (throughput does not depend on the weights). Requests: infill prompts of
+Model: by default the debug size from CPU-NOTES (Llama, 4 layers, hidden 256, 4 heads, BPE vocab 8192
+trained on stdlib sources; --layers/--hidden/--heads for another), random init (throughput does not depend on the weights). Requests: infill prompts of
 ~430 tokens cut from stdlib files, 32 new tokens each, greedy; the prefix cache is off (the same
 prompts recur across runs, and prefix_reuse measures it). Baseline: sequential `generate` as
 transformers loads the model (sdpa attention), in float32 and in bfloat16.
@@ -12,6 +12,10 @@ is taken against the faster baseline of its own round. The summary is the median
 One run; JSON to bench/results/serve_throughput.json. Run under the shared CPU lock:
 
     flock /tmp/midfill-cpu.lock .venv/bin/python bench/serve_throughput.py
+
+On a GPU, `--device cuda` runs the baselines, the engine and the endpoint's replica there (results
+to serve_throughput_cuda.json); `--parts engine` skips the Ray endpoint where Ray is not installed
+(bench/device/run.sh, the prepared check for a lent GPU machine).
 """
 
 from __future__ import annotations
@@ -81,17 +85,17 @@ def summary(latencies: list[float], tokens: int, wall: float) -> dict:
 
 
 def baseline(model, tokenizer, prompts: list[str], stop_ids: list[int]) -> tuple[dict, list[list[int]]]:
-    """Sequential HF generate, greedy, one request at a time."""
+    """Sequential HF generate, greedy, one request at a time, on the model's device."""
     lat, total, outs = [], 0, []
     start = time.perf_counter()
     for prompt in prompts:
-        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                                  eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        new = gen[0, ids.shape[1]:].tolist()  # on a GPU this waits for the last kernel: the latency is whole
         lat.append(time.perf_counter() - t0)
-        new = gen[0, ids.shape[1]:].tolist()
         total += len(new)
         outs.append(new)
     return summary(lat, total, time.perf_counter() - start), outs
@@ -165,18 +169,21 @@ def cost_model(engine, prompts: list[str]) -> dict:
 
     from serving.kv_slots import DecodeBatchCache
 
-    model, ids = engine.model, [engine.encode(p) for p in prompts]
+    model, ids, device = engine.model, [engine.encode(p) for p in prompts], engine.device
     width = max(len(i) for i in ids[:32])
-    batch = torch.tensor([[0] * (width - len(i)) + i for i in ids[:32]])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids[:32]])
+    batch = torch.tensor([[0] * (width - len(i)) + i for i in ids[:32]], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids[:32]], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn, repeat: int = 5) -> float:
         """The fastest of `repeat` runs: the cost itself, without this VM's interference."""
         fn()
         best = float("inf")
         for _ in range(repeat):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -188,13 +195,14 @@ def cost_model(engine, prompts: list[str]) -> dict:
 
     out = {}
     with torch.inference_mode():
-        out["prefill_ms_per_prompt_alone"] = round(1000 * timed(lambda: model(input_ids=torch.tensor([ids[0]]), use_cache=False, logits_to_keep=1)), 1)
+        first = torch.tensor([ids[0]], device=device)
+        out["prefill_ms_per_prompt_alone"] = round(1000 * timed(lambda: model(input_ids=first, use_cache=False, logits_to_keep=1)), 1)
         out["prefill_ms_per_prompt_group_of_4"] = round(1000 * timed(lambda: prefill(4)) / 4, 1)
         for rows in (1, 8, 32):
             kv = DecodeBatchCache(engine.max_context)
             kv.add(prefill(rows), mask[:rows])
             positions = mask[:rows].sum(1)[:, None]
-            nxt = torch.ones(rows, 1, dtype=torch.long)
+            nxt = torch.ones(rows, 1, dtype=torch.long, device=device)
 
             def step():
                 m = kv.begin_step()
@@ -269,7 +277,9 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
     rounds = []
     for r in range(opts.rounds):
         base = on_fresh_thread(baselines_now, base_models, tokenizer, prompts, stop_ids)
-        engine = on_fresh_thread(Engine.from_export, export, dtype=dtype, max_batch_size=opts.max_batch_size, prefix_cache_tokens=0)
+        engine = on_fresh_thread(
+            Engine.from_export, export, dtype=dtype, device=opts.device, max_batch_size=opts.max_batch_size, prefix_cache_tokens=0
+        )
         try:
             engine_in_process(engine, prompts[:4], 4)  # warm-up
             runs = {str(c): engine_in_process(engine, prompts if c > 1 else prompts[:16], c) for c in (1, 8, 32)}
@@ -290,8 +300,10 @@ def measure_endpoint(export: Path, dtype: str, pairs, prompts, opts, base_models
     from serving.app import build_app
 
     args = {"model_uri": str(export), "auth_disabled": True, "max_batch_size": opts.max_batch_size,
-            "max_ongoing_requests": 64, "max_new_tokens": 64, "num_cpus": 2, "prefix_cache_tokens": 0}
+            "max_ongoing_requests": 64, "max_new_tokens": 64, "num_cpus": 2, "prefix_cache_tokens": 0,
+            "num_gpus": 1 if opts.device == "cuda" else 0}
     os.environ["MIDFILL_SERVE_DTYPE"] = dtype  # inherited by the Ray workers started below
+    os.environ["MIDFILL_SERVE_DEVICE"] = opts.device
     os.environ["MIDFILL_STATE_DIR"] = str(work / "state")
     rounds = []
     with local_serve(build_app(args), num_cpus=4) as url:
@@ -312,11 +324,22 @@ def measure_endpoint(export: Path, dtype: str, pairs, prompts, opts, base_models
     return {"rounds": rounds}
 
 
-def load_baseline_model(export: Path, dtype: str):
-    """The model as a transformers user loads it: default (sdpa) attention."""
+def load_baseline_model(export: Path, dtype: str, device: str):
+    """The model as a transformers user loads it: default (sdpa) attention, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(export), dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(str(export), dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+
+
+def hardware(device: str) -> dict:
+    """What the numbers were taken on: they change between machines (and between this VM's sessions)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    out = {"device": device, "cpu_model": cpu, "cpus": os.cpu_count(), "cpu_has_native_bf16": cpu_has_native_bf16(),
+           "torch": torch.__version__}
+    if device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def median_over_rounds(rounds: list[dict], key: str) -> dict:
@@ -334,19 +357,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of baselines and measurements")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to measure (MIDFILL_SERVE_DTYPE for the endpoint)")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_throughput.json")
+    ap.add_argument("--layers", type=int, default=4, help="model size (default: the debug recipe's; a GPU can take a larger one)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the baselines, the engine and the replica run")
+    ap.add_argument("--parts", default="engine,endpoint", help="engine (in-process), endpoint (Ray Serve over HTTP), or both")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/serve_throughput[_cuda].json")
     opts = ap.parse_args()
-    dtypes = opts.dtypes.split(",")
+    dtypes, parts = opts.dtypes.split(","), set(opts.parts.split(","))
+    if not parts or parts - {"engine", "endpoint"}:
+        ap.error(f"--parts: expected engine, endpoint or engine,endpoint (got {opts.parts!r})")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    suffix = "" if opts.device == "cpu" else f"_{opts.device}"
+    opts.out = opts.out or ROOT / "bench" / "results" / f"serve_throughput{suffix}.json"
 
     from transformers import AutoTokenizer
 
     from midfill.export import read_metadata
     from midfill.fim import get_format
-    from serving.settings import ServingSettings
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="mfbench"))
-    export = on_fresh_thread(build_export, work / "debug", layers=4, hidden=256, heads=4, vocab_size=8192, max_context=512, texts=corpus())
+    export = on_fresh_thread(build_export, work / "model", layers=opts.layers, hidden=opts.hidden, heads=opts.heads, vocab_size=8192, max_context=512, texts=corpus())
     tokenizer, meta = AutoTokenizer.from_pretrained(str(export)), read_metadata(export)
     fim = get_format(meta.fim_format)
     stop_ids = sorted(tokenizer.convert_tokens_to_ids(meta.stop_tokens or list(fim.stop_tokens)))
@@ -355,7 +388,7 @@ def main() -> None:
     prompt_lens = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
     print(f"{len(prompts)} requests, prompt tokens mean {statistics.mean(prompt_lens):.0f}", flush=True)
 
-    base_models = {dtype: on_fresh_thread(load_baseline_model, export, dtype) for dtype in ("float32", "bfloat16")}
+    base_models = {dtype: on_fresh_thread(load_baseline_model, export, dtype, opts.device) for dtype in ("float32", "bfloat16")}
     full_baseline, expected = {}, {}
     for dtype, model in base_models.items():
         full_baseline[dtype], ids = on_fresh_thread(baseline, model, tokenizer, prompts, stop_ids)
@@ -363,17 +396,21 @@ def main() -> None:
         print(f"baseline {dtype}, all requests", full_baseline[dtype], flush=True)
 
     results = {
-        "model": {"layers": 4, "hidden": 256, "heads": 4, "vocab": tokenizer.vocab_size, "init": "random", "max_context": 512},
+        "model": {"layers": opts.layers, "hidden": opts.hidden, "heads": opts.heads, "vocab": tokenizer.vocab_size, "init": "random", "max_context": 512},
         "requests": len(prompts), "prompt_tokens_mean": round(statistics.mean(prompt_lens)), "new_tokens": NEW_TOKENS,
-        "cpus": os.cpu_count(), "torch_threads": 2, "cpu_has_native_bf16": cpu_has_native_bf16(),
+        **hardware(opts.device), "torch_threads": 2,
         "rounds": opts.rounds, "baseline_requests_per_round": BASELINE_REQUESTS,
-        "endpoint_default_dtype": ServingSettings().device_and_dtype()[1],
         "baseline_sequential_generate_all_requests": full_baseline,
         "engine_in_process": {}, "endpoint": {},
     }
-    for dtype in dtypes:
+    if "endpoint" in parts:
+        from serving.settings import ServingSettings  # pydantic-settings: not on every GPU image
+
+        os.environ["MIDFILL_SERVE_DEVICE"] = opts.device
+        results["endpoint_default_dtype"] = ServingSettings().device_and_dtype()[1]
+    for dtype in dtypes if "engine" in parts else ():
         results["engine_in_process"][dtype] = measure_engine(export, dtype, prompts, opts, base_models, tokenizer, stop_ids)
-    for dtype in dtypes:
+    for dtype in dtypes if "endpoint" in parts else ():
         results["endpoint"][dtype] = measure_endpoint(
             export, dtype, pairs, prompts, opts, base_models, tokenizer, stop_ids, expected[dtype], work
         )

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU check, prepared to run in one go on a machine with a CUDA GPU and PyTorch but no network
+# and no midfill environment (e.g. a lent GPU box; about 8 minutes at most: the steps time out at 120 + 210 + 150 s):
+#   1. installs the wheels of bench/gpu/fetch_wheels.sh from .whl/ into a private folder;
+#   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate);
+#   3. runs bench/serve_throughput.py on the GPU, engine in-process vs sequential `generate` on the
+#      same GPU: the debug-size model, then a ~100M one (a tiny model on a GPU measures launch
+#      overhead, not batching).
+# The Ray endpoint is not measured here: the ray wheel alone (79 MB) exceeds what such a machine can
+# be sent at once; run `bench/serve_throughput.py --device cuda` where ray[serve] is installed.
+#
+#   bash bench/gpu/fetch_wheels.sh                  # on a machine with PyPI, once
+#   bash bench/gpu/run.sh                           # on the GPU machine, from the repository root
+#
+# Results (logs and JSON) go to $OUT, default bench/results/gpu/. Each step has its own time limit
+# and a failing step does not stop the others; the exit status is the number of failed steps.
+# ONLY="gpu-tests ..." runs just the named steps; MIDFILL_CHECK_DEVICE=cpu runs them on a CPU (a dry
+# run of the script itself, with BENCH_ARGS="--layers 2 --hidden 64 --heads 4 --rounds 1" to be quick).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-bench/results/gpu}
+DEVICE=${MIDFILL_CHECK_DEVICE:-cuda}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+failed=0
+
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0  # ONLY="a b": rerun just those steps
+  echo "== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/$name.log"
+  echo "== $name: rc=$rc in $((SECONDS - start))s"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  # --target keeps the machine's own packages untouched; PYTHONPATH puts these first.
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/midfill-site .whl/*.whl \
+    || { echo "installing .whl/ failed"; exit 100; }
+  export PYTHONPATH=/tmp/midfill-site
+fi
+# midfill is not installed there: its source roots go on the path (as pytest's pythonpath does).
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/platform:$PWD" PYTHONUNBUFFERED=1
+
+{ date -u; nvidia-smi 2>&1 | head -n 15
+  $PY -c "import torch, transformers, importlib.util as u; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else ''); print('transformers', transformers.__version__); print('flash_attn installed:', u.find_spec('flash_attn') is not None)"
+} 2>&1 | tee "$OUT/environment.txt"
+if [ "$DEVICE" = cuda ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA GPU visible to $PY: nothing to check"; exit 100
+fi
+
+# Only the files whose gpu tests need no Ray (tests/serving's others import it at collection).
+# -p no:cacheprovider: the tree may be thrown away; the config warnings are pytest-asyncio's options,
+# unknown where it is not installed (no gpu test is async).
+step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu tests/serving/test_engine.py
+step serve-throughput-debug 210 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine --rounds 2 \
+  --out "$OUT/serve_throughput_${DEVICE}.json" ${BENCH_ARGS:-}
+step serve-throughput-100m 150 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine --rounds 1 --requests 32 \
+  --layers 12 --hidden 768 --heads 12 --out "$OUT/serve_throughput_${DEVICE}_100m.json" ${BENCH_ARGS:-}
+echo "failed steps: $failed; results in $OUT"
+exit "$failed"
