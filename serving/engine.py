@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from midfill.export import ExportMetadata, read_metadata
 from midfill.fim import FimFormat, get_format
 from serving import attention
+from serving.detokenize import IncrementalDetokenizer
 from serving.kv_slots import DecodeBatchCache
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
@@ -108,13 +109,17 @@ class _Seq:
     params: SamplingParams
     on_output: Callable[[StepOutput], None]
     stops: StopChecker
+    detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
-    out_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
     stop_token: bool = False
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused (serving.prefix_cache)
     submitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def out_ids(self) -> list[int]:
+        return self.detokenizer.ids
 
 
 class RequestHandle:
@@ -234,7 +239,7 @@ class Engine:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        seq = _Seq(list(prompt_ids), params, on_output, StopChecker(params.stop), gen)
+        seq = _Seq(list(prompt_ids), params, on_output, StopChecker(params.stop), IncrementalDetokenizer(self.tokenizer), gen)
         self._inbox.put(seq)
         return RequestHandle(seq)
 
@@ -402,9 +407,7 @@ class Engine:
             seq.stop_token = True
             self._finish(seq, "stop", pending=seq.stops.flush())
             return True
-        seq.out_ids.append(token)
-        text = self.tokenizer.decode(seq.out_ids, skip_special_tokens=False)
-        emit, hit = seq.stops.feed(text)
+        emit, hit = seq.stops.feed(seq.detokenizer.add(token))
         if hit:
             self._finish(seq, "stop", pending=emit, token_ids=(token,))
             return True
