@@ -49,13 +49,16 @@ def validation_batches(corpus: Corpus, tok: Tokenizer, objective, *, seq_length:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches: list[list[Packed]], *, pad_id: int, document_mask: bool, bf16: bool, d: Dist, prepare_batch=None) -> float | None:
+def validation_loss(
+    model: torch.nn.Module, batches: list[list[Packed]], *, pad_id: int, document_mask: bool, bf16: bool, d: Dist,
+    flat: bool = False, prepare_batch=None,
+) -> float | None:
     """Mean next-token loss over the held-out batches of every rank (None without held-out data).
-    prepare_batch: as in `loop.train`."""
+    flat, prepare_batch: as in `loop.train`."""
     model.eval()
     total, count = 0.0, 0.0
     for seqs in batches:
-        batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device)
+        batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat)
         if prepare_batch is not None:
             batch = prepare_batch(batch)
         loss_sum, n = lm_loss(model, batch, bf16=bf16)

@@ -180,6 +180,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         model, attn = build_model(spec.model, p.recipe, init_dir=p.init_dir, vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed)
     trainable = sum(t.numel() for t in {id(t): t for t in model.parameters() if t.requires_grad}.values())
     bf16 = loop.use_bf16(spec.training.precision, d.device)
+    flat = loop.is_flash(attn)  # packed documents reach FlashAttention as one row (loop.collate)
     tracker.log_params({
         **flatten(spec.to_wire(), "spec."),
         "attn_implementation": attn, "num_params": str(num_params(model)), "trainable_params": str(trainable), "world_size": str(d.world_size),
@@ -236,7 +237,9 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
 
     def on_eval(step: int) -> None:
         metrics = {}
-        val = evaluate.validation_loss(model, val_batches, pad_id=pad, document_mask=spec.objective.document_mask, bf16=bf16, d=d, prepare_batch=prepare_batch)
+        val = evaluate.validation_loss(
+            model, val_batches, pad_id=pad, document_mask=spec.objective.document_mask, bf16=bf16, d=d, flat=flat, prepare_batch=prepare_batch
+        )
         if val is not None:
             metrics["val_loss"] = val
         em = evaluate.line_infill_exact_match(parallel.unwrap(model), p.tok, cases, max_context=max_context, device=d.device)
@@ -254,7 +257,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         loop.train(
             model=model, optimizer=optimizer, scheduler=scheduler, packer=packer, spec=t, state=state,
             total_steps=p.total_steps, accum=p.accum, pad_id=pad, document_mask=spec.objective.document_mask,
-            bf16=bf16, d=d, hooks=loop.LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint),
+            bf16=bf16, d=d, flat=flat, hooks=loop.LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint),
             checkpoint_interval=spec.checkpoint.interval_steps, kill_at_step=settings.kill_at_step,
             show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(), prepare_batch=prepare_batch,
         )

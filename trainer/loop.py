@@ -70,9 +70,12 @@ def make_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.dev
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def collate(seqs: list[Packed], *, pad_id: int, document_mask: bool, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(seqs: list[Packed], *, pad_id: int, document_mask: bool, device: torch.device, flat: bool = False) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch; labels ignore padding. With document_mask, attention and
-    positions restart at every piece (a 4D mask for sdpa; flash-attn reads the positions)."""
+    positions restart at every piece: for sdpa through a (B, 1, T, T) mask; with `flat` (the model
+    runs FlashAttention) through the positions alone, in one row of B x T tokens. transformers'
+    flash_attention_2 finds the pieces from the positions (its variable-length kernel) only in a
+    single row, and would read a 4D mask as a padding mask."""
     ids = torch.tensor([s.ids for s in seqs], dtype=torch.long)
     seg = torch.tensor([s.segments for s in seqs], dtype=torch.long)
     labels = ids.masked_fill(seg == 0, IGNORE)
@@ -84,9 +87,20 @@ def collate(seqs: list[Packed], *, pad_id: int, document_mask: bool, device: tor
         idx = torch.arange(L).expand_as(seg)
         last_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
         batch["position_ids"] = idx - last_start
-        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
-        batch["attention_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        if flat:
+            # Joined into one row, each row's first token would be the target of the previous row's
+            # last one; as separate rows it is nobody's target. Ignoring it keeps the loss the same.
+            labels[:, 0] = IGNORE
+            batch = {k: v.reshape(1, -1) for k, v in batch.items()}
+        else:
+            causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+            batch["attention_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def is_flash(attn_implementation: str) -> bool:
+    """Whether the model's attention is FlashAttention (collate's `flat` layout for documents)."""
+    return attn_implementation.startswith("flash_attention")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -149,6 +163,7 @@ def train(
     bf16: bool,
     d: Dist,
     hooks: LoopHooks,
+    flat: bool = False,
     checkpoint_interval: int,
     kill_at_step: int | None = None,
     show_bar: bool = False,
@@ -156,6 +171,7 @@ def train(
 ) -> None:
     """Run optimizer steps from state.step to total_steps, mutating state.
 
+    flat: collate's layout for FlashAttention models.
     prepare_batch: applied to every collated micro-batch (composed codet5p models add the encoder's
     input and mask the labels it reads)."""
     model.train()
@@ -173,7 +189,7 @@ def train(
             seqs = [packer.next() for _ in range(spec.micro_batch_size)]
             if any(s is None for s in seqs):
                 raise AssertionError("the training stream is endless; it cannot run out")
-            batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device)
+            batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat)
             if prepare_batch is not None:
                 batch = prepare_batch(batch)
             last = micro == accum - 1

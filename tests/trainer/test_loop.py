@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from trainer.loop import IGNORE, collate, lr_factor
+from trainer.loop import IGNORE, collate, is_flash, lm_loss, lr_factor
 from trainer.objectives import Packed
 
 
@@ -25,3 +31,81 @@ def test_collate_ignores_padding_and_masks_documents():
     assert mask[3].tolist() == [False, False, True, True, False, False]  # token 3 sees only its own document
     assert mask[1].tolist() == [True, True, False, False, False, False]
     assert "attention_mask" not in collate([seq], pad_id=0, document_mask=False, device=torch.device("cpu"))
+
+
+# Three rows of packed pieces (segment numbers restart per row; 0 = padding at the end).
+PACKED = [
+    Packed(ids=[11, 12, 13, 14, 15, 16, 17, 18], segments=[1, 1, 1, 2, 2, 2, 2, 2]),
+    Packed(ids=[21, 22, 23, 24, 25, 26, 0, 0], segments=[1, 1, 2, 2, 3, 3, 0, 0]),
+    Packed(ids=[31, 32, 33, 34, 35, 36, 37, 38], segments=[1, 1, 1, 1, 1, 1, 1, 1]),
+]
+
+
+def test_flat_layout_gives_flash_attention_one_row_whose_positions_mark_the_pieces():
+    b = collate(PACKED, pad_id=0, document_mask=True, device=torch.device("cpu"), flat=True)
+    assert set(b) == {"input_ids", "labels", "position_ids"}  # no 4D mask: flash would read it as padding
+    assert b["input_ids"].shape == (1, 24)
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 4, 5, 6, 7]]
+    # transformers' flash path takes its variable-length branch and finds exactly these pieces.
+    assert _is_packed_sequence(b["position_ids"], batch_size=1)
+    (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(b["position_ids"])
+    assert cu_seqlens.tolist() == [0, 3, 8, 10, 12, 14, 16, 24]
+    # A row's first token is nobody's target once the rows are joined; padding never is.
+    labels = b["labels"][0].tolist()
+    assert labels[8] == labels[16] == labels[14] == labels[15] == IGNORE
+    assert labels[9] == 22 and labels[17] == 32
+    assert is_flash("flash_attention_2") and is_flash("flash_attention_3") and not is_flash("sdpa")
+
+
+def _varlen_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """What FlashAttention's variable-length kernel computes for one packed row, on a CPU: causal
+    attention within each piece, the pieces found from the positions as transformers finds them."""
+    assert attention_mask is None and query.shape[0] == 1
+    (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(kwargs["position_ids"])
+    bounds = cu_seqlens.tolist()
+    out = torch.cat([
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+                                       enable_gqa=True)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _tiny_llama(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_flat_layout_loss_equals_the_masked_layout():
+    AttentionInterface.register("varlen_reference", _varlen_reference)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("varlen_reference", flash_attention_mask)  # flash's mask: None when unpadded
+    cpu = torch.device("cpu")
+    masked = collate(PACKED, pad_id=0, document_mask=True, device=cpu)
+    flat = collate(PACKED, pad_id=0, document_mask=True, device=cpu, flat=True)
+    with torch.no_grad():
+        model = _tiny_llama("sdpa")
+        loss_masked, n_masked = lm_loss(model, masked, bf16=False)
+        model.set_attn_implementation("varlen_reference")
+        loss_flat, n_flat = lm_loss(model, flat, bf16=False)
+        # Without ignoring each row's first token, the joined row would have two extra targets.
+        unfixed = {**flat, "labels": collate(PACKED, pad_id=0, document_mask=False, device=cpu)["labels"].reshape(1, -1)}
+        _, n_unfixed = lm_loss(model, unfixed, bf16=False)
+    assert int(n_flat) == int(n_masked) == 19 and int(n_unfixed) == 21
+    assert loss_flat.item() == pytest.approx(loss_masked.item(), rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs the flash-attn package")
+def test_on_a_gpu_flash_attention_loss_equals_sdpa_with_the_mask():
+    cuda = torch.device("cuda")
+    masked = collate(PACKED, pad_id=0, document_mask=True, device=cuda)
+    flat = collate(PACKED, pad_id=0, document_mask=True, device=cuda, flat=True)
+    with torch.no_grad():
+        model = _tiny_llama("sdpa").to(cuda, torch.bfloat16)
+        loss_masked, _ = lm_loss(model, masked, bf16=True)
+        model.set_attn_implementation("flash_attention_2")
+        loss_flat, _ = lm_loss(model, flat, bf16=True)
+    assert loss_flat.item() == pytest.approx(loss_masked.item(), rel=2e-2)
