@@ -93,7 +93,7 @@ class StepOutput:
 
 @dataclass
 class Completion:
-    """A finished request, as the blocking API returns it."""
+    """A finished request, as `generate` and `complete` return it."""
 
     text: str
     token_ids: list[int]
@@ -101,6 +101,22 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error"
+
+
+def _gathering(on_end: Callable[[Completion], None]) -> Callable[[StepOutput], None]:
+    """An `on_output` callback that gathers a request's steps and calls `on_end` once, with the
+    whole Completion, at the finish (on the engine thread)."""
+    text: list[str] = []
+    ids: list[int] = []
+
+    def on_output(out: StepOutput) -> None:
+        text.append(out.text)
+        ids.extend(out.token_ids)
+        if out.finished:
+            on_end(Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.cached_tokens, out.error))
+
+    return on_output
 
 
 @dataclass(eq=False)
@@ -245,17 +261,36 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         """Blocking: run one request to its end."""
-        outputs: queue.Queue[StepOutput] = queue.Queue()
-        self.submit(prompt_ids, params, outputs.put)
-        text, ids = [], []
-        while True:
-            out = outputs.get()
-            text.append(out.text)
-            ids.extend(out.token_ids)
-            if out.finished:
-                if out.finish_reason == "error":
-                    raise RuntimeError(out.error)
-                return Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+        finished: queue.Queue[Completion] = queue.Queue()
+        self.submit(prompt_ids, params, _gathering(finished.put))
+        result = finished.get()
+        if result.finish_reason == "error":
+            raise RuntimeError(result.error)
+        return result
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        """Async, for a caller that wants only the end (a non-streaming request): its event loop is
+        woken once, at the finish, where `stream` wakes it for every token -- each wake-up is a
+        thread switch that competes with the engine thread for the GIL and the cores. A finish
+        with reason "error" is returned, not raised; cancelling the awaiting task cancels the request."""
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[Completion] = loop.create_future()
+
+        def resolve(result: Completion) -> None:
+            if not finished.done():  # the awaiting task may have been cancelled meanwhile
+                finished.set_result(result)
+
+        def on_end(result: Completion) -> None:
+            try:
+                loop.call_soon_threadsafe(resolve, result)
+            except RuntimeError:  # the event loop is gone: nobody is waiting
+                pass
+
+        handle = self.submit(prompt_ids, params, _gathering(on_end))
+        try:
+            return await finished
+        finally:
+            handle.cancel()  # a no-op once finished; frees the row when the caller gave up
 
     def infill(self, prefix: str, suffix: str, params: SamplingParams) -> Completion:
         """The middle between prefix and suffix, in the model's own FIM format."""

@@ -317,16 +317,13 @@ class InfillServer:
             self.inflight -= 1
 
     async def _complete(self, engine: Engine, ids, params, start: float, mode: str) -> dict:
-        text, last = [], None
-        async for out in engine.stream(ids, params):
-            text.append(out.text)
-            last = out
-        self._count(last, start, mode, stream="false")
-        if last.finish_reason == "error":
-            raise ApiError(500, last.error or "generation failed", code="generation_failed")
+        result = await engine.complete(ids, params)  # one wake-up per request, not one per token
+        self._count(result, start, mode, stream="false")
+        if result.finish_reason == "error":
+            raise ApiError(500, result.error or "generation failed", code="generation_failed")
         return completion_body(
-            id_=completion_id(), model=self.model_name, text="".join(text), finish_reason=last.finish_reason,
-            usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+            id_=completion_id(), model=self.model_name, text=result.text, finish_reason=result.finish_reason,
+            usage_=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
         )
 
     async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str):
@@ -346,10 +343,12 @@ class InfillServer:
             # Runs on normal end and when the client disconnects (the generator is closed, which
             # closes engine.stream and cancels the request there).
             self.inflight -= 1
-            self._count(last, start, mode, stream="true")
+            self._count(last, start, mode, stream="true", finished=last is not None and last.finished)
 
-    def _count(self, last, start: float, mode: str, *, stream: str) -> None:
-        reason = last.finish_reason if last is not None and last.finished else "cancelled"
+    def _count(self, last, start: float, mode: str, *, stream: str, finished: bool = True) -> None:
+        """last: the request's Completion, or its last StepOutput (None, or not `finished`, when the
+        client left first: then it counts as cancelled, with the tokens generated until then)."""
+        reason = last.finish_reason if last is not None and finished else "cancelled"
         status = {"error": "500", "cancelled": "499"}.get(reason, "200")
         self.metrics.requests.labels(status=status, mode=mode).inc()
         self.metrics.latency.labels(stream=stream).observe(time.monotonic() - start)

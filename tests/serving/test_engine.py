@@ -183,6 +183,52 @@ def test_closing_the_async_stream_cancels_the_request(engine):
     assert engine.stats() == {"running": 0, "waiting": 0}
 
 
+def _counting_wakeups(loop: asyncio.AbstractEventLoop) -> list:
+    """Record every callback another thread schedules on `loop` (each is a wake-up of its thread)."""
+    calls, schedule = [], loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):
+        calls.append(callback)
+        return schedule(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counted
+    return calls
+
+
+def test_complete_wakes_the_event_loop_once_and_equals_generate(engine):
+    ids, params = _prompts(engine)[1], SamplingParams(max_tokens=12)
+
+    async def both():
+        wakeups = _counting_wakeups(asyncio.get_running_loop())
+        done = await engine.complete(ids, params)
+        by_completion = len(wakeups)
+        streamed = [out async for out in engine.stream(ids, params)]
+        return done, by_completion, len(wakeups) - by_completion, streamed
+
+    done, by_completion, by_stream, streamed = asyncio.run(both())
+    blocking = engine.generate(ids, params)
+    assert (done.text, done.token_ids, done.finish_reason) == (blocking.text, blocking.token_ids, blocking.finish_reason)
+    assert done.completion_tokens == blocking.completion_tokens and done.prompt_tokens == len(ids)
+    assert by_completion == 1 and by_stream == len(streamed) >= 2
+
+
+def test_cancelling_complete_cancels_the_request(engine):
+    async def give_up() -> None:
+        task = asyncio.ensure_future(engine.complete(_prompts(engine)[2], SamplingParams(max_tokens=200)))
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()  # what Ray Serve does when the client of a non-streaming request disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(give_up())
+    for _ in range(100):
+        if engine.stats()["running"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert engine.stats() == {"running": 0, "waiting": 0}
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_batched_greedy_equals_generate(tiny_export):
     eng = Engine.from_export(tiny_export, device="cuda", max_batch_size=8)
