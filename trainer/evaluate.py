@@ -109,8 +109,12 @@ def build_prompt(tok: Tokenizer, case: InfillCase, *, max_context: int) -> str:
 
 
 @torch.no_grad()
-def line_infill_exact_match(model: torch.nn.Module, tok: Tokenizer, cases: list[InfillCase], *, max_context: int, device: torch.device) -> float | None:
-    """Share of cases whose first generated line equals the removed line."""
+def line_infill_exact_match(
+    model: torch.nn.Module, tok: Tokenizer, cases: list[InfillCase], *, max_context: int, device: torch.device, bf16: bool = False,
+) -> float | None:
+    """Share of cases whose first generated line equals the removed line. bf16: decode under the
+    training's bf16 autocast, as `validation_loss` does -- FlashAttention takes only half-precision
+    inputs, and outside autocast an fp32 model (one process, DDP) would hand it fp32 ones."""
     if not cases:
         return None
     model.eval()
@@ -118,14 +122,15 @@ def line_infill_exact_match(model: torch.nn.Module, tok: Tokenizer, cases: list[
     hits = 0
     for case in cases:
         ids = tok.encode(build_prompt(tok, case, max_context=max_context)).ids
-        out = model.generate(
-            torch.tensor([ids], device=device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=stop_ids[0],
-        )[0, len(ids) :].tolist()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.generate(
+                torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[0],
+            )[0, len(ids) :].tolist()
         gen = [t for t in out if t not in stop_ids]
         if len(gen) < len(out):
             gen = out[: min(out.index(s) for s in stop_ids if s in out)]

@@ -242,7 +242,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         )
         if val is not None:
             metrics["val_loss"] = val
-        em = evaluate.line_infill_exact_match(parallel.unwrap(model), p.tok, cases, max_context=max_context, device=d.device)
+        em = evaluate.line_infill_exact_match(parallel.unwrap(model), p.tok, cases, max_context=max_context, device=d.device, bf16=bf16)
         if em is not None:
             metrics["line_infill_exact_match"] = em
         tracker.log_metrics(metrics, step=step)
