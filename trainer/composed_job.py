@@ -158,9 +158,12 @@ class ComposedLM(nn.Module):
         return greedy_generate(self.composed, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **context).tokens
 
 
-def build(s: ComposedSetup, *, attention: str, seq_length: int, vocab_size: int, eos_id: int, pad_id: int, seed: int) -> tuple[ComposedLM, str]:
-    """(the trainable wrapper, attention implementation); geometry errors name the composition field."""
-    attn = attention_implementation(attention)
+def build(
+    s: ComposedSetup, *, attention: str, seq_length: int, vocab_size: int, eos_id: int, pad_id: int, seed: int, bf16: bool = True,
+) -> tuple[ComposedLM, str]:
+    """(the trainable wrapper, attention implementation); geometry errors name the composition field.
+    bf16: as in `trainer.model.attention_implementation`."""
+    attn = attention_implementation(attention, bf16=bf16)
 
     def load(role: str) -> LlamaForCausalLM:
         # different seeds: two recipe parents must differ; the same seed rebuilds the same weights

@@ -170,16 +170,17 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
     tracker.start(run_name=f"{run.metadata.name}-a{p.attempt}", uid=p.uid, attempt=p.attempt, tags={"midfill.training_run": run.metadata.name})
 
     eos, pad = p.hf_tok.eos_token_id, p.hf_tok.pad_token_id
-    if p.composed is not None:
-        try:
+    bf16 = loop.use_bf16(spec.training.precision, d.device)  # decides the attention too: FlashAttention is bf16-only
+    try:
+        if p.composed is not None:
             model, attn = composed_job.build(p.composed, attention=spec.model.attention, seq_length=spec.training.seq_length,
-                                             vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed)
-        except ValueError as exc:  # geometry that does not fit the parents; the message names the field
-            raise ConfigError(str(exc)) from None
-    else:
-        model, attn = build_model(spec.model, p.recipe, init_dir=p.init_dir, vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed)
+                                             vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad, seed=spec.training.seed, bf16=bf16)
+        else:
+            model, attn = build_model(spec.model, p.recipe, init_dir=p.init_dir, vocab_size=len(p.hf_tok), eos_id=eos, pad_id=pad,
+                                      seed=spec.training.seed, bf16=bf16)
+    except ValueError as exc:  # geometry that does not fit the parents, attention the run cannot use; the message names the field
+        raise ConfigError(str(exc)) from None
     trainable = sum(t.numel() for t in {id(t): t for t in model.parameters() if t.requires_grad}.values())
-    bf16 = loop.use_bf16(spec.training.precision, d.device)
     flat = loop.is_flash(attn)  # packed documents reach FlashAttention as one row (loop.collate)
     tracker.log_params({
         **flatten(spec.to_wire(), "spec."),

@@ -15,15 +15,22 @@ from trainer.recipes import Recipe
 log = logging.getLogger(__name__)
 
 
-def attention_implementation(requested: str) -> str:
-    """flash_attention_2 when asked for or (auto) when CUDA and flash-attn are present, else sdpa."""
+def attention_implementation(requested: str, *, bf16: bool = True) -> str:
+    """flash_attention_2 when asked for or (auto) when CUDA and flash-attn are present and the run
+    computes in bf16, else sdpa. bf16: whether the loop runs the model under bf16 (loop.use_bf16);
+    flash-attn takes only bf16/fp16 inputs, and the fp32 model hands it fp32 ones outside autocast."""
     has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
+        return "flash_attention_2" if has_flash and bf16 else "sdpa"
     if requested == "flash_attention_2" and not has_flash:
         raise ValueError(
             "model.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package "
             "(pip install 'midfill[gpu]'); use attention: auto to fall back to sdpa"
+        )
+    if requested == "flash_attention_2" and not bf16:
+        raise ValueError(
+            "model.attention: flash_attention_2 computes in bf16 only, and this run trains in fp32 "
+            "(training.precision, or a GPU without bf16); use attention: auto or sdpa"
         )
     return requested
 
@@ -47,9 +54,12 @@ def llama_config(recipe: Recipe, *, vocab_size: int, eos_id: int, pad_id: int, a
     )
 
 
-def build_model(spec: ModelSpec, recipe: Recipe, *, init_dir: Path | None, vocab_size: int, eos_id: int, pad_id: int, seed: int) -> tuple[PreTrainedModel, str]:
-    """(model in fp32 on CPU, attention implementation). Random init is seeded, so every rank agrees."""
-    attn = attention_implementation(spec.attention)
+def build_model(
+    spec: ModelSpec, recipe: Recipe, *, init_dir: Path | None, vocab_size: int, eos_id: int, pad_id: int, seed: int, bf16: bool = True,
+) -> tuple[PreTrainedModel, str]:
+    """(model in fp32 on CPU, attention implementation). Random init is seeded, so every rank agrees.
+    bf16: as in `attention_implementation`."""
+    attn = attention_implementation(spec.attention, bf16=bf16)
     if init_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(init_dir, attn_implementation=attn, dtype=torch.float32)
         if model.get_input_embeddings().weight.shape[0] < vocab_size:

@@ -85,6 +85,16 @@ def test_bad_specs_are_rejected_naming_the_field(repo_root: Path, kind, field, v
     assert words in paths[path]
 
 
+def test_flash_attention_with_fp32_precision_is_rejected(repo_root: Path) -> None:
+    # FlashAttention takes only bf16/fp16 inputs; an fp32 run would fail at its first step on the GPUs.
+    flash = yaml.safe_load((repo_root / "manifests/samples/trainingrun-7b-flash.yaml").read_text())
+    with pytest.raises(SpecError) as info:
+        parse_resource(_set(flash, "spec.training.precision", "fp32"))
+    paths = {e.path: e.message for e in info.value.errors}
+    assert "bf16" in paths["spec.training.precision"], paths
+    parse_resource(_set(flash, "spec.training.precision", "auto"))
+
+
 def test_unknown_kind_and_api_version(repo_root: Path) -> None:
     with pytest.raises(SpecError, match="unknown kind 'Deployment'"):
         parse_resource({**_tr(repo_root), "kind": "Deployment"})

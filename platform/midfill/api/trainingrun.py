@@ -113,7 +113,7 @@ class ModelSpec(ApiModel):
     attention: Literal["auto", "flash_attention_2", "sdpa"] = Field(
         default="auto",
         description="Attention kernel: auto picks flash_attention_2 when CUDA and flash-attn are "
-        "present, else sdpa. Default auto.",
+        "present and the run trains in bf16, else sdpa. Default auto.",
     )
     composition: CompositionSpec | None = Field(
         default=None,
@@ -431,6 +431,11 @@ class TrainingRunSpec(ApiModel):
             raise ValueError(
                 "model.attention: flash_attention_2 needs resources.limits['nvidia.com/gpu'] (none set); "
                 "use attention: auto to fall back to sdpa on CPUs"
+            )
+        if self.model.attention == "flash_attention_2" and self.training.precision == "fp32":
+            raise ValueError(
+                "training.precision: fp32 cannot run model.attention flash_attention_2 (FlashAttention computes "
+                "in bf16/fp16 only); use precision bf16 or auto, or attention sdpa"
             )
         span = self.objective.span_corruption
         if span.weight > 0 and span.max_spans > self.tokenizer.num_mask_tokens:
