@@ -32,9 +32,11 @@ IGNORE = -100
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """GPUs with bf16, or CPUs with native bf16 instructions (autocast elsewhere is slower than fp32)."""
+    """GPUs with bf16, or CPUs with native bf16 instructions (autocast elsewhere is slower than fp32).
+    On CUDA that is compute capability 8+ (Ampere on): torch's default also counts GPUs that only
+    emulate bf16 (V100, T4), where FlashAttention does not run either."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return cpu_has_native_bf16()
 
 

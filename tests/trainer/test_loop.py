@@ -9,7 +9,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from trainer.loop import IGNORE, collate, is_flash, lm_loss, lr_factor
+from trainer.loop import IGNORE, collate, is_flash, lm_loss, lr_factor, use_bf16
 from trainer.objectives import Packed
 
 
@@ -109,3 +109,17 @@ def test_on_a_gpu_flash_attention_loss_equals_sdpa_with_the_mask():
         model.set_attn_implementation("flash_attention_2")
         loss_flat, _ = lm_loss(model, flat, bf16=True)
     assert loss_flat.item() == pytest.approx(loss_masked.item(), rel=2e-2)
+
+
+def test_auto_precision_counts_only_gpus_with_native_bf16(monkeypatch):
+    # torch.cuda.is_bf16_supported() is True by default on a V100/T4, which only emulate bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    cuda = torch.device("cuda")
+    assert not use_bf16("auto", cuda)
+    assert use_bf16("bf16", cuda) and not use_bf16("fp32", cuda)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_precision_is_bf16_from_ampere_on():
+    cuda = torch.device("cuda")
+    assert use_bf16("auto", cuda) == (torch.cuda.get_device_capability()[0] >= 8)

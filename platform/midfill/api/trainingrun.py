@@ -276,7 +276,7 @@ class TrainingSpec(ApiModel):
     grad_clip: float = Field(default=1.0, ge=0, description="Clip the global grad norm to this (0 = off). Default 1.0.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
-        description="auto = bf16 autocast where the hardware supports it (GPUs, CPUs with avx512_bf16), "
+        description="auto = bf16 autocast where the hardware supports it (GPUs from Ampere on, CPUs with avx512_bf16), "
         "else fp32. Default auto.",
     )
     seed: int = Field(default=1234, description="Seed for weights, data order and masking. Default 1234.")
