@@ -143,8 +143,9 @@ class LoopHooks:
 def _no_sync(model: torch.nn.Module, last: bool):
     if last:
         return contextlib.nullcontext()
-    if isinstance(model, DistributedDataParallel):
-        return model.no_sync()
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module (job: wrap, then compile)
+    if isinstance(ddp, DistributedDataParallel):
+        return ddp.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(False)
     return contextlib.nullcontext()

@@ -123,3 +123,20 @@ def test_auto_precision_counts_only_gpus_with_native_bf16(monkeypatch):
 def test_on_a_gpu_auto_precision_is_bf16_from_ampere_on():
     cuda = torch.device("cuda")
     assert use_bf16("auto", cuda) == (torch.cuda.get_device_capability()[0] >= 8)
+
+
+def test_accumulation_skips_ddps_all_reduce_also_when_the_model_is_compiled(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trainer.loop import _no_sync
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        for model in (ddp, torch.compile(ddp)):  # job.py compiles the wrapped model
+            with _no_sync(model, last=False):
+                assert not ddp.require_backward_grad_sync  # no all-reduce on this micro-step's backward
+            assert ddp.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()
