@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The GPU check, prepared to run in one go on a machine with a CUDA GPU and PyTorch but no network
-# and no midfill environment (e.g. a lent GPU box; about 8 minutes at most: the steps time out at 120 + 210 + 150 s):
+# and no midfill environment (e.g. a lent GPU box; at most 7 minutes: the steps time out at 90 + 210 (300 with
+# the endpoint) + 120 s):
 #   1. installs the wheels of bench/gpu/fetch_wheels.sh from .whl/ into a private folder;
 #   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate);
 #   3. runs bench/serve_throughput.py on the GPU, engine in-process vs sequential `generate` on the
 #      same GPU: the debug-size model, then a ~100M one (a tiny model on a GPU measures launch
 #      overhead, not batching).
-# The Ray endpoint is not measured here: the ray wheel alone (79 MB) exceeds what such a machine can
-# be sent at once; run `bench/serve_throughput.py --device cuda` where ray[serve] is installed.
+#   4. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint too, in the debug step.
 #
-#   bash bench/gpu/fetch_wheels.sh                  # on a machine with PyPI, once
+#   bash bench/gpu/fetch_wheels.sh [--with-ray]     # on a machine with PyPI, once
 #   bash bench/gpu/run.sh                           # on the GPU machine, from the repository root
+#
+# With --with-ray the wheels come in two transfers (.whl/ and .whl-2/, ~58 MB each): send .whl/
+# and run `STAGE=stash bash bench/gpu/run.sh` (it keeps the part in /tmp/midfill-wheels), then, on
+# the same machine, send .whl-2/ and run `bash bench/gpu/run.sh`.
 #
 # Results (logs and JSON) go to $OUT, default bench/results/gpu/. Each step has its own time limit
 # and a failing step does not stop the others; the exit status is the number of failed steps.
@@ -36,11 +40,21 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+WHEELS=/tmp/midfill-wheels  # survives between calls on the same machine
+mkdir -p "$WHEELS"
+for dir in .whl .whl-2; do [ -d "$dir" ] && cp -f "$dir"/* "$WHEELS"/ 2>/dev/null; done
+if [ "${STAGE:-}" = stash ]; then
+  echo "kept $(ls "$WHEELS" | tr '\n' ' ')in $WHEELS; now send .whl-2/ and run bench/gpu/run.sh"; exit 0
+fi
+if compgen -G "$WHEELS/bundle.tar.part-*" >/dev/null; then
+  [ "$(ls "$WHEELS"/bundle.tar.part-* | wc -l)" -eq 2 ] || { echo "need both bundle parts (.whl/ and .whl-2/)"; exit 100; }
+  cat "$WHEELS"/bundle.tar.part-* | tar -x -C "$WHEELS" || { echo "unpacking the wheel bundle failed"; exit 100; }
+fi
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
   # --target keeps the machine's own packages untouched; PYTHONPATH puts these first.
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/midfill-site .whl/*.whl \
-    || { echo "installing .whl/ failed"; exit 100; }
-  export PYTHONPATH=/tmp/midfill-site
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/midfill-site "$WHEELS"/*.whl \
+    || { echo "installing the wheels failed"; exit 100; }
+  export PYTHONPATH=/tmp/midfill-site PATH="/tmp/midfill-site/bin:$PATH"
 fi
 # midfill is not installed there: its source roots go on the path (as pytest's pythonpath does).
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/platform:$PWD" PYTHONUNBUFFERED=1
@@ -55,10 +69,13 @@ fi
 # Only the files whose gpu tests need no Ray (tests/serving's others import it at collection).
 # -p no:cacheprovider: the tree may be thrown away; the config warnings are pytest-asyncio's options,
 # unknown where it is not installed (no gpu test is async).
-step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu tests/serving/test_engine.py
-step serve-throughput-debug 210 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine --rounds 2 \
+step gpu-tests 90 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu tests/serving/test_engine.py
+# The endpoint where Ray Serve is there: one run shares the export and the baselines with the engine's.
+PARTS=engine; LIMIT=210
+$PY -c "import ray.serve, fastapi" 2>/dev/null && { PARTS=engine,endpoint; LIMIT=300; }
+step serve-throughput-debug $LIMIT $PY bench/serve_throughput.py --device "$DEVICE" --parts $PARTS --rounds 2 \
   --out "$OUT/serve_throughput_${DEVICE}.json" ${BENCH_ARGS:-}
-step serve-throughput-100m 150 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine --rounds 1 --requests 32 \
+step serve-throughput-100m 120 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine --rounds 1 --requests 32 \
   --layers 12 --hidden 768 --heads 12 --out "$OUT/serve_throughput_${DEVICE}_100m.json" ${BENCH_ARGS:-}
 echo "failed steps: $failed; results in $OUT"
 exit "$failed"
