@@ -3,7 +3,8 @@
 # and no midfill environment (e.g. a lent GPU box; at most 7 minutes: the steps time out at 90 + 210 (300 with
 # the endpoint) + 120 s):
 #   1. installs the wheels of bench/gpu/fetch_wheels.sh from .whl/ into a private folder;
-#   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate);
+#   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate; bf16 only on
+#      GPUs with native bf16; FlashAttention's packed-document loss, where flash-attn is installed);
 #   3. runs bench/serve_throughput.py on the GPU, engine in-process vs sequential `generate` on the
 #      same GPU: the debug-size model, then a ~100M one (a tiny model on a GPU measures launch
 #      overhead, not batching).
@@ -66,10 +67,11 @@ if [ "$DEVICE" = cuda ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.
   echo "no CUDA GPU visible to $PY: nothing to check"; exit 100
 fi
 
-# Only the files whose gpu tests need no Ray (tests/serving's others import it at collection).
-# -p no:cacheprovider: the tree may be thrown away; the config warnings are pytest-asyncio's options,
-# unknown where it is not installed (no gpu test is async).
-step gpu-tests 90 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu tests/serving/test_engine.py
+# The files with gpu tests that import neither Ray nor MLflow at collection (the FlashAttention ones
+# skip where flash-attn is missing, as on the image). -p no:cacheprovider: the tree may be thrown
+# away; the config warnings are pytest-asyncio's options, unknown where it is not installed.
+step gpu-tests 90 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu \
+  tests/serving/test_engine.py tests/trainer/test_loop.py tests/trainer/test_evaluate.py
 # The endpoint where Ray Serve is there: one run shares the export and the baselines with the engine's.
 PARTS=engine; LIMIT=210
 $PY -c "import ray.serve, fastapi" 2>/dev/null && { PARTS=engine,endpoint; LIMIT=300; }
