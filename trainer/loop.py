@@ -184,7 +184,7 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    window_loss = torch.zeros((), dtype=torch.float64)
+    window_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # on the device: no sync per micro-step
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     grad_norm = torch.zeros(())
     while state.step < total_steps:
@@ -201,7 +201,7 @@ def train(
             with _no_sync(model, last):
                 loss_sum, n = lm_loss(model, batch, bf16=bf16, compiled=spec.compile)
                 (loss_sum / n.clamp(min=1) / accum).backward()
-            window_loss += (loss_sum.detach() / n.clamp(min=1)).double().cpu()
+            window_loss += (loss_sum.detach() / n.clamp(min=1)).double()
             window_tokens += batch["input_ids"].numel()
         if spec.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
