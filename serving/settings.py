@@ -22,7 +22,8 @@ class ServingSettings(CoreSettings):
     serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
         description=(
-            "Weights and activations dtype. auto = bfloat16 on a GPU and on a CPU with bfloat16 instructions "
+            "Weights and activations dtype. auto = bfloat16 on a GPU with native bfloat16 (Ampere on; float16 on "
+            "older ones) and on a CPU with bfloat16 instructions "
             "(avx512_bf16 or AMX; about twice float32's throughput there, docs/benchmarks.md), else float32. "
             "Greedy tokens can differ slightly between the two; float32 reproduces transformers' float32 generate."
         ),
@@ -48,8 +49,11 @@ class ServingSettings(CoreSettings):
         elif device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("MIDFILL_SERVE_DEVICE=cuda but no CUDA GPU is visible to this replica (num_gpus: 0?)")
         dtype = self.serve_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
+        if dtype == "auto" and device == "cuda":
+            # GPUs before Ampere (T4, V100) only emulate bfloat16; float16 is native there (as vLLM picks).
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        elif dtype == "auto":
+            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
         return device, dtype
 
     def model_cache(self) -> Path:
