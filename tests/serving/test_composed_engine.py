@@ -104,3 +104,18 @@ def test_cancel_and_errors_leave_the_composed_engine_serving(composed):
     handle.cancel()
     done = engine.generate(ids, SamplingParams(max_tokens=3))
     assert done.completion_tokens >= 1 and engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_on_a_gpu_replica_a_composed_export_is_served_on_the_cpu_in_the_cpus_dtype(tiny_export, tmp_path, monkeypatch):
+    from serving import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder, _ = _composed_export(tmp_path, tiny_export, mode="calm", uri=uri)
+    # What a GPU replica asks for on a T4 (serving.settings): float16 would be emulated on this CPU.
+    engine = Engine.from_export(folder, device="cuda", dtype="float16", tracking_uri=uri, cache_dir=tmp_path / "cache")
+    try:
+        assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
+        assert next(engine.model.parameters()).device.type == "cpu"
+    finally:
+        engine.close()
