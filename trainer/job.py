@@ -7,7 +7,6 @@ Read top-down: `run_job` is the whole story; the steps live in their own modules
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from midfill.registry import Registry
 from trainer import checkpoint, composed_job, evaluate, export, loop, parallel
 from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
+from trainer.fetch import fetch_once
 from trainer.model import build_model, num_params
 from trainer.objectives import Packer
 from trainer.post_eval import run_post_registration_eval
@@ -117,10 +117,7 @@ def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist, *, field
         registry = Registry(settings.resolved_tracking_uri())
         info = registry.resolve_uri(init)
         dst = Path(tempfile.gettempdir()) / f"midfill-init-{info.name}-{info.version}"
-        if d.local_rank == 0 and not (dst / "config.json").exists():
-            shutil.rmtree(dst, ignore_errors=True)
-            registry.download(info, dst)
-        d.barrier()
+        fetch_once(dst, lambda folder: registry.download(info, folder), d, source=init)
         found = next(dst.rglob("config.json"), None)
         if found is None:
             raise ValueError(f"{field}: {init} has no config.json; it is not a Hugging Face export")
@@ -129,11 +126,8 @@ def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist, *, field
         import fsspec
 
         dst = Path(tempfile.gettempdir()) / ("midfill-init-" + init.replace("/", "_").replace(":", "_"))
-        if d.local_rank == 0 and not dst.exists():
-            fs, root = fsspec.core.url_to_fs(init)
-            fs.get(root.rstrip("/") + "/", str(dst), recursive=True)
-        d.barrier()
-        return dst
+        fs, root = fsspec.core.url_to_fs(init)
+        return fetch_once(dst, lambda folder: fs.get(root.rstrip("/") + "/", str(folder), recursive=True), d, source=init)
     path = Path(init.removeprefix("file://"))
     if not (path / "config.json").is_file():
         raise ValueError(f"{field}: {init} is not an exported model folder (no config.json)")
