@@ -19,7 +19,8 @@
 #
 # Results (logs and JSON) go to $OUT, default bench/results/gpu/. Each step has its own time limit
 # and a failing step does not stop the others; the exit status is the number of failed steps.
-# ONLY="gpu-tests ..." runs just the named steps; MIDFILL_CHECK_DEVICE=cpu runs them on a CPU (a dry
+# WHEEL_DIRS (default ".whl .whl-2") and WHEELS (default /tmp/midfill-wheels) say where the wheels
+# come from and are kept. ONLY="gpu-tests ..." runs just the named steps; MIDFILL_CHECK_DEVICE=cpu runs them on a CPU (a dry
 # run of the script itself, with BENCH_ARGS="--layers 2 --hidden 64 --heads 4 --rounds 1" to be quick).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,9 +42,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-WHEELS=/tmp/midfill-wheels  # survives between calls on the same machine
+WHEELS=${WHEELS:-/tmp/midfill-wheels}  # survives between calls on the same machine
 mkdir -p "$WHEELS"
-for dir in .whl .whl-2; do [ -d "$dir" ] && cp -f "$dir"/* "$WHEELS"/ 2>/dev/null; done
+for dir in ${WHEEL_DIRS-.whl .whl-2}; do [ -d "$dir" ] && cp -f "$dir"/* "$WHEELS"/ 2>/dev/null; done
 if [ "${STAGE:-}" = stash ]; then
   echo "kept $(ls "$WHEELS" | tr '\n' ' ')in $WHEELS; now send .whl-2/ and run bench/gpu/run.sh"; exit 0
 fi

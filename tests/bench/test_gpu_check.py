@@ -1,0 +1,41 @@
+"""bench/gpu/run.sh, the prepared GPU check, runs end to end -- on the CPU (MIDFILL_CHECK_DEVICE=cpu,
+a tiny model): it is run rarely, on a lent machine with minutes to spare, so it must not rot here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "MIDFILL_CHECK_DEVICE": "cpu",
+        "BENCH_ARGS": "--layers 2 --hidden 64 --heads 4 --requests 32 --rounds 1 --dtypes float32",
+        "MIDFILL_STATE_DIR": str(tmp_path / "state"),
+        "WHEEL_DIRS": "",  # this environment has everything; wheels fetched for a GPU box's Python would not fit it
+        "WHEELS": str(tmp_path / "wheels"),
+    }
+    done = subprocess.run(["bash", "bench/gpu/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "failed steps: 0" in done.stdout
+    assert "torch" in (tmp_path / "environment.txt").read_text()
+    assert "skipped" in (tmp_path / "gpu-tests.log").read_text()  # collected and skipped without CUDA
+    debug = json.loads((tmp_path / "serve_throughput_cpu.json").read_text())
+    summary = debug["summary_speedup_vs_fastest_baseline"]
+    assert summary["engine_in_process float32"]["32"]["median"] > 0
+    if importlib.util.find_spec("ray") is not None:  # the endpoint joins where Ray Serve is installed
+        assert summary["endpoint float32"]["32"]["median"] > 0
+    larger = json.loads((tmp_path / "serve_throughput_cpu_100m.json").read_text())
+    assert larger["engine_in_process"]["float32"]["rounds"]
