@@ -7,8 +7,9 @@ last position; a prompt that starts like a recent one reuses its keys/values -- 
 their keys/values are copied into the decode batch's preallocated buffers (serving.kv_slots); every decode step advances all running requests with one forward pass. Requests
 join and leave between steps, so a late arrival never waits for a whole batch to finish.
 
-One background thread owns the model and the cache. Callers submit a request and get a handle; the
-thread reports each step through a callback (the async `stream()` wraps it for the ingress). Keep it
+One background thread owns the model and the cache. Callers submit a request (serving.requests) and
+get a handle; the thread reports each step through a callback -- `stream()` wraps it for streaming
+clients, `complete()` for the rest -- with its text decoded incrementally (serving.detokenize). Keep it
 the only thread of the process that runs torch operations: each such thread gets its own OpenMP
 pool, and two pools on few cores make every operation wait for a kernel wake-up (docs/serving.md).
 On a CPU the model runs with serving.attention's `midfill_cpu` attention, on a GPU with sdpa.
@@ -37,87 +38,10 @@ from serving.detokenize import IncrementalDetokenizer
 from serving.kv_slots import DecodeBatchCache
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
+from serving.requests import Completion, PromptTooLong, SamplingParams, StepOutput, gathering
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
-
-
-class PromptTooLong(ValueError):
-    """The prompt (plus the tokens asked for) does not fit the model's context; nothing is truncated."""
-
-    def __init__(self, *, prompt_tokens: int, max_tokens: int, max_context: int) -> None:
-        self.prompt_tokens, self.max_tokens, self.max_context = prompt_tokens, max_tokens, max_context
-        if prompt_tokens >= max_context:
-            msg = (
-                f"the prompt is {prompt_tokens} tokens but the model's context is {max_context} tokens "
-                f"(prompt + completion); shorten the prompt to at most {max_context - 1} tokens"
-            )
-        else:
-            msg = (
-                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
-                f"of {max_context} tokens; lower max_tokens to {max_context - prompt_tokens} or shorten the prompt"
-            )
-        super().__init__(msg)
-
-    @property
-    def prompt_alone_too_long(self) -> bool:
-        return self.prompt_tokens >= self.max_context
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is decoded."""
-
-    max_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        assert self.max_tokens >= 1 and self.temperature >= 0 and 0 < self.top_p <= 1
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one engine step produced for one request: new text (may be empty) and, last, the finish."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finished: bool = False
-    finish_reason: str | None = None  # stop | length | cancelled | error
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # on the finish: prompt tokens served from the prefix cache
-    error: str | None = None
-
-
-@dataclass
-class Completion:
-    """A finished request, as `generate` and `complete` return it."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    error: str | None = None  # with finish_reason "error"
-
-
-def _gathering(on_end: Callable[[Completion], None]) -> Callable[[StepOutput], None]:
-    """An `on_output` callback that gathers a request's steps and calls `on_end` once, with the
-    whole Completion, at the finish (on the engine thread)."""
-    text: list[str] = []
-    ids: list[int] = []
-
-    def on_output(out: StepOutput) -> None:
-        text.append(out.text)
-        ids.extend(out.token_ids)
-        if out.finished:
-            on_end(Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.cached_tokens, out.error))
-
-    return on_output
 
 
 @dataclass(eq=False)
@@ -269,7 +193,7 @@ class Engine:
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         """Blocking: run one request to its end."""
         finished: queue.Queue[Completion] = queue.Queue()
-        self.submit(prompt_ids, params, _gathering(finished.put))
+        self.submit(prompt_ids, params, gathering(finished.put))
         result = finished.get()
         if result.finish_reason == "error":
             raise RuntimeError(result.error)
@@ -293,7 +217,7 @@ class Engine:
             except RuntimeError:  # the event loop is gone: nobody is waiting
                 pass
 
-        handle = self.submit(prompt_ids, params, _gathering(on_end))
+        handle = self.submit(prompt_ids, params, gathering(on_end))
         try:
             return await finished
         finally:

@@ -27,7 +27,7 @@ from ray import serve
 from midfill.fim import parse_starcoder_prompt
 from midfill.serve_args import ServeArgs
 from serving.auth import KeyStore, key_from_headers
-from serving.engine import Engine, PromptTooLong, SamplingParams
+from serving.engine import Engine
 from serving.loading import locate_model
 from serving.protocol import (
     ApiError,
@@ -40,6 +40,7 @@ from serving.protocol import (
     usage_chunk,
     validation_error,
 )
+from serving.requests import PromptTooLong, SamplingParams
 from serving.settings import ServingSettings
 
 log = logging.getLogger("ray.serve")
