@@ -32,7 +32,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from midfill.export import ExportMetadata, read_metadata
 from midfill.fim import FimFormat, get_format
-from midfill.hardware import cpu_has_native_bf16
 from serving import attention
 from serving.detokenize import IncrementalDetokenizer
 from serving.kv_slots import DecodeBatchCache
@@ -145,14 +144,14 @@ class Engine:
         from serving import composed
 
         if composed.is_composed(path):
+            from serving.settings import ServingSettings, cpu_dtype
+
             if torch.device(device).type != "cpu":
                 # Served on the CPU for now, so a GPU's dtype (float16 on older GPUs) may be one this CPU
-                # only emulates, far slower than its own: take the CPU's choice (serving.settings).
-                cpu_dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
-                log.warning("composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype, dtype)
-                dtype = cpu_dtype
+                # only emulates, far slower than its own: take what `auto` means on the CPU.
+                log.warning("composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype)
+                dtype = cpu_dtype()
             if cache_dir is None or tracking_uri is None:
-                from serving.settings import ServingSettings
 
                 settings = ServingSettings()
                 cache_dir = cache_dir or settings.model_cache()

@@ -12,6 +12,11 @@ from midfill.hardware import cpu_has_native_bf16
 from midfill.settings import CoreSettings
 
 
+def cpu_dtype() -> str:
+    """The dtype `auto` means on this process's CPU: bfloat16 where the CPU has bfloat16 instructions."""
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 class ServingSettings(CoreSettings):
     """Env: MIDFILL_SERVE_DEVICE, MIDFILL_SERVE_DTYPE, MIDFILL_SERVE_TORCH_THREADS, MIDFILL_SERVE_MODEL_CACHE,
     MIDFILL_SERVE_LOAD_TIMEOUT_S, MIDFILL_API_KEY."""
@@ -53,7 +58,7 @@ class ServingSettings(CoreSettings):
             # GPUs before Ampere (T4, V100) only emulate bfloat16; float16 is native there (as vLLM picks).
             dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         elif dtype == "auto":
-            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+            dtype = cpu_dtype()
         return device, dtype
 
     def model_cache(self) -> Path:

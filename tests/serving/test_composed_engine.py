@@ -107,9 +107,9 @@ def test_cancel_and_errors_leave_the_composed_engine_serving(composed):
 
 
 def test_on_a_gpu_replica_a_composed_export_is_served_on_the_cpu_in_the_cpus_dtype(tiny_export, tmp_path, monkeypatch):
-    from serving import engine as engine_module
+    from serving import settings
 
-    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     folder, _ = _composed_export(tmp_path, tiny_export, mode="calm", uri=uri)
     # What a GPU replica asks for on a T4 (serving.settings): float16 would be emulated on this CPU.
