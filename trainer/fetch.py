@@ -38,8 +38,14 @@ def fetch_once(dst: Path, fetch: Callable[[Path], None], d: Dist, *, source: str
         fetch(scratch)  # creates the folder, as a copy into a new path does
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / COMPLETE).write_text(source + "\n")
-        shutil.rmtree(dst, ignore_errors=True)  # an incomplete one from an earlier attempt
-        scratch.rename(dst)
+        if not is_complete(dst):  # an incomplete one from an earlier attempt (a complete one is another job's)
+            shutil.rmtree(dst, ignore_errors=True)
+        try:
+            scratch.rename(dst)
+        except OSError:  # another job on this node fetched the same source at the same time
+            if not is_complete(dst):
+                raise
+            shutil.rmtree(scratch, ignore_errors=True)
     waited = 0.0
     while not is_complete(dst):
         if waited % 60 < poll_s:

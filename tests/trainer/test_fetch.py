@@ -58,3 +58,15 @@ def test_other_local_ranks_wait_for_rank_0_without_fetching(tmp_path):
     fetch_once(dst, _export, Dist(world_size=2), source="x")
     waiter.join(timeout=10)
     assert got == [dst]
+
+
+def test_a_fetch_that_another_job_on_the_node_finished_first_is_dropped(tmp_path):
+    dst = tmp_path / "init"
+
+    def slower_than_the_other_job(folder: Path) -> None:
+        _export(folder)
+        _export(dst)  # the other job renamed its complete copy into place meanwhile
+        (dst / COMPLETE).write_text("s3://b/m\n")
+
+    assert fetch_once(dst, slower_than_the_other_job, Dist(), source="s3://b/m") == dst
+    assert is_complete(dst) and not list(tmp_path.glob("init.partial-*"))
