@@ -15,7 +15,7 @@ One run; JSON to bench/results/serve_throughput.json. Run under the shared CPU l
 
 On a GPU, `--device cuda` runs the baselines, the engine and the endpoint's replica there (results
 to serve_throughput_cuda.json); `--parts engine` skips the Ray endpoint where Ray is not installed
-(bench/device/run.sh, the prepared check for a lent GPU machine).
+(bench/gpu/run.sh, the prepared check for a lent GPU machine).
 """
 
 from __future__ import annotations
@@ -406,8 +406,7 @@ def main() -> None:
     if "endpoint" in parts:
         from serving.settings import ServingSettings  # pydantic-settings: not on every GPU image
 
-        os.environ["MIDFILL_SERVE_DEVICE"] = opts.device
-        results["endpoint_default_dtype"] = ServingSettings().device_and_dtype()[1]
+        results["endpoint_default_dtype"] = ServingSettings(serve_device=opts.device).device_and_dtype()[1]
     for dtype in dtypes if "engine" in parts else ():
         results["engine_in_process"][dtype] = measure_engine(export, dtype, prompts, opts, base_models, tokenizer, stop_ids)
     for dtype in dtypes if "endpoint" in parts else ():
