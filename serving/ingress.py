@@ -26,9 +26,11 @@ from ray import serve
 
 from midfill.fim import parse_starcoder_prompt
 from midfill.serve_args import ServeArgs
+from midfill.apikeys import NamedKey
 from serving.auth import KeyStore, key_from_headers
 from serving.engine import Engine
-from serving.loading import locate_model
+from serving.lineage import from_folder, from_version
+from serving.loading import locate
 from serving.protocol import (
     ApiError,
     CompletionRequest,
@@ -42,6 +44,7 @@ from serving.protocol import (
 )
 from serving.requests import PromptTooLong, SamplingParams
 from serving.settings import ServingSettings
+from serving.usage import KeyUsage
 
 log = logging.getLogger("ray.serve")
 
@@ -122,12 +125,14 @@ class InfillServer:
         self._settings_lock = threading.Lock()  # reconfigure() vs the loading thread
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {"running": 0, "waiting": 0})
         # Cheap checks now (a bad URI fails the deployment with a clear message), weights in the background.
-        folder, default_name = locate_model(
+        folder, default_name, version = locate(
             self.args.model_uri,
             tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),
             cache_dir=self.settings.model_cache(),
         )
         self.model_name = self.args.served_model_name or default_name
+        self.lineage = from_version(version) if version else from_folder(folder, default_name)
+        self.usage = KeyUsage(self.metrics.registry, self.lineage.tag)
         threading.Thread(target=self._load, args=(folder,), name="midfill-load", daemon=True).start()
 
     def _load(self, folder) -> None:
@@ -193,14 +198,16 @@ class InfillServer:
             self.engine.close()
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if not self.keys.check(key_from_headers(request.headers)):
+    def _authorize(self, request: Request) -> NamedKey:
+        key = self.keys.identify(key_from_headers(request.headers))
+        if key is None:
             missing = key_from_headers(request.headers) is None
             raise ApiError(
                 401,
                 "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`" if missing else "invalid API key",
                 code="missing_api_key" if missing else "invalid_api_key",
             )
+        return key
 
     async def _ready_engine(self) -> Engine:
         if not self._loaded.is_set():
@@ -292,42 +299,46 @@ class InfillServer:
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         engine = await self._ready_engine()
-        return JSONResponse(models_body(name=self.model_name, max_model_len=engine.max_context, created=self.created))
+        body = models_body(name=self.model_name, max_model_len=engine.max_context, created=self.created)
+        body["data"][0].update(version=self.lineage.version, lineage=self.lineage.as_dict())
+        return JSONResponse(body, headers=self.lineage.headers())
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        start, mode = time.monotonic(), "-"
+        start, mode, key = time.monotonic(), "-", None
         try:
-            self._authorize(request)
+            key = self._authorize(request)
             req = await self._parse(request)
+            self.usage.admit(key)
             self._admit()
             engine = await self._ready_engine()
             ids, mode = self._prompt(engine, req)
             params = self._params(engine, req, len(ids))
         except ApiError as exc:
             self.metrics.requests.labels(status=str(exc.status), mode=mode).inc()
+            self.usage.refused(key, exc.status)
             raise
         self.metrics.prompt_tokens.inc(len(ids))
         self.inflight += 1
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(engine, ids, params, include_usage, start, mode), media_type="text/event-stream")
+            return StreamingResponse(self._sse(engine, ids, params, include_usage, start, mode, key), media_type="text/event-stream", headers=self.lineage.headers())
         try:
-            return JSONResponse(await self._complete(engine, ids, params, start, mode))
+            return JSONResponse(await self._complete(engine, ids, params, start, mode, key), headers=self.lineage.headers())
         finally:
             self.inflight -= 1
 
-    async def _complete(self, engine: Engine, ids, params, start: float, mode: str) -> dict:
+    async def _complete(self, engine: Engine, ids, params, start: float, mode: str, key: NamedKey) -> dict:
         result = await engine.complete(ids, params)  # one wake-up per request, not one per token
-        self._count(result, start, mode, stream="false")
+        self._count(result, start, mode, key, stream="false")
         if result.finish_reason == "error":
             raise ApiError(500, result.error or "generation failed", code="generation_failed")
-        return completion_body(
+        return self.lineage.stamp(completion_body(
             id_=completion_id(), model=self.model_name, text=result.text, finish_reason=result.finish_reason,
             usage_=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-        )
+        ))
 
-    async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str):
+    async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str, key: NamedKey):
         id_, created, last = completion_id(), int(time.time()), None
         try:
             async for out in engine.stream(ids, params):
@@ -336,17 +347,17 @@ class InfillServer:
                     yield _sse_event(error_body(out.error or "generation failed", type_="server_error", code="generation_failed"))
                     break
                 if out.text or out.finished:
-                    yield _sse_event(completion_body(id_=id_, model=self.model_name, text=out.text, finish_reason=out.finish_reason if out.finished else None, usage_=None, created=created))
+                    yield _sse_event(self.lineage.stamp(completion_body(id_=id_, model=self.model_name, text=out.text, finish_reason=out.finish_reason if out.finished else None, usage_=None, created=created)))
             if include_usage and last is not None:
-                yield _sse_event(usage_chunk(id_=id_, model=self.model_name, created=created, usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)))
+                yield _sse_event(self.lineage.stamp(usage_chunk(id_=id_, model=self.model_name, created=created, usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens))))
             yield "data: [DONE]\n\n"
         finally:
             # Runs on normal end and when the client disconnects (the generator is closed, which
             # closes engine.stream and cancels the request there).
             self.inflight -= 1
-            self._count(last, start, mode, stream="true", finished=last is not None and last.finished)
+            self._count(last, start, mode, key, stream="true", finished=last is not None and last.finished)
 
-    def _count(self, last, start: float, mode: str, *, stream: str, finished: bool = True) -> None:
+    def _count(self, last, start: float, mode: str, key: NamedKey, *, stream: str, finished: bool = True) -> None:
         """last: the request's Completion, or its last StepOutput (None, or not `finished`, when the
         client left first: then it counts as cancelled, with the tokens generated until then)."""
         reason = last.finish_reason if last is not None and finished else "cancelled"
@@ -356,3 +367,5 @@ class InfillServer:
         if last is not None:
             self.metrics.generated_tokens.inc(last.completion_tokens)
             self.metrics.cached_prompt_tokens.inc(last.cached_tokens)
+        self.usage.record(key, status=status, prompt=last.prompt_tokens if last else 0,
+                          completion=last.completion_tokens if last else 0, cached=last.cached_tokens if last else 0)

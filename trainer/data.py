@@ -13,7 +13,7 @@ import hashlib
 import logging
 import random
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -37,6 +37,7 @@ class FileRef:
     url: str  # what fsspec opens
     rel: str  # path relative to the source root (the split key)
     size: int
+    identity: str = ""  # a remote store's content identity (ETag, generation, md5); "" for local files
 
 
 def _stdlib_root(uri: str) -> str:
@@ -79,9 +80,34 @@ def list_source(index: int, src: DataSource, *, max_file_bytes: int) -> list[Fil
         if size > max_file_bytes or size == 0:
             continue
         url = name if protocol in ("file", "local") else f"{protocol}://{name}"
-        out.append(FileRef(source=index, kind=src.kind, url=url, rel=rel, size=size))
+        local = protocol in ("file", "local")
+        out.append(FileRef(source=index, kind=src.kind, url=url, rel=rel, size=size, identity="" if local else remote_identity(info)))
     out.sort(key=lambda f: f.rel)
     return out
+
+
+# What object stores report about an object's content, most specific first: S3/Azure ETag, GCS
+# generation and md5Hash, HTTP ETag. Size and mtime are the fallback when a store has none.
+_IDENTITY_FIELDS = ("ETag", "etag", "generation", "md5Hash", "md5", "content_md5", "VersionId", "version_id")
+
+
+def remote_identity(info: dict[str, Any]) -> str:
+    """A remote file's content identity from its listing entry (no read of the data)."""
+    found = [f"{k}={info[k]}" for k in _IDENTITY_FIELDS if info.get(k)]
+    if not found:
+        found = [f"mtime={info.get('mtime') or info.get('LastModified') or info.get('updated') or ''}"]
+    return ";".join(found + [f"size={info.get('size')}"])
+
+
+def file_digest(ref: FileRef) -> str:
+    """sha256 of a local file's bytes (streamed), or the remote identity the listing gave."""
+    if ref.identity:
+        return ref.identity
+    h = hashlib.sha256()
+    with fsspec.open(ref.url, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _prefix(parts: tuple[str, ...]) -> list[str]:
@@ -101,6 +127,7 @@ class Corpus:
     train: list[list[FileRef]]  # per source
     validation: list[FileRef]
     weights: list[float]
+    _hash: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_spec(cls, spec: DataSpec) -> Corpus:
@@ -118,12 +145,15 @@ class Corpus:
         return cls(train=train, validation=val, weights=[s.weight for s in spec.sources])
 
     def data_hash(self) -> str:
-        """A short hash of what the model is trained on: each file's source, relative path and size."""
-        h = hashlib.sha256()
-        for files in self.train:
-            for f in files:
-                h.update(f"{f.source}\0{f.rel}\0{f.size}\n".encode())
-        return h.hexdigest()[:16]
+        """A short hash of what the model is trained and validated on: each file's source, relative
+        path and content (local files: sha256 of their bytes; remote objects: the identity their store
+        lists, so a large bucket is not re-read). Computed once per corpus."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for f in sorted([f for files in self.train for f in files] + self.validation, key=lambda f: (f.source, f.rel)):
+                h.update(f"{f.source}\0{f.rel}\0{file_digest(f)}\n".encode())
+            object.__setattr__(self, "_hash", h.hexdigest()[:16])
+        return self._hash
 
 
 def read_text(ref: FileRef) -> str | None:

@@ -376,3 +376,6 @@ def register(app: typer.Typer) -> None:
     app.command()(delete)
     app.command()(approve)
     app.command()(ui)
+    from midfill.local import keys_cli
+
+    keys_cli.register(app)

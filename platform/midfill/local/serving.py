@@ -13,7 +13,8 @@ one finishes its requests, so none are dropped. Stopping the controller (`midfil
 and its Ray down; Ray's processes share the controller's fate if it dies.
 
 API keys: `spec.auth.apiKeySecretRef {name, key}` maps to the file `<state dir>/secrets/<name>/<key>`
-(one key per line, mode 0600), generated on first use; `midfill apply` prints a new key once.
+(named keys stored as digests, midfill.apikeys; mode 0600): a key named `default` is generated on
+first use and `midfill apply` prints it once; `midfill keys` adds and revokes others.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -56,22 +56,13 @@ def api_keys_file(store: StateStore, release: ModelRelease) -> Path | None:
 
 
 def ensure_api_key(path: Path) -> str | None:
-    """Create the key file with a fresh key if it is missing; returns the new key, else None."""
-    if path.exists() and path.read_text().strip():
+    """Create the key file with a fresh key named `default` if it holds no key; returns the new
+    key (stored only as its digest, midfill.apikeys), else None."""
+    from midfill.apikeys import KeyFile
+
+    if KeyFile(path).keys():
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = "mf-" + secrets.token_urlsafe(24)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return key
-
-
-def read_api_key(path: Path) -> str:
-    """The first key in a key file."""
-    return next(line.strip() for line in path.read_text().splitlines() if line.strip())
+    return KeyFile(path).create("default")
 
 
 # -- registry checks --------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import stat
 from pathlib import Path
 
 from midfill.api import ModelRelease, parse_resource
-from midfill.local.serving import api_keys_file, ensure_api_key, local_serve_args, read_api_key
+from midfill.apikeys import digest, parse
+from midfill.local.serving import api_keys_file, ensure_api_key, local_serve_args
 from midfill.local.state import StateStore
 from midfill.registry import VersionInfo
 
@@ -30,7 +31,9 @@ def test_secret_maps_to_a_private_key_file_generated_once(tmp_path: Path) -> Non
     assert key and key.startswith("mf-") and len(key) > 20
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ensure_api_key(path) is None  # kept, not replaced
-    assert read_api_key(path) == key
+    # Stored as a named digest, never raw.
+    assert [(k.name, k.digest) for k in parse(path.read_text())] == [("default", digest(key))]
+    assert key not in path.read_text()
     assert api_keys_file(store, _release(disabled=True)) is None
 
 
