@@ -18,7 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from midfill import fim
 from midfill.api import TrainingRun
-from midfill.export import ExportMetadata, TrainingRunRef, write_metadata
+from midfill import model_card
+from midfill.export import ExportMetadata, TrainingRunRef, read_metadata, write_metadata
 from midfill.progress import RESULT_FILE, TrainingResult, write_json_atomic
 from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry, VersionInfo
 from trainer.tracking import Tracker
@@ -79,6 +80,7 @@ def register(
     export_dir: Path | None = None
     if info is None:
         export_dir = export()
+        model_card.write_mlmodel(export_dir, read_metadata(export_dir))  # the UI's Schema and artifact views
         source = tracker.log_artifacts(str(export_dir), ARTIFACT_PATH)
         assert source is not None
         tags = {
@@ -90,6 +92,8 @@ def register(
         info, _ = registry.register(name=name, source=source, run_uid=uid, run_id=tracker.run_id, tags=tags)
         if kill_after_register:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: crash between registration and result.json
+    # Every try (re)writes the card from the registry, so a crash after registering still gets one.
+    model_card.refresh(registry, info.name, info.version)
     result = TrainingResult(
         registered_model_name=info.name,
         version=info.version,

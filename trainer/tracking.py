@@ -8,6 +8,7 @@ operator finds the run by the same tags.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_UID
@@ -24,6 +25,17 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix.rstrip(".")] = str(obj)[:6000]
     return out
+
+
+def source_tags(run_name: str) -> dict[str, str]:
+    """What the MLflow UI shows as a run's "Created by" and "Source" (a client-created run has neither)."""
+    import getpass
+
+    try:
+        user = os.environ.get("MIDFILL_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        user = "unknown"
+    return {"mlflow.user": user, "mlflow.source.name": f"midfill trainer ({run_name})", "mlflow.source.type": "JOB"}
 
 
 class Tracker:
@@ -65,7 +77,7 @@ class Tracker:
                 self.client.update_run(run.info.run_id, status="RUNNING")
             log.info("reusing MLflow run %s", run.info.run_id)
         else:
-            all_tags = {**tags, RUN_TAG_UID: uid, RUN_TAG_ATTEMPT: str(attempt)}
+            all_tags = {**source_tags(run_name), **tags, RUN_TAG_UID: uid, RUN_TAG_ATTEMPT: str(attempt)}
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
         return self.run_id

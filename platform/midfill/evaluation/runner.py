@@ -180,7 +180,11 @@ def record_on_version(result: SuiteResult, *, tracking_uri: str | None, name: st
     registry = Registry(tracking_uri)
     experiment_id = registry.experiment_id("midfill-eval")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-v{version}-{result.suite}") as run:
-        mlflow.set_tags({"midfill.model": name, "midfill.version": version, "midfill.suite": result.suite})
+        mlflow.set_tags({
+            "midfill.model": name, "midfill.version": version, "midfill.suite": result.suite,
+            # The run page's description links back to the version it scored.
+            "mlflow.note.content": f"Evaluation `{result.suite}` of [{name} version {version}](#/models/{name}/versions/{version}).",
+        })
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in result.metrics.items()})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{result.suite}.json"
@@ -189,4 +193,7 @@ def record_on_version(result: SuiteResult, *, tracking_uri: str | None, name: st
     for metric, value in result.metrics.items():
         registry.client.set_model_version_tag(name, version, metric_tag_key(result.suite, metric), f"{value:.6g}")
     registry.client.set_model_version_tag(name, version, f"eval.{result.suite}.run_id", run.info.run_id)
+    from midfill import model_card
+
+    model_card.refresh(registry, name, version)
     return run.info.run_id

@@ -252,12 +252,14 @@ def describe(
     record = _observe(store, kind, name)
     if record is None:
         raise _fail(f"{kind.lower()} {name!r} not found (state dir {store.state_dir})")
-    typer.echo(views.describe(record, evaluation=_evaluation_of(settings, record)))
+    info = _version_of(settings, record)
+    evaluation = (info.uri, info.tags) if info else None
+    typer.echo(views.describe(record, evaluation=evaluation, lineage=views.lineage_rows(info) if info else None))
 
 
-def _evaluation_of(settings: CoreSettings, record) -> tuple[str, dict[str, str]] | None:
-    """The tags of the version a TrainingRun registered or a ModelRelease resolved (best effort: a
-    registry that cannot be read leaves the section out rather than failing describe)."""
+def _version_of(settings: CoreSettings, record):
+    """The version a TrainingRun registered or a ModelRelease resolved (best effort: a registry
+    that cannot be read leaves the lineage and evaluation out rather than failing describe)."""
     status = record.status()
     if record.kind == "TrainingRun":
         ref = status.registered_model
@@ -270,7 +272,7 @@ def _evaluation_of(settings: CoreSettings, record) -> tuple[str, dict[str, str]]
         info = _registry(settings).get(name, version=version)
     except Exception:  # noqa: BLE001
         return None
-    return info.uri, info.tags
+    return info
 
 
 def _log_files(store: StateStore, record: StoredResource) -> list[Path]:

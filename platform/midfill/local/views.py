@@ -112,7 +112,22 @@ def evaluation_rows(tags: dict[str, str]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def describe(record: StoredResource, *, evaluation: tuple[str, dict[str, str]] | None = None) -> str:
+def lineage_rows(info) -> list[tuple[str, str]]:
+    """The chain from data to endpoint for a registry version (midfill.registry.VersionInfo)."""
+    from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, TAG_RUN_UID
+
+    t = info.tags
+    return [
+        ("TrainingRun", f"{t.get(TAG_RUN_NAME, '-')} (uid {t.get(TAG_RUN_UID, '-')}, attempt {t.get(TAG_ATTEMPT, '-')})"),
+        ("Data hash", t.get(TAG_DATA_HASH, "-")),
+        ("MLflow run", info.run_id or "-"),
+        ("Version", f"{info.uri} (MLflow UI: #/models/{info.name}/versions/{info.version})"),
+        ("Served as", f"x-midfill-model-version: {info.name}/{info.version}"),
+    ]
+
+
+def describe(record: StoredResource, *, evaluation: tuple[str, dict[str, str]] | None = None,
+             lineage: list[tuple[str, str]] | None = None) -> str:
     """kubectl-describe-like text: metadata, spec summary, status, conditions, evaluation results of
     the version it trained or serves (`evaluation` = (version uri, its tags)), events."""
     meta = record.resource["metadata"]
@@ -140,6 +155,9 @@ def describe(record: StoredResource, *, evaluation: tuple[str, dict[str, str]] |
         lines += ["  " + line for line in table(("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"), rows).splitlines()]
     else:
         lines.append("  <none>")
+    if lineage:
+        lines.append("Lineage:")
+        lines += [f"  {k + ':':<14}{v}" for k, v in lineage]
     if evaluation is not None:
         uri, tags = evaluation
         rows = evaluation_rows(tags)
