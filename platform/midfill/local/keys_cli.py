@@ -23,6 +23,7 @@ from midfill.settings import CoreSettings
 
 keys_app = typer.Typer(help="Named API keys of a local ModelRelease (create, list, revoke).", no_args_is_help=True)
 ReleaseOpt = Annotated[str | None, typer.Option("--release", "-r", help="ModelRelease name (optional when there is only one with auth).")]
+FileOpt = Annotated[Path | None, typer.Option("--file", "-f", help="Edit this keys file instead (e.g. the one you load into a cluster Secret).")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -34,8 +35,11 @@ def _store() -> StateStore:
     return StateStore(CoreSettings().state_dir)
 
 
-def _release_key_file(store: StateStore, release: str | None) -> tuple[str, Path]:
-    """(release name, its key file); the only release with auth when none is named."""
+def _release_key_file(store: StateStore | None, release: str | None, file: Path | None = None) -> tuple[str, Path]:
+    """(what it is for, the key file): --file, the named release's, or the only release with auth."""
+    if file is not None:
+        return str(file), file
+    store = store or _store()
     records = [r for r in store.list("ModelRelease") if release in (None, r.name)]
     with_auth = [(r.name, serving.api_keys_file(store, typed_model_release(r))) for r in records]
     with_auth = [(n, p) for n, p in with_auth if p is not None]
@@ -54,9 +58,10 @@ def create(
     release: ReleaseOpt = None,
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute this key may make (per replica).")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Prompt + completion tokens per minute (per replica).")] = None,
+    file: FileOpt = None,
 ) -> None:
     """Add a named key; prints it once (only its digest is stored)."""
-    rel, path = _release_key_file(_store(), release)
+    rel, path = _release_key_file(None, release, file)
     try:
         key = KeyFile(path).create(name, rpm=rpm, tpm=tpm)
     except ValueError as exc:
@@ -65,9 +70,9 @@ def create(
 
 
 @keys_app.command("list")
-def list_keys(release: ReleaseOpt = None) -> None:
+def list_keys(release: ReleaseOpt = None, file: FileOpt = None) -> None:
     """Key names and limits (never the keys)."""
-    rel, path = _release_key_file(_store(), release)
+    rel, path = _release_key_file(None, release, file)
     try:
         keys = KeyFile(path).keys()
     except ValueError as exc:
@@ -77,9 +82,10 @@ def list_keys(release: ReleaseOpt = None) -> None:
 
 
 @keys_app.command("revoke")
-def revoke(name: Annotated[str, typer.Argument(help="Key name (see `midfill keys list`).")], release: ReleaseOpt = None) -> None:
+def revoke(name: Annotated[str, typer.Argument(help="Key name (see `midfill keys list`).")], release: ReleaseOpt = None,
+           file: FileOpt = None) -> None:
     """Remove one key; the endpoint refuses it within seconds, the other keys keep working."""
-    rel, path = _release_key_file(_store(), release)
+    rel, path = _release_key_file(None, release, file)
     try:
         KeyFile(path).revoke(name)
     except ValueError as exc:
