@@ -12,8 +12,11 @@ import time
 import httpx
 import openai
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from midfill.apikeys import KeyFile
+from midfill.local.keys_cli import register as register_keys_cli
 from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry
 from ray_helpers import local_serve
 from serving.app import build_app
@@ -122,6 +125,15 @@ def test_usage_is_counted_per_key_name_exactly_as_returned(server, keys):
         assert delta("midfill_key_completion_tokens") == generated
     text = httpx.get(f"{server}/metrics").text
     assert all(raw not in text for raw in keys[1].values())  # names only, never a key
+
+    # `midfill usage --url` prints the same numbers, one row per key name and version.
+    app = typer.Typer()
+    register_keys_cli(app)
+    table = CliRunner().invoke(app, ["usage", "--url", server]).output
+    row = next(line.split() for line in table.splitlines() if line.startswith("alice "))
+    assert row[1] == f"{MODEL}/1"
+    assert int(row[2]) == after[("midfill_key_requests", "alice", f"{MODEL}/1", "200")]
+    assert int(row[5]) == after[("midfill_key_completion_tokens", "alice", f"{MODEL}/1", "")]
 
 
 def test_a_limited_key_gets_429_while_others_are_served(server, keys):

@@ -112,27 +112,36 @@ def per_key(metrics_text: str) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def usage(release: ReleaseOpt = None) -> None:
-    """Requests and tokens per key name and model version, from the running endpoint."""
+def _endpoints(release: str | None, url: str | None) -> list[tuple[str, str | None]]:
+    """(label, base URL) of every endpoint to read: --url, or the local releases."""
+    if url:
+        return [(url, url.rstrip("/"))]
     store = _store()
     records = [r for r in store.list("ModelRelease") if release in (None, r.name)]
     if not records:
-        raise _fail(f"modelrelease {release!r} not found" if release else "no ModelRelease; apply one first")
+        raise _fail(f"modelrelease {release!r} not found" if release else "no ModelRelease; apply one first, or give --url")
+    return [(r.name, serving.observe(store, r.name).status().url) for r in records]
+
+
+def usage(
+    release: ReleaseOpt = None,
+    url: Annotated[str | None, typer.Option("--url", help="Read this endpoint instead (`midfill serve`, a port-forwarded replica).")] = None,
+) -> None:
+    """Requests and tokens per key name and model version, from the running endpoint's /metrics."""
     rows = []
-    for record in records:
-        url = serving.observe(store, record.name).status().url
-        if not url:
-            typer.echo(f"{record.name}: not serving (see `midfill describe mr {record.name}`)", err=True)
+    for label, base in _endpoints(release, url):
+        if not base:
+            typer.echo(f"{label}: not serving (see `midfill describe mr {label}`)", err=True)
             continue
         try:
-            text = httpx.get(f"{url}/metrics", timeout=10).text
+            text = httpx.get(f"{base}/metrics", timeout=10).text
         except httpx.HTTPError as exc:
-            typer.echo(f"{record.name}: {url}/metrics did not answer ({type(exc).__name__})", err=True)
+            typer.echo(f"{label}: {base}/metrics did not answer ({type(exc).__name__})", err=True)
             continue
         for (key, version), r in sorted(per_key(text).items()):
-            rows.append((record.name, key, version, *(f"{int(r[c])}" for c in ("ok", "errors", "prompt_tokens", "completion_tokens", "cached_tokens"))))
+            rows.append((key, version, *(f"{int(r[c])}" for c in ("ok", "errors", "prompt_tokens", "completion_tokens", "cached_tokens"))))
     if rows:
-        typer.echo(views.table(("RELEASE", "KEY", "MODEL VERSION", "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "CACHED"), rows))
+        typer.echo(views.table(("KEY", "MODEL VERSION", "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "CACHED TOKENS"), rows))
     else:
         typer.echo("no requests counted yet")
 
