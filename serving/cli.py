@@ -22,7 +22,7 @@ def serve(
     model: Annotated[str, typer.Option("--model", help="models:/name/3, models:/name@alias, or an export folder.")],
     port: Annotated[int, typer.Option("--port", help="HTTP port (0 = a free one).")] = 8000,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="File with one API key per line.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="Keys file: NAME sha256:DIGEST [rpm=N] [tpm=N] per line (`midfill keys create NAME --file F`).")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (explicit opt-out).")] = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name reported by /v1/models.")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together.")] = 16,

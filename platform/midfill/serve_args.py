@@ -39,7 +39,7 @@ class ServeArgs(BaseModel):
     num_cpus: float = Field(default=1, gt=0, description="CPUs per replica.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per replica.")
     # Auth: keys come from a file (a mounted Secret) or an environment variable; never inline.
-    api_keys_file: str | None = Field(default=None, description="File with one API key per line.")
+    api_keys_file: str | None = Field(default=None, description="Named keys file (midfill.apikeys): NAME sha256:DIGEST [rpm=N] [tpm=N] per line; re-read every few seconds.")
     api_keys_env: str | None = Field(default=None, description="Environment variable holding keys (comma or newline separated).")
     auth_disabled: bool = Field(default=False, description="Serve without auth (must be explicit).")
 
