@@ -66,7 +66,8 @@ def create(
         key = KeyFile(path).create(name, rpm=rpm, tpm=tpm)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"API key {name!r} for {rel} (shown once; only its digest is stored in {path}): {key}")
+    whom = "" if file is not None else f" for {rel}"
+    typer.echo(f"API key {name!r}{whom} (shown once; only its digest is stored in {path}): {key}")
 
 
 @keys_app.command("list")
