@@ -8,20 +8,21 @@ and opens the version page, the training run and the eval run with Playwright. P
 version page shows the model card and a non-empty Schema, the runs show their source, user and link,
 and no request failed (status >= 400) and no console error was logged on any page.
 
-The server runs MLflow's basic-auth app when it is installed (`pip install mlflow[auth]`): the UI
-always asks `/ajax-api/2.0/mlflow/users/current`, which only that app answers; without it the server
-answers that one request 404, and this script reports it by name (`--allow-users-current-404`
-accepts exactly that one, nothing else).
+The MLflow UI always asks `/ajax-api/2.0/mlflow/users/current`; only MLflow's basic-auth app
+answers it (a plain `mlflow server` answers 404). So the server runs with `--app-name basic-auth`
+(what `mlflow[auth]` adds: Flask-WTF) and the browser logs in as the admin it creates on first start;
+`--no-auth` runs a plain server instead and then accepts exactly that one 404, nothing else.
 
-Playwright is not a dependency of midfill: it is installed on first use into a cache folder
-(MIDFILL_PLAYWRIGHT_DIR, default ~/.cache/midfill-playwright) with pip; no browser is downloaded.
+Playwright and Flask-WTF are not dependencies of midfill: they are installed on first use into a
+cache folder (MIDFILL_UI_CHECK_DIR, default ~/.cache/midfill-ui-check) with pip, and only this
+script and its server see them; no browser is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import secrets
 import os
 import shutil
 import socket
@@ -35,9 +36,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-PLAYWRIGHT = "playwright==1.58.0"
+PLAYWRIGHT = ["playwright==1.65.3"]
+AUTH_APP = ["flask-wtf==1.3.0", "wtforms==3.3.2"]  # mlflow[auth]; no deps: Flask comes from the venv
 MODEL = "ui-check"
-ADMIN = {"username": "admin", "password": "password1234"}  # basic-auth's documented first-start admin
+# The auth app creates this admin on its first start (its user store is a fresh file in the work folder).
+ADMIN = {"username": "admin", "password": secrets.token_urlsafe(16)}
 USERS_CURRENT = "/ajax-api/2.0/mlflow/users/current"
 
 
@@ -47,7 +50,7 @@ def tiny_run() -> dict:
         "spec": {
             "model": {"recipe": "debug", "architecture": {"hiddenSize": 64, "numLayers": 2, "numHeads": 4, "numKvHeads": 4,
                                                           "intermediateSize": 128, "maxPositionEmbeddings": 128}},
-            "tokenizer": {"vocabSize": 512, "trainBytes": 500_000},
+            "tokenizer": {"vocabSize": 512, "trainBytes": 1_000_000},
             "data": {"sources": [{"uri": "stdlib://json", "include": ["*.py"]}], "validationFraction": 0.3},
             "training": {"seqLength": 64, "globalBatchTokens": 512, "microBatchSize": 4, "steps": 10, "learningRate": 0.003,
                          "warmupSteps": 2, "logIntervalSteps": 5, "evalIntervalSteps": 10, "evalBatches": 1},
@@ -57,14 +60,16 @@ def tiny_run() -> dict:
     }
 
 
-def playwright_path() -> None:
-    """Make `playwright` importable, installing it (with pip, into a cache folder) if needed."""
-    if importlib.util.find_spec("playwright") is not None:
-        return
-    target = Path(os.environ.get("MIDFILL_PLAYWRIGHT_DIR", Path.home() / ".cache" / "midfill-playwright"))
+def extra_packages(auth: bool) -> Path:
+    """The cache folder holding Playwright (and the auth app's packages), installed with pip if missing."""
+    target = Path(os.environ.get("MIDFILL_UI_CHECK_DIR", Path.home() / ".cache" / "midfill-ui-check"))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--target", str(target)]
     if not (target / "playwright").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), PLAYWRIGHT], check=True)
+        subprocess.run([*pip, *PLAYWRIGHT], check=True)
+    if auth and not (target / "flask_wtf").is_dir():
+        subprocess.run([*pip, "--no-deps", *AUTH_APP], check=True)
     sys.path.insert(0, str(target))
+    return target
 
 
 def free_port() -> int:
@@ -83,18 +88,15 @@ def train(work: Path, db: str) -> None:
         sys.exit(f"training failed:\n{proc.stderr[-3000:]}")
 
 
-def has_auth_app() -> bool:
-    return importlib.util.find_spec("flask_wtf") is not None
-
-
-def start_server(work: Path, db: str, port: int, auth: bool) -> subprocess.Popen:
+def start_server(work: Path, db: str, port: int, auth: bool, extra: Path) -> subprocess.Popen:
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow_bin), "server", "--backend-store-uri", db, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if auth:
         cmd += ["--app-name", "basic-auth"]
         # The auth app keeps its users in basic_auth.db relative to the working folder: the temp folder.
     log = open(work / "mlflow-server.log", "w")  # noqa: SIM115 - closed with the process
-    server = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN["password"], "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "PYTHONPATH": os.pathsep.join(filter(None, [str(extra), os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     import httpx
 
     deadline = time.monotonic() + 120
@@ -133,13 +135,16 @@ def browse(base: str, pages: list[tuple[str, list[str]]], work: Path, auth: bool
             page = context.new_page()
             page.on("console", lambda m, r=route: m.type == "error" and problems.append({"page": r, "console": m.text}))
             page.on("response", lambda resp, r=route: resp.status >= 400 and problems.append({"page": r, "status": resp.status, "url": resp.url}))
-            page.goto(f"{base}/#{route}", wait_until="networkidle")
+            page.goto(f"{base}/#{route}", wait_until="load")
             for text in texts:
                 try:
+                    if text.startswith("+"):
+                        page.get_by_text("Inputs (2)").first.click()
+                        text = text[1:]
                     page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)
                 except Exception:  # noqa: BLE001 - reported, with a screenshot
                     problems.append({"page": route, "missing_text": text})
-            page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(3000)  # the UI keeps polling, so "network idle" may never come: let late requests land
             page.screenshot(path=str(work / f"page{i}.png"), full_page=True)
             page.close()
         browser.close()
@@ -149,9 +154,10 @@ def browse(base: str, pages: list[tuple[str, list[str]]], work: Path, auth: bool
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="Keep the registry, logs and screenshots here (default: a temp folder, removed).")
-    parser.add_argument("--allow-users-current-404", action="store_true", help=f"Accept the 404 of {USERS_CURRENT} when the auth app is missing.")
+    parser.add_argument("--no-auth", action="store_true", help=f"Run a plain mlflow server and accept its 404 of {USERS_CURRENT} (only that).")
     args = parser.parse_args()
-    playwright_path()
+    auth = not args.no_auth
+    extra = extra_packages(auth)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mfui"))
     work.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{work / 'mlflow.db'}"
@@ -163,18 +169,19 @@ def main() -> int:
         mv = client.get_model_version(MODEL, "1")
         run = client.get_run(mv.run_id)
         eval_run = client.get_run(mv.tags["eval.line-em.run_id"])
-        auth, port = has_auth_app(), free_port()
-        server = start_server(work, db, port, auth)
+        port = free_port()
+        server = start_server(work, db, port, auth, extra)
         try:
             pages = [
-                (f"/models/{MODEL}/versions/1", ["Lineage", "uid-ui-check", "Evaluations", "exact_match", "prompt", "suffix"]),
+                # The Schema lists "Inputs (2)" collapsed; "+suffix" clicks it open and looks for the column.
+                (f"/models/{MODEL}/versions/1", ["Lineage", "uid-ui-check", "Evaluations", "exact_match", "Inputs (2)", "Outputs (1)", "+suffix"]),
                 (f"/experiments/{run.info.experiment_id}/runs/{run.info.run_id}", [f"midfill trainer ({MODEL}-a1)", run.data.tags["mlflow.user"]]),
                 (f"/experiments/{eval_run.info.experiment_id}/runs/{eval_run.info.run_id}", [f"{MODEL} version 1"]),
             ]
             problems = browse(f"http://127.0.0.1:{port}", pages, work, auth)
         finally:
             stop(server)
-        allowed = [p for p in problems if args.allow_users_current_404 and p.get("status") == 404 and USERS_CURRENT in p.get("url", "")]
+        allowed = [p for p in problems if not auth and p.get("status") == 404 and USERS_CURRENT in p.get("url", "")]
         allowed += [p for p in problems if allowed and "console" in p and "404" in p["console"]]  # the same request, as the console logs it
         failed = [p for p in problems if p not in allowed]
         print(json.dumps({"auth_app": auth, "pages": [r for r, _ in pages], "problems": failed, "accepted": allowed,
