@@ -60,6 +60,18 @@ def midfill(*args: str, capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
+def demo_key(key_file: Path) -> str:
+    """A fresh key named `demo` (the file keeps only digests, so a rerun replaces the one it made before)."""
+    from midfill.apikeys import KeyFile
+
+    keys = KeyFile(key_file)
+    if any(k.name == "demo" for k in keys.keys()):
+        keys.revoke("demo")
+    key = keys.create("demo")
+    time.sleep(4)  # the running replica re-reads its keys every 3 s (serving.auth.KeyStore.RECHECK_S)
+    return key
+
+
 def get(kind: str, name: str) -> dict:
     return json.loads(midfill("get", kind, name, "-o", "json", capture=True))
 
@@ -89,11 +101,12 @@ def main() -> int:
     midfill("get", "mr")
     ref = release["spec"]["auth"]["apiKeySecretRef"]
     key_file = state_dir / "secrets" / ref["name"] / ref.get("key", "api-keys")
+    key = demo_key(key_file)
 
     step("4/4 Infill requests through the openai client (completions with `suffix`)")
     from openai import OpenAI
 
-    client = OpenAI(base_url=status["url"] + "/v1", api_key=key_file.read_text().split()[0], timeout=120, max_retries=2)
+    client = OpenAI(base_url=status["url"] + "/v1", api_key=key, timeout=120, max_retries=2)
     for prefix, suffix in EXAMPLES:
         started = time.monotonic()
         answer = client.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=48, temperature=0)
@@ -113,11 +126,12 @@ def main() -> int:
   YAML applied:      {TRAINING_YAML.relative_to(ROOT)}  and  {RELEASE_YAML.relative_to(ROOT)}
                      (the same files work with `kubectl apply` on a cluster with the operator)
   Endpoint:          {status['url']}/v1  (OpenAI completions API base URL; model "{model}", version {status.get('stableVersion')})
-  API key file:      {key_file}  (stands in for Secret {ref['name']})
+  API key:           {key}  (named 'demo'; {key_file}, the stand-in for Secret {ref['name']}, holds its digest;
+                     `midfill keys create|list|revoke NAME` manages keys, `midfill usage` shows who used them)
   MLflow UI:         .venv/bin/midfill ui   -> http://127.0.0.1:5000 (runs, metrics, model versions, approvals)
   Status:            .venv/bin/midfill get tr ; .venv/bin/midfill describe mr fim-debug
   Logs:              .venv/bin/midfill logs fim-debug --kind tr   (training)  /  --kind mr  (serving)
-  Try it:            curl {status['url']}/v1/completions -H "Authorization: Bearer $(cat {key_file})" \\
+  Try it:            curl {status['url']}/v1/completions -H "Authorization: Bearer {key}" \\
                        -H 'content-type: application/json' -d '{{"prompt": "def add(a, b):\\n    ", "suffix": "\\n", "max_tokens": 16}}'
 
 The endpoint is LEFT RUNNING. Stop it with:  .venv/bin/midfill delete mr fim-debug

@@ -188,8 +188,8 @@ def _apply_release(store, settings, release: ModelRelease, *, cwd: Path, wait: b
     if keys is not None:
         new_key = serving.ensure_api_key(keys)
         if new_key:
-            typer.echo(f"API key for {name} (shown once; stored in {keys}, the stand-in for Secret "
-                       f"{release.spec.auth.api_key_secret_ref.name}): {new_key}")
+            typer.echo(f"API key for {name}, named 'default' (shown once; its digest is stored in {keys}, the stand-in "
+                       f"for Secret {release.spec.auth.api_key_secret_ref.name}; more: `midfill keys create NAME`): {new_key}")
     record = serving.observe(store, name)
     assert record is not None
     if serving.controller_alive(record):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,8 +91,9 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
     # Real infill requests through the openai package (completions with `suffix`).
     from openai import OpenAI
 
-    key_file = state_dir / "secrets" / "journey-keys" / "api-keys"
-    client = OpenAI(base_url=status["url"] + "/v1", api_key=key_file.read_text().strip(), max_retries=0, timeout=120)
+    key = re.search(r"API key for journey.*: (mf-\S+)", out)[1]  # printed once; the file holds its digest only
+    assert key not in (state_dir / "secrets" / "journey-keys" / "api-keys").read_text()
+    client = OpenAI(base_url=status["url"] + "/v1", api_key=key, max_retries=0, timeout=120)
     completion = client.completions.create(model="journey", prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=8, temperature=0)
     assert isinstance(completion.choices[0].text, str)
     assert completion.usage is not None and completion.usage.completion_tokens >= 1
