@@ -65,6 +65,7 @@ def _release(name: str, model: str) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run, write_yaml, state_dir) -> None:
     # Train and register version 1 (the progress bar degrades to status lines without a terminal).
@@ -157,6 +158,7 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cleanup, tiny_run, write_yaml, state_dir) -> None:
     doc = tiny_run("resume", steps=120, logIntervalSteps=10)
