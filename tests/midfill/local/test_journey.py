@@ -94,8 +94,9 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
     key_file = state_dir / "secrets" / "journey-keys" / "api-keys"
     client = OpenAI(base_url=status["url"] + "/v1", api_key=key_file.read_text().strip(), max_retries=0, timeout=120)
     completion = client.completions.create(model="journey", prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=8, temperature=0)
-    assert isinstance(completion.choices[0].text, str)
+    assert completion.choices[0].text == _reference_infill(state_dir, "models:/journey/1", "def add(a, b):\n    ", "\n    return c\n", 8)
     assert completion.usage is not None and completion.usage.completion_tokens >= 1
+    assert _serving(status["url"]) == "models:/journey/1"
 
     # A second run registers version 2 of the same model; approving it swaps the model in place
     # while requests keep flowing, and none of them fails.
@@ -128,6 +129,9 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
             t.join(timeout=150)
     assert failures == []
     assert answered[0] > 0
+    assert _serving(status["url"]) == "models:/journey/2"  # what answers now is version 2
+    after = client.completions.create(model="journey", prompt="x = ", suffix="\n", max_tokens=6, temperature=0)
+    assert after.choices[0].text == _reference_infill(state_dir, "models:/journey/2", "x = ", "\n", 6)
     assert status["previousStableVersion"] == "1"
     assert [v.version for v in Registry(f"sqlite:///{state_dir / 'mlflow.db'}").versions("journey")] == ["1", "2"]
 
@@ -136,6 +140,27 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
     midfill("delete", "mr", "journey", env=env)
     assert not _alive(record.local.supervisor_pid)
     assert "No ModelRelease" in midfill("get", "mr", env=env).stdout
+
+
+def _serving(url: str) -> str:
+    """The model URI the endpoint's replica loaded, from its /health."""
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=30).json()["source"]
+
+
+def _reference_infill(state_dir: Path, uri: str, prefix: str, suffix: str, max_tokens: int) -> str:
+    """What that registered version says greedily, loaded here from the registry (not from the endpoint)."""
+    from serving.engine import Engine, SamplingParams
+    from serving.loading import locate_model
+    from serving.settings import ServingSettings
+
+    folder, _ = locate_model(uri, tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}", cache_dir=state_dir / "reference-cache")
+    engine = Engine.from_export(folder, dtype=ServingSettings().device_and_dtype()[1], max_batch_size=1)
+    try:
+        return engine.infill(prefix, suffix, SamplingParams(max_tokens=max_tokens)).text
+    finally:
+        engine.close()
 
 
 def _wait_for(env, name: str, done, timeout: float = 240) -> dict:
