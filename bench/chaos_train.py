@@ -44,23 +44,25 @@ from tiny_runs import tiny_run, write_run  # noqa: E402
 RESUMED = re.compile(r"resumed from \S*step-(\d+)")
 
 
-def wait_for_point(gang, run_dir: Path, kind: str, rng: random.Random, steps: int, interval: int) -> tuple[int, str] | None:
-    """Block until the kill point; return (rank, what was seen), or None if the gang ended first."""
-    start = (read_progress(run_dir).step if read_progress(run_dir) else 0)
+def wait_for_point(gang, run_dir: Path, kind: str, rng: random.Random, steps: int) -> tuple[int, str, str] | None:
+    """Block until the kill point; return (rank, what was seen, kind), or None if the gang ended first."""
+    start = read_progress(run_dir).step if read_progress(run_dir) else 0  # where the last attempt got to
+    if kind != "register" and start >= steps - 1:
+        kind = "register"  # training is done; only the export and registration are left to hit
     target = rng.randint(start + 1, steps - 1) if kind == "rank" else None
     deadline = time.monotonic() + 600
     while gang.poll() is None and time.monotonic() < deadline:
         progress = read_progress(run_dir)
         step = progress.step if progress else 0
         if kind == "rank" and step >= target:
-            return rng.randint(0, 1), f"step {step}"
+            return rng.randint(0, 1), f"step {step}", kind
         if kind == "checkpoint":
             torn = [p for p in (run_dir / "checkpoints").glob("step-*") if not (p / "COMPLETE").exists()]
             if torn and int(torn[0].name.split("-")[1]) > start:
-                return rng.randint(0, 1), f"writing {torn[0].name}"
+                return rng.randint(0, 1), f"writing {torn[0].name}", kind
         if kind == "register" and step >= steps:
             time.sleep(rng.uniform(0, 3))
-            return 0, "after the last step"
+            return 0, "after the last step", kind
         time.sleep(0.02)
     return None
 
@@ -77,9 +79,9 @@ def one_run(root: Path, name: str, rng: random.Random, *, steps: int, interval: 
         event = None
         if len([e for e in events if e["killed"]]) < kills:
             kind = rng.choice(["rank", "rank", "checkpoint", "register"])
-            point = wait_for_point(gang, run_dir, kind, rng, steps, interval)
+            point = wait_for_point(gang, run_dir, kind, rng, steps)
             if point is not None and gang.poll() is None:
-                rank, seen = point
+                rank, seen, kind = point
                 progress = read_progress(run_dir)
                 try:
                     rank_process(gang, rank).send_signal(signal.SIGKILL)

@@ -170,6 +170,13 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _openai_error(r: httpx.Response) -> bool:
+    try:
+        return set(r.json()["error"]) == {"message", "type", "param", "code"}
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 async def fire(url: str, reqs: list[tuple[str, bytes]], concurrency: int = 8) -> dict:
     by_class: dict[str, Counter] = {}
     failures: list[dict] = []
@@ -180,12 +187,12 @@ async def fire(url: str, reqs: list[tuple[str, bytes]], concurrency: int = 8) ->
             try:
                 r = await client.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
                 status = f"{r.status_code // 100}xx"
-                shaped = r.status_code < 400 or set(r.json().get("error", {})) == {"message", "type", "param", "code"}
-                if r.status_code >= 500 or not shaped:
+                if r.status_code >= 500:
                     failures.append({"class": cls, "status": r.status_code, "body": raw[:160].decode("utf-8", "backslashreplace"), "answer": r.text[:200]})
-                if not shaped:
-                    status = "unshaped"
-            except (httpx.HTTPError, ValueError) as exc:
+                elif r.status_code >= 400 and not _openai_error(r):
+                    status = "4xx_not_openai_shaped"
+                    failures.append({"class": cls, "status": r.status_code, "body": raw[:160].decode("utf-8", "backslashreplace"), "answer": r.text[:200]})
+            except httpx.HTTPError as exc:
                 status = "no_answer"
                 failures.append({"class": cls, "status": type(exc).__name__, "body": raw[:160].decode("utf-8", "backslashreplace")})
             by_class.setdefault(cls, Counter())[status] += 1
