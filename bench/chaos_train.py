@@ -3,10 +3,11 @@
 Each TrainingRun (tiny model, --steps steps, a checkpoint every --interval) is started as attempt 1
 and killed from outside (no product hooks) at a random point, then retried as attempt 2, 3, ...
 (same uid, as the operator or the local supervisor would) until an attempt finishes; kills stop
-after --kills-per-run. Kill points, drawn at random:
+after --kills-per-run (a kill point the attempt finished before also ends the run). Kill points,
+drawn at random:
 
   rank        a random rank, once progress reaches a random step past the last checkpoint
-  checkpoint  a random rank, while a checkpoint folder exists without its COMPLETE marker
+  checkpoint  a random rank, as soon as a new checkpoint folder appears (mostly while it is written)
   register    rank 0, a random 0-3 s after progress reached the last step (export, registration)
 
 Per kill: the step progress showed, the checkpoint the next attempt resumed from, lost steps (the
@@ -50,16 +51,18 @@ def wait_for_point(gang, run_dir: Path, kind: str, rng: random.Random, steps: in
     if kind != "register" and start >= steps - 1:
         kind = "register"  # training is done; only the export and registration are left to hit
     target = rng.randint(start + 1, steps - 1) if kind == "rank" else None
+    seen_before = {p.name for p in (run_dir / "checkpoints").glob("step-*")}
     deadline = time.monotonic() + 600
     while gang.poll() is None and time.monotonic() < deadline:
         progress = read_progress(run_dir)
         step = progress.step if progress else 0
         if kind == "rank" and step >= target:
             return rng.randint(0, 1), f"step {step}", kind
-        if kind == "checkpoint":
-            torn = [p for p in (run_dir / "checkpoints").glob("step-*") if not (p / "COMPLETE").exists()]
-            if torn and int(torn[0].name.split("-")[1]) > start:
-                return rng.randint(0, 1), f"writing {torn[0].name}", kind
+        if kind == "checkpoint":  # as soon as a new checkpoint folder shows up: mostly mid-write
+            new = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name not in seen_before]
+            if new:
+                state = "complete" if (new[0] / "COMPLETE").exists() else "being written"
+                return rng.randint(0, 1), f"{new[0].name} {state}", kind
         if kind == "register" and step >= steps:
             time.sleep(rng.uniform(0, 3))
             return 0, "after the last step", kind
