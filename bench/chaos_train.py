@@ -52,6 +52,7 @@ def wait_for_point(gang, run_dir: Path, kind: str, rng: random.Random, steps: in
         kind = "register"  # training is done; only the export and registration are left to hit
     target = rng.randint(start + 1, steps - 1) if kind == "rank" else None
     seen_before = {p.name for p in (run_dir / "checkpoints").glob("step-*")}
+    started = time.time()
     deadline = time.monotonic() + 600
     while gang.poll() is None and time.monotonic() < deadline:
         progress = read_progress(run_dir)
@@ -63,11 +64,18 @@ def wait_for_point(gang, run_dir: Path, kind: str, rng: random.Random, steps: in
             if new:
                 state = "complete" if (new[0] / "COMPLETE").exists() else "being written"
                 return rng.randint(0, 1), f"{new[0].name} {state}", kind
-        if kind == "register" and step >= steps:
+        if kind == "register" and step >= steps and _written_since(run_dir, started):  # not the last attempt's file
             time.sleep(rng.uniform(0, 3))
             return 0, "after the last step", kind
         time.sleep(0.02)
     return None
+
+
+def _written_since(run_dir: Path, t: float) -> bool:
+    try:
+        return (run_dir / "progress.json").stat().st_mtime >= t
+    except FileNotFoundError:
+        return False
 
 
 def one_run(root: Path, name: str, rng: random.Random, *, steps: int, interval: int, kills: int) -> dict:
@@ -93,10 +101,14 @@ def one_run(root: Path, name: str, rng: random.Random, *, steps: int, interval: 
                 except LookupError:  # the rank had already exited (the gang was finishing)
                     pass
         _, err = gang.communicate(timeout=900)
+        # The kill before this attempt is settled by the first later attempt that got as far as
+        # loading a checkpoint (one killed before that leaves it pending); none found: from step 0.
         resumed = RESUMED.search(err)
-        if events and events[-1]["killed"] and "resumed_from" not in events[-1]:
-            events[-1]["resumed_from"] = int(resumed.group(1)) if resumed else 0
-            events[-1]["lost_steps"] = events[-1]["step_at_kill"] - events[-1]["resumed_from"]
+        pending = [e for e in events if "resumed_from" not in e]
+        if pending and (resumed or gang.returncode == 0):
+            for e in pending:
+                e["resumed_from"] = int(resumed.group(1)) if resumed else 0
+                e["lost_steps"] = max(0, e["step_at_kill"] - e["resumed_from"]) if e is pending[-1] else 0
         if event is not None:
             event["returncode"] = gang.returncode
             events.append(event)
