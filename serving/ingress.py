@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,8 +37,10 @@ from serving.protocol import (
     CompletionRequest,
     completion_body,
     completion_id,
+    MAX_BODY_BYTES,
     error_body,
     models_body,
+    parse_body,
     usage,
     usage_chunk,
     validation_error,
@@ -47,8 +50,6 @@ from serving.settings import ServingSettings
 from serving.usage import KeyUsage
 
 log = logging.getLogger("ray.serve")
-
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 # Settings that change without reloading the model (Ray Serve user_config -> reconfigure()).
 RELOADABLE = ("max_new_tokens", "max_batch_size", "max_prefill_tokens", "prefix_cache_tokens", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
@@ -76,6 +77,19 @@ async def _not_found(request: Request, _exc) -> JSONResponse:
 @api.exception_handler(405)
 async def _bad_method(request: Request, _exc) -> JSONResponse:
     return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}", type_="invalid_request_error"), status_code=405)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, read no further than one byte past the limit (parse_body answers 413 for that)."""
+    if request.headers.get("content-length", "").isdigit() and int(request.headers["content-length"]) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            break
+    return b"".join(chunks)
 
 
 def _sse_event(payload: dict) -> str:
@@ -114,6 +128,7 @@ class InfillServer:
         self.args = ServeArgs.model_validate(args)
         self.settings = ServingSettings()
         self.created = int(time.time())
+        self.replica_id = uuid.uuid4().hex[:12]  # /health names it: tells a reconfigure from a replacement
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self._loaded = threading.Event()
@@ -219,15 +234,7 @@ class InfillServer:
         return self.engine
 
     async def _parse(self, request: Request) -> CompletionRequest:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", code="body_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        data = parse_body(await _read_body(request))
         try:
             req = CompletionRequest.model_validate(data)
         except ValidationError as exc:
@@ -245,7 +252,10 @@ class InfillServer:
         parsed = parse_starcoder_prompt(text)
         if parsed is not None:
             return engine.encode(engine.infill_prompt(*parsed)), "raw-fim"
-        return engine.encode(text), "raw"
+        ids = engine.encode(text)
+        if not ids:
+            raise ApiError(400, "prompt: empty; send some text (or a suffix for an infill)", param="prompt", code="invalid_value")
+        return ids, "raw"
 
     def _params(self, engine: Engine, req: CompletionRequest, prompt_tokens: int) -> SamplingParams:
         if req.max_tokens is not None and req.max_tokens > self.max_new_tokens:
@@ -287,7 +297,8 @@ class InfillServer:
         return JSONResponse(
             {
                 "status": "ok", "model": self.model_name, "source": self.args.model_uri, "started": self.created,
-                **self.engine.stats(), "limits": self._effective_limits(),
+                "replica": self.replica_id, **self.engine.stats(), "decode_steps": self.engine.steps,
+                "limits": self._effective_limits(),
             }
         )
 

@@ -6,6 +6,7 @@ cannot honour are rejected with a 400 that names them rather than silently dropp
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -13,6 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 32  # editors (Continue, llm-ls) send many; OpenAI's own limit of 4 would break them
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_NESTING = 32  # no field we read nests deeper than 3; this only bounds what we walk in unknown ones
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class ApiError(Exception):
@@ -40,6 +44,75 @@ class ApiError(Exception):
         return error_body(self.message, type_=self.TYPES.get(self.status, "invalid_request_error"), param=self.param, code=self.code)
 
 
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 4xx naming what is wrong with it.
+
+    Stricter than json.loads on purpose: NaN/Infinity are not JSON, a repeated key would make the
+    request mean whatever the last copy says, and a lone UTF-16 surrogate ("\\ud800") decodes to a
+    str that no tokenizer or UTF-8 encoder accepts.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt", code="body_too_large")
+    try:
+        data = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+    except ApiError:
+        raise
+    except RecursionError:
+        raise ApiError(400, f"request body nests deeper than {MAX_NESTING} levels", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8, an int of > 4300 digits
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    for key, value in data.items():
+        _check_value(key, value, 1)
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ApiError(400, f"{_printable(key)}: the key appears twice in one object; send it once", param=_printable(key), code="duplicate_key")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ApiError(400, f"request body is not valid JSON: {name} is not a JSON number; send a finite number", code="invalid_json")
+
+
+def _check_value(param: str, value: Any, depth: int) -> None:
+    """Reject lone surrogates anywhere and nesting past MAX_NESTING (walked iteratively: no recursion)."""
+    stack = [(value, depth)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_NESTING:
+            raise ApiError(400, f"{_printable(param)}: nests deeper than {MAX_NESTING} levels", param=_printable(param), code="invalid_json")
+        if isinstance(item, str):
+            _check_text(param, item)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                _check_text(param, k)
+                stack.append((v, level + 1))
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+
+
+def _check_text(param: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, f"{_printable(param)}: contains a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode",
+            param=_printable(param), code="invalid_unicode",
+        ) from None
+
+
+def _printable(text: str) -> str:
+    """A field name safe to echo back (a name can itself hold a surrogate)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, *, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -65,12 +138,19 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
+            raise ApiError(422, "prompt: token-id prompts are not supported; send the prompt as text", param="prompt", code="unsupported_value")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -107,10 +187,13 @@ class CompletionRequest(BaseModel):
 
 
 def validation_error(exc: ValidationError) -> ApiError:
-    """The first pydantic error as a 422 naming the field."""
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    return ApiError(422, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value")
+    """A 422 naming the top-level field; the message gives each way the value failed (a field that
+    takes a string or a list, like `stop`, fails once per accepted type)."""
+    errors = exc.errors()
+    param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
+    same = [e for e in errors if e["loc"] and str(e["loc"][0]) == param] or errors[:1]
+    details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in same[:3])
+    return ApiError(422, details if param else errors[0]["msg"], param=param, code="invalid_value")
 
 
 def completion_id() -> str:

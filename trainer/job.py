@@ -253,7 +253,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             model=model, optimizer=optimizer, scheduler=scheduler, packer=packer, spec=t, state=state,
             total_steps=p.total_steps, accum=p.accum, pad_id=pad, document_mask=spec.objective.document_mask,
             bf16=bf16, d=d, flat=flat, hooks=loop.LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint),
-            checkpoint_interval=spec.checkpoint.interval_steps, kill_at_step=settings.kill_at_step,
+            checkpoint_interval=spec.checkpoint.interval_steps,
             show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(), prepare_batch=prepare_batch,
         )
     on_eval(state.step)

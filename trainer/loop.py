@@ -11,8 +11,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -168,7 +166,6 @@ def train(
     hooks: LoopHooks,
     flat: bool = False,
     checkpoint_interval: int,
-    kill_at_step: int | None = None,
     show_bar: bool = False,
     prepare_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> None:
@@ -214,8 +211,6 @@ def train(
         window_steps += 1
         if bar is not None:
             bar.update(1)
-        if kill_at_step is not None and state.step == kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted pod
         if state.step % spec.log_interval_steps == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - window_start
             if hasattr(grad_norm, "full_tensor"):

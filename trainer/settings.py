@@ -48,9 +48,9 @@ class TrainerSettings(CoreSettings):
     progress_bar: bool | None = Field(
         default=None, description="Show a tqdm bar (env MIDFILL_PROGRESS_BAR). Default: when stderr is a terminal."
     )
-    # Fault injection for tests of resumption and retries (never set in production): the process
-    # kills itself with SIGKILL at that point, exactly as a preempted pod would die.
-    kill_at_step: int | None = Field(default=None, description="Test hook: SIGKILL after this optimizer step.")
+    # Fault injection for the test of a crash between registration and result.json (never set in
+    # production): that window is too short to hit from outside. Crashes at any other point are
+    # tested by killing the process from outside (tests/trainer/outside.py, test_job_faults.py).
     kill_after_register: bool = Field(default=False, description="Test hook: SIGKILL right after registration.")
 
 

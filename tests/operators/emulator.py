@@ -136,7 +136,12 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
             "users: [{name: emu, user: {token: test}}]\n"
             "contexts: [{name: emu, context: {cluster: emu, user: emu}}]\n"
         )
-        # The kubernetes client reads KUBECONFIG at import time: point its default at ours.
+        # Only the emulator, whatever this process runs in: kopf's login and operators.kube try the
+        # in-cluster service account first (found through KUBERNETES_SERVICE_HOST), then KUBECONFIG,
+        # which the kubernetes client also reads at import time into its default location.
+        for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         yield Cluster(emulator, server)
 

@@ -1,4 +1,4 @@
-"""Against a real cluster (marker e2e; skipped without KUBECONFIG). See docs/operator.md for the setup:
+"""Against a real cluster (marker e2e; runs only with MIDFILL_E2E=1 and KUBECONFIG). See docs/operator.md for the setup:
 the midfill CRDs installed, a namespace to play in (MIDFILL_E2E_NAMESPACE, default midfill-e2e).
 The operator runs in this process; the cluster's own Job controller and garbage collector do the rest.
 """

@@ -4,6 +4,7 @@ registry (MLflow on SQLite), per-request composed caches equal to greedy full re
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from engine_watch import wait_idle
 from midfill.api.trainingrun import CompositionSpec
 from midfill.composition import build_composed_model, greedy_generate, save_composed
 from midfill.export import read_metadata, write_metadata
@@ -100,10 +102,21 @@ def test_the_bridge_changes_what_the_anchor_alone_would_say(composed, tiny_expor
 def test_cancel_and_errors_leave_the_composed_engine_serving(composed):
     engine, _, _ = composed
     ids = engine.encode("def f():\n    ")
-    handle = engine.submit(ids, SamplingParams(max_tokens=200), lambda out: None)
+    control = engine.generate(ids, SamplingParams(max_tokens=200))
+    assert (control.finish_reason, control.completion_tokens) == ("length", 200)  # would run 200 steps
+    outputs: queue.Queue = queue.Queue()
+    wait_idle(engine)
+    before = engine.steps
+    handle = engine.submit(ids, SamplingParams(max_tokens=200), outputs.put)
+    assert not outputs.get(timeout=60).finished
     handle.cancel()
+    while not (last := outputs.get(timeout=60)).finished:
+        pass
+    wait_idle(engine)
+    assert last.finish_reason == "cancelled" and last.completion_tokens < 20
+    assert engine.steps - before < 20, engine.steps - before
     done = engine.generate(ids, SamplingParams(max_tokens=3))
-    assert done.completion_tokens >= 1 and engine.stats() == {"running": 0, "waiting": 0}
+    assert done.completion_tokens == 3 and engine.stats() == {"running": 0, "waiting": 0}
 
 
 def test_on_a_gpu_replica_a_composed_export_is_served_on_the_cpu_in_the_cpus_dtype(tiny_export, tmp_path, monkeypatch):

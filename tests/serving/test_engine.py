@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine_watch import wait_idle
 from serving import attention
 from serving.engine import Engine, PromptTooLong, SamplingParams
 
@@ -134,14 +135,31 @@ def test_stop_token_from_metadata_ends_the_completion(engine, tiny_export):
     assert result.completion_tokens == k + 1  # the stop token is counted, not returned
 
 
-def test_sampling_is_seeded_and_top_p_tiny_is_greedy(engine):
+def test_sampling_differs_from_greedy_and_is_seeded(engine):
     ids = _prompts(engine)[3]
     greedy = engine.generate(ids, SamplingParams(max_tokens=12)).token_ids
     a = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=7)).token_ids
     b = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=7)).token_ids
+    c = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=8)).token_ids
     narrow = engine.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6, seed=3)).token_ids
-    assert a == b
-    assert narrow == greedy
+    assert a == b  # same seed, same tokens
+    assert a != c  # another seed, other tokens (random weights: the distribution is nearly flat)
+    assert a != greedy  # temperature > 0 samples
+    assert narrow == greedy  # a nucleus of one token is the argmax
+
+
+def test_top_p_samples_only_from_the_nucleus(engine, reference_model):
+    """Every sampled token lies in the smallest set of tokens whose probability reaches top_p."""
+    ids, top_p = _prompts(engine)[0], 0.3
+    for seed in range(3):
+        out = engine.generate(ids, SamplingParams(max_tokens=16, temperature=1.0, top_p=top_p, seed=seed)).token_ids
+        with torch.no_grad():
+            logits = reference_model(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1 :]
+        probs = torch.softmax(logits.float(), dim=-1)
+        for step, token in enumerate(out):
+            mass_above = probs[step][probs[step] > probs[step][token]].sum().item()
+            assert mass_above < top_p + 1e-3, (seed, step, mass_above)  # the token is inside the nucleus
+        assert len(set(out)) > 1
 
 
 def test_prompt_longer_than_context_is_rejected_not_truncated(engine):
@@ -151,36 +169,50 @@ def test_prompt_longer_than_context_is_rejected_not_truncated(engine):
         engine.generate([5] * 200, SamplingParams(max_tokens=100))
 
 
-def test_cancel_stops_generation_and_engine_keeps_serving(engine):
+def test_cancel_stops_generation_and_engine_keeps_serving(engine, long_prompt):
     outputs: queue.Queue = queue.Queue()
-    handle = engine.submit(_prompts(engine)[0], SamplingParams(max_tokens=200), outputs.put)
+    handle = engine.submit(long_prompt, SamplingParams(max_tokens=LONG), outputs.put)
     first = outputs.get(timeout=30)
     assert not first.finished
     handle.cancel()
     while not (last := outputs.get(timeout=30)).finished:
         pass
     assert last.finish_reason == "cancelled"
-    assert last.completion_tokens < 200
+    assert last.completion_tokens < 20
     assert engine.generate(_prompts(engine)[1], SamplingParams(max_tokens=3)).completion_tokens == 3
 
 
-def test_closing_the_async_stream_cancels_the_request(engine):
+LONG = 200  # tokens a request would run without a cancellation (checked: it does not stop earlier)
+
+
+@pytest.fixture(scope="module")
+def long_prompt(engine) -> list[int]:
+    ids = _prompts(engine)[4]
+    control = engine.generate(ids, SamplingParams(max_tokens=LONG))
+    assert (control.finish_reason, control.completion_tokens) == ("length", LONG)
+    return ids
+
+
+def test_closing_the_async_stream_cancels_the_request(engine, long_prompt):
     async def consume_two() -> int:
-        stream = engine.stream(_prompts(engine)[4], SamplingParams(max_tokens=200))
+        stream = engine.stream(long_prompt, SamplingParams(max_tokens=LONG))
         seen = 0
         async for out in stream:
             seen += len(out.token_ids)
             if seen >= 2:
                 break
         await stream.aclose()  # what Starlette does when the client disconnects
+        # Wait with the event loop still running, as a server's does: once the loop is closed, the
+        # engine's next delivery fails and cancels the request by another path.
+        await asyncio.to_thread(wait_idle, engine)
         return seen
 
+    wait_idle(engine)
+    before = engine.steps
     assert asyncio.run(consume_two()) >= 2
-    for _ in range(100):
-        if engine.stats()["running"] == 0:
-            break
-        threading.Event().wait(0.05)
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    # A few steps may run between the last token read and the engine seeing the cancellation;
+    # without it, the request would have run all LONG steps.
+    assert engine.steps - before < 20, engine.steps - before
 
 
 def _counting_wakeups(loop: asyncio.AbstractEventLoop) -> list:
@@ -212,21 +244,20 @@ def test_complete_wakes_the_event_loop_once_and_equals_generate(engine):
     assert by_completion == 1 and by_stream == len(streamed) >= 2
 
 
-def test_cancelling_complete_cancels_the_request(engine):
+def test_cancelling_complete_cancels_the_request(engine, long_prompt):
     async def give_up() -> None:
-        task = asyncio.ensure_future(engine.complete(_prompts(engine)[2], SamplingParams(max_tokens=200)))
+        task = asyncio.ensure_future(engine.complete(long_prompt, SamplingParams(max_tokens=LONG)))
         while engine.stats()["running"] == 0:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.001)
         task.cancel()  # what Ray Serve does when the client of a non-streaming request disconnects
         with pytest.raises(asyncio.CancelledError):
             await task
+        await asyncio.to_thread(wait_idle, engine)  # the loop stays up, as a server's does
 
+    wait_idle(engine)
+    before = engine.steps
     asyncio.run(give_up())
-    for _ in range(100):
-        if engine.stats()["running"] == 0:
-            break
-        threading.Event().wait(0.05)
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    assert engine.steps - before < 20, engine.steps - before
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -231,18 +232,27 @@ def test_32_concurrent_streaming_clients_complete_without_errors(server):
     assert all(used >= 1 for _, used in results)
 
 
-def test_client_disconnect_cancels_generation(server):
+def _idle_health(server: str, timeout_s: float = 120) -> dict:
+    """/health once the replica runs and queues nothing (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while (health := httpx.get(f"{server}/health").json())["running"] or health["waiting"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    return health
+
+
+def test_client_disconnect_cancels_generation(server, client):
     body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 200, "temperature": 0, "stream": True}
+    control = _greedy(client, prompt=PREFIX, suffix=SUFFIX, max_tokens=200)
+    assert (control.choices[0].finish_reason, control.usage.completion_tokens) == ("length", 200)
+    before = _idle_health(server)["decode_steps"]
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"x-api-key": KEY}, timeout=60) as r:
         first = next(line for line in r.iter_lines() if line)
         assert json.loads(first.removeprefix("data: "))["choices"]
-    # The stream was closed after one event; the engine drops the request instead of running it out.
-    for _ in range(100):
-        if httpx.get(f"{server}/health").json()["running"] == 0:
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    health = httpx.get(f"{server}/health").json()
-    assert health["running"] == 0 and health["waiting"] == 0
+    # The stream was closed after one event: the engine drops the request instead of running the
+    # other ~199 steps (a few run while the disconnect travels through Ray's proxy).
+    steps = _idle_health(server)["decode_steps"] - before
+    assert steps < 100, steps
     assert 'status="499"' in httpx.get(f"{server}/metrics").text
 
 
@@ -266,15 +276,50 @@ def _redeploy(server_args: dict) -> None:
     serve.run(build_app(server_args), name="midfill", route_prefix="/", blocking=False)
 
 
+def _deploy_config(args: dict, **limits) -> None:
+    """Deploy from a serve config (as a RayService does) with the reloadable settings in the
+    deployment's user_config: Ray hashes the app's import path and args into its code version, so
+    only a change confined to user_config reaches the running replica as reconfigure().
+    (serve.run from Python gives every deploy a new code version, which replaces the replica.)"""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from midfill.serve_args import ServeArgs
+    from serving.ingress import RELOADABLE
+
+    user_config = {k: getattr(ServeArgs.model_validate({**args, **limits}), k) for k in RELOADABLE}
+    app = {"name": "midfill", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args,
+           "deployments": [{"name": "InfillServer", "user_config": user_config}]}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+
+
+def _health_when(server: str, done, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            health = httpx.get(f"{server}/health", timeout=10).json()
+            if done(health):
+                return health
+        except (httpx.HTTPError, ValueError):
+            pass
+        assert time.monotonic() < deadline, "the deployment did not reach the expected state"
+        time.sleep(0.2)
+
+
 def test_reconfigure_changes_limits_without_replacing_the_replica(server, server_args):
-    before = httpx.get(f"{server}/health").json()
-    _redeploy({**server_args, "max_new_tokens": 50})
-    r = _post(server, {"prompt": PREFIX, "max_tokens": 100})
-    assert r.status_code == 400 and "limit of 50" in r.json()["error"]["message"]
-    # NB: a deploy through the Python API gets a fresh code version, so Ray replaces the replica here;
-    # only a config deploy (serveConfigV2) turns a user_config change into reconfigure() alone.
-    assert httpx.get(f"{server}/health").json()["status"] == "ok" and before["status"] == "ok"
-    _redeploy(server_args)
+    first = httpx.get(f"{server}/health").json()["replica"]
+    _deploy_config(server_args)  # from a Python deploy to a config deploy: one replacement
+    replica = _health_when(server, lambda h: h.get("status") == "ok" and h["replica"] != first)["replica"]
+    try:
+        _deploy_config(server_args, max_new_tokens=50)
+        health = _health_when(server, lambda h: h.get("limits", {}).get("max_new_tokens") == 50)
+        assert health["replica"] == replica  # reconfigured in place, not replaced
+        r = _post(server, {"prompt": PREFIX, "max_tokens": 100})
+        assert r.status_code == 400 and "limit of 50" in r.json()["error"]["message"]
+        assert _post(server, {"prompt": PREFIX, "max_tokens": 50, "temperature": 0}).status_code == 200  # at the new limit
+    finally:
+        _deploy_config(server_args)
+        _health_when(server, lambda h: h.get("limits", {}).get("max_new_tokens") == 200)
 
 
 @pytest.mark.slow

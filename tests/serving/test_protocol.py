@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from serving.protocol import ApiError, CompletionRequest, validation_error
+from serving.protocol import ApiError, CompletionRequest, parse_body, validation_error
 
 
 def test_unknown_fields_are_ignored_and_stop_normalised():
@@ -30,3 +32,35 @@ def test_batch_prompts_are_rejected():
     with pytest.raises(ApiError, match="one string"):
         CompletionRequest.model_validate({"prompt": ["a", "b"]}).prompt_text()
     assert CompletionRequest.model_validate({"prompt": ["a"]}).prompt_text() == "a"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "param", "code"),
+    [
+        (b'{"prompt": "a\\ud800"}', 400, "prompt", "invalid_unicode"),
+        (b'{"prompt": "a", "prompt": "b"}', 400, "prompt", "duplicate_key"),
+        (b'{"prompt": "a", "temperature": NaN}', 400, None, "invalid_json"),
+        (b'{"prompt": "a", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None, "invalid_json"),
+        (b'{"prompt": "a", "x": ' + b"[" * 33 + b"]" * 33 + b"}", 400, "x", "invalid_json"),
+        (b'{"max_tokens": ' + b"1" * 5000 + b"}", 400, None, "invalid_json"),
+        (b"\xff\xfe\x00", 400, None, "invalid_json"),
+        (b"x" * (4 * 1024 * 1024 + 1), 413, None, "body_too_large"),
+    ],
+)
+def test_parse_body_answers_malformed_bodies_with_a_4xx(raw, status, param, code):
+    with pytest.raises(ApiError) as exc:
+        parse_body(raw)
+    assert (exc.value.status, exc.value.param, exc.value.code) == (status, param, code)
+    json.dumps(exc.value.body(), ensure_ascii=False).encode("utf-8")  # the answer itself is valid UTF-8
+
+
+def test_parse_body_keeps_a_good_body_and_nesting_up_to_the_limit():
+    raw = b'{"prompt": "a\\u00e9\\ud83d\\ude00", "x": ' + b"[" * 31 + b"]" * 31 + b"}"
+    assert parse_body(raw)["prompt"] == "a\u00e9\U0001f600"
+
+
+def test_token_id_prompts_are_a_422_that_says_so():
+    for prompt in ([1, 2], [[1], [2]]):
+        with pytest.raises(ApiError, match="token-id prompts are not supported") as exc:
+            CompletionRequest.model_validate({"prompt": prompt})
+        assert exc.value.status == 422 and exc.value.param == "prompt"

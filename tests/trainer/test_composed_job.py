@@ -16,7 +16,8 @@ from midfill.export import read_metadata
 from midfill.progress import read_progress, read_result
 from midfill.registry import Registry
 
-from test_job import _ok, _trainer
+from outside import kill_when, progress_reached, start
+from test_job import _command, _ok, _trainer
 from tiny_runs import tiny_run, write_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
@@ -112,7 +113,8 @@ def test_a_killed_calm_run_resumes_to_the_same_bridge(parents, calm_run, tmp_pat
     _, uri, anchor_uri, _, augment = parents
     run_file = write_run(tmp_path / "calm.yaml", _calm_run("tiny-calm", anchor=anchor_uri, augment=str(augment)))
     env = {"MIDFILL_TRACKING_URI": uri}
-    killed = _trainer(tmp_path, run_file, uid="uid-calm-b", MIDFILL_KILL_AT_STEP="25", **env)
+    cmd, full_env = _command(tmp_path, run_file, uid="uid-calm-b", **env)
+    killed = kill_when(start(cmd, cwd=tmp_path, env=full_env), progress_reached(tmp_path / "state" / "runs" / "tiny-calm", 25))
     assert killed.returncode == -9
     ckpt = tmp_path / "state" / "runs" / "tiny-calm" / "checkpoints"
     (ckpt / "step-00000030").mkdir()  # torn: must be skipped

@@ -17,12 +17,18 @@ from midfill.export import read_metadata
 from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_UID, read_progress, read_result
 from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry
 
+from outside import kill_when, progress_reached, start
 from tiny_runs import tiny_run, write_run
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _trainer(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str) -> subprocess.CompletedProcess:
+    cmd, full_env = _command(root, run_file, uid=uid, attempt=attempt, nproc=nproc, **env)
+    return subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=240)
+
+
+def _command(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str) -> tuple[list[str], dict[str, str]]:
     full_env = {
         **os.environ,
         "MIDFILL_STATE_DIR": str(root / "state"),
@@ -35,7 +41,7 @@ def _trainer(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: i
     else:
         cmd = [sys.executable, "-m", "trainer", "--run", str(run_file)]
     cmd += ["--uid", uid, "--attempt", str(attempt)]
-    return subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=240)
+    return cmd, full_env
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -128,15 +134,18 @@ def test_a_crash_between_registration_and_result_is_retried_safely(tmp_path):
 
 def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     """Tolerance: exact (bitwise) equality. Same seed, steps, thread count; data position,
-    optimizer, scheduler and RNG all come back from the checkpoint at step 10."""
+    optimizer, scheduler and RNG all come back from the checkpoint at step 10. The trainer is
+    SIGKILLed from outside once its progress says step 15."""
     doc = tiny_run("tiny-resume")
     straight_root, killed_root = tmp_path / "straight", tmp_path / "killed"
     straight_root.mkdir(), killed_root.mkdir()
     _ok(_trainer(straight_root, write_run(straight_root / "run.yaml", doc), uid="u"))
     run_file = write_run(killed_root / "run.yaml", doc)
-    killed = _trainer(killed_root, run_file, uid="u", MIDFILL_KILL_AT_STEP="15")
+    cmd, env = _command(killed_root, run_file, uid="u")
+    run_dir = killed_root / "state" / "runs" / "tiny-resume"
+    killed = kill_when(start(cmd, cwd=killed_root, env=env), progress_reached(run_dir, 15))  # from outside, between checkpoints 10 and 20
     assert killed.returncode == -9
-    ckpt = killed_root / "state" / "runs" / "tiny-resume" / "checkpoints"
+    ckpt = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000010"]
     (ckpt / "step-00000020").mkdir()  # a torn checkpoint newer than the good one: must be skipped
     (ckpt / "step-00000020" / "__0_0.distcp").write_bytes(b"torn")

@@ -66,6 +66,7 @@ def _release(name: str, model: str) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run, write_yaml, state_dir) -> None:
     # Train and register version 1 (the progress bar degrades to status lines without a terminal).
@@ -95,8 +96,9 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
     assert key not in (state_dir / "secrets" / "journey-keys" / "api-keys").read_text()
     client = OpenAI(base_url=status["url"] + "/v1", api_key=key, max_retries=0, timeout=120)
     completion = client.completions.create(model="journey", prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=8, temperature=0)
-    assert isinstance(completion.choices[0].text, str)
+    assert completion.choices[0].text == _reference_infill(state_dir, "models:/journey/1", "def add(a, b):\n    ", "\n    return c\n", 8)
     assert completion.usage is not None and completion.usage.completion_tokens >= 1
+    assert _serving(status["url"]) == "models:/journey/1"
 
     # A second run registers version 2 of the same model; approving it swaps the model in place
     # while requests keep flowing, and none of them fails.
@@ -129,6 +131,9 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
             t.join(timeout=150)
     assert failures == []
     assert answered[0] > 0
+    assert _serving(status["url"]) == "models:/journey/2"  # what answers now is version 2
+    after = client.completions.create(model="journey", prompt="x = ", suffix="\n", max_tokens=6, temperature=0)
+    assert after.choices[0].text == _reference_infill(state_dir, "models:/journey/2", "x = ", "\n", 6)
     assert status["previousStableVersion"] == "1"
     assert [v.version for v in Registry(f"sqlite:///{state_dir / 'mlflow.db'}").versions("journey")] == ["1", "2"]
 
@@ -137,6 +142,27 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
     midfill("delete", "mr", "journey", env=env)
     assert not _alive(record.local.supervisor_pid)
     assert "No ModelRelease" in midfill("get", "mr", env=env).stdout
+
+
+def _serving(url: str) -> str:
+    """The model URI the endpoint's replica loaded, from its /health."""
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=30).json()["source"]
+
+
+def _reference_infill(state_dir: Path, uri: str, prefix: str, suffix: str, max_tokens: int) -> str:
+    """What that registered version says greedily, loaded here from the registry (not from the endpoint)."""
+    from serving.engine import Engine, SamplingParams
+    from serving.loading import locate_model
+    from serving.settings import ServingSettings
+
+    folder, _ = locate_model(uri, tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}", cache_dir=state_dir / "reference-cache")
+    engine = Engine.from_export(folder, dtype=ServingSettings().device_and_dtype()[1], max_batch_size=1)
+    try:
+        return engine.infill(prefix, suffix, SamplingParams(max_tokens=max_tokens)).text
+    finally:
+        engine.close()
 
 
 def _wait_for(env, name: str, done, timeout: float = 240) -> dict:
@@ -159,6 +185,7 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cleanup, tiny_run, write_yaml, state_dir) -> None:
     doc = tiny_run("resume", steps=120, logIntervalSteps=10)
