@@ -307,8 +307,9 @@ def reconcile(run: TrainingRun | SpecError, *, status: TrainingRunStatus, observ
 
 
 def _reopen(status: TrainingRunStatus, *, reason: str, message: str, generation: int | None, now: str) -> None:
-    status.conditions = set_condition(status.conditions, type="Failed", status="False", reason=reason,
-                                      message=message, observed_generation=generation, now=now)
+    if any(c.type == "Failed" and c.status == "True" for c in status.conditions):
+        status.conditions = set_condition(status.conditions, type="Failed", status="False", reason=reason,
+                                          message=message, observed_generation=generation, now=now)
     status.phase, status.message, status.completion_time = "Pending", message, None
 
 
@@ -317,10 +318,9 @@ def resume(status: TrainingRunStatus, *, generation: int | None, now: dt.datetim
     a suspend): the next reconcile starts a fresh attempt from the latest checkpoint. A succeeded run
     stays succeeded; the restart budget is not refilled."""
     status = status.model_copy(deep=True)
-    if status.phase == "Succeeded":
-        return status
-    if status.phase == "Failed":
-        _reopen(status, reason="Resumed", message="resuming from the latest checkpoint", generation=generation, now=fmt_time(now))
+    if status.phase != "Succeeded":
+        message = "resuming from the latest checkpoint" if status.attempt else "starting"
+        _reopen(status, reason="Resumed", message=message, generation=generation, now=fmt_time(now))
     return status
 
 
