@@ -2,7 +2,7 @@
 
 Shared by serving (serving/composed.py) and the evaluator (`midfill eval`, the trainer's
 post-registration evaluation), which must load the very same composition: here in the core because
-neither may import the other (ARCHITECTURE.md). A parent reference is
+neither may import the other (docs/architecture.md). A parent reference is
 
 - `models:/name/<version>`: resolved through the registry and downloaded once per version into
   `cache_dir/parents/<name>/<version>` (a `done` marker is written last, so a torn download is redone);
