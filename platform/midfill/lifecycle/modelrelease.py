@@ -198,3 +198,12 @@ def endpoint_down(status: ModelReleaseStatus, *, reason: str, message: str, gene
                                       message=message, observed_generation=generation, now=fmt_time(now))
     status.phase, status.message, status.url = "Degraded", message, None
     return status
+
+
+def endpoint_starting(status: ModelReleaseStatus, *, message: str) -> ModelReleaseStatus:
+    """The process that serves the release is (re)starting (local backend: `midfill apply` started its
+    controller): nothing is known about the deployment until the first reconcile."""
+    status = status.model_copy(deep=True)
+    status.phase = "Pending" if status.stable_version is None else "Progressing"  # type: ignore[assignment]
+    status.message = message
+    return status

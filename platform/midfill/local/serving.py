@@ -131,6 +131,7 @@ def start_controller(store: StateStore, settings: CoreSettings, name: str, *, cw
         rec.local.supervisor_log = str(logs / "controller.log")
         rec.local.log_file = rec.local.supervisor_log
         rec.local.stop_requested = False
+        _write(rec, lifecycle.endpoint_starting(rec.status(), message="starting the local Ray Serve controller"))
         rec.add_event("ControllerStarting", f"local Ray Serve controller starting (log {rec.local.supervisor_log})")
         pid, ctime = procs.spawn_detached(
             procs.python_module_args("midfill.local", "control-release", "--state-dir", str(store.state_dir), "--name", name),
