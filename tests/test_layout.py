@@ -22,7 +22,8 @@ FORBIDDEN = {
 }
 # The light core: the API types, settings, registry, FIM formats, export metadata and the lifecycle
 # state machines. The operator imports these; none may pull in (even transitively) the heavy stack.
-LIGHT_CORE = ["midfill.api", "midfill.settings", "midfill.registry", "midfill.fim", "midfill.export", "midfill.lifecycle"]
+LIGHT_CORE = ["midfill.api", "midfill.settings", "midfill.registry", "midfill.fim", "midfill.export", "midfill.download",
+              "midfill.lifecycle"]
 HEAVY = {"torch", "transformers", "ray"}
 
 
