@@ -20,6 +20,7 @@ from midfill.progress import ProgressRecord
 
 ACTIVE_PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
+SETTLED_PHASES = (*TERMINAL_PHASES, "Suspended")  # nothing runs until the spec or an apply changes it
 # Reasons an attempt can end with (AttemptView.reason) that are not retried.
 NON_RETRYABLE = "NonRetryableExitCode"
 DEADLINE = "DeadlineExceeded"
@@ -94,6 +95,11 @@ def needs_registry_lookup(status: TrainingRunStatus, observed: Observed) -> bool
         return False
     job = observed.jobs.get(current_attempt(status, observed))
     return status.phase == "Succeeded" or (job is not None and job.outcome == "Succeeded")
+
+
+def wants_processes(phase: str | None) -> bool:
+    """Whether something must be running the run's attempts in this phase."""
+    return phase not in SETTLED_PHASES
 
 
 def needs_resync(status: dict | None) -> bool:

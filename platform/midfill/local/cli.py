@@ -17,11 +17,12 @@ from typing import Annotated
 import typer
 
 from midfill.api import KINDS, ModelRelease, SpecError, TrainingRun, load_file, normalize_kind
+from midfill.lifecycle.trainingrun import SETTLED_PHASES
 from midfill.local import serving, training, views
 from midfill.local.state import StateStore, StoredResource
 from midfill.settings import CoreSettings
 
-TERMINAL_TR = ("Succeeded", "Failed", "Suspended")
+TERMINAL_TR = SETTLED_PHASES
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

@@ -32,7 +32,7 @@ from midfill.api.trainingrun import RegisteredModelRef, TrainingRunStatus
 from midfill.lifecycle import trainingrun as lifecycle
 from midfill.lifecycle.clock import utcnow
 from midfill.lifecycle.events import phase_event
-from midfill.lifecycle.trainingrun import ACTIVE_PHASES, attempt_name
+from midfill.lifecycle.trainingrun import attempt_name
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_training_run
 from midfill.progress import read_progress, read_result
@@ -109,7 +109,7 @@ def write_run_file(store: StateStore, record: StoredResource) -> Path:
 # -- the CLI side -----------------------------------------------------------------------------------
 def is_active(record: StoredResource) -> bool:
     """Whether a supervisor should be running this run (a suspended run has none)."""
-    return record.status().phase in ACTIVE_PHASES and record.status().phase != "Suspended"
+    return lifecycle.wants_processes(record.status().phase)
 
 
 def observe(store: StateStore, name: str) -> StoredResource | None:
@@ -307,7 +307,7 @@ class _Supervisor:
             _write(rec, plan.status)
 
         self.store.update(KIND, self.name, change)
-        return bool(self.live()) or plan.status.phase not in ("Succeeded", "Failed", "Suspended")
+        return bool(self.live()) or lifecycle.wants_processes(plan.status.phase)
 
 
 def supervise(state_dir: Path, name: str) -> int:
