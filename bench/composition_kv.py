@@ -1,4 +1,4 @@
-"""CALM's key-value arithmetic experiment, in miniature (Bansal et al., 2024, §4.1; RESEARCH.md §5).
+"""CALM's key-value arithmetic experiment, in miniature (Bansal et al., 2024, §4.1; docs/research.md §5).
 
 Three tiny Llama models over one word-level vocabulary defined here:
 

@@ -1,6 +1,6 @@
 """Serving throughput: the Ray Serve endpoint vs sequential `model.generate` in-process.
 
-Model: by default the debug size from CPU-NOTES (Llama, 4 layers, hidden 256, 4 heads, BPE vocab 8192
+Model: by default the debug size from docs/cpu-notes.md (Llama, 4 layers, hidden 256, 4 heads, BPE vocab 8192
 trained on stdlib sources; --layers/--hidden/--heads for another), random init (throughput does not depend on the weights). Requests: infill prompts of
 ~430 tokens cut from stdlib files, 32 new tokens each, greedy; the prefix cache is off (the same
 prompts recur across runs, and prefix_reuse measures it). Baseline: sequential `generate` as

@@ -3,7 +3,7 @@ serveConfigV2 (import_path serving.app:build_app, args = midfill.serve_args.Serv
 `midfill serve`. All three hand build_app the same dict.
 
 Ray's options come from the args: autoscaling, and max_ongoing_requests sized above the expected
-concurrency (Ray's default of 5 collapses throughput, CPU-NOTES). The replica itself admits up to
+concurrency (Ray's default of 5 collapses throughput, docs/cpu-notes.md). The replica itself admits up to
 max_ongoing_requests + max_queued_requests generation requests and answers 429 beyond that; Ray's
 own queue is a backstop at twice the whole deployment's capacity.
 Limits and keys go through user_config, so changing them calls reconfigure() instead of reloading;

@@ -1,6 +1,6 @@
 """The generation engine: loads an export and runs a continuous batch of requests on one KV cache.
 
-Why this design (CPU-NOTES): on a CPU, prompt processing dominates and transformers' own continuous
+Why this design (docs/cpu-notes.md): on a CPU, prompt processing dominates and transformers' own continuous
 batching ran at 0.4-1.0x sequential. So waiting requests are prefilled in small groups between decode
 steps (left-padded to the group's longest prompt, up to `max_prefill_tokens`, logits only for the
 last position; a prompt that starts like a recent one reuses its keys/values -- serving.prefill) and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from midfill.download import fetch_version
 from midfill.export import read_metadata
 from midfill.registry import Registry, VersionInfo, parse_models_uri
 
@@ -21,12 +22,7 @@ def locate(model_uri: str, *, tracking_uri: str | None, cache_dir: Path) -> tupl
         name, _, _ = parse_models_uri(model_uri)
         registry = Registry(tracking_uri)
         info = registry.resolve_uri(model_uri)
-        dst = cache_dir / info.name / info.version
-        if not (dst / "done").is_file():
-            local = registry.download(info, dst / "files")
-            (dst / "where").write_text(str(local))
-            (dst / "done").write_text(info.uri)
-        folder = Path((dst / "where").read_text())
+        folder = fetch_version(registry, info, cache_dir / info.name / info.version)
         read_metadata(folder)
         return folder, name, info
     folder = Path(model_uri).expanduser()

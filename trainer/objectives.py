@@ -1,4 +1,4 @@
-"""Training objectives and packing, exactly as RESEARCH.md sections 1 and 3.
+"""Training objectives and packing, exactly as docs/research.md sections 1 and 3.
 
 Every packed sequence is `seq_length` tokens of whole-document pieces. Per sequence an objective
 is drawn (weights of spec.objective): causal LM, CodeGen2 span corruption, or StarCoder FIM. The

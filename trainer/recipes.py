@@ -1,6 +1,6 @@
 """Named model sizes (Llama-style decoders, CodeGen2.5-like geometry at the top end).
 
-`debug` is the 5.3M-parameter model of CPU-NOTES.md (4 layers, width 256, 4 heads, context 512,
+`debug` is the 5.3M-parameter model of docs/cpu-notes.md (4 layers, width 256, 4 heads, context 512,
 tied embeddings at vocab 8192): it trains in minutes on 2 CPU cores. The others follow the usual
 Llama/CodeGen2.5 shapes; `7b` is CodeGen2.5-7B's geometry with a 4096-token context.
 """

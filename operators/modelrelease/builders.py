@@ -24,6 +24,9 @@ API_KEYS_DIR = "/etc/midfill/api-keys"
 LABEL_RELEASE = "midfill.dev/model-release"
 ANNOTATION_VERSION = "midfill.dev/model-version"
 ANNOTATION_ROLLOUT_START = "midfill.dev/rollout-start"
+# The ModelRelease generation the RayService was built from: a spec edit (a higher generation) is
+# redeployed even when the version stays.
+ANNOTATION_GENERATION = "midfill.dev/release-generation"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "midfill-operator"}
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 HEAD_RESOURCES = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
@@ -125,6 +128,8 @@ def build_rayservice(release: ModelRelease, *, version: str | None, settings: Op
                      rollout_start: str | None = None) -> dict[str, Any]:
     """The whole RayService for serving `version` (None: unresolved, for `midfill render` only)."""
     annotations = {}
+    if release.metadata.generation is not None:
+        annotations[ANNOTATION_GENERATION] = str(release.metadata.generation)
     if version is not None:
         annotations[ANNOTATION_VERSION] = version
     if rollout_start is not None:
@@ -152,12 +157,18 @@ def build_rayservice(release: ModelRelease, *, version: str | None, settings: Op
     }
 
 
-def version_patch(release: ModelRelease, *, version: str, settings: OperatorSettings, rollout_start: str) -> dict[str, Any]:
-    """The in-place update to another version: serveConfigV2 and our annotations, nothing else."""
-    return {
-        "metadata": {"annotations": {ANNOTATION_VERSION: version, ANNOTATION_ROLLOUT_START: rollout_start}},
-        "spec": {"serveConfigV2": build_serve_config(release, version=version, settings=settings)},
-    }
+def version_patch(release: ModelRelease, *, version: str, settings: OperatorSettings, rollout_start: str,
+                  spec_changed: bool = False) -> dict[str, Any]:
+    """The in-place update to another version: serveConfigV2 and our annotations, nothing else, unless
+    the release's spec changed since the RayService was built: then the cluster config follows too
+    (KubeRay then starts the new cluster beside the old one and switches when it is ready)."""
+    annotations = {ANNOTATION_VERSION: version, ANNOTATION_ROLLOUT_START: rollout_start}
+    if release.metadata.generation is not None:
+        annotations[ANNOTATION_GENERATION] = str(release.metadata.generation)
+    spec: dict[str, Any] = {"serveConfigV2": build_serve_config(release, version=version, settings=settings)}
+    if spec_changed:
+        spec["rayClusterConfig"] = build_cluster_config(release, settings=settings)
+    return {"metadata": {"annotations": annotations}, "spec": spec}
 
 
 def endpoint_url(release: ModelRelease) -> str:

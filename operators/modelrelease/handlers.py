@@ -5,104 +5,100 @@ no watch event reaches us."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-from collections import defaultdict
 from typing import Any
 
 import kopf
-from kubernetes.client.rest import ApiException
 
-from midfill.api import GROUP, VERSION, ModelRelease, SpecError, parse_resource
+from midfill.api import GROUP, VERSION, ModelRelease
 from midfill.api.modelrelease import ModelReleaseStatus
-from midfill.registry import RegistryError, unmet_approval
-from operators.kube import MODELRELEASES, RAYSERVICES, Kube, status_patch
+from midfill.lifecycle.clock import fmt_time, parse_time, utcnow
+from midfill.lifecycle.modelrelease import Deploy, DeploymentView, Observed, Resolution, reconcile, resolve
+from operators import common
+from operators.kube import MODELRELEASES, RAYSERVICES, Kube
 from operators.modelrelease import builders
-from operators.modelrelease.reconcile import (
-    CreateRayService, Observed, Resolution, UpdateVersion, rayservice_view, reconcile,
-)
 from operators.settings import OperatorSettings
-from operators.trainingrun.reconcile import fmt_time
 
 RESYNC_SECONDS = OperatorSettings().resync_seconds
-_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+__all__ = ["resolve", "rayservice_view", "sync"]
 
 
-def split_body(body: dict[str, Any]) -> tuple[ModelRelease | SpecError, ModelReleaseStatus, dict[str, Any]]:
-    raw_status = dict(body.get("status") or {})
+def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None) -> DeploymentView:
+    """Read a RayService: our annotations, and whether KubeRay reports the app RUNNING for the
+    current spec (status.observedGeneration caught up with metadata.generation)."""
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    status = obj.get("status") or {}
+    app = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(builders.APP_NAME) or {}
+    app_status = app.get("status", "")
+    observed, generation = status.get("observedGeneration"), meta.get("generation")
+    current = observed is None or generation is None or observed >= generation
+    health = f"application {builders.APP_NAME}: {app_status or 'no status yet'}" + ("" if current else " (for an older spec)")
+    if app.get("message"):
+        health += f": {app['message']}"
+    built_from = annotations.get(builders.ANNOTATION_GENERATION)
+    return DeploymentView(
+        version=annotations.get(builders.ANNOTATION_VERSION),
+        rollout_start=parse_time(annotations.get(builders.ANNOTATION_ROLLOUT_START)),
+        healthy=app_status == "RUNNING" and current,
+        health=health,
+        url=builders.endpoint_url(release) if release is not None else None,
+        generation=int(built_from) if built_from and built_from.isdigit() else None,
+    )
+
+
+async def observe(memo: Any, release: ModelRelease, body: dict[str, Any]) -> Observed:
+    """The registry's answer and the RayService, as they are now."""
+    kube: Kube = memo.kube
+    now = utcnow()
     try:
-        status = ModelReleaseStatus.model_validate({k: v for k, v in raw_status.items() if k != "kopf"})
-    except ValueError:
-        status = ModelReleaseStatus()
-    try:
-        release: ModelRelease | SpecError = parse_resource({k: v for k, v in body.items() if k != "status"})
-    except SpecError as exc:
-        release = exc
-    return release, status, raw_status
+        resolution = await asyncio.to_thread(resolve, memo.registry(), release)
+    except Exception as exc:  # MLflow unreachable: keep serving, say why nothing moves
+        resolution = Resolution(error=f"MLflow at {memo.settings.tracking_uri} not readable: {exc}")
+    raw_rs = await kube.get(RAYSERVICES, body["metadata"]["namespace"], release.endpoint_name())
+    if raw_rs is None:
+        return Observed(now=now, resolution=resolution)
+    if body["metadata"].get("uid") not in common.owner_uids(raw_rs):
+        raise kopf.TemporaryError(f"RayService {release.endpoint_name()} exists and belongs to someone else", delay=60)
+    return Observed(now=now, resolution=resolution, deployment=rayservice_view(raw_rs, release))
 
 
-def resolve(registry: Any, release: ModelRelease) -> Resolution:
-    """Blocking: the version the release points at, and what it lacks for approval."""
-    ref, approval = release.spec.model, release.spec.approval
-    try:
-        info = registry.get(ref.registered_model_name, version=ref.version, alias=ref.effective_alias())
-    except RegistryError as exc:
-        return Resolution(error=str(exc))
-    unmet = unmet_approval(info, required_tags=approval.required_tags, required_alias=approval.required_alias,
-                           min_metrics=approval.min_metrics)
-    return Resolution(version=info.version, unmet=tuple(unmet))
+async def act(kube: Kube, settings: OperatorSettings, release: ModelRelease, observed: Observed, actions: list,
+              logger: logging.Logger) -> None:
+    namespace, name, now = release.metadata.namespace or "default", release.endpoint_name(), fmt_time(observed.now)
+    for action in actions:
+        assert isinstance(action, Deploy)
+        dep = observed.deployment
+        if dep is None:
+            obj = builders.build_rayservice(release, version=action.version, settings=settings, rollout_start=now)
+            await kube.create(RAYSERVICES, namespace, obj)
+            logger.info(f"created RayService {name} serving version {action.version}")
+            continue
+        spec_changed = dep.generation is not None and dep.generation != release.metadata.generation
+        patch = builders.version_patch(release, version=action.version, settings=settings, rollout_start=now,
+                                       spec_changed=spec_changed)
+        await kube.patch(RAYSERVICES, namespace, name, patch)
+        logger.info(f"RayService {name}: now serves version {action.version}" + (" with the edited spec" if spec_changed else ""))
 
 
 async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> None:
     kube: Kube = memo.kube
-    settings: OperatorSettings = memo.settings
-    async with _locks[(namespace, name)]:
+    async with common.locks[("mr", namespace, name)]:
         body = await kube.get(MODELRELEASES, namespace, name)
         if body is None:  # gone: its RayService must not outlive it, even if the DELETED event was missed
             await _delete_rayservices_of(kube, namespace, name, owner_uid=None, logger=logger)
             return
         if body["metadata"].get("deletionTimestamp"):
             return
-        release, status, raw_status = split_body(body)
-        now = dt.datetime.now(dt.timezone.utc)
-        resolution, rs_view = Resolution(error="spec is invalid"), None
+        release, status, raw_status = common.split_body(body, ModelReleaseStatus)
         if isinstance(release, ModelRelease):
-            try:
-                resolution = await asyncio.to_thread(resolve, memo.registry(), release)
-            except Exception as exc:  # MLflow unreachable: keep serving, say why nothing moves
-                resolution = Resolution(error=f"MLflow at {settings.tracking_uri} not readable: {exc}")
-            raw_rs = await kube.get(RAYSERVICES, namespace, release.endpoint_name())
-            if raw_rs is not None:
-                owners = {o.get("uid") for o in raw_rs["metadata"].get("ownerReferences") or []}
-                if body["metadata"].get("uid") not in owners:
-                    raise kopf.TemporaryError(f"RayService {release.endpoint_name()} exists and belongs to someone else", delay=60)
-                rs_view = rayservice_view(raw_rs)
-        plan = reconcile(release, status=status, observed=Observed(now=now, resolution=resolution, rayservice=rs_view),
-                         generation=body["metadata"].get("generation"))
-        for action in plan.actions:
-            assert isinstance(release, ModelRelease)
-            if isinstance(action, CreateRayService):
-                obj = builders.build_rayservice(release, version=action.version, settings=settings, rollout_start=fmt_time(now))
-                await kube.create(RAYSERVICES, namespace, obj)
-                logger.info(f"created RayService {release.endpoint_name()} serving version {action.version}")
-            elif isinstance(action, UpdateVersion):
-                patch = builders.version_patch(release, version=action.version, settings=settings, rollout_start=fmt_time(now))
-                await kube.patch(RAYSERVICES, namespace, release.endpoint_name(), patch)
-                logger.info(f"RayService {release.endpoint_name()}: serveConfigV2 now serves version {action.version}")
-        # The one place a ModelRelease's status is written, and only when it changed.
-        patch = status_patch(raw_status, plan.status.to_wire())
-        if patch:
-            try:
-                await kube.patch(MODELRELEASES, namespace, name, {"status": patch}, subresource="status")
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                logger.debug("the ModelRelease was deleted while it was being synced; nothing to report")
-                return
-            if "phase" in patch:
-                kind = "Warning" if plan.status.phase in ("Failed", "Degraded") else "Normal"
-                kopf.event(body, type=kind, reason=plan.status.phase, message=plan.status.message or "")
-                logger.info(f"phase {plan.status.phase}: {plan.status.message}")
+            observed = await observe(memo, release, body)
+        else:
+            observed = Observed(now=utcnow(), resolution=Resolution(error="spec is invalid"))
+        plan = reconcile(release, status=status, observed=observed, generation=body["metadata"].get("generation"))
+        if isinstance(release, ModelRelease):
+            await act(kube, memo.settings, release, observed, plan.actions, logger)
+        await common.write_status(kube, MODELRELEASES, body, raw_status, plan.status, logger)
 
 
 @kopf.on.resume(GROUP, VERSION, "modelreleases")
@@ -131,7 +127,7 @@ async def release_deleted(type: str | None, body: kopf.Body, name: str, namespac
     if type != "DELETED":
         return
     await _delete_rayservices_of(memo.kube, namespace, name, owner_uid=body["metadata"].get("uid"), logger=logger)
-    _locks.pop((namespace, name), None)
+    common.locks.pop(("mr", namespace, name), None)
 
 
 async def _delete_rayservices_of(kube: Kube, namespace: str, name: str, *, owner_uid: str | None,
@@ -140,7 +136,6 @@ async def _delete_rayservices_of(kube: Kube, namespace: str, name: str, *, owner
     them, once the release is known to be gone. (Kubernetes' garbage collector would do it through the
     ownerReference; this also covers clusters and emulators without one.)"""
     for obj in await kube.list(RAYSERVICES, namespace, {builders.LABEL_RELEASE: name, **builders.MANAGED_BY}):
-        owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
-        if owner_uid is None or owner_uid in owners:
+        if owner_uid is None or owner_uid in common.owner_uids(obj):
             await kube.delete(RAYSERVICES, namespace, obj["metadata"]["name"])
             logger.info(f"deleted RayService {obj['metadata']['name']} of deleted ModelRelease {name}")

@@ -12,42 +12,65 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections import defaultdict
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
-from midfill.api import GROUP, VERSION, SpecError, TrainingRun, parse_resource
+from midfill.api import GROUP, VERSION, SpecError, TrainingRun
 from midfill.api.trainingrun import RegisteredModelRef, TrainingRunStatus
-from operators.kube import CONFIGMAPS, JOBS, SERVICES, TRAININGRUNS, Kube, status_patch
+from midfill.lifecycle.clock import parse_time
+from midfill.lifecycle.trainingrun import (
+    DEADLINE, NON_RETRYABLE, AttemptView, DeleteAttempt, Observed, StartAttempt, needs_registry_lookup, needs_resync,
+    reconcile,
+)
+from operators import common
+from operators.kube import CONFIGMAPS, JOBS, SERVICES, TRAININGRUNS, Kube
 from operators.settings import OperatorSettings
 from operators.trainingrun import builders
-from operators.trainingrun.reconcile import (
-    DeleteJob, Observed, StartAttempt, job_view, needs_registry_lookup, needs_resync, reconcile,
-)
 
 RESYNC_SECONDS = OperatorSettings().resync_seconds
 # MLflow (SQLAlchemy/HTTP) calls get their own small pool so a slow tracking server never holds up
 # the Kubernetes calls queued in the default executor.
 _MLFLOW_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlflow")
-_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+_EXIT_CODE = re.compile(r"exit code (\d+)")
+# The Job's own words for why it ended, in the machine's terms (a Pod failure policy only fails a
+# Job for the non-retryable exit codes).
+_JOB_REASONS = {"PodFailurePolicy": NON_RETRYABLE, "DeadlineExceeded": DEADLINE}
 
 
-def split_body(body: dict[str, Any]) -> tuple[TrainingRun | SpecError, TrainingRunStatus, dict[str, Any]]:
-    """Parse a TrainingRun as the API returned it: (run or SpecError, our status, raw status)."""
-    raw_status = dict(body.get("status") or {})
-    ours = {k: v for k, v in raw_status.items() if k != "kopf"}
+def job_view(job: dict[str, Any]) -> AttemptView | None:
+    """Read a Job dict (as the API returns it); None when it is not one of our attempts."""
+    meta = job.get("metadata") or {}
     try:
-        status = TrainingRunStatus.model_validate(ours)
+        attempt = int((meta.get("labels") or {}).get(builders.LABEL_ATTEMPT, ""))
     except ValueError:
-        status = TrainingRunStatus()  # unreadable status (edited by hand): rebuilt from the cluster
-    doc = {k: v for k, v in body.items() if k != "status"}
-    try:
-        run: TrainingRun | SpecError = parse_resource(doc)
-    except SpecError as exc:
-        run = exc
-    return run, status, raw_status
+        return None
+    status = job.get("status") or {}
+    outcome, reason, message = None, "", ""
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        # Complete/Failed are final; SuccessCriteriaMet/FailureTarget (1.31+) come first and are as final.
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+            outcome, reason, message = "Succeeded", cond.get("reason", ""), cond.get("message", "")
+        elif cond.get("type") in ("Failed", "FailureTarget"):
+            outcome, reason, message = "Failed", cond.get("reason", ""), cond.get("message", "")
+    code = _EXIT_CODE.search(message) if outcome == "Failed" else None
+    return AttemptView(
+        attempt=attempt,
+        name=meta.get("name", ""),
+        suspended=bool((job.get("spec") or {}).get("suspend")),
+        created=parse_time(meta.get("creationTimestamp")),
+        start_time=parse_time(status.get("startTime")),
+        ready=int(status.get("ready") or 0),
+        outcome=outcome,  # type: ignore[arg-type]
+        reason=_JOB_REASONS.get(reason or "", reason or ""),
+        message=message or "",
+        exit_code=int(code.group(1)) if code else None,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
 
 
 async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: TrainingRunStatus,
@@ -62,7 +85,7 @@ async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: T
             if attempt > status.attempt:
                 break
         else:
-            owners = {o.get("uid") for o in raw["metadata"].get("ownerReferences") or []}
+            owners = common.owner_uids(raw)
             view = job_view(raw)
             if view is not None and (uid in owners or not owners):
                 jobs[attempt] = view
@@ -99,7 +122,7 @@ async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions:
                 created = await kube.create(res, namespace, obj)
                 if created and obj["kind"] == "Job":
                     logger.info(f"created Job {obj['metadata']['name']}")
-        elif isinstance(action, DeleteJob):
+        elif isinstance(action, DeleteAttempt):
             if await kube.delete(JOBS, namespace, action.name):
                 logger.info(f"deleted Job {action.name}")
 
@@ -107,27 +130,20 @@ async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions:
 async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, read_progress: bool = False) -> None:
     """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
     kube: Kube = memo.kube
-    async with _locks[(namespace, name)]:
+    async with common.locks[("tr", namespace, name)]:
         body = await kube.get(TRAININGRUNS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        run, status, raw_status = split_body(body)
+        run, status, raw_status = common.split_body(body, TrainingRunStatus)
         observed = await observe(kube, memo, run, status, body, logger, read_progress=read_progress)
         plan = reconcile(run, status=status, observed=observed, generation=body["metadata"].get("generation"))
         if isinstance(run, TrainingRun):
             await act(kube, memo.settings, run, plan.actions, logger)
         else:
             for action in plan.actions:
-                if isinstance(action, DeleteJob):
+                if isinstance(action, DeleteAttempt):
                     await kube.delete(JOBS, namespace, action.name)
-        # The one place a TrainingRun's status is written, and only when it changed.
-        patch = status_patch(raw_status, plan.status.to_wire())
-        if patch:
-            await kube.patch(TRAININGRUNS, namespace, name, {"status": patch}, subresource="status")
-            if "phase" in patch:
-                kind = "Warning" if plan.status.phase == "Failed" else "Normal"
-                kopf.event(body, type=kind, reason=plan.status.phase, message=plan.status.message or "")
-                logger.info(f"phase {plan.status.phase}: {plan.status.message}")
+        await common.write_status(kube, TRAININGRUNS, body, raw_status, plan.status, logger)
 
 
 @kopf.on.resume(GROUP, VERSION, "trainingruns")
@@ -157,7 +173,7 @@ async def trainingrun_deleted(type: str | None, body: kopf.Body, name: str, name
     if type != "DELETED":
         return
     await cleanup(memo.kube, namespace=namespace, name=name, uid=body["metadata"].get("uid"), logger=logger)
-    _locks.pop((namespace, name), None)
+    common.locks.pop(("tr", namespace, name), None)
 
 
 async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: logging.Logger) -> None:
@@ -165,7 +181,6 @@ async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, log
     selector = {builders.LABEL_RUN: name, **builders.MANAGED_BY}
     for res in (JOBS, CONFIGMAPS, SERVICES):
         for obj in await kube.list(res, namespace, selector):
-            owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
-            if uid in owners:
+            if uid in common.owner_uids(obj):
                 await kube.delete(res, namespace, obj["metadata"]["name"])
                 logger.info(f"deleted {obj.get('kind') or res.plural} {obj['metadata']['name']} of deleted TrainingRun {name}")

@@ -1,5 +1,5 @@
 """Fill-in-the-middle prompt formats, shared by the trainer (what it teaches) and serving (what it
-prompts). RESEARCH.md sections 1 and 3 are the spec.
+prompts). docs/research.md sections 1 and 3 are the spec.
 """
 
 from __future__ import annotations

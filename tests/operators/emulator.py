@@ -1,5 +1,5 @@
 """Test helpers: the operator against kmock's KubernetesEmulator (a stateful in-memory Kubernetes API over real HTTP)
-and a real MLflow on SQLite. See CPU-NOTES.md for the emulator's gaps this works around."""
+and a real MLflow on SQLite. See docs/cpu-notes.md for the emulator's gaps this works around."""
 
 from __future__ import annotations
 

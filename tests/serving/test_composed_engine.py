@@ -57,7 +57,7 @@ def composed(request, tiny_export, tmp_path_factory):
 
 def test_the_parents_come_from_the_registry_and_the_bridge_from_the_export(composed):
     engine, reference, root = composed
-    assert (root / "cache" / "parents" / "anchor" / "1" / "done").read_text() == "models:/anchor/1"
+    assert (root / "cache" / "parents" / "anchor" / "1" / ".midfill-complete").read_text().strip() == "models:/anchor/1"
     for (name, a), b in zip(engine.model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert json.loads((root / reference.mode / "composition.json").read_text())["parents"]["anchor"]["ref"] == "models:/anchor/1"

@@ -51,7 +51,7 @@ class Architecture(ApiModel):
 
 
 class CompositionSpec(ApiModel):
-    """Compose two frozen models through a trainable bridge (RESEARCH.md sections 4 and 5).
+    """Compose two frozen models through a trainable bridge (docs/research.md sections 4 and 5).
 
     calm: anchor and augmenting model both frozen; cross-attention from anchor layer states to
     projected augmenting layer states at evenly spaced layer pairs (Bansal et al., 2024).

@@ -6,7 +6,7 @@
   the top anchor layers (`codet5p.py`).
 
 Shared by the trainer (training, export) and serving (loading, decoding), which may not import
-each other (ARCHITECTURE.md), hence here in the core. Entry points:
+each other (docs/architecture.md), hence here in the core. Entry points:
 
     model = build_composed_model(spec.model.composition, anchor_lm, augment_lm)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=...)

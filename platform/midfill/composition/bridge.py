@@ -1,4 +1,4 @@
-"""The trainable bridge: projection + multi-head cross-attention (RESEARCH.md §4, §5).
+"""The trainable bridge: projection + multi-head cross-attention (docs/research.md §4, §5).
 
 Every bridge block is initialised so that it adds exactly zero (its output projection starts at
 zero, as Flamingo's gates and ControlNet's zero convolutions do): a freshly composed model computes

@@ -56,7 +56,7 @@ def calm_bridge_parameters(*, pairs: int, augment_dim: int, anchor_dim: int) -> 
     """Trainable parameters of n CALM bridges: n·(D_A·D_B + 4·D_B² + 3·D_B).
 
     Per pair: f_proj D_A·D_B weights + D_B bias; q, k, v, o projections 4·D_B²; two RMSNorm gains
-    2·D_B. RESEARCH.md's estimate n·(D_A·D_B + 3·D_B²) leaves out one of the four attention
+    2·D_B. docs/research.md's estimate n·(D_A·D_B + 3·D_B²) leaves out one of the four attention
     projections and the O(D_B) terms.
     """
     return pairs * (augment_dim * anchor_dim + 4 * anchor_dim**2 + 3 * anchor_dim)

@@ -2,10 +2,11 @@
 
 Shared by serving (serving/composed.py) and the evaluator (`midfill eval`, the trainer's
 post-registration evaluation), which must load the very same composition: here in the core because
-neither may import the other (ARCHITECTURE.md). A parent reference is
+neither may import the other (docs/architecture.md). A parent reference is
 
 - `models:/name/<version>`: resolved through the registry and downloaded once per version into
-  `cache_dir/parents/<name>/<version>` (a `done` marker is written last, so a torn download is redone);
+  `cache_dir/parents/<name>/<version>` (`midfill.download`: scratch folder, marker, rename, so a torn
+  download is redone);
 - `./parents/<role>`: saved inside the export (a recipe-built parent; `load_composed` makes it absolute);
 - a path or `file://` URI of an exported model folder on this machine.
 """
@@ -19,6 +20,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from midfill.composition.build import ComposedModel
+from midfill.download import fetch_version
 from midfill.composition.state import MANIFEST_FILE, load_composed
 
 
@@ -38,12 +40,8 @@ def parent_loader(
 
             registry = Registry(tracking_uri)
             info = registry.resolve_uri(ref)
-            dst = Path(cache_dir) / "parents" / info.name / info.version
-            if not (dst / "done").is_file():
-                (dst / "where").parent.mkdir(parents=True, exist_ok=True)
-                (dst / "where").write_text(str(registry.download(info, dst / "files")))
-                (dst / "done").write_text(info.uri)
-            found = next(Path((dst / "where").read_text()).rglob("config.json"), None)
+            local = fetch_version(registry, info, Path(cache_dir) / "parents" / info.name / info.version)
+            found = next(local.rglob("config.json"), None)
             if found is None:
                 raise ValueError(f"composition parent {ref}: no config.json in the registered files; not a model export")
             folder = found.parent

@@ -13,7 +13,6 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("supervise-training", help="run and watch the attempts of a TrainingRun")
     tr.add_argument("--state-dir", type=Path, required=True)
     tr.add_argument("--name", required=True)
-    tr.add_argument("--attempt", type=int, required=True)
     mr = sub.add_parser("control-release", help="serve a ModelRelease on a local Ray and follow approvals")
     mr.add_argument("--state-dir", type=Path, required=True)
     mr.add_argument("--name", required=True)
@@ -21,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "supervise-training":
         from midfill.local.training import supervise
 
-        return supervise(args.state_dir, args.name, args.attempt)
+        return supervise(args.state_dir, args.name)
     from midfill.local.serving import control
 
     return control(args.state_dir, args.name)

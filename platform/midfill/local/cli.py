@@ -17,11 +17,12 @@ from typing import Annotated
 import typer
 
 from midfill.api import KINDS, ModelRelease, SpecError, TrainingRun, load_file, normalize_kind
+from midfill.lifecycle.trainingrun import SETTLED_PHASES
 from midfill.local import serving, training, views
 from midfill.local.state import StateStore, StoredResource
 from midfill.settings import CoreSettings
 
-TERMINAL_TR = ("Succeeded", "Failed", "Suspended")
+TERMINAL_TR = SETTLED_PHASES
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -110,9 +111,10 @@ def _apply_training_run(store, settings, run: TrainingRun, *, cwd: Path, wait: b
     label = f"trainingrun.midfill.dev/{name}"
     alive = training.procs.alive(record.local.supervisor_pid, record.local.supervisor_create_time)
     if run.spec.suspend:
-        if alive:
-            training.stop_run(store, name)
-        store.update("TrainingRun", name, _suspend)
+        # A live supervisor sees the flag on its next pass (stops the attempt, says Suspended);
+        # without one, a pass of the state machine with nothing running says the same.
+        if not alive:
+            training.settle_without_processes(store, name)
         typer.echo(f"{label} {outcome} (suspended; set suspend: false and apply again to resume)")
         return True
     if status.phase == "Succeeded":
@@ -128,21 +130,11 @@ def _apply_training_run(store, settings, run: TrainingRun, *, cwd: Path, wait: b
         capped = training.local_layout(run)[1]
         if capped:
             typer.echo(f"note: {capped}")
-        what = f"attempt {record.status().attempt} started" + (", resuming from the last checkpoint" if why == "Resumed" else "")
+        what = f"attempt {record.status().attempt + 1} starting" + (", resuming from the last checkpoint" if why == "Resumed" else "")
         typer.echo(f"{label} {outcome} ({what}; logs: midfill logs {name})")
     if not wait:
         return True
     return _wait_training(store, name, timeout=timeout)
-
-
-def _suspend(rec: StoredResource) -> None:
-    from midfill.api import set_condition
-
-    status = rec.status()
-    status.phase, status.message, status.active_job_name = "Suspended", "suspended (spec.suspend: true)", None
-    status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Suspended", message=status.message)
-    rec.set_status(status)
-    rec.add_event("Suspended", status.message)
 
 
 def _wait_training(store: StateStore, name: str, *, timeout: float) -> bool:

@@ -5,10 +5,11 @@ background. The controller owns a private local Ray cluster (like the RayService
 a cluster), started by `ray.init` in a short temp folder with no dashboard and a small object store,
 and Serve's HTTP proxy on 127.0.0.1 at a free port kept in the resource (the URL stays the same when
 the controller is restarted). Every few seconds it resolves the release's alias or version in the
-registry, checks approval (`midfill.registry.unmet_approval`; the status says what it waits for), and
-`serve.run`s the app `serving.app:build_app` — found by its import path, never imported here — with
-`ServeArgs.for_release(...)` pinned to the approved version. A newer approved version is rolled out
-by `serve.run` with new args: Serve starts the new replica before it stops the old one, and the old
+registry and asks the ModelRelease state machine (`midfill.lifecycle.modelrelease`, the operator's)
+what to serve; a Deploy `serve.run`s the app `serving.app:build_app` — found by its import path, never
+imported here — with `ServeArgs.for_release(...)` pinned to that version. Approval, spec edits,
+rollout.healthDeadlineSeconds and rollback behave as on a cluster. A newer version is rolled out by
+`serve.run` with new args: Serve starts the new replica before it stops the old one, and the old
 one finishes its requests, so none are dropped. Stopping the controller (`midfill delete`) shuts Serve
 and its Ray down; Ray's processes share the controller's fate if it dies.
 
@@ -26,14 +27,20 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from midfill.api import ModelRelease, set_condition
+from midfill.api import ModelRelease
 from midfill.api.modelrelease import ModelReleaseStatus
+from midfill.lifecycle import modelrelease as lifecycle
+from midfill.lifecycle.clock import utcnow
+from midfill.lifecycle.events import phase_event
+from midfill.lifecycle.modelrelease import DeploymentView
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_model_release
-from midfill.registry import Registry, RegistryError, VersionInfo, approval_reason, unmet_approval
+from midfill.registry import Registry, VersionInfo
 from midfill.serve_args import ServeArgs
 from midfill.settings import CoreSettings
 
@@ -66,14 +73,6 @@ def ensure_api_key(path: Path) -> str | None:
 
 
 # -- registry checks --------------------------------------------------------------------------------
-def resolve(registry: Registry, release: ModelRelease) -> VersionInfo:
-    """The version the release points at now (RegistryError naming what is missing)."""
-    ref = release.spec.model
-    if ref.version is not None:
-        return registry.get(ref.registered_model_name, version=ref.version)
-    return registry.get(ref.registered_model_name, alias=ref.effective_alias())
-
-
 def model_exists(registry: Registry, name: str) -> bool:
     try:
         registry.client.get_registered_model(name)
@@ -98,15 +97,9 @@ def observe(store: StateStore, name: str) -> StoredResource | None:
     def mark(rec: StoredResource) -> None:
         if controller_alive(rec) or rec.local.supervisor_pid is None:
             return
-        status = rec.status()
         message = "the local serving process is not running; apply the same YAML again to restart it"
-        status.phase = "Degraded"
-        status.message = message
-        status.url = None
-        gen = rec.resource["metadata"]["generation"]
-        status.conditions = set_condition(status.conditions, type="Available", status="False", reason="ControllerStopped", message=message, observed_generation=gen)
-        rec.set_status(status)
-        rec.add_event("ControllerStopped", message, type="Warning")
+        _write(rec, lifecycle.endpoint_down(rec.status(), reason="ControllerStopped", message=message,
+                                            generation=rec.resource["metadata"]["generation"], now=utcnow()))
 
     return store.update(KIND, name, mark)
 
@@ -129,10 +122,7 @@ def start_controller(store: StateStore, settings: CoreSettings, name: str, *, cw
         rec.local.supervisor_log = str(logs / "controller.log")
         rec.local.log_file = rec.local.supervisor_log
         rec.local.stop_requested = False
-        status = rec.status()
-        status.phase = "Pending" if status.stable_version is None else "Progressing"
-        status.message = "starting the local Ray Serve controller"
-        rec.set_status(status)
+        _write(rec, lifecycle.endpoint_starting(rec.status(), message="starting the local Ray Serve controller"))
         rec.add_event("ControllerStarting", f"local Ray Serve controller starting (log {rec.local.supervisor_log})")
         pid, ctime = procs.spawn_detached(
             procs.python_module_args("midfill.local", "control-release", "--state-dir", str(store.state_dir), "--name", name),
@@ -169,18 +159,16 @@ def local_serve_args(release: ModelRelease, *, version: VersionInfo, tracking_ur
 
 
 def control(state_dir: Path, name: str) -> int:
-    """Serve a ModelRelease until it is deleted: follow approvals and roll new versions out."""
+    """Serve a ModelRelease until it is deleted: an observe/act adapter around the ModelRelease state
+    machine (`midfill.lifecycle.modelrelease`, the operator's), with a local Ray Serve app standing
+    in for the RayService."""
     import ray
     from ray import serve
-    from ray._common.utils import import_attr
 
     store = StateStore(state_dir)
-    settings = CoreSettings(state_dir=store.state_dir)
-    tracking_uri = settings.resolved_tracking_uri()
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
-
     record = store.get(KIND, name)
     if record is None:
         return 0
@@ -195,16 +183,9 @@ def control(state_dir: Path, name: str) -> int:
         configure_logging=False,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    build_app = import_attr(APP_IMPORT_PATH)
-    registry = Registry(tracking_uri)
-    served: ServeArgs | None = None
-    failed: set[str] = set()  # versions whose rollout failed: not retried until the spec changes
+    controller = _Controller(store, name, port=port)
     try:
-        while not stop["requested"]:
-            record = store.get(KIND, name)
-            if record is None or record.local.stop_requested:
-                break
-            served = _reconcile(store, record, registry=registry, tracking_uri=tracking_uri, port=port, served=served, failed=failed, serve=serve, build_app=build_app)
+        while not stop["requested"] and controller.pass_once():
             for _ in range(int(POLL_SECONDS * 10)):
                 if stop["requested"]:
                     break
@@ -227,114 +208,92 @@ def _port_from_url(url: str | None) -> int | None:
     return None
 
 
-def _stopped(rec: StoredResource) -> None:
-    status = rec.status()
-    status.phase = "Degraded"
-    status.url = None
-    status.message = "stopped: the local endpoint is down; apply the same YAML again to restart it"
-    status.conditions = set_condition(status.conditions, type="Available", status="False", reason="Stopped", message=status.message, observed_generation=rec.resource["metadata"]["generation"])
+def _write(rec: StoredResource, status: ModelReleaseStatus) -> None:
+    """Set the status, with the event its phase change calls for (as the operator emits it)."""
+    event = phase_event(rec.status().phase, status.phase, status.message)
     rec.set_status(status)
-    rec.add_event("Stopped", status.message)
+    if event is not None:
+        rec.add_event(event.reason, event.message, type=event.type)
 
 
-def _reconcile(store, record, *, registry, tracking_uri, port, served, failed, serve, build_app) -> ServeArgs | None:
-    """One pass: resolve, check approval, (re)deploy if needed, write status. Returns what is served."""
-    release = typed_model_release(record)
-    gen = record.resource["metadata"]["generation"]
-    status = record.status()
-    cond = status.conditions
-    status.observed_generation = gen
-    # As the operator reports it: the endpoint's base URL (OpenAI clients add /v1).
-    url = f"http://127.0.0.1:{port}{release.spec.endpoint.route_prefix.rstrip('/')}"
+def _stopped(rec: StoredResource) -> None:
+    message = "stopped: the local endpoint is down; apply the same YAML again to restart it"
+    _write(rec, lifecycle.endpoint_down(rec.status(), reason="Stopped", message=message,
+                                        generation=rec.resource["metadata"]["generation"], now=utcnow()))
 
-    def write(event: tuple[str, str, str] | None = None) -> None:
-        status.conditions = cond
 
-        def change(rec: StoredResource) -> None:
-            rec.set_status(status)
-            if event:
-                rec.add_event(event[1], event[2], type=event[0])  # type: ignore[arg-type]
+class _Controller:
+    """Observe (registry, the Serve app), reconcile (pure), act (`serve.run`), write the status.
 
-        store.update(KIND, record.name, change)
+    A deployment runs in a thread: `serve.run` returns only once the app is healthy (or raises),
+    while the loop keeps observing so rollout.healthDeadlineSeconds and rollback apply as on a
+    cluster. Serve starts a new replica before it stops the old one, so no request is dropped.
+    """
 
-    if release.spec.paused and served is not None:
-        status.phase, status.message = "Paused", f"paused: keeps serving version {status.stable_version}"
-        write()
-        return served
-    try:
-        version = resolve(registry, release)
-    except RegistryError as exc:
-        cond = set_condition(cond, type="ModelResolved", status="False", reason="NotFound", message=str(exc), observed_generation=gen)
-        if served is None:
-            name = release.spec.model.registered_model_name
-            versions = [v.version for v in registry.versions(name)]
-            if "alias" in str(exc):
-                status.phase = "WaitingForApproval"
-                status.message = (
-                    f"waiting for approval: {exc} (versions: {', '.join(versions) or 'none yet'}); approve one: "
-                    f"midfill approve {name} --version {versions[-1] if versions else 'N'}"
-                )
-            else:
-                status.phase, status.message = "Pending", f"waiting: {exc}"
-        write(("Warning", "ModelNotResolved", str(exc)))
-        return served
-    status.resolved_version = version.version
-    ref = release.spec.model
-    what = f"version {ref.version}" if ref.version is not None else f"alias {ref.effective_alias()}"
-    cond = set_condition(cond, type="ModelResolved", status="True", reason="Resolved", message=f"{ref.registered_model_name} {what} -> version {version.version}", observed_generation=gen)
-    approval = release.spec.approval
-    missing = unmet_approval(version, required_tags=approval.required_tags, required_alias=approval.required_alias,
-                             min_metrics=approval.min_metrics)
-    if missing:
-        waits = f"version {version.version} waits for approval: {', '.join(missing)} (midfill approve {version.name} --version {version.version})"
-        cond = set_condition(cond, type="Approved", status="False", reason=approval_reason(missing), message=waits, observed_generation=gen)
-        if served is None:
-            status.phase, status.message = "WaitingForApproval", waits
-        else:
-            status.message = f"serving version {status.stable_version}; {waits}"
-        write(("Normal", "WaitingForApproval", waits))
-        return served
-    cond = set_condition(cond, type="Approved", status="True", reason="Approved", message=f"version {version.version} meets the approval requirements", observed_generation=gen)
-    keys = record.local.api_keys_file
-    wanted = local_serve_args(release, version=version, tracking_uri=tracking_uri, keys=keys)
-    attempt_key = f"{gen}:{version.uri}"
-    if served != wanted and attempt_key in failed:
-        return served  # its failure is in the status; a new version or spec change tries again
-    if served == wanted:
-        if status.phase != "Available" or status.url != url:
-            status.phase, status.url, status.message = "Available", url, f"serving {version.uri} at {url}"
-            cond = set_condition(cond, type="Available", status="True", reason="Healthy", message=status.message, observed_generation=gen)
-            write()
-        return served
-    # Roll out: serve.run replaces the app's deployments (new replica up before the old one goes).
-    status.phase, status.message = "Progressing", f"rolling out {version.uri}"
-    cond = set_condition(cond, type="Progressing", status="True", reason="Deploying" if served is None else "Updating", message=status.message, observed_generation=gen)
-    write(("Normal", "RollingOut", status.message))
-    try:
-        serve.run(build_app(wanted), name=record.name, route_prefix=wanted.route_prefix)
-    except Exception as exc:  # noqa: BLE001 - a bad version must not take the controller down
-        failure = f"rolling out {version.uri} failed: {type(exc).__name__}: {exc}"[:500]
-        cond = set_condition(cond, type="Progressing", status="False", reason="RolloutFailed", message=failure, observed_generation=gen)
-        if served is not None and release.spec.rollout.auto_rollback:
-            with contextlib.suppress(Exception):
-                serve.run(build_app(served), name=record.name, route_prefix=served.route_prefix)
-            cond = set_condition(cond, type="RolledBack", status="True", reason="RolloutFailed", message=failure, observed_generation=gen)
-            status.phase, status.message = "Degraded", f"{failure}; still serving version {status.stable_version}"
-        else:
-            status.phase, status.message = "Failed", failure
-            cond = set_condition(cond, type="Available", status="False", reason="RolloutFailed", message=failure, observed_generation=gen)
-        write(("Warning", "RolloutFailed", failure))
-        failed.add(attempt_key)
-        return served
-    if status.stable_version != version.version:
-        status.previous_stable_version = status.stable_version
-    status.stable_version = version.version
-    status.phase, status.url, status.message = "Available", url, f"serving {version.uri} at {url}"
-    cond = set_condition(cond, type="Progressing", status="False", reason="Complete", message=status.message, observed_generation=gen)
-    cond = set_condition(cond, type="Available", status="True", reason="Healthy", message=status.message, observed_generation=gen)
-    cond = set_condition(cond, type="Degraded", status="False", reason="Healthy", message="", observed_generation=gen)
-    write(("Normal", "Available", status.message))
-    return wanted
+    def __init__(self, store: StateStore, name: str, *, port: int) -> None:
+        from ray._common.utils import import_attr
+
+        self.store, self.name, self.port = store, name, port
+        self.tracking_uri = CoreSettings(state_dir=store.state_dir).resolved_tracking_uri()
+        self.registry = Registry(self.tracking_uri)
+        self.build_app = import_attr(APP_IMPORT_PATH)
+        self.deployed: DeploymentView | None = None
+        self.errors: dict[str, str] = {}  # version -> why its deployment raised
+
+    def health(self) -> tuple[bool, str]:
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(self.name)
+        except Exception as exc:  # noqa: BLE001 - Serve's controller busy or gone: not healthy, say why
+            return False, f"Serve status unreadable: {exc}"
+        state = str(getattr(app.status, "value", app.status)) if app else "not deployed"
+        version = self.deployed.version if self.deployed else None
+        message = (app.message if app else "") or self.errors.get(version or "", "")
+        return state == "RUNNING", f"application {self.name}: {state}" + (f": {message}" if message else "")
+
+    def observe(self, release: ModelRelease) -> lifecycle.Observed:
+        try:
+            resolution = lifecycle.resolve(self.registry, release)
+        except Exception as exc:  # noqa: BLE001 - MLflow unreadable: keep serving, say why nothing moves
+            resolution = lifecycle.Resolution(error=f"MLflow at {self.tracking_uri} not readable: {exc}")
+        dep = self.deployed
+        if dep is not None:
+            healthy, health = self.health()
+            dep = replace(dep, healthy=healthy, health=health)
+        return lifecycle.Observed(now=utcnow(), resolution=resolution, deployment=dep)
+
+    def deploy(self, record: StoredResource, release: ModelRelease, version: str) -> None:
+        from ray import serve
+
+        info = self.registry.get(release.spec.model.registered_model_name, version=version)
+        args = local_serve_args(release, version=info, tracking_uri=self.tracking_uri, keys=record.local.api_keys_file)
+        url = f"http://127.0.0.1:{self.port}{release.spec.endpoint.route_prefix.rstrip('/')}"
+        self.errors.pop(version, None)
+
+        def run() -> None:
+            try:
+                serve.run(self.build_app(args), name=self.name, route_prefix=args.route_prefix)
+            except Exception as exc:  # noqa: BLE001 - a bad version must not take the controller down
+                self.errors[version] = f"{type(exc).__name__}: {exc}"[:500]
+
+        threading.Thread(target=run, name=f"deploy-{version}", daemon=True).start()
+        self.deployed = DeploymentView(version=version, rollout_start=utcnow(), healthy=False, health="deploying",
+                                       url=url, generation=record.resource["metadata"]["generation"])
+        self.store.update(KIND, self.name, lambda rec: rec.add_event("Deploying", f"serve.run {info.uri} at {url}"))
+
+    def pass_once(self) -> bool:
+        """One observe/reconcile/act/write pass; False once the release is deleted."""
+        record = self.store.get(KIND, self.name)
+        if record is None or record.local.stop_requested:
+            return False
+        release = typed_model_release(record)
+        plan = lifecycle.reconcile(release, status=record.status(), observed=self.observe(release),
+                                   generation=record.resource["metadata"]["generation"])
+        for action in plan.actions:
+            self.deploy(record, release, action.version)
+        self.store.update(KIND, self.name, lambda rec: _write(rec, plan.status))
+        return True
 
 
 def wait_available(store: StateStore, name: str, *, timeout: float, poll: float = 1.0) -> ModelReleaseStatus:

@@ -1,16 +1,19 @@
 """The local TrainingRun backend: torchrun through torchx's local scheduler, supervised in the background.
 
-`start_attempt` (called by `midfill apply`) records the attempt and starts a detached supervisor,
-`python -m midfill.local supervise-training`, which submits `torchx.components.dist.ddp` running
-`-m trainer --run-file <copy of the YAML> --uid <uid> --attempt <N>` to the `local_cwd` scheduler, mirrors
-the trainer's progress.json/result.json into the resource's status, and restarts failed attempts as
-spec.failurePolicy says (each restart resumes from the newest checkpoint). The trainer is started
-by module name, never imported here.
+`start_attempt` (called by `midfill apply`) starts a detached supervisor, `python -m midfill.local
+supervise-training`: an observe/act adapter around the TrainingRun state machine
+(`midfill.lifecycle.trainingrun`, the one the operator uses). Every few seconds it observes its
+attempts (torchx apps running `torchx.components.dist.ddp` with `-m trainer --run-file <copy of the
+YAML> --uid <uid> --attempt <N>` on the `local_cwd` scheduler), the trainer's progress.json and
+result.json, asks the machine what comes next, starts or cancels attempts as it says and writes the
+status: restarts, spec.failurePolicy, activeDeadlineSeconds, suspend and the failure reasons are the
+operator's. The trainer is started by module name, never imported here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -18,20 +21,26 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import yaml
 
-from midfill.api import EXIT_CODE_INVALID_CONFIG, TrainingRun, get_condition, now_rfc3339, set_condition
-from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
+from midfill.api import EXIT_CODE_INVALID_CONFIG, TrainingRun
+from midfill.api.trainingrun import RegisteredModelRef, TrainingRunStatus
+from midfill.lifecycle import trainingrun as lifecycle
+from midfill.lifecycle.clock import utcnow
+from midfill.lifecycle.events import phase_event
+from midfill.lifecycle.trainingrun import attempt_name
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_training_run
 from midfill.progress import read_progress, read_result
+from midfill.registry import Registry
 from midfill.settings import CoreSettings
 
 KIND = "TrainingRun"
 TRAINER_MODULE = "trainer"
-ACTIVE_PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting")
 POLL_SECONDS = 2.0
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
@@ -99,7 +108,8 @@ def write_run_file(store: StateStore, record: StoredResource) -> Path:
 
 # -- the CLI side -----------------------------------------------------------------------------------
 def is_active(record: StoredResource) -> bool:
-    return record.status().phase in ACTIVE_PHASES
+    """Whether a supervisor should be running this run (a suspended run has none)."""
+    return lifecycle.wants_processes(record.status().phase)
 
 
 def observe(store: StateStore, name: str) -> StoredResource | None:
@@ -111,21 +121,25 @@ def observe(store: StateStore, name: str) -> StoredResource | None:
     def mark(rec: StoredResource) -> None:
         if not is_active(rec) or procs.alive(rec.local.supervisor_pid, rec.local.supervisor_create_time):
             return
-        status = rec.status()
-        step = status.last_checkpoint.step if status.last_checkpoint else 0
-        message = (
-            f"attempt {status.attempt} stopped before finishing (its processes are gone); apply the "
-            f"same YAML again to resume from the last checkpoint (step {step})"
-        )
-        _finish(status, phase="Failed", reason="Interrupted", message=message, generation=rec.resource["metadata"]["generation"])
-        rec.set_status(status)
-        rec.add_event("Interrupted", message, type="Warning")
+        _write(rec, lifecycle.interrupted(rec.status(), generation=rec.resource["metadata"]["generation"], now=utcnow()))
 
     return store.update(KIND, name, mark)
 
 
+def settle_without_processes(store: StateStore, name: str) -> StoredResource | None:
+    """One pass of the state machine for a run nothing runs (e.g. suspended while no supervisor was
+    alive): the status it reaches without starting anything."""
+    def change(rec: StoredResource) -> None:
+        plan = lifecycle.reconcile(typed_training_run(rec), status=rec.status(), observed=lifecycle.Observed(now=utcnow()),
+                                   generation=rec.resource["metadata"]["generation"])
+        if not plan.actions:
+            _write(rec, plan.status)
+
+    return store.update(KIND, name, change)
+
+
 def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: Path, reason: str) -> StoredResource:
-    """Start the next attempt of a run in a detached supervisor; returns the updated record."""
+    """Start the run's supervisor in the background (it starts the next attempt); the updated record."""
     def change(rec: StoredResource) -> None:
         if procs.alive(rec.local.supervisor_pid, rec.local.supervisor_create_time):
             return  # someone else started it meanwhile
@@ -133,26 +147,11 @@ def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: 
         # checkpoint folder: stop them first.
         procs.stop(None, None, pgids=rec.local.child_pgids, timeout=10)
         run = typed_training_run(rec)
-        status = rec.status()
-        attempt = status.attempt + 1
         nproc, capped = local_layout(run)
-        status.phase = "Starting"
-        status.message = f"starting attempt {attempt} (1x{nproc} processes)"
-        status.attempt = attempt
-        status.restart_count = max(0, attempt - 1)
-        status.active_job_name = f"{name}-a{attempt}"
-        status.start_time = status.start_time or now_rfc3339()
-        status.completion_time = None
-        gen = rec.resource["metadata"]["generation"]
-        status.observed_generation = gen
-        status.conditions = set_condition(status.conditions, type="PodsReady", status="False", reason="Starting", message=status.message, observed_generation=gen)
-        status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Starting", message=status.message, observed_generation=gen)
-        if get_condition(status.conditions, "Failed"):
-            status.conditions = set_condition(status.conditions, type="Failed", status="False", reason="Restarted", message=f"attempt {attempt} started", observed_generation=gen)
-        rec.set_status(status)
+        _write(rec, lifecycle.resume(rec.status(), generation=rec.resource["metadata"]["generation"], now=utcnow()))
         if capped:
             rec.add_event("ProcessesCapped", capped, type="Warning")
-        rec.add_event(reason, status.message)
+        rec.add_event(reason, f"supervisor starting (1x{nproc} processes)")
         run_file = write_run_file(store, rec)
         logs = store.logs_folder() / "trainingruns" / name
         rec.local.run_file = str(run_file)
@@ -162,7 +161,7 @@ def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: 
         rec.local.child_pgids = []
         rec.local.stop_requested = False
         pid, ctime = procs.spawn_detached(
-            procs.python_module_args("midfill.local", "supervise-training", "--state-dir", str(store.state_dir), "--name", name, "--attempt", str(attempt)),
+            procs.python_module_args("midfill.local", "supervise-training", "--state-dir", str(store.state_dir), "--name", name),
             log_file=logs / "supervisor.log",
             env={**os.environ, "MIDFILL_STATE_DIR": str(store.state_dir), "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri()},
             cwd=cwd,
@@ -182,24 +181,147 @@ def stop_run(store: StateStore, name: str) -> None:
     procs.stop(record.local.supervisor_pid, record.local.supervisor_create_time, pgids=record.local.child_pgids)
 
 
-# -- the supervisor (a background process) ---------------------------------------------------------
-def _finish(status: TrainingRunStatus, *, phase: str, reason: str, message: str, generation: int | None) -> None:
-    status.phase = phase  # type: ignore[assignment]
-    status.message = message
-    status.active_job_name = None
-    status.completion_time = now_rfc3339()
-    ok = phase == "Succeeded"
-    status.conditions = set_condition(status.conditions, type="Running", status="False", reason=reason, message=message, observed_generation=generation)
-    status.conditions = set_condition(status.conditions, type="Succeeded" if ok else "Failed", status="True", reason=reason, message=message, observed_generation=generation)
+def _write(rec: StoredResource, status: TrainingRunStatus) -> None:
+    """Set the status, with the event its phase change calls for (as the operator emits it)."""
+    event = phase_event(rec.status().phase, status.phase, status.message)
+    rec.set_status(status)
+    if event is not None:
+        rec.add_event(event.reason, event.message, type=event.type)
 
 
-def _mirror_progress(status: TrainingRunStatus, run_folder: Path) -> None:
-    prog = read_progress(run_folder)
-    if prog is None:
-        return
-    status.progress = Progress(step=prog.step, total_steps=prog.total_steps, loss=prog.loss, tokens_per_second=prog.tokens_per_second, update_time=prog.update_time)
-    if prog.checkpoint_uri and prog.checkpoint_step is not None:
-        status.last_checkpoint = CheckpointRef(uri=prog.checkpoint_uri, step=prog.checkpoint_step, time=prog.checkpoint_time)
+# -- the supervisor (a background process): an observe/act adapter around midfill.lifecycle ---------
+@dataclass
+class _Attempt:
+    """One attempt this supervisor started: a torchx app, or a config check that refused to start."""
+
+    number: int
+    log_dir: Path
+    created: dt.datetime
+    handle: str | None = None
+    outcome: str | None = None
+    exit_code: int | None = None
+    message: str = ""
+    deleting: bool = False
+
+
+class _Supervisor:
+    def __init__(self, store: StateStore, name: str) -> None:
+        from torchx.runner import get_runner
+
+        self.store, self.name = store, name
+        self.settings = CoreSettings(state_dir=store.state_dir)
+        self.runner = get_runner()
+        self.attempts: dict[int, _Attempt] = {}
+        self.stop = False
+
+    def on_term(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.stop = True
+
+    def view(self, att: _Attempt, run: TrainingRun) -> lifecycle.AttemptView:
+        from torchx.specs import AppState
+
+        if att.outcome is None and att.handle is not None and not att.deleting:
+            app = self.runner.status(att.handle)
+            state = app.state if app else AppState.UNKNOWN
+            if state == AppState.SUCCEEDED:
+                att.outcome = "Succeeded"
+            elif state in (AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN):
+                att.outcome, att.exit_code = "Failed", _exit_code(att.log_dir)
+                att.message = f"exit code {att.exit_code if att.exit_code is not None else 'unknown'}; see `midfill logs {self.name}`"
+            elif state == AppState.RUNNING:
+                return lifecycle.AttemptView(att.number, attempt_name(self.name, att.number), created=att.created,
+                                             ready=run.spec.parallelism.num_nodes)  # all local "nodes" run together
+        return lifecycle.AttemptView(att.number, attempt_name(self.name, att.number), created=att.created,
+                                     outcome=att.outcome, exit_code=att.exit_code, message=att.message,  # type: ignore[arg-type]
+                                     deleting=att.deleting)
+
+    def observe(self, record: StoredResource, run: TrainingRun) -> lifecycle.Observed:
+        status = record.status()
+        jobs = {n: self.view(a, run) for n, a in self.attempts.items()}
+        observed = lifecycle.Observed(now=utcnow(), jobs=jobs, progress=read_progress(self.store.run_folder(self.name)))
+        if not lifecycle.needs_registry_lookup(status, observed):
+            return observed
+        result = read_result(self.store.run_folder(self.name))
+        if result is not None:
+            ref = RegisteredModelRef(name=result.registered_model_name, version=result.version, uri=result.uri)
+        else:  # no result.json (crashed after registering): the registry knows the run's uid
+            found = Registry(self.settings.resolved_tracking_uri()).find_by_run_uid(run.registered_model_name(), record.resource["metadata"]["uid"])
+            ref = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri) if found else None
+        return lifecycle.Observed(now=observed.now, jobs=jobs, progress=observed.progress, registered=ref)
+
+    def act(self, record: StoredResource, run: TrainingRun, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, lifecycle.DeleteAttempt):
+                for att in self.attempts.values():
+                    if attempt_name(self.name, att.number) == action.name and att.handle and not att.deleting:
+                        self.runner.cancel(att.handle)
+                        att.deleting = True
+            else:
+                self.start(record, run, action.attempt)
+
+    def start(self, record: StoredResource, run: TrainingRun, number: int) -> None:
+        log_dir = self.store.logs_folder() / "trainingruns" / self.name / f"a{number}"
+        att = self.attempts[number] = _Attempt(number, log_dir, utcnow())
+        problem = _check_config(self.store, self.settings, record, number)
+        if problem is not None:  # what a Pod failure policy does on a cluster: exit 78 ends the attempt
+            att.outcome, att.exit_code, att.message = "Failed", EXIT_CODE_INVALID_CONFIG, problem
+            return
+        nproc, _ = local_layout(run)
+        app = build_app_def(
+            run=run, run_file=Path(record.local.run_file or write_run_file(self.store, record)),
+            uid=record.resource["metadata"]["uid"], attempt=number, nproc=nproc,
+            env=trainer_env(self.store, self.settings, nproc=nproc),
+        )
+        att.handle = self.runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(log_dir)})
+        # torchx installs its own SIGTERM handler when the scheduler is created; ours stops cleanly.
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGINT, self.on_term)
+        self.store.update(KIND, self.name, lambda rec: rec.add_event(
+            "Started", f"attempt {number}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd {att.handle})"))
+
+    def live(self) -> list[_Attempt]:
+        return [a for a in self.attempts.values() if a.handle and a.outcome is None and not a.deleting]
+
+    def cancel_all(self) -> None:
+        for att in self.live():
+            self.runner.cancel(att.handle)
+
+    def pass_once(self) -> bool:
+        """Observe, reconcile, act, write; whether there is more to supervise."""
+        record = self.store.get(KIND, self.name)
+        if record is None or record.local.stop_requested or self.stop:
+            self.cancel_all()
+            return False
+        run = typed_training_run(record)
+        plan = lifecycle.reconcile(run, status=record.status(), observed=self.observe(record, run),
+                                   generation=record.resource["metadata"]["generation"])
+        self.act(record, run, plan.actions)
+        # torchrun starts its workers in sessions of their own: keep their groups on record so
+        # `delete` (or the next attempt) can stop them even if this supervisor is killed.
+        groups = _worker_groups(psutil.Process())
+        logs = sorted((self.store.logs_folder() / "trainingruns" / self.name / f"a{plan.status.attempt}").rglob("combined.log"))
+
+        def change(rec: StoredResource) -> None:
+            rec.local.child_pgids = sorted(set(rec.local.child_pgids) | set(groups))
+            rec.local.log_file = str(logs[0]) if logs else rec.local.log_file
+            _write(rec, plan.status)
+
+        self.store.update(KIND, self.name, change)
+        return bool(self.live()) or lifecycle.wants_processes(plan.status.phase)
+
+
+def supervise(state_dir: Path, name: str) -> int:
+    """Run the attempts of a TrainingRun until it succeeds, fails for good, is suspended or stopped."""
+    store = StateStore(state_dir)
+    if store.get(KIND, name) is None:
+        return 0
+    sup = _Supervisor(store, name)
+    signal.signal(signal.SIGTERM, sup.on_term)
+    signal.signal(signal.SIGINT, sup.on_term)
+    while sup.pass_once():
+        time.sleep(POLL_SECONDS)
+    record = store.get(KIND, name)
+    return 0 if record is None or record.status().phase != "Failed" else 1
 
 
 def _exit_code(log_dir: Path) -> int | None:
@@ -219,99 +341,6 @@ def _exit_code(log_dir: Path) -> int | None:
     return nonzero[-1] if nonzero else returncode
 
 
-def supervise(state_dir: Path, name: str, attempt: int) -> int:
-    """Run attempts of a TrainingRun until it succeeds, fails for good, or is stopped."""
-    from torchx.runner import get_runner
-    from torchx.specs import AppState
-
-    store = StateStore(state_dir)
-    settings = CoreSettings(state_dir=store.state_dir)
-    stop = {"requested": False}
-
-    def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
-        stop["requested"] = True
-
-    first = store.get(KIND, name)
-    if first is None:
-        return 0
-    problem = _check_config(store, settings, first, attempt)
-    if problem is not None:
-        gen = first.resource["metadata"]["generation"]
-        store.update(KIND, name, lambda rec: _failed(rec, "InvalidConfig", problem, gen))
-        return 1
-    runner = get_runner()
-    while True:
-        record = store.get(KIND, name)
-        if record is None:
-            return 0
-        run = typed_training_run(record)
-        gen = record.resource["metadata"]["generation"]
-        nproc, _ = local_layout(run)
-        log_dir = store.logs_folder() / "trainingruns" / name / f"a{attempt}"
-        app = build_app_def(
-            run=run, run_file=Path(record.local.run_file or write_run_file(store, record)), uid=record.resource["metadata"]["uid"],
-            attempt=attempt, nproc=nproc, env=trainer_env(store, settings, nproc=nproc),
-        )
-        handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(log_dir)})
-        # torchx installs its own SIGTERM handler when the scheduler is created; ours stops cleanly.
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        import psutil
-
-        me = psutil.Process()
-        pgids = _worker_groups(me)
-
-        def running(rec: StoredResource) -> None:
-            rec.local.child_pgids = pgids
-            logs = sorted(log_dir.rglob("combined.log"))
-            rec.local.log_file = str(logs[0]) if logs else None
-            status = rec.status()
-            status.phase = "Running"
-            status.message = f"attempt {attempt} is training (1x{nproc} local processes)"
-            status.conditions = set_condition(status.conditions, type="PodsReady", status="True", reason="AllPodsReady", message=f"1x{nproc} local processes started", observed_generation=gen)
-            status.conditions = set_condition(status.conditions, type="Running", status="True", reason="Training", message=status.message, observed_generation=gen)
-            status.conditions = set_condition(status.conditions, type="Restarting", status="False", reason="Running", message="", observed_generation=gen)
-            rec.set_status(status)
-            rec.add_event("Started", f"attempt {attempt}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd {handle})")
-
-        store.update(KIND, name, running)
-        state = None
-        while True:
-            app_status = runner.status(handle)
-            state = app_status.state if app_status else AppState.UNKNOWN
-            # torchrun starts its workers in sessions of their own: keep their groups on record so
-            # `delete` (or the next attempt) can stop them even if this supervisor is killed.
-            groups = _worker_groups(me)
-            store.update(KIND, name, lambda rec: _set_progress(rec, store, groups=groups))
-            if state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN) or stop["requested"]:
-                break
-            time.sleep(POLL_SECONDS)
-        if stop["requested"]:
-            runner.cancel(handle)
-            store.update(KIND, name, lambda rec: _stopped(rec, attempt))
-            return 0
-        store.update(KIND, name, lambda rec: _set_progress(rec, store))
-        if state == AppState.SUCCEEDED:
-            result = read_result(store.run_folder(name))
-            if result is None:
-                code: int | None = None
-                why = "the trainer exited 0 but wrote no result.json"
-            else:
-                store.update(KIND, name, lambda rec: _succeeded(rec, result, gen))
-                return 0
-        else:
-            code = _exit_code(log_dir)
-            why = f"attempt {attempt} failed (exit code {code if code is not None else 'unknown'}); see `midfill logs {name}`"
-        policy = run.spec.failure_policy
-        retry = code not in policy.non_retryable_exit_codes and attempt <= policy.max_restarts
-        if not retry:
-            reason = "InvalidConfig" if code in policy.non_retryable_exit_codes else "BackoffLimitExceeded" if attempt > policy.max_restarts else "AttemptFailed"
-            store.update(KIND, name, lambda rec: _failed(rec, reason, why, gen))
-            return 1
-        attempt += 1
-        store.update(KIND, name, lambda rec: _restarting(rec, attempt, why, gen))
-
-
 def _check_config(store: StateStore, settings: CoreSettings, record: StoredResource, attempt: int) -> str | None:
     """`python -m trainer --check` before torchrun (which turns the trainer's exit 78 into 1).
 
@@ -329,7 +358,7 @@ def _check_config(store: StateStore, settings: CoreSettings, record: StoredResou
         return None  # fine, or a crash the real attempt will report (and retry)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     reason = next((line for line in reversed(lines) if "invalid config" in line), lines[-1] if lines else "")
-    return f"{reason.strip()} (exit {EXIT_CODE_INVALID_CONFIG}: not retried; fix the spec and apply again)"
+    return reason.strip()
 
 
 def _is_group_leader(pid: int) -> bool:
@@ -341,56 +370,9 @@ def _is_group_leader(pid: int) -> bool:
 
 def _worker_groups(me) -> list[int]:
     """Process groups led by this supervisor's descendants (torchrun replicas and their workers)."""
-    import psutil
-
     try:
         return sorted(c.pid for c in me.children(recursive=True) if _is_group_leader(c.pid))
     except psutil.Error:
         return []
 
 
-def _set_progress(rec: StoredResource, store: StateStore, *, groups: list[int] | None = None) -> None:
-    if groups:
-        rec.local.child_pgids = sorted(set(rec.local.child_pgids) | set(groups))
-    status = rec.status()
-    _mirror_progress(status, store.run_folder(rec.name))
-    rec.set_status(status)
-
-
-def _succeeded(rec: StoredResource, result, gen: int) -> None:
-    status = rec.status()
-    status.registered_model = RegisteredModelRef(name=result.registered_model_name, version=result.version, uri=result.uri)
-    message = f"trained and registered {result.uri}"
-    _finish(status, phase="Succeeded", reason="JobComplete", message=message, generation=gen)
-    status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Completed", message=message, observed_generation=gen)
-    status.conditions = set_condition(status.conditions, type="Restarting", status="False", reason="Completed", message="", observed_generation=gen)
-    status.conditions = set_condition(status.conditions, type="ModelRegistered", status="True", reason="Registered", message=result.uri, observed_generation=gen)
-    rec.set_status(status)
-    rec.add_event("ModelRegistered", message)
-
-
-def _failed(rec: StoredResource, reason: str, message: str, gen: int) -> None:
-    status = rec.status()
-    _finish(status, phase="Failed", reason=reason, message=message, generation=gen)
-    rec.set_status(status)
-    rec.add_event(reason, message, type="Warning")
-
-
-def _restarting(rec: StoredResource, attempt: int, why: str, gen: int) -> None:
-    status = rec.status()
-    status.phase = "Restarting"
-    status.attempt = attempt
-    status.restart_count += 1
-    status.active_job_name = f"{rec.name}-a{attempt}"
-    status.message = f"{why}; restarting as attempt {attempt} from the last checkpoint"
-    status.conditions = set_condition(status.conditions, type="Restarting", status="True", reason="AttemptFailed", message=status.message, observed_generation=gen)
-    rec.set_status(status)
-    rec.add_event("Restarting", status.message, type="Warning")
-
-
-def _stopped(rec: StoredResource, attempt: int) -> None:
-    status = rec.status()
-    message = f"attempt {attempt} stopped on request"
-    _finish(status, phase="Failed", reason="Stopped", message=message, generation=rec.resource["metadata"]["generation"])
-    rec.set_status(status)
-    rec.add_event("Stopped", message, type="Warning")

@@ -115,7 +115,7 @@ def test_line_em_and_left_to_right_run_on_a_composed_export(composed, parents):
     assert 0.0 <= em.metrics["exact_match"] <= 1.0 and 0.0 <= em.metrics["stop_rate"] <= 1.0
     assert all("\n" not in t.completion for t in em.tasks)  # line-em stops single-line holes at the newline
     # the anchor came through the registry into the cache, as serving loads it
-    assert (cache / "parents" / "anchor" / "1" / "done").read_text() == "models:/anchor/1"
+    assert (cache / "parents" / "anchor" / "1" / ".midfill-complete").read_text().strip() == "models:/anchor/1"
 
     l2r = evaluate_export("left-to-right", folder, files=[held_out], tracking_uri=uri, cache_dir=cache)
     loss = l2r.metrics["loss"]

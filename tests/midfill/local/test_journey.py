@@ -220,7 +220,7 @@ def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cl
     assert status["phase"] == "Failed" and "resume from the last checkpoint" in status["message"]
 
     out = midfill("apply", "-f", str(run_file), "--wait", env=env, timeout=300).stdout
-    assert "attempt 2 started, resuming from the last checkpoint" in out
+    assert "attempt 2 starting, resuming from the last checkpoint" in out
     status = status_of(env, "tr", "resume")
     assert status["phase"] == "Succeeded" and status["attempt"] == 2
     assert status["registeredModel"]["version"] == "1"

@@ -55,4 +55,4 @@ def test_a_config_the_trainer_cannot_run_fails_at_once_with_its_reason(cli, stat
     status = StateStore(state_dir).get("TrainingRun", "nope").status()
     assert status.phase == "Failed" and status.attempt == 1 and status.restart_count == 0
     assert "seqLength" in (status.message or "") and "not retried" in (status.message or "")
-    assert [c.reason for c in status.conditions if c.type == "Failed"] == ["InvalidConfig"]
+    assert [c.reason for c in status.conditions if c.type == "Failed"] == ["NonRetryableExitCode"]

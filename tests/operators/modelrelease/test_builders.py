@@ -58,6 +58,9 @@ def test_a_new_version_changes_only_serve_config():
     assert v3["spec"]["serveConfigV2"] != v4["spec"]["serveConfigV2"]
     patch = builders.version_patch(rel, version="4", settings=SETTINGS, rollout_start="2026-01-01T00:00:00Z")
     assert set(patch["spec"]) == {"serveConfigV2"} and patch["spec"]["serveConfigV2"] == v4["spec"]["serveConfigV2"]
+    # A spec edit (the release's generation moved) carries the cluster config along.
+    edited = builders.version_patch(rel, version="4", settings=SETTINGS, rollout_start="2026-01-01T00:00:00Z", spec_changed=True)
+    assert edited["spec"]["rayClusterConfig"] == v4["spec"]["rayClusterConfig"]
 
 
 def test_auth_disabled_mounts_nothing_and_objects_validate():

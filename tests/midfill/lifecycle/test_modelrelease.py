@@ -10,9 +10,7 @@ import pytest
 from midfill.api import load_file
 from midfill.api.common import Condition
 from midfill.api.modelrelease import ModelReleaseStatus
-from operators.modelrelease.reconcile import (
-    CreateRayService, Observed, RayServiceView, Resolution, UpdateVersion, rayservice_view, reconcile,
-)
+from midfill.lifecycle.modelrelease import Deploy, DeploymentView, Observed, Resolution, reconcile
 
 SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "modelrelease.yaml"
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -25,8 +23,9 @@ def release(paused=False):
     return rel
 
 
-def rs(version, healthy=True, age=5):
-    return RayServiceView(version=version, rollout_start=NOW - dt.timedelta(seconds=age), healthy=healthy, health="x")
+def rs(version, healthy=True, age=5, generation=None):
+    return DeploymentView(version=version, rollout_start=NOW - dt.timedelta(seconds=age), healthy=healthy, health="x",
+                          url="http://fim-debug-serve-svc.team.svc.cluster.local:8000", generation=generation)
 
 
 APPROVED_3 = Resolution(version="3")
@@ -36,17 +35,17 @@ ROLLED_BACK = [Condition(type="RolledBack", status="True", reason="HealthDeadlin
 CASES = [
     ("unresolvable alias", release(), ModelReleaseStatus(), Resolution(error="registered model 'x' has no alias 'champion'"), None, "Pending", []),
     ("not approved, nothing served", release(), ModelReleaseStatus(), UNAPPROVED_3, None, "WaitingForApproval", []),
-    ("approved, no RayService", release(), ModelReleaseStatus(), APPROVED_3, None, "Progressing", [CreateRayService("3")]),
+    ("approved, no RayService", release(), ModelReleaseStatus(), APPROVED_3, None, "Progressing", [Deploy("3")]),
     ("deployed, waiting for health", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3, rs("3", healthy=False), "Progressing", []),
     ("healthy", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3, rs("3"), "Available", []),
-    ("new approved version rolls in place", release(), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Progressing", [UpdateVersion("3")]),
+    ("new approved version rolls in place", release(), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Progressing", [Deploy("3")]),
     ("new unapproved version keeps stable", release(), ModelReleaseStatus(stable_version="2"), UNAPPROVED_3, rs("2"), "Available", []),
     ("unhealthy past deadline rolls back", release(), ModelReleaseStatus(stable_version="2", resolved_version="3"), APPROVED_3,
-     rs("3", healthy=False, age=601), "Progressing", [UpdateVersion("2")]),
+     rs("3", healthy=False, age=601), "Progressing", [Deploy("2")]),
     ("rolled-back version is not retried", release(), ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
      APPROVED_3, rs("2"), "Available", []),
     ("a newer version after a rollback is tried", release(), ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
-     Resolution(version="4"), rs("2"), "Progressing", [UpdateVersion("4")]),
+     Resolution(version="4"), rs("2"), "Progressing", [Deploy("4")]),
     ("unhealthy with nothing to roll back to", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3,
      rs("3", healthy=False, age=601), "Degraded", []),
     ("paused changes nothing", release(paused=True), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Paused", []),
@@ -55,7 +54,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,rel,st,res,view,phase,actions", CASES, ids=[c[0] for c in CASES])
 def test_transitions(name, rel, st, res, view, phase, actions):
-    plan = reconcile(rel, status=st, observed=Observed(now=NOW, resolution=res, rayservice=view), generation=4)
+    plan = reconcile(rel, status=st, observed=Observed(now=NOW, resolution=res, deployment=view), generation=4)
     assert plan.status.phase == phase, plan.status.message
     assert plan.actions == actions
     assert plan.status.observed_generation == 4
@@ -67,27 +66,19 @@ def test_status_says_what_it_waits_for_and_tracks_stable_versions():
     approved = next(c for c in plan.status.conditions if c.type == "Approved")
     assert approved.status == "False" and "review=approved" in approved.message
     healthy = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
-                        observed=Observed(now=NOW, resolution=APPROVED_3, rayservice=rs("3")), generation=1)
+                        observed=Observed(now=NOW, resolution=APPROVED_3, deployment=rs("3")), generation=1)
     assert (healthy.status.stable_version, healthy.status.previous_stable_version) == ("3", "2")
     assert healthy.status.url == "http://fim-debug-serve-svc.team.svc.cluster.local:8000"
-
-
-def test_rayservice_view_needs_status_for_the_current_generation():
-    obj = {"metadata": {"generation": 3, "annotations": {"midfill.dev/model-version": "5"}},
-           "status": {"observedGeneration": 2, "activeServiceStatus": {"applicationStatuses": {"infill": {"status": "RUNNING"}}}}}
-    assert rayservice_view(obj).version == "5" and not rayservice_view(obj).healthy
-    obj["status"]["observedGeneration"] = 3
-    assert rayservice_view(obj).healthy
 
 
 def test_a_version_below_min_metrics_is_not_promoted_and_the_condition_names_the_metric():
     below = Resolution(version="3", unmet=("metric humaneval-single-line/pass@1 >= 0.05 (is 0.02)",))
     plan = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
-                     observed=Observed(now=NOW, resolution=below, rayservice=rs("2")), generation=1)
+                     observed=Observed(now=NOW, resolution=below, deployment=rs("2")), generation=1)
     assert plan.actions == []  # version 2 keeps serving
     approved = next(c for c in plan.status.conditions if c.type == "Approved")
     assert (approved.status, approved.reason) == ("False", "BelowMinMetrics")
     assert "humaneval-single-line/pass@1 >= 0.05 (is 0.02)" in approved.message
     above = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
-                      observed=Observed(now=NOW, resolution=APPROVED_3, rayservice=rs("2")), generation=1)
-    assert above.actions == [UpdateVersion("3")]
+                      observed=Observed(now=NOW, resolution=APPROVED_3, deployment=rs("2")), generation=1)
+    assert above.actions == [Deploy("3")]

@@ -1,4 +1,4 @@
-"""The TrainingRun state machine, table-driven and pure: (spec, status, observed) -> phase, reason, actions."""
+"""The TrainingRun state machine (midfill.lifecycle), table-driven and pure: (spec, status, observed) -> phase, reason, actions."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import pytest
 from midfill.api import SpecError, load_file, parse_resource
 from midfill.api.trainingrun import Condition, TrainingRunStatus
 from midfill.progress import ProgressRecord
-from operators.trainingrun.reconcile import (
-    DeleteJob, JobView, Observed, StartAttempt, job_view, needs_resync, reconcile,
-)
+from midfill.lifecycle.trainingrun import AttemptView, DeleteAttempt, Observed, StartAttempt, needs_resync, reconcile
 
 SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "trainingrun-debug.yaml"
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -30,8 +28,8 @@ def run(**spec_changes):
     return r
 
 
-def job(attempt=1, **kw) -> JobView:
-    return JobView(attempt=attempt, name=f"fim-debug-a{attempt}", created=NOW - dt.timedelta(seconds=60), **kw)
+def job(attempt=1, **kw) -> AttemptView:
+    return AttemptView(attempt=attempt, name=f"fim-debug-a{attempt}", created=NOW - dt.timedelta(seconds=60), **kw)
 
 
 def status(attempt=1, phase="Starting", restarts=0, conditions=(), **kw) -> TrainingRunStatus:
@@ -44,7 +42,7 @@ def cond(type, value="True", reason="X"):
 
 
 FAILED = dict(outcome="Failed", reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
-EXIT_78 = dict(outcome="Failed", reason="PodFailurePolicy",
+EXIT_78 = dict(outcome="Failed", exit_code=78,
                message="Container trainer for pod team/fim-debug-a1-0-x failed with exit code 78 matching FailJob rule at index 0")
 
 CASES = [
@@ -59,17 +57,17 @@ CASES = [
     ("non-retryable exit code", run(), status(phase="Running"), {1: job(**EXIT_78)}, "Failed", "Failed:NonRetryableExitCode", []),
     ("job deadline", run(), status(phase="Running"), {1: job(outcome="Failed", reason="DeadlineExceeded")}, "Failed", "Failed:DeadlineExceeded", []),
     ("startup timeout restarts", run(scheduling__startup_timeout_seconds=30), status(), {1: job(ready=0)},
-     "Restarting", "Restarting:StartupTimeout", [DeleteJob("fim-debug-a1"), StartAttempt(2)]),
+     "Restarting", "Restarting:StartupTimeout", [DeleteAttempt("fim-debug-a1"), StartAttempt(2)]),
     ("startup timeout does not apply once ready", run(scheduling__startup_timeout_seconds=30),
      status(conditions=[cond("PodsReady")]), {1: job(ready=0)}, "Running", None, []),
-    ("suspend deletes the active job", run(suspend=True), status(phase="Running"), {1: job(ready=1)}, "Suspended", "Running:Suspended", [DeleteJob("fim-debug-a1")]),
+    ("suspend deletes the active job", run(suspend=True), status(phase="Running"), {1: job(ready=1)}, "Suspended", "Running:Suspended", [DeleteAttempt("fim-debug-a1")]),
     ("resume starts a fresh attempt, not a restart", run(), status(phase="Suspended"), {1: job(deleting=True)}, "Starting", None, [StartAttempt(2)]),
     ("job deleted by someone counts as a failure", run(), status(phase="Running"), {}, "Restarting", "Restarting:JobDeleted", [StartAttempt(2)]),
     ("success", run(), status(phase="Running"), {1: job(outcome="Succeeded")}, "Succeeded", "ModelRegistered:VersionNotFound", []),
     ("job created before a crash is adopted", run(), status(phase="Restarting", restarts=1, conditions=[cond("Restarting")]), {1: job(**FAILED), 2: job(2)},
      "Restarting", None, []),
     ("whole-run deadline", run(active_deadline_seconds=60), status(phase="Running"), {1: job(ready=1)},
-     "Failed", "Failed:DeadlineExceeded", [DeleteJob("fim-debug-a1")]),
+     "Failed", "Failed:DeadlineExceeded", [DeleteAttempt("fim-debug-a1")]),
     ("terminal runs stay put", run(), status(phase="Failed"), {1: job(**FAILED)}, "Failed", None, []),
 ]
 
@@ -118,7 +116,7 @@ def test_invalid_spec_fails_then_recovers_on_fix():
         parse_resource(doc)
     plan = reconcile(err.value, status=status(phase="Running"), observed=Observed(now=NOW, jobs={1: job()}), generation=2)
     assert plan.status.phase == "Failed" and "spec.parallelism.numNodes" in plan.status.message
-    assert plan.actions == [DeleteJob("fim-debug-a1")]
+    assert plan.actions == [DeleteAttempt("fim-debug-a1")]
     failed = next(c for c in plan.status.conditions if c.type == "Failed")
     assert failed.reason == "InvalidSpec"
     fixed = reconcile(run(), status=plan.status, observed=Observed(now=NOW, jobs={1: job(deleting=True)}), generation=3)
@@ -129,14 +127,3 @@ def test_unchanged_world_gives_unchanged_status():
     first = reconcile(run(), status=status(), observed=Observed(now=NOW, jobs={1: job(ready=1)}), generation=1)
     later = reconcile(run(), status=first.status, observed=Observed(now=NOW + dt.timedelta(minutes=5), jobs={1: job(ready=1)}), generation=1)
     assert later.status == first.status and later.actions == []
-
-
-def test_job_view_reads_conditions_and_exit_code():
-    raw = {"metadata": {"name": "r-a2", "labels": {"midfill.dev/attempt": "2"}, "creationTimestamp": "2026-01-01T00:00:00Z"},
-           "spec": {"suspend": False},
-           "status": {"ready": 3, "startTime": "2026-01-01T00:00:05Z", "conditions": [
-               {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": "failed with exit code 78 matching"},
-               {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "failed with exit code 78 matching"}]}}
-    view = job_view(raw)
-    assert view.attempt == 2 and view.ready == 3 and view.outcome == "Failed" and view.exit_code == 78
-    assert job_view({"metadata": {"name": "x", "labels": {}}}) is None

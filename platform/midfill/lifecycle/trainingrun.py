@@ -1,31 +1,44 @@
-"""The TrainingRun state machine, pure: (spec, status, observed Jobs, progress, registry) -> plan.
+"""The TrainingRun state machine, pure: (spec, status, observed attempts, progress, registry) -> plan.
 
-A plan is the next status plus the actions to take (start attempt N, delete a Job). Handlers do
-the I/O around it: observe, call `reconcile`, act, write the status once if it changed. Every
-decision is taken again from scratch on each call, so running it twice (a retry, a restart of the
-operator, a timer firing alongside a watch event) converges on the same objects.
+A plan is the next status plus the actions to take (start attempt N, delete an attempt). Adapters
+do the I/O around it: the operator observes Jobs and creates/deletes them, the local backend
+observes torchrun processes and starts/cancels them. Every decision is taken again from scratch on
+each call, so running it twice (a retry, a restarted operator or supervisor, a timer firing
+alongside a watch event) converges on the same objects.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from midfill.api import SpecError, TrainingRun, set_condition
 from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
+from midfill.lifecycle.clock import fmt_time, parse_time
 from midfill.progress import ProgressRecord
-from operators.trainingrun.builders import LABEL_ATTEMPT, job_name
 
 ACTIVE_PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Suspended")
-_EXIT_CODE = re.compile(r"exit code (\d+)")
+TERMINAL_PHASES = ("Succeeded", "Failed")
+SETTLED_PHASES = (*TERMINAL_PHASES, "Suspended")  # nothing runs until the spec or an apply changes it
+# Reasons an attempt can end with (AttemptView.reason) that are not retried.
+NON_RETRYABLE = "NonRetryableExitCode"
+DEADLINE = "DeadlineExceeded"
+
+
+def attempt_name(run_name: str, attempt: int) -> str:
+    """Fixed name of an attempt (a Job on a cluster, a torchx app locally): a retry finds the same one."""
+    return f"{run_name}-a{attempt}"
 
 
 # -- observations -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class JobView:
-    """What reconcile needs from one attempt's Job."""
+class AttemptView:
+    """What the machine needs from one attempt (a Job, or a local torchrun), as its adapter saw it.
+
+    `ready` counts the nodes whose processes run; `reason` is NonRetryableExitCode or
+    DeadlineExceeded when the runtime itself ended the attempt for that reason, else free text.
+    """
 
     attempt: int
     name: str
@@ -40,55 +53,12 @@ class JobView:
     deleting: bool = False
 
 
-def parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def fmt_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def job_view(job: dict[str, Any]) -> JobView | None:
-    """Read a Job dict (as the API returns it); None when it is not one of our attempts."""
-    meta = job.get("metadata") or {}
-    try:
-        attempt = int((meta.get("labels") or {}).get(LABEL_ATTEMPT, ""))
-    except ValueError:
-        return None
-    status = job.get("status") or {}
-    outcome, reason, message = None, "", ""
-    for cond in status.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        # Complete/Failed are final; SuccessCriteriaMet/FailureTarget (1.31+) come first and are as final.
-        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
-            outcome, reason, message = "Succeeded", cond.get("reason", ""), cond.get("message", "")
-        elif cond.get("type") in ("Failed", "FailureTarget"):
-            outcome, reason, message = "Failed", cond.get("reason", ""), cond.get("message", "")
-    code = _EXIT_CODE.search(message) if outcome == "Failed" else None
-    return JobView(
-        attempt=attempt,
-        name=meta.get("name", ""),
-        suspended=bool((job.get("spec") or {}).get("suspend")),
-        created=parse_time(meta.get("creationTimestamp")),
-        start_time=parse_time(status.get("startTime")),
-        ready=int(status.get("ready") or 0),
-        outcome=outcome,
-        reason=reason or "",
-        message=message or "",
-        exit_code=int(code.group(1)) if code else None,
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
-
-
 @dataclass(frozen=True)
 class Observed:
-    """The world as the handler saw it just now."""
+    """The world as the adapter saw it just now."""
 
     now: dt.datetime
-    jobs: dict[int, JobView] = field(default_factory=dict)
+    jobs: dict[int, AttemptView] = field(default_factory=dict)
     progress: ProgressRecord | None = None
     registered: RegisteredModelRef | None = None
 
@@ -101,11 +71,11 @@ class StartAttempt:
 
 
 @dataclass(frozen=True)
-class DeleteJob:
+class DeleteAttempt:
     name: str
 
 
-Action = StartAttempt | DeleteJob
+Action = StartAttempt | DeleteAttempt
 
 
 @dataclass
@@ -115,20 +85,25 @@ class Plan:
 
 
 def current_attempt(status: TrainingRunStatus, observed: Observed) -> int:
-    """The newest attempt: a Job created just before a crash counts even if status never said so."""
+    """The newest attempt: one started just before a crash counts even if status never said so."""
     return max([status.attempt, *observed.jobs])
 
 
 def needs_registry_lookup(status: TrainingRunStatus, observed: Observed) -> bool:
-    """Whether the handler must ask the registry for the run's version (only after success)."""
+    """Whether the adapter must ask the registry for the run's version (only after success)."""
     if status.registered_model is not None:
         return False
     job = observed.jobs.get(current_attempt(status, observed))
     return status.phase == "Succeeded" or (job is not None and job.outcome == "Succeeded")
 
 
-def needs_resync(status: dict[str, Any] | None) -> bool:
-    """Timer filter: active runs, and succeeded runs still waiting for their registered version."""
+def wants_processes(phase: str | None) -> bool:
+    """Whether something must be running the run's attempts in this phase."""
+    return phase not in SETTLED_PHASES
+
+
+def needs_resync(status: dict | None) -> bool:
+    """Active runs, and succeeded runs still waiting for their registered version."""
     status = status or {}
     phase = status.get("phase", "Pending")
     return phase in ACTIVE_PHASES or (phase == "Succeeded" and not status.get("registeredModel"))
@@ -165,14 +140,16 @@ class _Machine:
     def start(self, attempt: int, *, phase: str, message: str) -> None:
         self.actions.append(StartAttempt(attempt, self.remaining_deadline()))
         self.status.attempt = attempt
-        self.status.active_job_name = job_name(self.run.metadata.name, attempt)
+        self.status.active_job_name = attempt_name(self.run.metadata.name, attempt)
         self.status.start_time = self.status.start_time or self.now
+        self.status.completion_time = None
         self.cond("PodsReady", "False", "Starting", f"attempt {attempt} is starting")
         self.cond("Running", "False", "Starting", f"attempt {attempt} is starting")
         self.set_phase(phase, message)
 
     def fail(self, reason: str, message: str) -> None:
         self.status.completion_time = self.status.completion_time or self.now
+        self.status.active_job_name = None
         self.cond("Failed", "True", reason, message)
         self.cond("Running", "False", reason, message)
         self.cond("Restarting", "False", reason, message)
@@ -182,7 +159,9 @@ class _Machine:
         """An attempt died: restart the whole gang (resuming from the newest checkpoint) or give up."""
         policy = self.spec.failure_policy
         what = f"attempt {attempt} failed ({reason}{': ' + detail if detail else ''})"
-        if reason in ("NonRetryableExitCode", "DeadlineExceeded"):
+        if reason == NON_RETRYABLE:
+            self.fail(reason, f"{what}; not retried: fix the spec and apply again")
+        elif reason == DEADLINE:
             self.fail(reason, what)
         elif self.status.restart_count < policy.max_restarts:
             self.status.restart_count += 1
@@ -195,6 +174,7 @@ class _Machine:
 
     def succeed(self, attempt: int) -> None:
         self.status.completion_time = self.status.completion_time or self.now
+        self.status.active_job_name = None
         self.cond("Succeeded", "True", "JobComplete", f"attempt {attempt} completed")
         self.cond("Running", "False", "Completed", f"attempt {attempt} completed")
         self.cond("Restarting", "False", "Completed", "")
@@ -222,19 +202,19 @@ class _Machine:
         if rec.checkpoint_uri and rec.checkpoint_step is not None:
             self.status.last_checkpoint = CheckpointRef(uri=rec.checkpoint_uri, step=rec.checkpoint_step, time=rec.checkpoint_time)
 
-    def run_active(self, job: JobView) -> None:
-        """An attempt whose Job exists and has not finished."""
+    def run_active(self, job: AttemptView) -> None:
+        """An attempt that exists and has not finished."""
         nodes = self.spec.parallelism.num_nodes
         queue = self.spec.scheduling.queue_name
         if job.suspended:
-            self.cond("Queued", "True", "WaitingForAdmission", f"Job {job.name} waits for Kueue queue {queue!r} to admit {nodes} pods")
+            self.cond("Queued", "True", "WaitingForAdmission", f"{job.name} waits for Kueue queue {queue!r} to admit {nodes} pods")
             self.set_phase("Queued", f"attempt {job.attempt} is queued in {queue!r}")
             return
         if queue:
             self.cond("Queued", "False", "Admitted", f"admitted by Kueue queue {queue!r}")
         ready_before = any(c.type == "PodsReady" and c.status == "True" for c in self.status.conditions)
         if ready_before or job.ready >= nodes:
-            self.cond("PodsReady", "True", "AllPodsReady", f"{nodes}/{nodes} pods of {job.name} ready")
+            self.cond("PodsReady", "True", "AllPodsReady", f"{nodes}/{nodes} nodes of {job.name} ready")
             self.cond("Running", "True", "Training", f"attempt {job.attempt} is training")
             self.cond("Restarting", "False", "Running", "")
             step = f" at step {self.status.progress.step}" if self.status.progress else ""
@@ -243,21 +223,32 @@ class _Machine:
         started = job.start_time or job.created
         timeout = self.spec.scheduling.startup_timeout_seconds
         if started is not None and (self.observed.now - started).total_seconds() > timeout:
-            # Free the GPUs the partial gang holds instead of waiting for a gang that cannot form.
-            self.actions.append(DeleteJob(job.name))
-            self.attempt_failed(job.attempt, "StartupTimeout", f"only {job.ready}/{nodes} pods ready after {timeout}s")
+            # Free what the partial gang holds instead of waiting for a gang that cannot form.
+            self.actions.append(DeleteAttempt(job.name))
+            self.attempt_failed(job.attempt, "StartupTimeout", f"only {job.ready}/{nodes} nodes ready after {timeout}s")
             return
         restarting = any(c.type == "Restarting" and c.status == "True" for c in self.status.conditions)
         self.set_phase("Restarting" if restarting else "Starting",
-                       self.status.message if restarting else f"attempt {job.attempt}: {job.ready}/{nodes} pods ready")
+                       self.status.message if restarting else f"attempt {job.attempt}: {job.ready}/{nodes} nodes ready")
+
+    def finished(self, attempt: int, job: AttemptView) -> None:
+        """The attempt's runtime reported an outcome."""
+        if job.outcome == "Succeeded":
+            self.succeed(attempt)
+        elif job.reason == NON_RETRYABLE or job.exit_code in self.spec.failure_policy.non_retryable_exit_codes:
+            self.attempt_failed(attempt, NON_RETRYABLE, f"exit code {job.exit_code}: {job.message}")
+        elif job.reason == DEADLINE:
+            self.attempt_failed(attempt, DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
+        else:
+            self.attempt_failed(attempt, "AttemptFailed", job.message or job.reason)
 
     def step(self) -> None:
         st = self.status
         attempt = current_attempt(st, self.observed)
         job = self.observed.jobs.get(attempt)
         live = job if job is not None and not job.deleting else None
-        if attempt > st.attempt:  # found a Job the status does not know about (crash after create)
-            st.attempt, st.active_job_name = attempt, job_name(self.run.metadata.name, attempt)
+        if attempt > st.attempt:  # found an attempt the status does not know about (crash after create)
+            st.attempt, st.active_job_name = attempt, attempt_name(self.run.metadata.name, attempt)
             st.start_time = st.start_time or self.now
 
         if st.phase == "Succeeded":
@@ -266,52 +257,47 @@ class _Machine:
         if st.phase == "Failed":
             return
         self.progress()
-        if job is not None and job.outcome == "Succeeded":
-            self.succeed(attempt)
-            return
-        if job is not None and job.outcome == "Failed":
-            codes = self.spec.failure_policy.non_retryable_exit_codes
-            if job.reason == "PodFailurePolicy" and (job.exit_code is None or job.exit_code in codes):
-                self.attempt_failed(attempt, "NonRetryableExitCode", f"exit code {job.exit_code}: {job.message}")
-            elif job.reason == "DeadlineExceeded":
-                self.attempt_failed(attempt, "DeadlineExceeded",
-                                    f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
-            else:
-                self.attempt_failed(attempt, "AttemptFailed", job.message or job.reason)
+        if job is not None and job.outcome is not None:
+            self.finished(attempt, job)
             return
         if self.spec.suspend:
             if live is not None:
-                self.actions.append(DeleteJob(live.name))
+                self.actions.append(DeleteAttempt(live.name))
+            st.active_job_name = None
             self.cond("Running", "False", "Suspended", "spec.suspend is true")
             self.set_phase("Suspended", "suspended (checkpoints are kept); set spec.suspend: false to resume")
             return
         remaining = self.remaining_deadline()
         if remaining is not None and remaining <= 0 and st.attempt > 0:
             if live is not None:
-                self.actions.append(DeleteJob(live.name))
-            self.fail("DeadlineExceeded", f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
+                self.actions.append(DeleteAttempt(live.name))
+            self.fail(DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
             return
         if live is None:
-            if attempt == 0:
-                self.start(1, phase="Queued" if self.spec.scheduling.queue_name else "Starting", message="attempt 1 is starting")
-            elif st.phase in ("Suspended", "Pending"):
-                # Resuming after suspend (or after a spec fix): a fresh attempt, not a failure.
-                self.cond("Restarting", "False", "Resumed", "")
-                self.start(attempt + 1, phase="Starting", message=f"resuming: attempt {attempt + 1} starts from the latest checkpoint")
-            else:
-                self.attempt_failed(attempt, "JobDeleted", f"Job {job_name(self.run.metadata.name, attempt)} was deleted")
+            self.no_live_attempt(attempt)
             return
         self.run_active(live)
 
+    def no_live_attempt(self, attempt: int) -> None:
+        st = self.status
+        if attempt == 0:
+            self.start(1, phase="Queued" if self.spec.scheduling.queue_name else "Starting", message="attempt 1 is starting")
+        elif st.phase in ("Suspended", "Pending"):
+            # Resuming after suspend (or a spec fix, or applied again locally): a fresh attempt, not a failure.
+            self.cond("Restarting", "False", "Resumed", "")
+            self.start(attempt + 1, phase="Starting", message=f"resuming: attempt {attempt + 1} starts from the latest checkpoint")
+        else:
+            self.attempt_failed(attempt, "JobDeleted", f"{attempt_name(self.run.metadata.name, attempt)} was deleted")
+
 
 def reconcile(run: TrainingRun | SpecError, *, status: TrainingRunStatus, observed: Observed,
-              generation: int | None, name: str = "") -> Plan:
+              generation: int | None) -> Plan:
     """Next status and actions. `run` is the parsed resource, or the SpecError its parse raised."""
     status = status.model_copy(deep=True)
     now = fmt_time(observed.now)
     if isinstance(run, SpecError):
         message = "invalid spec: " + "; ".join(f"{e.path}: {e.message}" for e in run.errors)
-        actions: list[Action] = [DeleteJob(j.name) for j in observed.jobs.values() if j.outcome is None and not j.deleting]
+        actions: list[Action] = [DeleteAttempt(j.name) for j in observed.jobs.values() if j.outcome is None and not j.deleting]
         status.conditions = set_condition(status.conditions, type="Failed", status="True", reason="InvalidSpec",
                                           message=message, observed_generation=generation, now=now)
         status.phase, status.message, status.observed_generation = "Failed", message, generation
@@ -319,10 +305,43 @@ def reconcile(run: TrainingRun | SpecError, *, status: TrainingRunStatus, observ
     failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
     if status.phase == "Failed" and failed is not None and failed.reason == "InvalidSpec" and status.observed_generation != generation:
         # The spec was fixed: carry on (a new attempt resumes from the checkpoints).
-        status.conditions = set_condition(status.conditions, type="Failed", status="False", reason="SpecFixed",
-                                          message="the spec is valid again", observed_generation=generation, now=now)
-        status.phase, status.message = "Pending", "spec fixed"
+        _reopen(status, reason="SpecFixed", message="spec fixed", generation=generation, now=now)
     machine = _Machine(run, status, observed, generation)
     machine.step()
     machine.status.observed_generation = generation
     return Plan(machine.status, machine.actions)
+
+
+def _reopen(status: TrainingRunStatus, *, reason: str, message: str, generation: int | None, now: str) -> None:
+    if any(c.type == "Failed" and c.status == "True" for c in status.conditions):
+        status.conditions = set_condition(status.conditions, type="Failed", status="False", reason=reason,
+                                          message=message, observed_generation=generation, now=now)
+    status.phase, status.message, status.completion_time = "Pending", message, None
+
+
+def resume(status: TrainingRunStatus, *, generation: int | None, now: dt.datetime) -> TrainingRunStatus:
+    """A run applied again while nothing runs it (local backend: after an interruption, a failure or
+    a suspend): the next reconcile starts a fresh attempt from the latest checkpoint. A succeeded run
+    stays succeeded; the restart budget is not refilled."""
+    status = status.model_copy(deep=True)
+    if status.phase != "Succeeded":
+        message = "resuming from the latest checkpoint" if status.attempt else "starting"
+        _reopen(status, reason="Resumed", message=message, generation=generation, now=fmt_time(now))
+    return status
+
+
+def interrupted(status: TrainingRunStatus, *, generation: int | None, now: dt.datetime) -> TrainingRunStatus:
+    """The process that ran the attempts vanished (local backend: its supervisor was killed or the
+    machine restarted) while the run was active: nothing moves until it is applied again."""
+    status = status.model_copy(deep=True)
+    step = status.last_checkpoint.step if status.last_checkpoint else 0
+    message = (f"attempt {status.attempt} stopped before finishing (its processes are gone); apply the "
+               f"same YAML again to resume from the last checkpoint (step {step})")
+    stamp = fmt_time(now)
+    status.conditions = set_condition(status.conditions, type="Failed", status="True", reason="Interrupted",
+                                      message=message, observed_generation=generation, now=stamp)
+    status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Interrupted",
+                                      message=message, observed_generation=generation, now=stamp)
+    status.phase, status.message, status.active_job_name = "Failed", message, None
+    status.completion_time = status.completion_time or stamp
+    return status
