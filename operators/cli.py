@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,10 +15,10 @@ def render_objects(path: Path, *, version: str | None = None, attempt: int = 1) 
     No cluster and no MLflow: a ModelRelease following an alias is rendered with `--version` when
     given (what the operator writes after resolving the alias), else with the alias URI itself.
     """
-    from midfill.api import ModelRelease, TrainingRun, load_file
+    from midfill.api import FieldError, ModelRelease, SpecError, TrainingRun, load_file
     from operators.modelrelease.builders import build_rayservice
     from operators.settings import OperatorSettings
-    from operators.trainingrun.builders import build_attempt
+    from operators.trainingrun.builders import build_attempt, shared_storage_problem
 
     settings = OperatorSettings()
     objects: list[dict[str, Any]] = []
@@ -25,8 +26,15 @@ def render_objects(path: Path, *, version: str | None = None, attempt: int = 1) 
     for res in load_file(path):
         res.metadata.namespace = res.metadata.namespace or "default"
         if not res.metadata.uid:
-            notes.append(f"{res.kind}/{res.metadata.name}: ownerReferences carry a placeholder uid (the API server assigns the real one)")
+            # A fresh one per render: the uid also names the run's MLflow run and rendezvous, so YAML
+            # rendered twice and applied directly must not make two runs share them.
+            res.metadata.uid = str(uuid.uuid4())
+            notes.append(f"{res.kind}/{res.metadata.name}: uid {res.metadata.uid} is a random stand-in "
+                         "(the API server assigns the real one)")
         if isinstance(res, TrainingRun):
+            problem = shared_storage_problem(res, settings)
+            if problem:
+                raise SpecError([FieldError("spec.parallelism.numNodes", problem)], source=str(path))
             deadline = res.spec.active_deadline_seconds
             objects += build_attempt(res, attempt=attempt, settings=settings, active_deadline_seconds=deadline)
         elif isinstance(res, ModelRelease):
@@ -79,4 +87,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{prefix}{err.path}: {err.message}", err=True)
             raise typer.Exit(1) from None
         header = "".join(f"# {note}\n" for note in notes)
-        typer.echo(header + yaml.safe_dump_all(objects, sort_keys=False), nl=False)
+        class _NoAliases(yaml.SafeDumper):  # objects share lists (env, exit codes): print each in full
+            def ignore_aliases(self, data: Any) -> bool:
+                return True
+
+        typer.echo(header + yaml.dump_all(objects, Dumper=_NoAliases, sort_keys=False), nl=False)

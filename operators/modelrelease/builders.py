@@ -104,6 +104,11 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
         worker_pod["tolerations"] = [t.to_wire() for t in pool.tolerations]
     if pool.affinity:
         worker_pod["affinity"] = pool.affinity
+    head_meta: dict[str, Any] = {"labels": {**MANAGED_BY, LABEL_RELEASE: release.metadata.name}}
+    worker_meta: dict[str, Any] = {"labels": {**MANAGED_BY, LABEL_RELEASE: release.metadata.name}}
+    template = spec.endpoint.pod_template
+    template.apply(head_pod, head_meta, containers=head_pod["containers"])
+    template.apply(worker_pod, worker_meta, containers=worker_pod["containers"])
     auto = spec.autoscaling
     return {
         "rayVersion": RAY_VERSION,
@@ -111,7 +116,7 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
         "enableInTreeAutoscaling": True,
         "headGroupSpec": {
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-            "template": {"metadata": {"labels": {**MANAGED_BY, LABEL_RELEASE: release.metadata.name}}, "spec": head_pod},
+            "template": {"metadata": head_meta, "spec": head_pod},
         },
         "workerGroupSpecs": [{
             "groupName": "replicas",
@@ -119,7 +124,7 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
             "minReplicas": auto.min_replicas,
             "maxReplicas": auto.max_replicas,
             "rayStartParams": {},
-            "template": {"metadata": {"labels": {**MANAGED_BY, LABEL_RELEASE: release.metadata.name}}, "spec": worker_pod},
+            "template": {"metadata": worker_meta, "spec": worker_pod},
         }],
     }
 

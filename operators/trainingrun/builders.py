@@ -106,6 +106,31 @@ def checkpoint_dir(run: TrainingRun, settings: OperatorSettings) -> str | None:
     return f"{WORK_DIR}/checkpoints"  # pod-local: lost with the pod (documented in docs/operator.md)
 
 
+def shared_storage_problem(run: TrainingRun, settings: OperatorSettings) -> str | None:
+    """Why a multi-node run cannot work here, or None. Every node must see one checkpoint folder: rank 0
+    writes the tokenizer and checkpoints there and the other ranks read them (a pod-local folder makes
+    rank 1 fail on a tokenizer it cannot see, and every restart fails the same way)."""
+    nodes = run.spec.parallelism.num_nodes
+    if nodes <= 1:
+        return None
+    uri = run.spec.checkpoint.uri
+    if uri:
+        path = uri.removeprefix("file://")
+        if "://" in path or run.spec.pod_template.mounts_path(path):
+            return None  # object storage, or a folder on a volume the template mounts
+        where = f"checkpoint.uri {uri!r} is a path in each pod's own filesystem"
+    elif settings.checkpoint_claim_name:
+        return None
+    else:
+        where = "no checkpoint.uri is set and the operator has no checkpoint claim (MIDFILL_CHECKPOINT_CLAIM_NAME)"
+    return (
+        f"{nodes} nodes need one checkpoint folder they all see, but {where}; set spec.checkpoint.uri to object "
+        "storage (s3://bucket/checkpoints/run), or mount a shared (ReadWriteMany) volume with "
+        "spec.podTemplate.volumes/volumeMounts and point spec.checkpoint.uri into it, or install the operator "
+        "with checkpoints.claimName"
+    )
+
+
 def _env(run: TrainingRun, *, attempt: int, settings: OperatorSettings) -> list[dict[str, Any]]:
     name = job_name(run.metadata.name, attempt)
     par = run.spec.parallelism
@@ -191,6 +216,8 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
         pod_spec["affinity"] = pool.affinity
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    pod_meta: dict[str, Any] = {"labels": labels(run, attempt)}
+    spec.pod_template.apply(pod_spec, pod_meta, containers=[check, container])
 
     rules: list[dict[str, Any]] = []
     # Exit code 0 may not appear in an In rule; a zero exit is a success anyway.
@@ -201,7 +228,6 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
     # A preempted or evicted pod is not the trainer's fault: do not count it as a failure.
     rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
 
-    pod_labels = labels(run, attempt)
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": nodes,
@@ -210,7 +236,7 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
         "podFailurePolicy": {"rules": rules},
         # Kueue admits the whole gang at once by un-suspending the Job (no half-scheduled gangs).
         "suspend": bool(queue),
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": pod_meta, "spec": pod_spec},
     }
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))

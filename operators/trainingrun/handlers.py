@@ -18,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from midfill.api import GROUP, VERSION, SpecError, TrainingRun
+from midfill.api import GROUP, VERSION, FieldError, SpecError, TrainingRun
 from midfill.api.trainingrun import RegisteredModelRef, TrainingRunStatus
 from midfill.lifecycle.clock import parse_time
 from midfill.lifecycle.trainingrun import (
@@ -127,6 +127,13 @@ async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions:
                 logger.info(f"deleted Job {action.name}")
 
 
+def refuse_unshared(run: TrainingRun | SpecError, settings: OperatorSettings) -> TrainingRun | SpecError:
+    """A multi-node run without shared checkpoint storage is an invalid spec here (it depends on the
+    operator's claim, so the schema alone cannot refuse it): failed once, not retried forever."""
+    problem = builders.shared_storage_problem(run, settings) if isinstance(run, TrainingRun) else None
+    return SpecError([FieldError("spec.parallelism.numNodes", problem)]) if problem else run
+
+
 async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, read_progress: bool = False) -> None:
     """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
     kube: Kube = memo.kube
@@ -135,6 +142,7 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, 
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         run, status, raw_status = common.split_body(body, TrainingRunStatus)
+        run = refuse_unshared(run, memo.settings)
         observed = await observe(kube, memo, run, status, body, logger, read_progress=read_progress)
         plan = reconcile(run, status=status, observed=observed, generation=body["metadata"].get("generation"))
         if isinstance(run, TrainingRun):

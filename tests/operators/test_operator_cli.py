@@ -72,3 +72,44 @@ def test_rbac_covers_every_resource_the_operator_touches():
     assert _resources_used() <= granted
     assert ("midfill.dev", "trainingruns/status") in granted and ("", "events") in granted
     assert not any(r == "pods" for _, r in granted)  # the operator reads Job status, never pods
+
+
+def test_render_7b_samples_give_every_pod_its_identity_credentials_and_mounts():
+    tr = runner.invoke(app, ["render", "-f", str(ROOT / "manifests/samples/trainingrun-7b-flash.yaml")])
+    mr = runner.invoke(app, ["render", "-f", str(ROOT / "manifests/samples/modelrelease-7b.yaml"), "--version", "3"])
+    assert tr.exit_code == 0 and mr.exit_code == 0, tr.output + mr.output
+    objects = [*yaml.safe_load_all(tr.stdout), *yaml.safe_load_all(mr.stdout)]
+    job = next(o for o in objects if o["kind"] == "Job")
+    cluster = next(o for o in objects if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    pods = [("trainer", job["spec"]["template"])] + [
+        ("ray", g["template"]) for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    for kind, pod in pods:
+        assert pod["spec"]["serviceAccountName"] == f"fim-{'trainer' if kind == 'trainer' else 'serving'}"
+        for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+            assert c["envFrom"][0]["secretRef"]["name"] == "s3-credentials", c["name"]
+            assert {"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True} in c["volumeMounts"]
+    for obj in objects:
+        validate(obj)
+
+
+def test_render_never_reuses_a_uid_across_runs():
+    uids = set()
+    for _ in range(2):
+        result = runner.invoke(app, ["render", "-f", str(ROOT / "manifests/samples/trainingrun-debug.yaml")])
+        job = list(yaml.safe_load_all(result.stdout))[2]
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["MIDFILL_RUN_UID"] == job["metadata"]["ownerReferences"][0]["uid"]
+        assert env["MIDFILL_RUN_UID"] in result.stdout.split("\n", 1)[0]  # the header says it is a stand-in
+        uids.add(env["MIDFILL_RUN_UID"])
+    assert len(uids) == 2
+
+
+def test_render_refuses_multi_node_without_shared_checkpoints(tmp_path):
+    doc = yaml.safe_load((ROOT / "manifests/samples/trainingrun-debug.yaml").read_text())
+    doc["spec"]["parallelism"]["numNodes"] = 2
+    doc["spec"]["checkpoint"] = {"uri": "/data/checkpoints"}
+    path = tmp_path / "two-nodes.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["render", "-f", str(path)])
+    assert result.exit_code == 1
+    assert "spec.parallelism.numNodes" in result.output and "spec.checkpoint.uri" in result.output

@@ -1,5 +1,6 @@
 """Schema checks of built objects: kubernetes-validate (strict) for built-in kinds, and a minimal
-schema of our own for KubeRay's RayService (a CRD kubernetes-validate cannot know)."""
+schema of our own for KubeRay's RayService (a CRD kubernetes-validate cannot know), whose head and
+worker pod templates are checked strictly as Pods."""
 
 from __future__ import annotations
 
@@ -63,6 +64,13 @@ def validate(obj: dict[str, Any]) -> None:
         # The Serve config is YAML inside a string: it must parse and name our app.
         config = yaml.safe_load(obj["spec"]["serveConfigV2"])
         assert config["applications"][0]["import_path"] == "serving.app:build_app"
+        # KubeRay copies each group's template into Pods: check them as strictly as a built-in kind.
+        cluster = obj["spec"]["rayClusterConfig"]
+        for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+            meta = {"name": "ray-pod", **group["template"].get("metadata", {})}
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": group["template"]["spec"]}
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(pod, version, strict=True)
         return
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(obj, version, strict=True)

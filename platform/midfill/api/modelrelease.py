@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from midfill.api.common import API_VERSION, ApiModel, Condition, NodePool, ObjectMeta, ResourceRequirements
+from midfill.api.pods import PodTemplate
 
 DEFAULT_ALIAS = "champion"
 DEFAULT_SERVING_IMAGE = "ghcr.io/midfill/serving:0.1.0"
@@ -85,6 +86,11 @@ class EndpointSpec(ApiModel):
         default_factory=ResourceRequirements, description="Resources per model replica (e.g. nvidia.com/gpu: 1)."
     )
     node_pool: NodePool = Field(default_factory=NodePool, description="Where replicas run.")
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate,
+        description="Added to the Ray head and worker pods: service account, env/envFrom, imagePullSecrets, "
+        "volumes and mounts, labels/annotations, securityContext.",
+    )
 
 
 class ServingSpec(ApiModel):

@@ -15,6 +15,7 @@ from midfill.api.common import (
     ObjectMeta,
     ResourceRequirements,
 )
+from midfill.api.pods import PodTemplate
 
 # Model sizes the trainer knows (trainer/recipes.py defines each; a test keeps the two in step).
 RECIPE_NAMES = ("debug", "125m", "350m", "1b", "3.7b", "7b")
@@ -402,6 +403,11 @@ class TrainingRunSpec(ApiModel):
         default_factory=ResourceRequirements, description="Resources per node (pod), incl. nvidia.com/gpu."
     )
     node_pool: NodePool = Field(default_factory=NodePool, description="Node selector, tolerations, affinity.")
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate,
+        description="Added to every trainer pod: service account, env/envFrom (e.g. S3 credentials from a Secret), "
+        "imagePullSecrets, volumes and mounts, labels/annotations, securityContext.",
+    )
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Kueue queue, priority, start-up timeout.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restarts and non-retryable exit codes.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")

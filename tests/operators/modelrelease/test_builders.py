@@ -73,3 +73,22 @@ def test_auth_disabled_mounts_nothing_and_objects_validate():
     assert "volumes" not in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     validate(rs)
     validate(builders.build_rayservice(release(), version="2", settings=SETTINGS))
+
+
+def test_pod_template_reaches_the_ray_head_and_worker_pods():
+    (rel,) = load_file(SAMPLE.parent / "modelrelease-7b.yaml")
+    rel.metadata.namespace, rel.metadata.uid = "team", "u1"
+    rs = builders.build_rayservice(rel, version="3", settings=OperatorSettings(tracking_uri="http://mlflow:5000"))
+    cluster = rs["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]
+        assert pod["spec"]["serviceAccountName"] == "fim-serving"
+        assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 100}
+        assert pod["metadata"]["labels"]["team"] == "code-assist"
+        assert pod["metadata"]["labels"][builders.LABEL_RELEASE] == "fim-7b"
+        (c,) = pod["spec"]["containers"]
+        assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials", "optional": True}}]
+        assert {e["name"] for e in c["env"]} == {"MIDFILL_TRACKING_URI", "AWS_REGION"}
+        assert {m["name"] for m in c["volumeMounts"]} == {"api-keys", "ca-bundle"}
+        assert {v["name"] for v in pod["spec"]["volumes"]} == {"api-keys", "ca-bundle"}
+    validate(rs)

@@ -135,3 +135,23 @@ async def test_a_rayservice_whose_release_is_gone_is_deleted(cluster, operator):
                           "metadata": {"name": "other", "labels": {builders.LABEL_RELEASE: "other"}}, "spec": {}})
     async with operator():
         await eventually(lambda: cluster.names("rayservices") == ["other"], what="orphaned RayService deleted")
+
+
+async def test_pod_template_reaches_the_ray_head_and_workers(cluster, operator, tracking_uri, tmp_path):
+    registry = Registry(tracking_uri)
+    registry.register(name="fim-debug", source=str(tmp_path), run_uid="run-1")
+    registry.approve("fim-debug", 1)
+    doc = release()
+    doc["spec"]["endpoint"]["podTemplate"] = {
+        "serviceAccountName": "fim-serving", "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
+        "imagePullSecrets": [{"name": "registry"}], "annotations": {"a": "b"},
+    }
+    async with operator():
+        await cluster.create(doc)
+        rs = await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
+    groups = [rs["spec"]["rayClusterConfig"]["headGroupSpec"], *rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]
+        assert pod["spec"]["serviceAccountName"] == "fim-serving" and pod["metadata"]["annotations"] == {"a": "b"}
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+        assert pod["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]

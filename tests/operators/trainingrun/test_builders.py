@@ -112,3 +112,55 @@ def test_every_object_is_valid_kubernetes(sample):
     settings = OperatorSettings(tracking_uri="http://mlflow:5000", checkpoint_claim_name="ckpt")
     for obj in builders.build_attempt(run, attempt=1, settings=settings, active_deadline_seconds=100):
         validate(obj)
+
+
+def test_pod_template_reaches_every_container_of_every_trainer_pod(big_run):
+    job = builders.build_job(big_run, attempt=1, settings=OperatorSettings())
+    pod = job["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == "fim-trainer"
+    assert pod["metadata"]["labels"]["team"] == "code-assist" and pod["metadata"]["annotations"] == {"cost-center": "ml-platform"}
+    assert pod["metadata"]["labels"][builders.LABEL_RUN] == "fim-7b"  # the platform's labels stay
+    assert {"name": "ca-bundle", "configMap": {"name": "corporate-ca"}} in pod["spec"]["volumes"]
+    # The config check runs the same code against the same data, so it gets the same credentials.
+    for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}], c["name"]
+        assert {"name": "AWS_REGION", "value": "us-east-1"} in c["env"]
+        assert {"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True} in c["volumeMounts"]
+    validate(job)
+
+
+def test_reserved_env_names_cover_every_variable_the_builder_sets(big_run):
+    from midfill.api.pods import RESERVED_ENV, RESERVED_ENV_PREFIX, RESERVED_VOLUMES
+
+    settings = OperatorSettings(tracking_uri="http://mlflow:5000", checkpoint_claim_name="ckpt")
+    big_run.spec.checkpoint.uri = None
+    job = builders.build_job(big_run, attempt=1, settings=settings)
+    template_env = {e.name for e in big_run.spec.pod_template.env}
+    set_by_us = {e["name"] for e in container(job)["env"]} - template_env
+    assert {n for n in set_by_us if not n.startswith(RESERVED_ENV_PREFIX)} <= RESERVED_ENV
+    template_volumes = {v.name for v in big_run.spec.pod_template.volumes}
+    assert {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]} - template_volumes <= RESERVED_VOLUMES
+
+
+@pytest.mark.parametrize(("uri", "claim", "mount", "refused"), [
+    (None, None, None, True),  # pod-local default folder
+    ("/data/ckpt", None, None, True),  # a plain path no volume provides
+    ("file:///data/ckpt", None, None, True),
+    (None, "ckpt", None, False),  # the operator's shared claim
+    ("s3://bucket/ckpt", None, None, False),
+    ("/shared/ckpt", None, "/shared", False),  # a shared volume the template mounts
+])
+def test_multi_node_needs_shared_checkpoint_storage(big_run, uri, claim, mount, refused):
+    from midfill.api.pods import Volume, VolumeMount
+
+    big_run.spec.checkpoint.uri = uri
+    if mount:
+        template = big_run.spec.pod_template
+        template.volumes = [*template.volumes, Volume(name="shared", persistent_volume_claim={"claimName": "rwx"})]
+        template.volume_mounts = [*template.volume_mounts, VolumeMount(name="shared", mount_path=mount)]
+    problem = builders.shared_storage_problem(big_run, OperatorSettings(checkpoint_claim_name=claim))
+    assert (problem is not None) == refused, problem
+    if refused:
+        assert "spec.checkpoint.uri" in problem and "spec.podTemplate.volumes" in problem and "claimName" in problem
+    big_run.spec.parallelism.num_nodes = 1
+    assert builders.shared_storage_problem(big_run, OperatorSettings(checkpoint_claim_name=claim)) is None

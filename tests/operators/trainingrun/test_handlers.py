@@ -113,3 +113,43 @@ async def test_invalid_spec_fails_with_field_and_operator_keeps_running(cluster,
         fixed = copy.deepcopy(training_run("broken")["spec"])
         await cluster.patch("trainingruns", "broken", {"spec": fixed})
         await eventually(lambda: cluster.get("jobs", "broken-a1"), what="Job broken-a1 after the fix")
+
+
+async def test_pod_template_reaches_the_created_job(cluster, operator):
+    doc = training_run()
+    doc["spec"]["podTemplate"] = {
+        "serviceAccountName": "fim-trainer",
+        "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "labels": {"team": "a"},
+    }
+    async with operator():
+        await cluster.create(doc)
+        job = await eventually(lambda: cluster.get("jobs", "fim-a1"), what="Job fim-a1")
+    pod = job["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == "fim-trainer" and pod["metadata"]["labels"]["team"] == "a"
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "shared"}} in pod["spec"]["volumes"]
+    for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+        assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+
+
+async def test_multi_node_without_shared_checkpoints_fails_once_naming_the_fields(cluster, operator):
+    doc = training_run("gang")
+    doc["spec"]["parallelism"]["numNodes"] = 2
+    async with operator():  # no checkpoint claim, no spec.checkpoint.uri: each pod would have its own folder
+        await cluster.create(doc)
+        run = await eventually(lambda: phase(cluster, "gang") == "Failed" and cluster.get("trainingruns", "gang"))
+        failed = condition(run, "Failed")
+        assert failed["reason"] == "InvalidSpec"
+        assert "spec.parallelism.numNodes" in failed["message"] and "spec.checkpoint.uri" in failed["message"]
+        assert cluster.names("jobs") == []
+        # Pointing the checkpoints at object storage fixes it.
+        await cluster.patch("trainingruns", "gang", {"spec": {"checkpoint": {"uri": "s3://bucket/gang"}}})
+        await eventually(lambda: cluster.get("jobs", "gang-a1"), what="Job gang-a1 after the fix")
+    async with operator(checkpoint_claim_name="ckpt"):  # the same spec, but the operator has a shared claim
+        doc["metadata"]["name"] = "gang2"
+        await cluster.create(doc)
+        job = await eventually(lambda: cluster.get("jobs", "gang2-a1"), what="Job gang2-a1 with a shared claim")
+    assert job["spec"]["completions"] == 2
