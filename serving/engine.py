@@ -42,7 +42,7 @@ from serving.kv_slots import DecodeBatchCache
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
 from serving.requests import Completion, PromptTooLong, SamplingParams, StepOutput, gathering
-from serving.static_decode import StaticBatch, request_seed, sample_first, supports
+from serving.static_decode import Launched, StaticBatch, request_seed, sample_first, supports
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class Engine:
         self._closed = False
         self.steps = 0
         self._static = self._static_batch(decode_path)
+        self._pending: tuple[Launched, list[_Seq]] | None = None  # the static step in flight, and its rows
         self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
         self._thread.start()
 
@@ -372,9 +373,15 @@ class Engine:
 
     def _decode(self) -> None:
         if self._static is not None:
-            tokens = self._static.step()
+            # Launch this step before reading the previous one's tokens: the host's work on them
+            # overlaps the device's on this step. A request that finished with the previous step got
+            # one more token computed here; it is dropped (its row is already done).
+            previous, self._pending = self._pending, (self._static.launch(), list(self._running))
             self.steps += 1
-            self._retire([seq for seq, token in zip(self._running, tokens, strict=True) if self._accept(seq, token)], reason=None)
+            if previous is not None:
+                launched, seqs = previous
+                tokens = self._static.ids(launched)
+                self._retire([s for s, t in zip(seqs, tokens, strict=True) if not s.done and self._accept(s, t)], reason=None)
             return
         mask = self._kv.begin_step()
         logits = self.model(
@@ -479,3 +486,4 @@ class Engine:
             self._kv.clear()
         if self._static is not None:
             self._static.clear()
+        self._pending = None  # its rows are all finished once the batch is empty

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -55,6 +56,14 @@ def width_buckets(context: int) -> tuple[int, ...]:
         widths.append(w)
         w *= 2
     return (*widths, context)
+
+
+@dataclass
+class Launched:
+    """A step in flight: where its sampled ids land on the host, and the event that says they have."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None
 
 
 class _RowLayer(DynamicLayer):
@@ -132,7 +141,7 @@ class StaticBatch:
         self.cache = DynamicCache()
         self.cache.layers = [_RowLayer(self, i) for i in range(len(self._keys))]
         self.cache.layer_class_to_replicate = None
-        self._host_ids = torch.zeros(n, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._host_ids = [torch.zeros(n, dtype=torch.long, pin_memory=dev.type == "cuda") for _ in range(2)]
 
     def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = self._shape
@@ -158,8 +167,11 @@ class StaticBatch:
         self.positions[:batch].add_(1).clamp_(max=self.context - 1)
         return ids
 
-    def step(self) -> list[int]:
-        """Advance every running row by one token; returns the sampled ids of rows 0..rows-1."""
+    def launch(self) -> Launched:
+        """Start advancing every running row by one token, without waiting for the device: the
+        sampled ids (rows 0..rows-1 in this order) arrive through `ids(launched)`. The next step can be
+        launched first -- it reads this step's ids on the device -- so the host's work on them
+        (detokenizing, stop checks) overlaps the next step's compute."""
         longest = max(self._lengths) + 1
         if longest > self.context:  # the engine's length check keeps rows shorter
             raise RuntimeError(f"a request outgrew the key/value buffer ({self.context} tokens a row)")
@@ -170,14 +182,24 @@ class StaticBatch:
             graph.replay()
         else:
             ids = self._forward()
-        # The one device->host transfer of the step: the sampled ids.
-        host = self._host_ids[: self.rows]
+        # The one device->host transfer of the step: the sampled ids, into one of two pinned buffers
+        # (the previous step's may still be unread).
+        host = self._host_ids[self.steps % 2][: self.rows]
         host.copy_(ids[: self.rows], non_blocking=True)
+        event = None
         if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+            event = torch.cuda.Event()
+            event.record()
         self._lengths = [n + 1 for n in self._lengths]
         self.steps += 1
-        return host.tolist()
+        return Launched(host, event)
+
+    @staticmethod
+    def ids(launched: Launched) -> list[int]:
+        """The sampled ids of a launched step (waits for that step only)."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        return launched.host.tolist()
 
     def _capture_all(self) -> None:
         try:
