@@ -91,9 +91,12 @@ def supports(model) -> str | None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
-        return "sliding-window attention layers"
-    return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        windowed = any(t != "full_attention" for t in layer_types)
+    else:  # older configs: a window size, in use unless switched off (Qwen2's use_sliding_window)
+        windowed = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+    return "sliding-window attention layers" if windowed else None
 
 
 class StaticBatch:
@@ -117,7 +120,8 @@ class StaticBatch:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs_active = False
         if graphs and self.device.type == "cuda":
-            self._capture_all()
+            with torch.inference_mode():  # as the engine thread runs: no autograd state in the graphs
+                self._capture_all()
 
     # -- storage --------------------------------------------------------------------------------------
     def _allocate(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from serving.engine import Engine, SamplingParams
-from serving.static_decode import bucket_for, width_buckets
+from serving.static_decode import bucket_for, supports, width_buckets
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,15 @@ def test_buckets_cover_every_batch_and_length():
     assert width_buckets(256) == (128, 256)
     assert width_buckets(300) == (128, 256, 300)
     assert width_buckets(100) == (100,)
+
+
+def test_models_with_sliding_window_layers_keep_the_dynamic_path():
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 64}
+    assert supports(LlamaForCausalLM(LlamaConfig(**tiny))) is None
+    assert supports(Qwen2ForCausalLM(Qwen2Config(**tiny, use_sliding_window=False))) is None
+    assert "sliding" in supports(MistralForCausalLM(MistralConfig(**tiny, sliding_window=16)))
 
 
 def test_the_static_path_is_used_where_asked(static, tiny_export):
