@@ -213,7 +213,7 @@ def cost_model(engine, prompts: list[str]) -> dict:
                 kv.end_step()
 
             out[f"decode_step_ms_{rows}_rows"] = round(1000 * timed(step, repeat=16), 1)
-        if engine._static is not None:
+        if getattr(engine, "_static", None) is not None:
             out.update(static_step_costs(engine, prefill, ids, timed))
     return out
 
@@ -322,7 +322,8 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
         base = on_fresh_thread(baselines_now, base_models, tokenizer, prompts, stop_ids)
         engine = on_fresh_thread(
             Engine.from_export, export, dtype=dtype, device=opts.device, max_batch_size=opts.max_batch_size, prefix_cache_tokens=0,
-            decode_path=decode_path,
+            # Only when asked: an engine from before decode paths (an A/B against an older checkout) runs too.
+            **({} if decode_path == "auto" else {"decode_path": decode_path}),
         )
         try:
             engine_in_process(engine, prompts[:4], 4)  # warm-up
@@ -333,7 +334,7 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
         finally:
             engine.close()
         rounds.append(with_ratios(runs, base))
-        rounds[-1]["decode_path"] = engine.decode_path
+        rounds[-1]["decode_path"] = getattr(engine, "decode_path", "dynamic (no decode paths)")
         # A lone request against sequential generate in the same dtype (both: prefill + NEW_TOKENS tokens).
         same = base.get(dtype) or next(iter(base.values()))
         rounds[-1]["single_request_latency_over_generate"] = round(runs["1"]["p50_latency_s"] / same["p50_latency_s"], 2)
