@@ -136,6 +136,31 @@ def test_cancel_frees_the_row_and_the_others_continue(static, reference_model):
     assert handle.done and static.stats() == {"running": 0, "waiting": 0}
 
 
+def test_nothing_reaches_a_request_after_its_finish(static):
+    """When a request finishes (here: cancelled), the step after its last one is already launched
+    (overlap); that step's token for it must be dropped, not delivered after the finish."""
+    prompts = _prompts(static)
+    outs = []
+    started, done = threading.Event(), threading.Event()
+
+    def collect(out) -> None:
+        outs.append(out)
+        if len(outs) >= 3:  # it has been in launched steps (its first token comes from its prefill)
+            started.set()
+        if out.finished:
+            done.set()
+
+    handle = static.submit(prompts[1], SamplingParams(max_tokens=200), collect)
+    other = threading.Thread(target=static.generate, args=(prompts[3], SamplingParams(max_tokens=40)))
+    other.start()  # keeps the engine stepping after the cancel
+    assert started.wait(30)
+    handle.cancel()
+    other.join(timeout=60)
+    assert done.wait(30)
+    assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
+    assert outs[-1].finish_reason == "cancelled"
+
+
 def test_streaming_yields_each_token_then_the_usage(static):
     ids = _prompts(static)[5]
 
