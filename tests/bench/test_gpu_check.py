@@ -23,6 +23,7 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
         "OUT": str(tmp_path),
         "PYTHON": sys.executable,
         "MIDFILL_CHECK_DEVICE": "cpu",
+        "LIMIT_SCALE": "4",  # the limits are sized for a GPU; a shared CPU runs the tiny model slower
         "BENCH_ARGS": "--layers 2 --hidden 64 --heads 4 --requests 32 --rounds 1 --dtypes float32 --baseline-dtypes float32",
         "MIDFILL_STATE_DIR": str(tmp_path / "state"),
         "WHEEL_DIRS": "",  # this environment has everything; wheels fetched for a GPU box's Python would not fit it
