@@ -15,7 +15,10 @@ One run; JSON to bench/results/serve_throughput.json. Run under the shared CPU l
 
 On a GPU, `--device cuda` runs the baselines, the engine and the endpoint's replica there (results
 to serve_throughput_cuda.json); `--parts engine` skips the Ray endpoint where Ray is not installed
-(bench/gpu/run.sh, the prepared check for a lent GPU machine).
+(bench/gpu/run.sh, the prepared check for a lent GPU machine). `--decode-paths static,dynamic`
+measures the engine once per decode path (serving.static_decode vs serving.kv_slots; default: the
+device's auto choice); for the static path the cost model also times its step (graph replay on a GPU)
+and divides it by the weight-read floor (weight bytes / the device's measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -210,7 +213,47 @@ def cost_model(engine, prompts: list[str]) -> dict:
                 kv.end_step()
 
             out[f"decode_step_ms_{rows}_rows"] = round(1000 * timed(step, repeat=16), 1)
+        if getattr(engine, "_static", None) is not None:
+            out.update(static_step_costs(engine, prefill, ids, timed))
     return out
+
+
+def static_step_costs(engine, prefill, ids: list[list[int]], timed) -> dict:
+    """The static path's step at 1, 8 and 32 rows (a graph replay on a GPU, launch to ids on the host)
+    and its ratio to the weight-read floor: the time to read every weight once at the device's copy
+    bandwidth, which a decode step cannot beat."""
+    from serving.requests import SamplingParams
+
+    static, out = engine._static, {}
+    for rows in (r for r in (1, 8, 32) if r <= static.capacity):
+        static.clear()
+        lengths = [len(i) for i in ids[:rows]]
+        static.add(prefill(rows), lengths, [1] * rows, [SamplingParams(max_tokens=1)] * rows, [0] * rows)
+        out[f"static_step_ms_{rows}_rows"] = round(1000 * timed(lambda: static.ids(static.launch()), repeat=16), 3)
+    static.clear()
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    floor = weight_bytes / copy_bandwidth(engine.device)
+    out["weight_bytes"] = weight_bytes
+    out["weight_read_floor_ms"] = round(1000 * floor, 3)
+    out["graphs"] = static.graphs_active
+    for key in [k for k in out if k.startswith("static_step_ms_")]:
+        out[key.replace("static_step_ms_", "static_step_over_floor_")] = round(out[key] / (1000 * floor), 2)
+    return out
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second the device moves in a large copy (read + write), the best of a few."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
 
 
 def bounds(costs: dict, new_tokens: int) -> dict:
@@ -268,7 +311,7 @@ def with_ratios(runs: dict, base: dict) -> dict:
     return {"baselines": base, "reference_tokens_per_s": reference, "runs": runs}
 
 
-def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_models: dict, tokenizer, stop_ids) -> dict:
+def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_models: dict, tokenizer, stop_ids, decode_path: str = "auto") -> dict:
     """The engine in-process (no HTTP or Ray): rounds of baselines, then concurrency 1, 8 and 32 and the
     ablation without prefill groups; then its cost model. A fresh engine per round, closed before the
     next baselines and the cost model run (on_fresh_thread says why)."""
@@ -278,7 +321,9 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
     for r in range(opts.rounds):
         base = on_fresh_thread(baselines_now, base_models, tokenizer, prompts, stop_ids)
         engine = on_fresh_thread(
-            Engine.from_export, export, dtype=dtype, device=opts.device, max_batch_size=opts.max_batch_size, prefix_cache_tokens=0
+            Engine.from_export, export, dtype=dtype, device=opts.device, max_batch_size=opts.max_batch_size, prefix_cache_tokens=0,
+            # Only when asked: an engine from before decode paths (an A/B against an older checkout) runs too.
+            **({} if decode_path == "auto" else {"decode_path": decode_path}),
         )
         try:
             engine_in_process(engine, prompts[:4], 4)  # warm-up
@@ -289,7 +334,11 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
         finally:
             engine.close()
         rounds.append(with_ratios(runs, base))
-        print(f"engine in-process {dtype} round {r}", rounds[-1], flush=True)
+        rounds[-1]["decode_path"] = getattr(engine, "decode_path", "dynamic (no decode paths)")
+        # A lone request against sequential generate in the same dtype (both: prefill + NEW_TOKENS tokens).
+        same = base.get(dtype) or next(iter(base.values()))
+        rounds[-1]["single_request_latency_over_generate"] = round(runs["1"]["p50_latency_s"] / same["p50_latency_s"], 2)
+        print(f"engine in-process {dtype} {decode_path} round {r}", rounds[-1], flush=True)
     costs = on_fresh_thread(cost_model, engine, prompts)  # the engine's thread has ended
     print(f"cost model {dtype}", costs, flush=True)
     return {"rounds": rounds, "cost_model": costs, "bounds": bounds(costs, NEW_TOKENS)}
@@ -361,6 +410,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the baselines, the engine and the replica run")
+    ap.add_argument("--decode-paths", default="auto", help="engine decode paths to measure: auto, static, dynamic, comma-separated")
+    ap.add_argument("--baseline-dtypes", default="float32,bfloat16", help="dtypes of the sequential generate baselines")
     ap.add_argument("--parts", default="engine,endpoint", help="engine (in-process), endpoint (Ray Serve over HTTP), or both")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/serve_throughput[_cuda].json")
     opts = ap.parse_args()
@@ -388,7 +439,7 @@ def main() -> None:
     prompt_lens = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
     print(f"{len(prompts)} requests, prompt tokens mean {statistics.mean(prompt_lens):.0f}", flush=True)
 
-    base_models = {dtype: on_fresh_thread(load_baseline_model, export, dtype, opts.device) for dtype in ("float32", "bfloat16")}
+    base_models = {dtype: on_fresh_thread(load_baseline_model, export, dtype, opts.device) for dtype in opts.baseline_dtypes.split(",")}
     full_baseline, expected = {}, {}
     for dtype, model in base_models.items():
         full_baseline[dtype], ids = on_fresh_thread(baseline, model, tokenizer, prompts, stop_ids)
@@ -407,8 +458,11 @@ def main() -> None:
         from serving.settings import ServingSettings  # pydantic-settings: not on every GPU image
 
         results["endpoint_default_dtype"] = ServingSettings(serve_device=opts.device).device_and_dtype()[1]
+    paths = opts.decode_paths.split(",")
     for dtype in dtypes if "engine" in parts else ():
-        results["engine_in_process"][dtype] = measure_engine(export, dtype, prompts, opts, base_models, tokenizer, stop_ids)
+        for path in paths:  # keyed by dtype alone for the device's default path, as before
+            key = dtype if path == "auto" else f"{dtype} {path}"
+            results["engine_in_process"][key] = measure_engine(export, dtype, prompts, opts, base_models, tokenizer, stop_ids, path)
     for dtype in dtypes if "endpoint" in parts else ():
         results["endpoint"][dtype] = measure_endpoint(
             export, dtype, pairs, prompts, opts, base_models, tokenizer, stop_ids, expected[dtype], work

@@ -28,6 +28,7 @@ class ComposedEngine(Engine):
 
     def __init__(self, model, tokenizer, metadata, **kwargs) -> None:
         self._state: dict[int, tuple[object, int]] = {}  # id(seq) -> (composed cache, next input token)
+        kwargs["decode_path"] = "dynamic"  # one forward per request; the static step does not apply
         super().__init__(model, tokenizer, metadata, **kwargs)
 
     def _context(self, ids: torch.Tensor) -> dict:

@@ -13,6 +13,10 @@ clients, `complete()` for the rest -- with its text decoded incrementally (servi
 the only thread of the process that runs torch operations: each such thread gets its own OpenMP
 pool, and two pools on few cores make every operation wait for a kernel wake-up (docs/serving.md).
 On a CPU the model runs with serving.attention's `midfill_cpu` attention, on a GPU with sdpa.
+
+Two decode paths share admission, stops, streaming and cancellation: "dynamic" (serving.kv_slots,
+the width follows the rows; the CPU default) and "static" (serving.static_decode: fixed shapes over
+buffers at the full context, replayed from CUDA graphs, sampling on the device; the GPU default).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from serving.kv_slots import DecodeBatchCache
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
 from serving.requests import Completion, PromptTooLong, SamplingParams, StepOutput, gathering
+from serving.static_decode import Launched, StaticBatch, request_seed, sample_first, supports
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,7 @@ class _Seq:
     stops: StopChecker
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    seed: int  # the static path's sampling seed (the request's, or a random one)
     cancelled: bool = False
     done: bool = False
     stop_token: bool = False
@@ -90,6 +96,7 @@ class Engine:
         prefix_cache_tokens: int = 8192,
         max_context: int | None = None,
         fim_format: str | None = None,
+        decode_path: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -120,8 +127,34 @@ class Engine:
         self._next = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) last sampled token, input of the next step
         self._closed = False
         self.steps = 0
+        self._static = self._static_batch(decode_path)
+        self._pending: tuple[Launched, list[_Seq]] | None = None  # the static step in flight, and its rows
         self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
         self._thread.start()
+
+    # -- the decode path ----------------------------------------------------------------------------
+    def _static_batch(self, decode_path: str) -> StaticBatch | None:
+        """The static path's batch (capturing its CUDA graphs now, at load), or None for the dynamic path.
+        auto = static on a GPU when the model allows it."""
+        if decode_path not in ("auto", "static", "dynamic"):
+            raise ValueError(f"decode_path: {decode_path!r} is not one of auto, static, dynamic")
+        if decode_path == "dynamic" or (decode_path == "auto" and self.device.type != "cuda"):
+            return None
+        unsupported = supports(self.model)
+        if unsupported and decode_path == "static":
+            raise ValueError(f"decode_path: static cannot serve {unsupported}; use auto or dynamic")
+        if unsupported:
+            log.warning("decode path: dynamic, the static step cannot serve %s", unsupported)
+            return None
+        return StaticBatch(self.model, capacity=self.max_batch_size, context=self.max_context, graphs=self.device.type == "cuda")
+
+    @property
+    def decode_path(self) -> str:
+        """What /health reports: cuda-graphs (static step replayed from graphs), eager (a GPU without
+        them), or cpu."""
+        if self.device.type == "cpu":
+            return "cpu"
+        return "cuda-graphs" if self._static is not None and self._static.graphs_active else "eager"
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
@@ -185,7 +218,9 @@ class Engine:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        seq = _Seq(list(prompt_ids), params, on_output, StopChecker(params.stop), IncrementalDetokenizer(self.tokenizer), gen)
+        seq = _Seq(
+            list(prompt_ids), params, on_output, StopChecker(params.stop), IncrementalDetokenizer(self.tokenizer), gen, request_seed(params)
+        )
         self._inbox.put(seq)
         return RequestHandle(seq)
 
@@ -305,7 +340,9 @@ class Engine:
         `max_prefill_tokens` (padded to the longest prompt), and always at least one."""
         group: list[_Seq] = []
         longest = 0
-        while self._waiting and len(self._running) + len(group) < self.max_batch_size:
+        # The static path's buffers were sized at load: a larger max_batch_size set later waits for a reload.
+        limit = min(self.max_batch_size, self._static.capacity) if self._static else self.max_batch_size
+        while self._waiting and len(self._running) + len(group) < limit:
             longest_with = max(longest, len(self._waiting[0].prompt_ids))
             if group and longest_with * (len(group) + 1) > self.max_prefill_tokens:
                 break
@@ -319,17 +356,33 @@ class Engine:
             seqs = [group[i] for i in indices]
             for seq, cached in zip(seqs, done.cached_tokens, strict=True):
                 seq.cached_tokens = cached
-            tokens = self._sample(done.logits, seqs)
-            if self._kv is None:
-                self._kv = DecodeBatchCache(self.max_context)
-            self._kv.add(done.cache, done.mask)
-            self._positions = torch.cat([self._positions, done.mask.sum(dim=1)])
-            self._next = torch.cat([self._next, torch.tensor(tokens, device=self.device)])
+            if self._static is not None:
+                lengths, seeds = [len(s.prompt_ids) for s in seqs], [s.seed for s in seqs]
+                tokens = sample_first(done.logits, lengths, [s.params for s in seqs], seeds)
+                self._static.add(done.cache, lengths, tokens, [s.params for s in seqs], seeds)
+            else:
+                tokens = self._sample(done.logits, seqs)
+                if self._kv is None:
+                    self._kv = DecodeBatchCache(self.max_context)
+                self._kv.add(done.cache, done.mask)
+                self._positions = torch.cat([self._positions, done.mask.sum(dim=1)])
+                self._next = torch.cat([self._next, torch.tensor(tokens, device=self.device)])
             self._running.extend(seqs)
             finished = [seq for seq, token in zip(seqs, tokens, strict=True) if self._accept(seq, token)]
             self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
 
     def _decode(self) -> None:
+        if self._static is not None:
+            # Launch this step before reading the previous one's tokens: the host's work on them
+            # overlaps the device's on this step. A request that finished with the previous step got
+            # one more token computed here; it is dropped (its row is already done).
+            previous, self._pending = self._pending, (self._static.launch(), list(self._running))
+            self.steps += 1
+            if previous is not None:
+                launched, seqs = previous
+                tokens = self._static.ids(launched)
+                self._retire([s for s, t in zip(seqs, tokens, strict=True) if not s.done and self._accept(s, t)], reason=None)
+            return
         mask = self._kv.begin_step()
         logits = self.model(
             input_ids=self._next[:, None],
@@ -414,13 +467,16 @@ class Engine:
             if reason:
                 self._finish(seq, reason)
         gone = set(map(id, seqs))
-        order = self._kv.remove([i for i, s in enumerate(self._running) if id(s) in gone])
+        leaving = [i for i, s in enumerate(self._running) if id(s) in gone]
+        order = self._static.remove(leaving) if self._static is not None else self._kv.remove(leaving)
         if not order:
             self._reset_batch()
             return
+        self._running = [self._running[i] for i in order]
+        if self._static is not None:
+            return
         idx = torch.tensor(order, device=self.device)
         self._positions, self._next = self._positions[idx], self._next[idx]
-        self._running = [self._running[i] for i in order]
 
     def _reset_batch(self) -> None:
         self._running = []
@@ -428,3 +484,6 @@ class Engine:
         self._next = torch.zeros(0, dtype=torch.long, device=self.device)
         if self._kv is not None:
             self._kv.clear()
+        if self._static is not None:
+            self._static.clear()
+        self._pending = None  # its rows are all finished once the batch is empty

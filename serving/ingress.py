@@ -165,6 +165,7 @@ class InfillServer:
                 prefix_cache_tokens=self.args.prefix_cache_tokens,
                 max_context=self.args.max_context_tokens,
                 fim_format=self.args.fim_format,
+                decode_path=self.settings.serve_decode_path,
                 tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),  # a composed model's parents
                 cache_dir=self.settings.model_cache(),
             )
@@ -298,7 +299,7 @@ class InfillServer:
             {
                 "status": "ok", "model": self.model_name, "source": self.args.model_uri, "started": self.created,
                 "replica": self.replica_id, **self.engine.stats(), "decode_steps": self.engine.steps,
-                "limits": self._effective_limits(),
+                "limits": self._effective_limits(), "decode_path": self.engine.decode_path,
             }
         )
 

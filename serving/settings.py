@@ -18,7 +18,7 @@ def cpu_dtype() -> str:
 
 
 class ServingSettings(CoreSettings):
-    """Env: MIDFILL_SERVE_DEVICE, MIDFILL_SERVE_DTYPE, MIDFILL_SERVE_TORCH_THREADS, MIDFILL_SERVE_MODEL_CACHE,
+    """Env: MIDFILL_SERVE_DEVICE, MIDFILL_SERVE_DTYPE, MIDFILL_SERVE_DECODE_PATH, MIDFILL_SERVE_TORCH_THREADS, MIDFILL_SERVE_MODEL_CACHE,
     MIDFILL_SERVE_LOAD_TIMEOUT_S, MIDFILL_API_KEY."""
 
     serve_device: Literal["auto", "cpu", "cuda"] = Field(
@@ -31,6 +31,13 @@ class ServingSettings(CoreSettings):
             "older ones) and on a CPU with bfloat16 instructions "
             "(avx512_bf16 or AMX; about twice float32's throughput there, docs/benchmarks.md), else float32. "
             "Greedy tokens can differ slightly between the two; float32 reproduces transformers' float32 generate."
+        ),
+    )
+    serve_decode_path: Literal["auto", "static", "dynamic"] = Field(
+        default="auto",
+        description=(
+            "Decode step: static = fixed shapes over buffers at the full context, replayed from CUDA graphs on a GPU "
+            "(docs/serving.md); dynamic = buffers as wide as the rows need (faster on a CPU). auto = static on a GPU."
         ),
     )
     serve_torch_threads: int | None = Field(

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check, prepared to run in one go on a machine with a CUDA GPU and PyTorch but no network
-# and no midfill environment (e.g. a lent GPU box; at most 7 minutes: the steps time out at 90 + 210 (300 with
-# the endpoint) + 120 s):
+# and no midfill environment (e.g. a lent GPU box; at most 6 minutes: the steps time out at 75 + 105 +
+# 170 s, plus 240 s for the endpoint step where Ray Serve is installed):
 #   1. installs the wheels of bench/gpu/fetch_wheels.sh from .whl/ into a private folder;
-#   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate; bf16 only on
-#      GPUs with native bf16; FlashAttention's packed-document loss, where flash-attn is installed);
-#   3. runs bench/serve_throughput.py on the GPU, engine in-process vs sequential `generate` on the
-#      same GPU: the debug-size model, then a ~100M one (a tiny model on a GPU measures launch
-#      overhead, not batching).
-#   4. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint too, in the debug step.
+#   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate, on both decode
+#      paths, the static one from CUDA graphs; bf16 only on GPUs with native bf16; FlashAttention's
+#      packed-document loss, where flash-attn is installed);
+#   3. runs bench/serve_throughput.py on the GPU in bfloat16, engine in-process vs sequential `generate`
+#      on the same GPU, static decode path vs dynamic: a ~100M model (12 layers, hidden 768) and a ~1B
+#      one (16 layers, hidden 2048) -- step ms at 1/8/32 rows and over the weight-read floor, c32
+#      tokens/s, a lone request's latency over generate's (docs/benchmarks.md, "GPU decode path");
+#   4. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint with the debug-size model.
 #
 #   bash bench/gpu/fetch_wheels.sh [--with-ray]     # on a machine with PyPI, once
 #   bash bench/gpu/run.sh                           # on the GPU machine, from the repository root
@@ -31,7 +33,7 @@ mkdir -p "$OUT"
 failed=0
 
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * ${LIMIT_SCALE:-1} )); shift 2  # LIMIT_SCALE: a CPU dry run on a busy machine
   [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0  # ONLY="a b": rerun just those steps
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
@@ -71,14 +73,19 @@ fi
 # The files with gpu tests that import neither Ray nor MLflow at collection (the FlashAttention ones
 # skip where flash-attn is missing, as on the image). -p no:cacheprovider: the tree may be thrown
 # away; the config warnings are pytest-asyncio's options, unknown where it is not installed.
-step gpu-tests 90 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu \
-  tests/serving/test_engine.py tests/trainer/test_loop.py tests/trainer/test_evaluate.py
-# The endpoint where Ray Serve is there: one run shares the export and the baselines with the engine's.
-PARTS=engine; LIMIT=210
-$PY -c "import ray.serve, fastapi" 2>/dev/null && { PARTS=engine,endpoint; LIMIT=300; }
-step serve-throughput-debug $LIMIT $PY bench/serve_throughput.py --device "$DEVICE" --parts $PARTS --rounds 2 \
-  --out "$OUT/serve_throughput_${DEVICE}.json" ${BENCH_ARGS:-}
-step serve-throughput-100m 120 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine --rounds 1 --requests 32 \
+step gpu-tests 75 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu \
+  tests/serving/test_engine.py tests/serving/test_static_step.py tests/trainer/test_loop.py tests/trainer/test_evaluate.py
+# The issue's workload: 32 requests of ~430 prompt tokens, 32 new tokens, bfloat16; both decode paths
+# in the same run, so the static one is compared with today's on the same machine.
+DECODE="--parts engine --rounds 1 --requests 32 --dtypes bfloat16 --baseline-dtypes bfloat16 --decode-paths static,dynamic"
+step serve-throughput-100m 105 $PY bench/serve_throughput.py --device "$DEVICE" $DECODE \
   --layers 12 --hidden 768 --heads 12 --out "$OUT/serve_throughput_${DEVICE}_100m.json" ${BENCH_ARGS:-}
+step serve-throughput-1b 170 $PY bench/serve_throughput.py --device "$DEVICE" $DECODE \
+  --layers 16 --hidden 2048 --heads 16 --out "$OUT/serve_throughput_${DEVICE}_1b.json" ${BENCH_ARGS:-}
+# The endpoint where Ray Serve is there (debug-size model; not counted in the 6 minutes).
+if $PY -c "import ray.serve, fastapi" 2>/dev/null; then
+  step serve-throughput-endpoint 240 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine,endpoint --rounds 1 \
+    --out "$OUT/serve_throughput_${DEVICE}.json" ${BENCH_ARGS:-}
+fi
 echo "failed steps: $failed; results in $OUT"
 exit "$failed"

@@ -138,6 +138,7 @@ def test_models_health_and_metrics(client, server):
     assert models.data[0].model_extra["max_model_len"] == 256
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok"
+    assert health["decode_path"] == "cpu"  # which decode path serves (cuda-graphs / eager on a GPU)
     # The reloadable settings reach the engine even though Ray delivers them (reconfigure) while
     # the replica is still loading the model.
     assert health["limits"] == {
