@@ -16,8 +16,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from midfill.serve_args import ServeArgs
-from serving.ingress import RELOADABLE, InfillServer
+from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
+from serving.ingress import InfillServer
 
 # Routes that are not generation (health, metrics, models) must still reach a full replica.
 CONTROL_HEADROOM = 8
@@ -62,5 +62,5 @@ def build_app(args: ServeArgs | dict[str, Any]) -> Application:
     parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     # Reloadable settings travel in user_config only, so a change to them leaves the init args
     # (and therefore the replicas) untouched.
-    init_args = parsed.model_dump(exclude=set(RELOADABLE) - {"auth_disabled", "api_keys_file", "api_keys_env"})
+    init_args = parsed.model_dump(exclude=set(RELOADABLE) - set(KEY_SETTINGS))
     return InfillServer.options(**deployment_options(parsed)).bind(init_args)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from midfill.fim import parse_starcoder_prompt
-from midfill.serve_args import ServeArgs
+from midfill.serve_args import RELOADABLE, ServeArgs
 from midfill.apikeys import NamedKey
 from serving.auth import KeyStore, key_from_headers
 from serving.engine import Engine
@@ -51,8 +51,6 @@ from serving.usage import KeyUsage
 
 log = logging.getLogger("ray.serve")
 
-# Settings that change without reloading the model (Ray Serve user_config -> reconfigure()).
-RELOADABLE = ("max_new_tokens", "max_batch_size", "max_prefill_tokens", "prefix_cache_tokens", "max_queued_requests", "api_keys_file", "api_keys_env", "auth_disabled")
 
 api = FastAPI(title="midfill infill endpoint", docs_url=None, redoc_url=None)
 

@@ -13,7 +13,7 @@ import yaml
 
 from midfill.api import API_VERSION, ModelRelease
 from midfill.api.modelrelease import DEFAULT_SERVING_IMAGE
-from midfill.serve_args import ServeArgs
+from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
 from operators.settings import OperatorSettings
 
 APP_NAME = "infill"
@@ -21,6 +21,7 @@ IMPORT_PATH = "serving.app:build_app"
 SERVE_PORT = 8000
 RAY_VERSION = "2.60.0"
 API_KEYS_DIR = "/etc/midfill/api-keys"
+DEPLOYMENT_NAME = "InfillServer"  # serving.ingress.InfillServer's deployment name
 LABEL_RELEASE = "midfill.dev/model-release"
 ANNOTATION_VERSION = "midfill.dev/model-version"
 ANNOTATION_ROLLOUT_START = "midfill.dev/rollout-start"
@@ -52,13 +53,22 @@ def serve_args(release: ModelRelease, *, version: str | None, settings: Operator
 
 def build_serve_config(release: ModelRelease, *, version: str | None, settings: OperatorSettings) -> str:
     """The Ray Serve config (YAML text, as KubeRay's serveConfigV2 takes it)."""
+    args = serve_args(release, version=version, settings=settings)
+    # Limits go in the deployment's user_config only: Ray hashes the app's args into its code
+    # version, so a limit left in the args would replace every replica instead of reconfiguring it.
+    # The key file settings stay in both (the replica reads them at start and on reconfigure), and
+    # so does max_queued_requests: build_app sizes Ray's own queue backstop from it.
+    user_config = {key: args[key] for key in RELOADABLE}
+    in_both = (*KEY_SETTINGS, "max_queued_requests")
+    init_args = {key: value for key, value in args.items() if key not in RELOADABLE or key in in_both}
     config = {
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
         "applications": [{
             "name": APP_NAME,
             "import_path": IMPORT_PATH,
             "route_prefix": release.spec.endpoint.route_prefix,
-            "args": serve_args(release, version=version, settings=settings),
+            "args": init_args,
+            "deployments": [{"name": DEPLOYMENT_NAME, "user_config": user_config}],
         }],
     }
     return yaml.safe_dump(config, sort_keys=False)

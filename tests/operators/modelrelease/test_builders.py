@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from midfill.api import load_file
-from midfill.serve_args import ServeArgs
+from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
 from operators.modelrelease import builders
 from operators.settings import OperatorSettings
 from tests.operators.validation import validate
@@ -31,7 +31,10 @@ def test_serve_config_runs_the_app_with_release_args():
     assert app["import_path"] == "serving.app:build_app" and app["route_prefix"] == "/"
     expected = ServeArgs.for_release(rel, model_uri="models:/fim-debug/3", tracking_uri="http://mlflow:5000",
                                      api_keys_file="/etc/midfill/api-keys/api-keys").model_dump(mode="json")
-    assert app["args"] == expected
+    assert app["args"] == {k: v for k, v in expected.items() if k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")}
+    (deployment,) = app["deployments"]
+    assert deployment["name"] == "InfillServer"
+    assert deployment["user_config"] == {k: expected[k] for k in RELOADABLE}
     assert app["args"]["max_replicas"] == 4 and app["args"]["num_cpus"] == 2.0
     assert rs["metadata"]["annotations"]["midfill.dev/model-version"] == "3"
     assert rs["metadata"]["ownerReferences"][0]["uid"] == "r-uid"
@@ -92,3 +95,15 @@ def test_pod_template_reaches_the_ray_head_and_worker_pods():
         assert {m["name"] for m in c["volumeMounts"]} == {"api-keys", "ca-bundle"}
         assert {v["name"] for v in pod["spec"]["volumes"]} == {"api-keys", "ca-bundle"}
     validate(rs)
+
+
+def test_a_limit_edit_changes_only_the_user_config():
+    """Ray replaces replicas when an app's args change and reconfigures them when only a
+    deployment's user_config does, so a serving-limit edit must stay out of the args."""
+    rel = release()
+    before = yaml.safe_load(builders.build_serve_config(rel, version="3", settings=SETTINGS))["applications"][0]
+    rel.spec.serving.max_new_tokens, rel.spec.serving.max_batch_size = 64, 4
+    after = yaml.safe_load(builders.build_serve_config(rel, version="3", settings=SETTINGS))["applications"][0]
+    assert after["args"] == before["args"]
+    assert after["deployments"][0]["user_config"]["max_new_tokens"] == 64
+    assert after["deployments"][0]["user_config"]["max_batch_size"] == 4
