@@ -45,8 +45,9 @@ def owner_uids(obj: dict[str, Any]) -> set[str | None]:
     return {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
 
 
-async def write_status(kube: Kube, res: Res, body: dict[str, Any], raw_status: dict[str, Any], new: Any,
-                       logger: logging.Logger) -> None:
+async def write_status(
+    kube: Kube, res: Res, body: dict[str, Any], raw_status: dict[str, Any], new: Any, logger: logging.Logger
+) -> None:
     """Patch the status if it changed, and emit the event the machine's phase change calls for."""
     meta = body["metadata"]
     patch = status_patch(raw_status, new.to_wire())

@@ -117,7 +117,9 @@ class Engine:
         self._kv: DecodeBatchCache | None = None  # keys/values of the running rows, created on first use
         self.device = next(model.parameters()).device  # inputs go where the weights are
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) real tokens in the cache per row
-        self._next = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) last sampled token, input of the next step
+        self._next = torch.zeros(
+            0, dtype=torch.long, device=self.device
+        )  # (B,) last sampled token, input of the next step
         self._closed = False
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
@@ -149,14 +151,17 @@ class Engine:
             if torch.device(device).type != "cpu":
                 # Served on the CPU for now, so a GPU's dtype (float16 on older GPUs) may be one this CPU
                 # only emulates, far slower than its own: take what `auto` means on the CPU.
-                log.warning("composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype)
+                log.warning(
+                    "composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype
+                )
                 dtype = cpu_dtype()
             if cache_dir is None or tracking_uri is None:
-
                 settings = ServingSettings()
                 cache_dir = cache_dir or settings.model_cache()
                 tracking_uri = tracking_uri or settings.resolved_tracking_uri()
-            model = composed.load_composed_export(path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype))
+            model = composed.load_composed_export(
+                path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype)
+            )
             return composed.ComposedEngine(model, tokenizer, meta, **kwargs)
         # On a CPU, serving.attention beats torch's fused kernel for decode steps and low-precision prompts.
         attn = attention.register() if torch.device(device).type == "cpu" else "sdpa"
@@ -175,7 +180,9 @@ class Engine:
         if prompt_tokens + max_tokens > self.max_context:
             raise PromptTooLong(prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_context=self.max_context)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[StepOutput], None]) -> RequestHandle:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[StepOutput], None]
+    ) -> RequestHandle:
         """Queue a request; `on_output` is called from the engine thread for every step and the finish."""
         if not prompt_ids:
             raise ValueError("prompt: must not be empty")
@@ -185,7 +192,9 @@ class Engine:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        seq = _Seq(list(prompt_ids), params, on_output, StopChecker(params.stop), IncrementalDetokenizer(self.tokenizer), gen)
+        seq = _Seq(
+            list(prompt_ids), params, on_output, StopChecker(params.stop), IncrementalDetokenizer(self.tokenizer), gen
+        )
         self._inbox.put(seq)
         return RequestHandle(seq)
 

@@ -43,8 +43,23 @@ _KINDS: dict[str, dict[str, Any]] = {
 
 # JSON Schema keywords a structural CRD schema may carry (others, like title, are dropped).
 _KEEP = {
-    "type", "description", "properties", "required", "items", "enum", "default", "minimum", "maximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems", "additionalProperties", "format", "nullable",
+    "type",
+    "description",
+    "properties",
+    "required",
+    "items",
+    "enum",
+    "default",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "additionalProperties",
+    "format",
+    "nullable",
 }
 
 
@@ -132,9 +147,9 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 def build_crd(kind: str) -> dict[str, Any]:
     """The CustomResourceDefinition object for one kind."""
     info = _KINDS[kind]
-    columns = [
-        {"name": name, "type": typ, "jsonPath": path} for name, typ, path in info["columns"]
-    ] + [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    columns = [{"name": name, "type": typ, "jsonPath": path} for name, typ, path in info["columns"]] + [
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+    ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -32,7 +32,9 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "failed steps: 0" in done.stdout
     assert "torch" in (tmp_path / "environment.txt").read_text()
-    assert re.search(r"\d+ (passed|skipped)", (tmp_path / "gpu-tests.log").read_text())  # collected and ran (or skipped)
+    assert re.search(
+        r"\d+ (passed|skipped)", (tmp_path / "gpu-tests.log").read_text()
+    )  # collected and ran (or skipped)
     debug = json.loads((tmp_path / "serve_throughput_cpu.json").read_text())
     summary = debug["summary_speedup_vs_fastest_baseline"]
     assert summary["engine_in_process float32"]["32"]["median"] > 0

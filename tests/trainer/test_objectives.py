@@ -21,11 +21,13 @@ def _files(tmp_path: Path, texts: list[str]):
 
 
 def _objective(causal=0.0, span=0.0, fim_w=0.0, max_spans=3, single_line=0.5) -> ObjectiveSpec:
-    return ObjectiveSpec.model_validate({
-        "causalLM": {"weight": causal},
-        "spanCorruption": {"weight": span, "maxSpans": max_spans, "singleLineProbability": single_line},
-        "fim": {"weight": fim_w},
-    })
+    return ObjectiveSpec.model_validate(
+        {
+            "causalLM": {"weight": causal},
+            "spanCorruption": {"weight": span, "maxSpans": max_spans, "singleLineProbability": single_line},
+            "fim": {"weight": fim_w},
+        }
+    )
 
 
 def _pieces(seq):

@@ -81,9 +81,7 @@ class ResourceRequirements(ApiModel):
     def _quantities(cls, value: dict[str, Quantity]) -> dict[str, Quantity]:
         for key, quantity in value.items():
             if isinstance(quantity, bool) or not re.match(QUANTITY_PATTERN, str(quantity)):
-                raise ValueError(
-                    f"{key}: {quantity!r} is not a Kubernetes quantity (examples: 4, 500m, 16Gi)"
-                )
+                raise ValueError(f"{key}: {quantity!r} is not a Kubernetes quantity (examples: 4, 500m, 16Gi)")
         return value
 
     def gpus(self) -> int:
@@ -131,9 +129,7 @@ class Condition(ApiModel):
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
-    last_transition_time: str | None = Field(
-        default=None, description="When status last changed (RFC 3339)."
-    )
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(
         default=None, description="The .metadata.generation this condition was computed from."
     )
@@ -141,7 +137,7 @@ class Condition(ApiModel):
 
 def now_rfc3339() -> str:
     """The current UTC time as Kubernetes writes it (second precision, trailing Z)."""
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(
