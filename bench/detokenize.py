@@ -82,7 +82,8 @@ def main() -> None:
                 assert texts == [tokenizer.decode(ids) for ids in rows]
     results: dict[str, dict] = {}
     print(
-        f"{'tokens':>6} {'full re-decode':>15} {'incremental':>12} {'speedup':>8}   (us per decode step, {opts.rows} rows)"
+        f"{'tokens':>6} {'full re-decode':>15} {'incremental':>12} {'speedup':>8}   (us per decode step, "
+        f"{opts.rows} rows)"
     )
     for n in LENGTHS:
         res = {f"{name}_us_per_step": round(best[n, name] * 1e6, 1) for name in ways}

@@ -330,7 +330,8 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     for label, run in out["runs"].items():
         print(
-            f"{label}: {run['status_classes']} failures={run['failures']} alive_after={run['alive_after']} ({run['seconds']}s)"
+            f"{label}: {run['status_classes']} failures={run['failures']} alive_after={run['alive_after']} "
+            f"({run['seconds']}s)"
         )
 
 

@@ -125,7 +125,8 @@ async def main(args: argparse.Namespace) -> dict:
                     if time.perf_counter() > deadline:
                         missing = [n for n in names if f"{n}-a1" not in emulator.job_created]
                         raise RuntimeError(
-                            f"no Job after {timeout}s for {len(missing)} runs, e.g. {missing[:3]}; see {tmp / 'operator.log'}"
+                            f"no Job after {timeout}s for {len(missing)} runs, e.g. {missing[:3]}; see "
+                            f"{tmp / 'operator.log'}"
                         )
                     await asyncio.sleep(0.01)
 

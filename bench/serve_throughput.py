@@ -1,10 +1,10 @@
 """Serving throughput: the Ray Serve endpoint vs sequential `model.generate` in-process.
 
 Model: by default the debug size from docs/cpu-notes.md (Llama, 4 layers, hidden 256, 4 heads, BPE vocab 8192
-trained on stdlib sources; --layers/--hidden/--heads for another), random init (throughput does not depend on the weights). Requests: infill prompts of
-~430 tokens cut from stdlib files, 32 new tokens each, greedy; the prefix cache is off (the same
-prompts recur across runs, and prefix_reuse measures it). Baseline: sequential `generate` as
-transformers loads the model (sdpa attention), in float32 and in bfloat16.
+trained on stdlib sources; --layers/--hidden/--heads for another), random init (throughput does not depend on
+the weights). Requests: infill prompts of ~430 tokens cut from stdlib files, 32 new tokens each, greedy; the
+prefix cache is off (the same prompts recur across runs, and prefix_reuse measures it). Baseline: sequential
+`generate` as transformers loads the model (sdpa attention), in float32 and in bfloat16.
 
 This VM's speed drifts by up to 2x within minutes, so nothing is compared across minutes: every
 round measures both baselines and then the engine (in-process, then the endpoint), and each speedup
@@ -221,7 +221,7 @@ def cost_model(engine, prompts: list[str]) -> dict:
             positions = mask[:rows].sum(1)[:, None]
             nxt = torch.ones(rows, 1, dtype=torch.long, device=device)
 
-            def step():
+            def step(kv=kv, nxt=nxt, positions=positions):
                 m = kv.begin_step()
                 model(input_ids=nxt, attention_mask=m, position_ids=positions, past_key_values=kv.cache, use_cache=True)
                 kv.end_step()

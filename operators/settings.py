@@ -37,7 +37,8 @@ class OperatorSettings(CoreSettings):
     )
     peering_name: str = Field(
         default="midfill",
-        description="kopf peering object: of several replicas only the one with the highest priority acts. Default midfill.",
+        description="kopf peering object: of several replicas only the one with the highest priority acts. "
+        "Default midfill.",
     )
     standalone: bool = Field(default=False, description="Run without peering (a single replica). Default false.")
     health_port: int = Field(

@@ -89,7 +89,8 @@ def serve(
         typer.echo(
             f"try:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' "
             f'-H "Authorization: Bearer {key}" \\\n'
-            """    -d '{"prompt": "def add(a, b):\\n    ", "suffix": "\\n    return c\\n", "max_tokens": 32, "temperature": 0}'"""
+            """    -d '{"prompt": "def add(a, b):\\n    ", "suffix": "\\n    return c\\n",\n"""
+            """         "max_tokens": 32, "temperature": 0}'"""
         )
         while True:
             time.sleep(3600)

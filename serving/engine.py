@@ -1,11 +1,12 @@
 """The generation engine: loads an export and runs a continuous batch of requests on one KV cache.
 
 Why this design (docs/cpu-notes.md): on a CPU, prompt processing dominates and transformers' own continuous
-batching ran at 0.4-1.0x sequential. So waiting requests are prefilled in small groups between decode
-steps (left-padded to the group's longest prompt, up to `max_prefill_tokens`, logits only for the
-last position; a prompt that starts like a recent one reuses its keys/values -- serving.prefill) and
-their keys/values are copied into the decode batch's preallocated buffers (serving.kv_slots); every decode step advances all running requests with one forward pass. Requests
-join and leave between steps, so a late arrival never waits for a whole batch to finish.
+batching ran at 0.4-1.0x sequential. So waiting requests are prefilled in small groups between decode steps
+(left-padded to the group's longest prompt, up to `max_prefill_tokens`, logits only for the last position; a
+prompt that starts like a recent one reuses its keys/values -- serving.prefill) and their keys/values are
+copied into the decode batch's preallocated buffers (serving.kv_slots); every decode step advances all running
+requests with one forward pass. Requests join and leave between steps, so a late arrival never waits for a
+whole batch to finish.
 
 One background thread owns the model and the cache. Callers submit a request (serving.requests) and
 get a handle; the thread reports each step through a callback -- `stream()` wraps it for streaming

@@ -126,7 +126,8 @@ def _check_text(param: str, text: str) -> None:
     except UnicodeEncodeError:
         raise ApiError(
             400,
-            f"{_printable(param)}: contains a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode",
+            f"{_printable(param)}: contains a lone UTF-16 surrogate (like \\ud800), which is not text; send "
+            "valid Unicode",
             param=_printable(param),
             code="invalid_unicode",
         ) from None

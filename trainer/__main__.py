@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate the config and list the data sources for the planned world size, then exit (0 or 78); run it before torchrun, which turns a worker's 78 into 1",
+        help="validate the config and list the data sources for the planned world size, then exit (0 or 78); "
+        "run it before torchrun, which turns a worker's 78 into 1",
     )
     return parser.parse_args(argv)
 

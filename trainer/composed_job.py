@@ -68,7 +68,8 @@ def check_spec(run: TrainingRun) -> None:
     spec = run.spec
     if spec.parallelism.strategy == "fsdp":
         raise ValueError(
-            "parallelism.strategy: fsdp does not shard composed models yet; use ddp (only the bridge trains, so it is small)"
+            "parallelism.strategy: fsdp does not shard composed models yet; use ddp (only the bridge trains, "
+            "so it is small)"
         )
     if spec.objective.document_mask:
         raise ValueError("objective.documentMask: composed models take a padding mask only; set documentMask: false")
@@ -120,7 +121,8 @@ def check_tokenizer(s: ComposedSetup, tok: PreTrainedTokenizerFast) -> None:
             continue
         if toklib.load(str(p.folder)).get_vocab() != vocab:
             raise ValueError(
-                f"model.composition.{role}: its tokenizer differs from the run's (the other parent's or tokenizer.path); "
+                f"model.composition.{role}: its tokenizer differs from the run's (the other parent's or "
+                "tokenizer.path); "
                 "both parents must read the same tokens"
             )
 

@@ -77,7 +77,8 @@ def prepare(
             unit = spec.training.seq_length * spec.training.micro_batch_size * world
             raise ValueError(
                 f"training.globalBatchTokens: {spec.training.global_batch_tokens} must be a multiple of "
-                f"seqLength x microBatchSize x processes = {unit} (e.g. {max(1, seqs_per_step * spec.training.seq_length // unit) * unit})"
+                f"seqLength x microBatchSize x processes = {unit} (e.g. "
+                f"{max(1, seqs_per_step * spec.training.seq_length // unit) * unit})"
             )
         corpus = Corpus.from_spec(spec.data)
         if spec.model.composition is not None:

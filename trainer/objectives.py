@@ -282,7 +282,7 @@ def choose_spans(text: str, *, k: int, ratio: float, single_line_p: float, rng: 
     n = len(text)
     total = max(k, int(n * ratio))
     cuts = sorted(rng.randint(1, max(1, total - 1)) for _ in range(k - 1))
-    lengths = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+    lengths = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
     spans = []
     for i, length in enumerate(lengths):
         lo, hi = i * n // k, (i + 1) * n // k  # this span's share of the text
@@ -356,7 +356,7 @@ def parse_back(ids: list[int], tok: Tokenizer, sid: SpecialIds) -> str:
                 cur.append(t)
         assert cur is None and answer_order == order, f"answers {answer_order} do not match masks {order}"
         text = dec(parts[0])
-        for mid, part in zip(middles, parts[1:]):
+        for mid, part in zip(middles, parts[1:], strict=True):
             text += dec(mid) + dec(part)
         return text
     if ids and ids[-1] == sid.eos:

@@ -121,7 +121,8 @@ def render(registry: Registry, info: VersionInfo) -> str:
     lineage = [
         "| | |",
         "|---|---|",
-        f"| TrainingRun | `{t.get(TAG_RUN_NAME, '-')}` (uid `{t.get(TAG_RUN_UID, '-')}`, attempt {t.get(TAG_ATTEMPT, '-')}) |",
+        f"| TrainingRun | `{t.get(TAG_RUN_NAME, '-')}` (uid `{t.get(TAG_RUN_UID, '-')}`, attempt "
+        f"{t.get(TAG_ATTEMPT, '-')}) |",
         f"| data hash | `{t.get(TAG_DATA_HASH, '-')}` (of the files' contents) |",
         f"| training run | {_run_link(registry, info.run_id)} |",
         f"| served as | `x-midfill-model-version: {info.name}/{info.version}` |",

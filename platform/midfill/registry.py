@@ -278,7 +278,8 @@ def unmet_approval(
         value = version_metric(info, key)
         if value is None:
             missing.append(
-                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite {key.partition('/')[0]}`)"
+                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite "
+                f"{key.partition('/')[0]}`)"
             )
         elif value < threshold:
             missing.append(f"metric {key} >= {threshold:g} (is {value:g})")

@@ -47,7 +47,8 @@ class ServeArgs(BaseModel):
     # Auth: keys come from a file (a mounted Secret) or an environment variable; never inline.
     api_keys_file: str | None = Field(
         default=None,
-        description="Named keys file (midfill.apikeys): NAME sha256:DIGEST [rpm=N] [tpm=N] per line; re-read every few seconds.",
+        description="Named keys file (midfill.apikeys): NAME sha256:DIGEST [rpm=N] [tpm=N] per line; re-read "
+        "every few seconds.",
     )
     api_keys_env: str | None = Field(
         default=None, description="Environment variable holding keys (comma or newline separated)."

@@ -73,7 +73,10 @@ async def test_training_scenario(sc: TrainingScenario, cluster, operator) -> Non
             if what == "hang":
                 status = {"active": 1, "ready": 1, "startTime": job["metadata"]["creationTimestamp"]}
             elif what == "exit78":
-                message = f"Container trainer for pod team/{name}-0-x failed with exit code 78 matching FailJob rule at index 0"
+                message = (
+                    f"Container trainer for pod team/{name}-0-x failed with exit code 78 matching "
+                    "FailJob rule at index 0"
+                )
                 status = {
                     "failed": 1,
                     "conditions": [
@@ -140,7 +143,7 @@ async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking
         await cluster.create(_doc("modelrelease.yaml", sc.spec))
         for version in sc.approve:
             registry.approve("fim-debug", int(version))
-            await eventually(lambda: settled(version), timeout=45, what=f"version {version} settled")
+            await eventually(lambda version=version: settled(version), timeout=45, what=f"version {version} settled")
         if sc.edit:
             release = cluster.get("modelreleases", "fim")
             await cluster.patch("modelreleases", "fim", {"spec": sc.edit})

@@ -135,7 +135,7 @@ def test_usage_is_counted_per_key_name_exactly_as_returned(server, keys):
     after = _key_metrics(server)
     for name, (requests, prompt, generated) in sent.items():
 
-        def delta(metric, status=""):
+        def delta(metric, status="", name=name):
             key = (metric, name, f"{MODEL}/1", status)
             return after.get(key, 0) - before.get(key, 0)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from trainer.objectives import Packed
 def test_warmup_then_cosine_to_the_floor():
     f = [lr_factor(s, warmup=10, total=100, schedule="cosine", floor=0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
     assert lr_factor(50, warmup=0, total=100, schedule="constant", floor=0.1) == 1.0
     assert lr_factor(55, warmup=10, total=100, schedule="linear", floor=0.0) == pytest.approx(0.5)

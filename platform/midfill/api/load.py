@@ -6,7 +6,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -15,7 +15,7 @@ from midfill.api.common import API_VERSION
 from midfill.api.modelrelease import ModelRelease
 from midfill.api.trainingrun import TrainingRun
 
-Resource = Union[TrainingRun, ModelRelease]
+Resource = TrainingRun | ModelRelease
 KINDS: dict[str, type[BaseModel]] = {"TrainingRun": TrainingRun, "ModelRelease": ModelRelease}
 # Plural and short names accepted on the command line (as kubectl does).
 KIND_ALIASES = {

@@ -71,7 +71,8 @@ class Approval(ApiModel):
             suite, _, metric = key.partition("/")
             if suite not in EVAL_SUITES or metric not in GATE_METRICS:
                 raise ValueError(
-                    f"{key!r} is not 'suite/metric'; suites: {', '.join(EVAL_SUITES)}; metrics: {', '.join(GATE_METRICS)}"
+                    f"{key!r} is not 'suite/metric'; suites: {', '.join(EVAL_SUITES)}; metrics: "
+                    f"{', '.join(GATE_METRICS)}"
                 )
         return value
 
@@ -198,7 +199,8 @@ class RolloutSpec(ApiModel):
     )
     canary_steps: list[int] = Field(
         default_factory=lambda: [10, 50, 100],
-        description="Canary traffic percentages, increasing, ending at 100 (for strategy Canary, reserved). Default [10, 50, 100].",
+        description="Canary traffic percentages, increasing, ending at 100 (for strategy Canary, reserved). "
+        "Default [10, 50, 100].",
     )
     auto_rollback: bool = Field(
         default=True,

@@ -247,7 +247,8 @@ class ObjectiveSpec(ApiModel):
     def _some_weight(self) -> ObjectiveSpec:
         if self.causal_lm.weight + self.span_corruption.weight + self.fim.weight <= 0:
             raise ValueError(
-                "causalLM.weight: the objective weights are all 0; give causalLM, spanCorruption or fim a positive weight"
+                "causalLM.weight: the objective weights are all 0; give causalLM, spanCorruption or fim a "
+                "positive weight"
             )
         return self
 
@@ -355,7 +356,8 @@ class FailurePolicy(ApiModel):
     )
     non_retryable_exit_codes: list[int] = Field(
         default_factory=lambda: [EXIT_CODE_INVALID_CONFIG],
-        description=f"Trainer exit codes that fail the run at once (default [{EXIT_CODE_INVALID_CONFIG}]: invalid config).",
+        description=f"Trainer exit codes that fail the run at once (default [{EXIT_CODE_INVALID_CONFIG}]: "
+        "invalid config).",
     )
 
 

@@ -209,7 +209,9 @@ def record_on_version(result: SuiteResult, *, tracking_uri: str | None, name: st
                 "midfill.version": version,
                 "midfill.suite": result.suite,
                 # The run page's description links back to the version it scored.
-                "mlflow.note.content": f"Evaluation `{result.suite}` of [{name} version {version}](#/models/{name}/versions/{version}).",
+                "mlflow.note.content": (
+                    f"Evaluation `{result.suite}` of [{name} version {version}](#/models/{name}/versions/{version})."
+                ),
             }
         )
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in result.metrics.items()})

@@ -100,7 +100,8 @@ def _hook(event, args):
         raise PermissionError("sandbox: ctypes is not allowed")
     if event == "open":
         path, mode, flags = args
-        writing = (mode and any(c in mode for c in "wax+")) or (flags and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+        writing = (mode and any(c in mode for c in "wax+")) or (flags and flags & write_flags)
         if writing and not _inside(path):
             raise PermissionError(f"sandbox: writing {path!r} outside the working directory")
     elif event in _PATHS:

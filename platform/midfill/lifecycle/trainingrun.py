@@ -201,7 +201,8 @@ class _Machine:
                 "ModelRegistered",
                 "False",
                 "VersionNotFound",
-                f"no version of {self.run.registered_model_name()!r} is tagged with this run's uid yet; checked again on each resync",
+                f"no version of {self.run.registered_model_name()!r} is tagged with this run's uid yet; "
+                "checked again on each resync",
             )
 
     def progress(self) -> None:

@@ -122,7 +122,8 @@ def _apply_training_run(store, settings, run: TrainingRun, *, cwd: Path, wait: b
     if status.phase == "Succeeded":
         note = "; the spec change is not trained (delete the run to train again)" if outcome == "configured" else ""
         typer.echo(
-            f"{label} {outcome} (already succeeded: {status.registered_model.uri if status.registered_model else '-'}){note}"
+            f"{label} {outcome} (already succeeded: "
+            f"{status.registered_model.uri if status.registered_model else '-'}){note}"
         )
         return True
     if alive:
@@ -180,7 +181,8 @@ def _wait_training(store: StateStore, name: str, *, timeout: float) -> bool:
             time.sleep(1.0)
     if status.phase == "Succeeded":
         typer.echo(
-            f"trainingrun {name} succeeded: registered {status.registered_model.uri if status.registered_model else '-'}"
+            f"trainingrun {name} succeeded: registered "
+            f"{status.registered_model.uri if status.registered_model else '-'}"
         )
         return True
     typer.echo(f"trainingrun {name}: {status.phase}: {status.message or ''}", err=True)

@@ -251,7 +251,10 @@ class _Supervisor:
                 att.outcome = "Succeeded"
             elif state in (AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN):
                 att.outcome, att.exit_code = "Failed", _exit_code(att.log_dir)
-                att.message = f"exit code {att.exit_code if att.exit_code is not None else 'unknown'}; see `midfill logs {self.name}`"
+                att.message = (
+                    f"exit code {att.exit_code if att.exit_code is not None else 'unknown'}; see "
+                    f"`midfill logs {self.name}`"
+                )
             elif state == AppState.RUNNING:
                 return lifecycle.AttemptView(
                     att.number,
@@ -320,7 +323,8 @@ class _Supervisor:
             self.name,
             lambda rec: rec.add_event(
                 "Started",
-                f"attempt {number}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd {att.handle})",
+                f"attempt {number}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd "
+                f"{att.handle})",
             ),
         )
 

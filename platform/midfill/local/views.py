@@ -71,7 +71,9 @@ def release_row(record: StoredResource) -> tuple[str, ...]:
 def table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Left-aligned columns separated by three spaces, as kubectl prints them."""
     widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
-    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [columns, *rows]]
+    lines = [
+        "   ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [columns, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -106,7 +108,8 @@ def _spec_summary(record: StoredResource) -> list[tuple[str, str]]:
             ("Training", f"{length}, seqLength {tr.get('seqLength')}, globalBatchTokens {tr.get('globalBatchTokens')}"),
             (
                 "Parallelism",
-                f"{par.get('strategy', 'ddp')} {par.get('numNodes', 1)}x{par.get('nprocPerNode', 1)} (local: {record.local.layout or '-'})",
+                f"{par.get('strategy', 'ddp')} {par.get('numNodes', 1)}x{par.get('nprocPerNode', 1)} (local: "
+                f"{record.local.layout or '-'})",
             ),
             ("Registry", spec.get("registry", {}).get("registeredModelName") or record.name),
         ]

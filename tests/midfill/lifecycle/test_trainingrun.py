@@ -1,4 +1,5 @@
-"""The TrainingRun state machine (midfill.lifecycle), table-driven and pure: (spec, status, observed) -> phase, reason, actions."""
+"""The TrainingRun state machine (midfill.lifecycle), table-driven and pure:
+(spec, status, observed) -> phase, reason, actions."""
 
 from __future__ import annotations
 

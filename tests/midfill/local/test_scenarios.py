@@ -149,7 +149,7 @@ def test_release_scenario(sc: ReleaseScenario, cli, state_dir, tmp_path, write_y
             # slow first start on a busy machine may pass the deadline first, then recover).
             last = n == len(sc.approve) - 1
             _wait(
-                lambda: settled(version, phases=(sc.phase,) if last else ("Available",)),
+                lambda version=version, last=last: settled(version, phases=(sc.phase,) if last else ("Available",)),
                 timeout=240,
                 what=f"version {version} settled",
             )
