@@ -5,7 +5,7 @@ no watch event reaches us."""
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -71,7 +71,7 @@ async def act(
     release: ModelRelease,
     observed: Observed,
     actions: list,
-    logger: logging.Logger,
+    logger: kopf.Logger,
 ) -> None:
     namespace, name, now = release.metadata.namespace or "default", release.endpoint_name(), fmt_time(observed.now)
     for action in actions:
@@ -93,7 +93,7 @@ async def act(
         )
 
 
-async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> None:
+async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger) -> None:
     kube: Kube = memo.kube
     async with common.locks[("mr", namespace, name)]:
         body = await kube.get(MODELRELEASES, namespace, name)
@@ -116,28 +116,32 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> 
 @kopf.on.resume(GROUP, VERSION, "modelreleases")
 @kopf.on.create(GROUP, VERSION, "modelreleases")
 @kopf.on.update(GROUP, VERSION, "modelreleases", field="spec")
-async def release_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def release_changed(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger)
 
 
 @kopf.timer(GROUP, VERSION, "modelreleases", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def release_resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def release_resync(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Approvals and aliases change in MLflow, health changes in KubeRay: look again."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={builders.LABEL_RELEASE: kopf.PRESENT, **builders.MANAGED_BY})
 async def rayservice_event(
-    labels: dict[str, str], namespace: str, type: str | None, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    labels: Mapping[str, str], namespace: str | None, type: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """KubeRay updated the RayService's status (healthy, failing): re-check its release now."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, labels[builders.LABEL_RELEASE], logger)
 
 
 @kopf.on.event(GROUP, VERSION, "modelreleases")
 async def release_deleted(
-    type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    type: str | None, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
+    namespace = common.namespaced(namespace)
     if type != "DELETED":
         return
     await _delete_rayservices_of(memo.kube, namespace, name, owner_uid=body["metadata"].get("uid"), logger=logger)
@@ -145,7 +149,7 @@ async def release_deleted(
 
 
 async def _delete_rayservices_of(
-    kube: Kube, namespace: str, name: str, *, owner_uid: str | None, logger: logging.Logger
+    kube: Kube, namespace: str, name: str, *, owner_uid: str | None, logger: kopf.Logger
 ) -> None:
     """Delete the RayServices we made for release `name`: those owned by `owner_uid`, or (None) all of
     them, once the release is known to be gone. (Kubernetes' garbage collector would do it through the

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import re
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -86,7 +86,7 @@ async def observe(
     run: TrainingRun | SpecError,
     status: TrainingRunStatus,
     body: dict[str, Any],
-    logger: logging.Logger,
+    logger: kopf.Logger,
     *,
     read_progress: bool,
 ) -> Observed:
@@ -128,7 +128,7 @@ async def observe(
     return Observed(now=observed.now, jobs=jobs, progress=progress, registered=registered)
 
 
-async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions: list, logger: logging.Logger) -> None:
+async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions: list, logger: kopf.Logger) -> None:
     namespace = run.metadata.namespace or "default"
     for action in actions:
         if isinstance(action, StartAttempt):
@@ -151,7 +151,7 @@ def refuse_unshared(run: TrainingRun | SpecError, settings: OperatorSettings) ->
     return SpecError([FieldError("spec.parallelism.numNodes", problem)]) if problem else run
 
 
-async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, read_progress: bool = False) -> None:
+async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger, *, read_progress: bool = False) -> None:
     """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
     kube: Kube = memo.kube
     async with common.locks[("tr", namespace, name)]:
@@ -174,7 +174,8 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, 
 @kopf.on.resume(GROUP, VERSION, "trainingruns")
 @kopf.on.create(GROUP, VERSION, "trainingruns")
 @kopf.on.update(GROUP, VERSION, "trainingruns", field="spec")
-async def trainingrun_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def trainingrun_changed(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger)
 
 
@@ -186,30 +187,33 @@ async def trainingrun_changed(name: str, namespace: str, memo: kopf.Memo, logger
     initial_delay=RESYNC_SECONDS,
     when=lambda status, **_: needs_resync(dict(status)),
 )
-async def trainingrun_resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def trainingrun_resync(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Edge-triggered handlers miss what happens outside the API (time passing, MLflow): check it here."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger, read_progress=True)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT, **builders.MANAGED_BY})
 async def job_event(
-    labels: dict[str, str], namespace: str, type: str | None, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    labels: Mapping[str, str], namespace: str | None, type: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """A Job of ours changed (pods ready, failed, completed): re-check its TrainingRun now."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, labels[builders.LABEL_RUN], logger)
 
 
 @kopf.on.event(GROUP, VERSION, "trainingruns")
 async def trainingrun_deleted(
-    type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    type: str | None, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
+    namespace = common.namespaced(namespace)
     if type != "DELETED":
         return
     await cleanup(memo.kube, namespace=namespace, name=name, uid=body["metadata"].get("uid"), logger=logger)
     common.locks.pop(("tr", namespace, name), None)
 
 
-async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: logging.Logger) -> None:
+async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: kopf.Logger) -> None:
     """Delete every child of a deleted run (only those it owns: a new run of the same name keeps its own)."""
     selector = {builders.LABEL_RUN: name, **builders.MANAGED_BY}
     for res in (JOBS, CONFIGMAPS, SERVICES):

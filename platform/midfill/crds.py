@@ -79,7 +79,7 @@ def _to_openapi(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         non_null = [o for o in options if o.get("type") != "null"]
         outer = {k: v for k, v in schema.items() if k != "anyOf"}
         if {o.get("type") for o in non_null} == {"integer", "string"}:
-            out = {"x-kubernetes-int-or-string": True}
+            out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
             out.update({k: v for k, v in outer.items() if k in ("description",)})
             return out
         assert len(non_null) == 1, f"unsupported union in CRD schema: {schema}"
@@ -91,7 +91,7 @@ def _to_openapi(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return out
     if "const" in schema:
         schema = {**schema, "enum": [schema.pop("const")]}
-    out: dict[str, Any] = {}
+    out = {}
     kind = schema.get("type")
     if kind == "object":
         out["type"] = "object"

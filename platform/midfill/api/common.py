@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "midfill.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+# Spelled out (not f"{GROUP}/{VERSION}") so type checkers see the Literal the resource models declare.
+API_VERSION: Final = "midfill.dev/v1alpha1"
 
 # RFC 1035 label: child objects (Service, Job "<name>-a<N>") reuse the name, so it must be a
 # valid Service name with room left for the attempt suffix.

@@ -247,6 +247,6 @@ def endpoint_starting(status: ModelReleaseStatus, *, message: str) -> ModelRelea
     """The process that serves the release is (re)starting (local backend: `midfill apply` started its
     controller): nothing is known about the deployment until the first reconcile."""
     status = status.model_copy(deep=True)
-    status.phase = "Pending" if status.stable_version is None else "Progressing"  # type: ignore[assignment]
+    status.phase = "Pending" if status.stable_version is None else "Progressing"
     status.message = message
     return status

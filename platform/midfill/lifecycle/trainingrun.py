@@ -128,7 +128,7 @@ class _Machine:
             now=self.now,
         )
 
-    def set_phase(self, phase: str, message: str) -> None:
+    def set_phase(self, phase: str, message: str | None) -> None:
         self.status.phase = phase  # type: ignore[assignment]
         self.status.message = message
 
