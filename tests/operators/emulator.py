@@ -16,9 +16,9 @@ from typing import Any
 # Before the handlers are imported: their resync timer interval is read at import time.
 os.environ.setdefault("MIDFILL_RESYNC_SECONDS", "1")
 
-import aiohttp  # noqa: E402
-import kmock  # noqa: E402
-import pytest  # noqa: E402
+import aiohttp
+import kmock
+import pytest
 
 RESOURCES = {
     "v1/namespaces": ("Namespace", False),  # kopf waits for it in discovery (scanning is disabled)
@@ -171,7 +171,6 @@ async def running_operator(tracking_uri: str, **settings: Any) -> AsyncIterator[
     """The real operator (all handlers of operators.main) as a task in this event loop."""
     import kopf
 
-    import operators.main  # noqa: F401  (registers the handlers)
     from operators.settings import OperatorSettings
 
     stop, ready = asyncio.Event(), asyncio.Event()

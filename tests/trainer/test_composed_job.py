@@ -20,7 +20,7 @@ from midfill.progress import read_progress, read_result
 from midfill.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-from serving_exports import build_export  # noqa: E402
+from serving_exports import build_export
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,16 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from midfill.api.modelrelease import EVAL_SUITES as SUITES
+from midfill.datasplit import stdlib_root
 from midfill.evaluation.infill import Infiller
 from midfill.evaluation.sandbox import Limits, run_program
 from midfill.evaluation.suites import (
-    SUITES,
     InfillTask,
     heldout_files,
     humaneval_multi_line,
     humaneval_single_line,
     line_em_tasks,
-    stdlib_root,
 )
 
 

@@ -24,7 +24,7 @@ from midfill.export import read_metadata, write_metadata
 from midfill.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "serving"))
-from serving_exports import build_export  # noqa: E402
+from serving_exports import build_export
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from midfill.datasplit import stdlib_root
 from midfill.evaluation.sandbox import Limits, run_program
 from midfill.evaluation.suites import (
     heldout_files,
     humaneval_multi_line,
     humaneval_single_line,
     line_em_tasks,
-    stdlib_root,
 )
 
 
