@@ -171,6 +171,7 @@ async def running_operator(tracking_uri: str, **settings: Any) -> AsyncIterator[
     """The real operator (all handlers of operators.main) as a task in this event loop."""
     import kopf
 
+    import operators.main  # noqa: F401  (registers the handlers)
     from operators.settings import OperatorSettings
 
     stop, ready = asyncio.Event(), asyncio.Event()
