@@ -13,10 +13,12 @@ PYTEST_ARGS ?=
 HELM := $(VENV)/bin/helm
 K8S_TOOLS := $(VENV)/.k8s-tools
 
-.PHONY: venv test test-fast demo crds lock clean help
+.PHONY: venv test test-fast lint format demo crds lock clean help
 
 help:
 	@echo "make test   - create/refresh .venv and run the test suite (what CI runs)"
+	@echo "make lint   - ruff (lint + format check) and mypy on the light core and the operator (CI runs it)"
+	@echo "make format - ruff format + the safe ruff fixes, in place"
 	@echo "make demo   - create/refresh .venv, then train, approve, serve and query a model locally"
 	@echo "make crds   - regenerate manifests/crds/ from midfill.api"
 	@echo "make lock   - re-pin requirements-lock.txt from the current .venv"
@@ -40,6 +42,17 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Rules, line length and mypy's file list live in pyproject.toml ([tool.ruff], [tool.mypy]).
+LINT_PATHS := platform operators serving trainer bench scripts hack tests
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 # The whole journey on this machine (scripts/demo.py): train the debug recipe on the stdlib,
 # approve, release on a local Ray Serve, infill through the openai client. Safe to run again.

@@ -37,10 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "trainer"))
 
-from midfill.progress import RUN_TAG_UID, read_progress, read_result  # noqa: E402
-from midfill.registry import Registry  # noqa: E402
 from test_job_faults import complete_checkpoints, rank_process, torchrun  # noqa: E402
 from tiny_runs import tiny_run, write_run  # noqa: E402
+
+from midfill.progress import RUN_TAG_UID, read_progress, read_result  # noqa: E402
+from midfill.registry import Registry  # noqa: E402
 
 RESUMED = re.compile(r"resumed from \S*step-(\d+)")
 
@@ -96,8 +97,15 @@ def one_run(root: Path, name: str, rng: random.Random, *, steps: int, interval: 
                 progress = read_progress(run_dir)
                 try:
                     rank_process(gang, rank).send_signal(signal.SIGKILL)
-                    event = {"attempt": attempt, "kind": kind, "rank": rank, "seen": seen, "killed": True,
-                             "step_at_kill": progress.step if progress else 0, "complete_at_kill": complete_checkpoints(run_dir)}
+                    event = {
+                        "attempt": attempt,
+                        "kind": kind,
+                        "rank": rank,
+                        "seen": seen,
+                        "killed": True,
+                        "step_at_kill": progress.step if progress else 0,
+                        "complete_at_kill": complete_checkpoints(run_dir),
+                    }
                 except LookupError:  # the rank had already exited (the gang was finishing)
                     pass
         _, err = gang.communicate(timeout=900)
@@ -117,9 +125,15 @@ def one_run(root: Path, name: str, rng: random.Random, *, steps: int, interval: 
         if event is None:
             raise RuntimeError(f"attempt {attempt} of {name} failed without a kill: {err[-3000:]}")
     registry = Registry(f"sqlite:///{root / 'mlflow.db'}")
-    return {"name": name, "attempts": attempt, "events": events, "versions": [v.version for v in registry.versions(name)],
-            "final_step": read_progress(run_dir).step, "result_version": (read_result(run_dir) or None) and read_result(run_dir).version,
-            "redone_steps_mlflow": redone_steps(registry, f"uid-{name}")}
+    return {
+        "name": name,
+        "attempts": attempt,
+        "events": events,
+        "versions": [v.version for v in registry.versions(name)],
+        "final_step": read_progress(run_dir).step,
+        "result_version": (read_result(run_dir) or None) and read_result(run_dir).version,
+        "redone_steps_mlflow": redone_steps(registry, f"uid-{name}"),
+    }
 
 
 def redone_steps(registry: Registry, uid: str) -> int:
@@ -146,15 +160,21 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mfchaos") as tmp:
-        runs = [one_run(Path(tmp), f"chaos-{i}", rng, steps=args.steps, interval=args.interval, kills=args.kills_per_run) for i in range(args.runs)]
+        runs = [
+            one_run(Path(tmp), f"chaos-{i}", rng, steps=args.steps, interval=args.interval, kills=args.kills_per_run)
+            for i in range(args.runs)
+        ]
     kills = [e for r in runs for e in r["events"] if e["killed"]]
     lost = [e["lost_steps"] for e in kills]
     summary = {
-        "runs": len(runs), "kills": len(kills), "kills_by_kind": dict(Counter(e["kind"] for e in kills)),
+        "runs": len(runs),
+        "kills": len(kills),
+        "kills_by_kind": dict(Counter(e["kind"] for e in kills)),
         "duplicate_versions": sum(max(0, len(r["versions"]) - 1) for r in runs),
         "runs_without_a_version": sum(1 for r in runs if not r["versions"]),
         "runs_finished": sum(1 for r in runs if r["final_step"] == args.steps),
-        "lost_steps_total": sum(lost), "lost_steps_max_per_kill": max(lost, default=0),
+        "lost_steps_total": sum(lost),
+        "lost_steps_max_per_kill": max(lost, default=0),
         "kills_losing_more_than_one_interval": sum(1 for n in lost if n > args.interval),
         "redone_steps_mlflow_total": sum(r["redone_steps_mlflow"] for r in runs),
         "seconds": round(time.monotonic() - start),

@@ -102,9 +102,16 @@ def llama(vocab: Vocab, *, hidden: int, layers: int, seed: int) -> LlamaForCausa
     torch.manual_seed(seed)
     return LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
-            pad_token_id=0, attn_implementation="sdpa",
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            attn_implementation="sdpa",
         )
     )
 
@@ -221,6 +228,7 @@ def main() -> None:
     seconds = {}
 
     print("augmenting model: key → value table", file=sys.stderr)
+
     def augment_step(_: int) -> torch.Tensor:
         ids = torch.tensor([table_sequence(v, table, rng) for _ in range(batch_size)])  # (B, 18)
         targets = torch.full_like(ids, -100)
@@ -231,6 +239,7 @@ def main() -> None:
     seconds["augment"] = train(augment_step, list(augment.parameters()), steps=steps["augment"], lr=3e-3, log="augment")
 
     print("anchor: arithmetic over given variables", file=sys.stderr)
+
     def anchor_step(_: int) -> torch.Tensor:
         return lm_loss(anchor, *batch_of([anchor_example(v, rng) for _ in range(batch_size)]))
 
@@ -280,7 +289,10 @@ def main() -> None:
         seconds[name] = train(compose_step, trainable_parameters(model), steps=steps[spec.mode], lr=2e-3, log=name)
         model.eval()
         generate = composed_greedy(model)
-        rows[name] = {"heldout_keys": accuracy(generate, eval_heldout), "seen_keys_new_pairs": accuracy(generate, eval_seen)}
+        rows[name] = {
+            "heldout_keys": accuracy(generate, eval_heldout),
+            "seen_keys_new_pairs": accuracy(generate, eval_seen),
+        }
         params[name] = {
             "trainable": num_trainable(model),
             "total": num_total(model),
@@ -295,12 +307,21 @@ def main() -> None:
         "parents": parents,
         "parameters": params,
         "setup": {
-            "keys": NUM_KEYS, "train_keys": len(train_keys), "heldout_keys": len(heldout_keys),
-            "compose_train_examples": len(compose_train), "eval_heldout": len(eval_heldout),
-            "eval_seen_keys_new_pairs": len(eval_seen), "steps": steps, "batch_size": batch_size,
-            "anchor": "Llama 4 layers x 96", "augment": "Llama 4 layers x 64", "vocab": len(v),
-            "calm": "layerSpacing 2: pairs (1,1), (3,3)", "codet5p": "crossAttentionLayers 1",
-            "seed": args.seed, "torch_threads": torch.get_num_threads(),
+            "keys": NUM_KEYS,
+            "train_keys": len(train_keys),
+            "heldout_keys": len(heldout_keys),
+            "compose_train_examples": len(compose_train),
+            "eval_heldout": len(eval_heldout),
+            "eval_seen_keys_new_pairs": len(eval_seen),
+            "steps": steps,
+            "batch_size": batch_size,
+            "anchor": "Llama 4 layers x 96",
+            "augment": "Llama 4 layers x 64",
+            "vocab": len(v),
+            "calm": "layerSpacing 2: pairs (1,1), (3,3)",
+            "codet5p": "crossAttentionLayers 1",
+            "seed": args.seed,
+            "torch_threads": torch.get_num_threads(),
         },
         "seconds": {k: round(s, 1) for k, s in seconds.items()},
     }

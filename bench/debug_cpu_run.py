@@ -51,7 +51,9 @@ def logged_history(state: Path) -> dict[str, list[tuple[int, float]]]:
     run_id = registry.get(NAME, version="1").run_id
     out = {}
     for key in ("val_loss", "line_infill_exact_match", "tokens_per_second", "loss"):
-        out[key] = [(m.step, m.value) for m in sorted(registry.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        out[key] = [
+            (m.step, m.value) for m in sorted(registry.client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ]
     return out
 
 
@@ -76,10 +78,15 @@ def main() -> None:
         em = run_infill_suite("line-em", LocalInfiller(export), limit=args.line_em, max_new_tokens=48)
         l2r = run_left_to_right(export, limit=args.l2r_windows)
         prefix, suffix = "def mean(values):\n    total = sum(values)\n    ", "\n    return result\n"
-        sample = LocalInfiller(export).infill(
-            [InfillTask(task_id="sample", prefix=prefix, suffix=suffix, reference="", single_line=True)],
-            max_new_tokens=24, stop=["\n"],
-        )[0].text
+        sample = (
+            LocalInfiller(export)
+            .infill(
+                [InfillTask(task_id="sample", prefix=prefix, suffix=suffix, reference="", single_line=True)],
+                max_new_tokens=24,
+                stop=["\n"],
+            )[0]
+            .text
+        )
     tps = [v for _, v in history["tokens_per_second"]]
     report = {
         "benchmark": "debug_cpu_run",

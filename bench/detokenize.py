@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from serve_throughput import corpus
+from serving_exports import build_export  # put on sys.path by serve_throughput
 from transformers import AutoTokenizer
 
 from serving.detokenize import IncrementalDetokenizer
-from serving_exports import build_export  # put on sys.path by serve_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (16, 32, 128, 512)  # 16: the editor completions of prefix_reuse
@@ -81,15 +81,24 @@ def main() -> None:
                 best[n, name] = min(best[n, name], (time.perf_counter() - t0) / n)
                 assert texts == [tokenizer.decode(ids) for ids in rows]
     results: dict[str, dict] = {}
-    print(f"{'tokens':>6} {'full re-decode':>15} {'incremental':>12} {'speedup':>8}   (us per decode step, {opts.rows} rows)")
+    print(
+        f"{'tokens':>6} {'full re-decode':>15} {'incremental':>12} {'speedup':>8}   (us per decode step, "
+        f"{opts.rows} rows)"
+    )
     for n in LENGTHS:
         res = {f"{name}_us_per_step": round(best[n, name] * 1e6, 1) for name in ways}
         res["speedup"] = round(best[n, "full_redecode"] / best[n, "incremental"], 1)
         results[str(n)] = res
-        print(f"{n:>6} {res['full_redecode_us_per_step']:>15} {res['incremental_us_per_step']:>12} {res['speedup']:>7}x")
+        print(
+            f"{n:>6} {res['full_redecode_us_per_step']:>15} {res['incremental_us_per_step']:>12} {res['speedup']:>7}x"
+        )
 
     out = {
-        "tokenizer": {"kind": "byte-level BPE", "vocab": tokenizer.vocab_size, "trained_on": "stdlib sources (serve_throughput.corpus)"},
+        "tokenizer": {
+            "kind": "byte-level BPE",
+            "vocab": tokenizer.vocab_size,
+            "trained_on": "stdlib sources (serve_throughput.corpus)",
+        },
         "rows": opts.rows,
         "repeats_best_of": opts.repeats,
         "cost": "mean per decode step over an N-token completion, summed over the rows",

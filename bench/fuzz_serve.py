@@ -40,8 +40,25 @@ from serving_exports import build_export  # noqa: E402
 
 MIDFILL = str(Path(sys.executable).parent / "midfill")
 MAX_BODY = 4 * 1024 * 1024
-FIELDS = ["model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-          "echo", "logprobs", "best_of", "presence_penalty", "frequency_penalty", "user"]
+FIELDS = [
+    "model",
+    "prompt",
+    "suffix",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "echo",
+    "logprobs",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
+    "user",
+]
 SURROGATES = ["\ud800", "\udfff", "\ud83d", "a\udc00b"]
 
 
@@ -51,17 +68,27 @@ def _text(rng: random.Random, n: int = 12) -> str:
 
 
 def _value(rng: random.Random, depth: int = 0):
-    kind = rng.choice(["none", "bool", "int", "bigint", "float", "text", "list", "dict"] if depth < 3 else ["int", "text", "none"])
+    kind = rng.choice(
+        ["none", "bool", "int", "bigint", "float", "text", "list", "dict"] if depth < 3 else ["int", "text", "none"]
+    )
     return {
-        "none": lambda: None, "bool": lambda: rng.random() < 0.5, "int": lambda: rng.randint(-5, 300),
-        "bigint": lambda: rng.choice([2**63, 2**64, -(2**64), 10**30]), "float": lambda: rng.choice([0.0, -1.5, 0.7, 2.5, 1e308]),
-        "text": lambda: _text(rng), "list": lambda: [_value(rng, depth + 1) for _ in range(rng.randint(0, 3))],
+        "none": lambda: None,
+        "bool": lambda: rng.random() < 0.5,
+        "int": lambda: rng.randint(-5, 300),
+        "bigint": lambda: rng.choice([2**63, 2**64, -(2**64), 10**30]),
+        "float": lambda: rng.choice([0.0, -1.5, 0.7, 2.5, 1e308]),
+        "text": lambda: _text(rng),
+        "list": lambda: [_value(rng, depth + 1) for _ in range(rng.randint(0, 3))],
         "dict": lambda: {_text(rng, 5): _value(rng, depth + 1) for _ in range(rng.randint(0, 3))},
     }[kind]()
 
 
 def _base(rng: random.Random) -> dict:
-    body = {"prompt": "def f(x):\n    " + _text(rng, 6), "max_tokens": rng.randint(1, 6), "temperature": rng.choice([0, 0.7])}
+    body = {
+        "prompt": "def f(x):\n    " + _text(rng, 6),
+        "max_tokens": rng.randint(1, 6),
+        "temperature": rng.choice([0, 0.7]),
+    }
     if rng.random() < 0.5:
         body["suffix"] = "\n    return x\n"
     if rng.random() < 0.3:
@@ -86,16 +113,25 @@ def make_request(rng: random.Random, cls: str) -> bytes:
     if cls == "duplicate_key":
         return b'{"' + field.encode() + b'": ' + _dump({"v": _value(rng)})[6:-1] + b", " + _dump(body)[1:]
     if cls == "nan_inf":
-        body[rng.choice(["temperature", "top_p", "max_tokens", "seed", "presence_penalty"])] = rng.choice([float("nan"), float("inf"), -float("inf")])
+        body[rng.choice(["temperature", "top_p", "max_tokens", "seed", "presence_penalty"])] = rng.choice(
+            [float("nan"), float("inf"), -float("inf")]
+        )
         return _dump(body)
     if cls == "huge_int":
         digits = rng.choice([25, 400, 5_000])
-        return _dump(body)[:-1] + f', "{rng.choice(["max_tokens", "seed", "n", "top_p"])}": '.encode() + b"9" * digits + b"}"
+        return (
+            _dump(body)[:-1]
+            + f', "{rng.choice(["max_tokens", "seed", "n", "top_p"])}": '.encode()
+            + b"9" * digits
+            + b"}"
+        )
     if cls == "wrong_type":
         body[field] = _value(rng)
         return _dump(body)
     if cls == "out_of_range":
-        body[rng.choice(["max_tokens", "temperature", "top_p", "n", "seed", "best_of"])] = rng.choice([-1, 0, 3, 10_000, 2**70, -(2**70)])
+        body[rng.choice(["max_tokens", "temperature", "top_p", "n", "seed", "best_of"])] = rng.choice(
+            [-1, 0, 3, 10_000, 2**70, -(2**70)]
+        )
         return _dump(body)
     if cls == "token_prompt":
         body["prompt"] = rng.choice([[1, 2, 3], [[1, 2], [3]], [], [""], ["a", "b"]])
@@ -118,8 +154,23 @@ def make_request(rng: random.Random, cls: str) -> bytes:
     return _dump(body)
 
 
-CLASSES = ["surrogate", "deep_nesting", "duplicate_key", "nan_inf", "huge_int", "wrong_type", "out_of_range", "token_prompt",
-           "bad_utf8", "truncated", "oversize", "not_an_object", "plausible", "plausible", "plausible"]
+CLASSES = [
+    "surrogate",
+    "deep_nesting",
+    "duplicate_key",
+    "nan_inf",
+    "huge_int",
+    "wrong_type",
+    "out_of_range",
+    "token_prompt",
+    "bad_utf8",
+    "truncated",
+    "oversize",
+    "not_an_object",
+    "plausible",
+    "plausible",
+    "plausible",
+]
 
 
 def requests_for(n: int, seed: int) -> list[tuple[str, bytes]]:
@@ -144,8 +195,13 @@ def start_server(export: Path, code_root: Path | None, state: Path) -> tuple[sub
     env = {**os.environ, "MIDFILL_STATE_DIR": str(state)}
     if code_root is not None:  # the baseline's serving/ and platform/ take precedence over the editable install
         env["PYTHONPATH"] = os.pathsep.join([str(code_root), str(code_root / "platform")])
-    proc = subprocess.Popen([MIDFILL, "serve", "--model", str(export), "--port", str(port), "--no-auth", "--name", "tiny"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [MIDFILL, "serve", "--model", str(export), "--port", str(port), "--no-auth", "--name", "tiny"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -185,23 +241,46 @@ async def fire(url: str, reqs: list[tuple[str, bytes]], concurrency: int = 8) ->
     async def one(client: httpx.AsyncClient, cls: str, raw: bytes) -> None:
         async with sem:
             try:
-                r = await client.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+                r = await client.post(
+                    f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"}
+                )
                 status = f"{r.status_code // 100}xx"
                 if r.status_code >= 500:
-                    failures.append({"class": cls, "status": r.status_code, "body": raw[:160].decode("utf-8", "backslashreplace"), "answer": r.text[:200]})
+                    failures.append(
+                        {
+                            "class": cls,
+                            "status": r.status_code,
+                            "body": raw[:160].decode("utf-8", "backslashreplace"),
+                            "answer": r.text[:200],
+                        }
+                    )
                 elif r.status_code >= 400 and not _openai_error(r):
                     status = "4xx_not_openai_shaped"
-                    failures.append({"class": cls, "status": r.status_code, "body": raw[:160].decode("utf-8", "backslashreplace"), "answer": r.text[:200]})
+                    failures.append(
+                        {
+                            "class": cls,
+                            "status": r.status_code,
+                            "body": raw[:160].decode("utf-8", "backslashreplace"),
+                            "answer": r.text[:200],
+                        }
+                    )
             except httpx.HTTPError as exc:
                 status = "no_answer"
-                failures.append({"class": cls, "status": type(exc).__name__, "body": raw[:160].decode("utf-8", "backslashreplace")})
+                failures.append(
+                    {"class": cls, "status": type(exc).__name__, "body": raw[:160].decode("utf-8", "backslashreplace")}
+                )
             by_class.setdefault(cls, Counter())[status] += 1
 
     async with httpx.AsyncClient(timeout=120) as client:
         await asyncio.gather(*(one(client, cls, raw) for cls, raw in reqs))
     total = sum((c for c in by_class.values()), Counter())
-    return {"requests": len(reqs), "status_classes": dict(total), "by_class": {k: dict(v) for k, v in sorted(by_class.items())},
-            "failures": len(failures), "failure_samples": failures[:12]}
+    return {
+        "requests": len(reqs),
+        "status_classes": dict(total),
+        "by_class": {k: dict(v) for k, v in sorted(by_class.items())},
+        "failures": len(failures),
+        "failure_samples": failures[:12],
+    }
 
 
 def run_once(export: Path, reqs, code_root: Path | None) -> dict:
@@ -234,17 +313,26 @@ def main() -> None:
         if args.baseline_ref:
             base = Path(tmp) / "base"
             base.mkdir()
-            commit = subprocess.run(["git", "rev-parse", "--short", args.baseline_ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-            archive = subprocess.run(["git", "archive", args.baseline_ref, "serving", "platform"], cwd=ROOT, capture_output=True, check=True).stdout
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", args.baseline_ref], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            archive = subprocess.run(
+                ["git", "archive", args.baseline_ref, "serving", "platform"], cwd=ROOT, capture_output=True, check=True
+            ).stdout
             with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
                 tar.extractall(base, filter="data")
             out["runs"][f"baseline {args.baseline_ref}@{commit}"] = run_once(export, reqs, base)
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         out["runs"][f"this tree (HEAD {head})"] = run_once(export, reqs, None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     for label, run in out["runs"].items():
-        print(f"{label}: {run['status_classes']} failures={run['failures']} alive_after={run['alive_after']} ({run['seconds']}s)")
+        print(
+            f"{label}: {run['status_classes']} failures={run['failures']} alive_after={run['alive_after']} "
+            f"({run['seconds']}s)"
+        )
 
 
 if __name__ == "__main__":

@@ -72,7 +72,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="midfill-ablation-") as tmp:
         for name, objective in variants.items():
             export, seconds = train(f"ablation-{name.replace('.', '')}", objective, steps=args.steps, state=Path(tmp))
-            results[name] = {"train_seconds": round(seconds, 1), **evaluate(export, line_em=args.line_em, windows=args.l2r_windows)}
+            results[name] = {
+                "train_seconds": round(seconds, 1),
+                **evaluate(export, line_em=args.line_em, windows=args.l2r_windows),
+            }
             print(name, results[name], flush=True)
     report = {
         "benchmark": "infill_ablation",
@@ -89,7 +92,9 @@ def main() -> None:
     print("\n| objective | line-em exact match | stop rate | left-to-right loss (nats/token) | perplexity |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['line_em']:.3f} | {r['stop_rate']:.3f} | {r['l2r_loss']:.3f} | {r['l2r_perplexity']:.1f} |")
+        print(
+            f"| {name} | {r['line_em']:.3f} | {r['stop_rate']:.3f} | {r['l2r_loss']:.3f} | {r['l2r_perplexity']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
 
-from tests.operators.emulator import NS, RESOURCES, Cluster, Emulator  # noqa: E402
-
 import kmock  # noqa: E402
+
+from tests.operators.emulator import RESOURCES, Cluster, Emulator  # noqa: E402
 
 SAMPLE = ROOT / "manifests" / "samples" / "trainingrun-debug.yaml"
 
@@ -62,8 +62,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(latencies: list[float]) -> dict[str, float]:
     ms = [1000 * v for v in latencies]
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 1), "p95_ms": round(percentile(ms, 0.95), 1),
-            "max_ms": round(max(ms), 1)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p95_ms": round(percentile(ms, 0.95), 1),
+        "max_ms": round(max(ms), 1),
+    }
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -71,18 +75,32 @@ async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="operator-bench-"))
     async with TimedEmulator() as emulator, kmock.Server(emulator) as server:
         for res, (kind, namespaced) in RESOURCES.items():
-            emulator.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "create", "patch", "delete"})
+            emulator.resources[res] = kmock.ResourceInfo(
+                kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "create", "patch", "delete"}
+            )
         cluster = Cluster(emulator, server, timeout=300)  # 200 creates at once queue up
         kubeconfig = tmp / "kubeconfig"
         kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"
             f"clusters: [{{name: emu, cluster: {{server: '{server.url}'}}}}]\n"
-            "users: [{name: emu, user: {token: bench}}]\ncontexts: [{name: emu, context: {cluster: emu, user: emu}}]\n")
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "MIDFILL_STANDALONE": "true",
-               "MIDFILL_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "MIDFILL_RESYNC_SECONDS": "600",
-               "MIDFILL_HEALTH_PORT": str(free_port()), "PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}"}
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "midfill"), "operator"], env=env, cwd=tmp,
-                                stdout=subprocess.DEVNULL, stderr=open(tmp / "operator.log", "w"))
+            "users: [{name: emu, user: {token: bench}}]\ncontexts: [{name: emu, context: {cluster: emu, user: emu}}]\n"
+        )
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "MIDFILL_STANDALONE": "true",
+            "MIDFILL_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "MIDFILL_RESYNC_SECONDS": "600",
+            "MIDFILL_HEALTH_PORT": str(free_port()),
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}",
+        }
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "midfill"), "operator"],
+            env=env,
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "operator.log", "w"),
+        )
         ps = psutil.Process(proc.pid)
         peak_rss = 0
 
@@ -106,7 +124,10 @@ async def main(args: argparse.Namespace) -> dict:
                 while not all(f"{n}-a1" in emulator.job_created for n in names):
                     if time.perf_counter() > deadline:
                         missing = [n for n in names if f"{n}-a1" not in emulator.job_created]
-                        raise RuntimeError(f"no Job after {timeout}s for {len(missing)} runs, e.g. {missing[:3]}; see {tmp / 'operator.log'}")
+                        raise RuntimeError(
+                            f"no Job after {timeout}s for {len(missing)} runs, e.g. {missing[:3]}; see "
+                            f"{tmp / 'operator.log'}"
+                        )
                     await asyncio.sleep(0.01)
 
             # Warm-up run (first handler call imports lazily), not measured.
@@ -138,12 +159,15 @@ async def main(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "operator_reconcile",
         "what": "TrainingRun created -> its Job created, operator as a separate `midfill operator` process against "
-                "kmock's KubernetesEmulator (same machine), MLflow on SQLite",
+        "kmock's KubernetesEmulator (same machine), MLflow on SQLite",
         "machine": f"{os.cpu_count()} CPUs (shared)",
         "single_runs": summary(single_lat),
         f"burst_{args.burst}_at_once": summary(burst_lat),
-        "operator_rss_mib": {"idle_after_warmup": round(idle_rss / 2**20, 1),
-                             "after_burst": round(after_rss / 2**20, 1), "peak": round(peak_rss / 2**20, 1)},
+        "operator_rss_mib": {
+            "idle_after_warmup": round(idle_rss / 2**20, 1),
+            "after_burst": round(after_rss / 2**20, 1),
+            "peak": round(peak_rss / 2**20, 1),
+        },
         "objects_after_burst": {"trainingruns": args.burst + args.singles + 1, "jobs": len(emulator.job_created)},
     }
 

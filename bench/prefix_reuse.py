@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from serve_throughput import corpus, load_baseline_model, on_fresh_thread, summary
+from serving_exports import build_export  # put on sys.path by serve_throughput
 from transformers import AutoTokenizer
 
 from midfill.export import read_metadata
 from midfill.fim import get_format
 from serving.engine import Engine, SamplingParams
 from serving.settings import ServingSettings
-from serving_exports import build_export  # put on sys.path by serve_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX_TOKENS, SUFFIX_TOKENS, NEW_TOKENS, BURST, BURSTS = 320, 100, 16, 2, 12
@@ -94,8 +94,14 @@ def sequential_generate(model, tokenizer, work: list[list[list[int]]], stop: lis
             x = torch.tensor([ids])
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                                     do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             lat.append(time.perf_counter() - t0)
             total += out.shape[1] - x.shape[1]
     return summary(lat, total, time.perf_counter() - start)
@@ -112,13 +118,27 @@ def main() -> None:
     torch.set_num_threads(2)
     dtype = ServingSettings().device_and_dtype()[1]  # what the endpoint serves in on this machine
     work_dir = Path(tempfile.mkdtemp(prefix="mfbench"))
-    export = on_fresh_thread(build_export, work_dir / "debug", layers=4, hidden=256, heads=4, vocab_size=8192, max_context=512, texts=corpus())
+    export = on_fresh_thread(
+        build_export,
+        work_dir / "debug",
+        layers=4,
+        hidden=256,
+        heads=4,
+        vocab_size=8192,
+        max_context=512,
+        texts=corpus(),
+    )
     tokenizer, fim = AutoTokenizer.from_pretrained(str(export)), get_format(read_metadata(export).fim_format)
     stop = sorted(tokenizer.convert_tokens_to_ids(list(fim.stop_tokens)))
     plan = sessions(tokenizer, corpus(), opts.sessions)
-    work = [[tokenizer.encode(fim.infill_prompt(p, s), add_special_tokens=False) for p, s in session] for session in plan]
+    work = [
+        [tokenizer.encode(fim.infill_prompt(p, s), add_special_tokens=False) for p, s in session] for session in plan
+    ]
     lengths = [len(ids) for session in work for ids in session]
-    print(f"{len(work)} sessions x {BURSTS} requests, prompt tokens mean {statistics.mean(lengths):.0f}, {dtype}", flush=True)
+    print(
+        f"{len(work)} sessions x {BURSTS} requests, prompt tokens mean {statistics.mean(lengths):.0f}, {dtype}",
+        flush=True,
+    )
     base_models = {d: on_fresh_thread(load_baseline_model, export, d) for d in ("float32", "bfloat16")}
 
     # This VM's speed drifts by up to 2x within minutes: every configuration runs in each of
@@ -153,10 +173,22 @@ def main() -> None:
         runs[name][c] = res
 
     results = {
-        "model": {"layers": 4, "hidden": 256, "heads": 4, "vocab": tokenizer.vocab_size, "init": "random", "max_context": 512},
+        "model": {
+            "layers": 4,
+            "hidden": 256,
+            "heads": 4,
+            "vocab": tokenizer.vocab_size,
+            "init": "random",
+            "max_context": 512,
+        },
         "dtype": dtype,
-        "sessions": len(work), "requests_per_session": BURSTS, "chars_per_burst": BURST, "rounds_best_of": opts.rounds,
-        "prompt_tokens_mean": round(statistics.mean(lengths)), "prompt_tokens_total": sum(lengths), "new_tokens": NEW_TOKENS,
+        "sessions": len(work),
+        "requests_per_session": BURSTS,
+        "chars_per_burst": BURST,
+        "rounds_best_of": opts.rounds,
+        "prompt_tokens_mean": round(statistics.mean(lengths)),
+        "prompt_tokens_total": sum(lengths),
+        "new_tokens": NEW_TOKENS,
         "baseline_sequential_generate": baselines,
         "baseline_tokens_per_s_reference": base["tokens_per_s"],
         **runs,

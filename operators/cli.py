@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import typer
 
 
-def render_objects(path: Path, *, version: str | None = None, attempt: int = 1) -> tuple[list[dict[str, Any]], list[str]]:
+def render_objects(
+    path: Path, *, version: str | None = None, attempt: int = 1
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The objects the operator would create for each resource in the file, and header comments.
 
     No cluster and no MLflow: a ModelRelease following an alias is rendered with `--version` when
@@ -29,8 +31,10 @@ def render_objects(path: Path, *, version: str | None = None, attempt: int = 1) 
             # A fresh one per render: the uid also names the run's MLflow run and rendezvous, so YAML
             # rendered twice and applied directly must not make two runs share them.
             res.metadata.uid = str(uuid.uuid4())
-            notes.append(f"{res.kind}/{res.metadata.name}: uid {res.metadata.uid} is a random stand-in "
-                         "(the API server assigns the real one)")
+            notes.append(
+                f"{res.kind}/{res.metadata.name}: uid {res.metadata.uid} is a random stand-in "
+                "(the API server assigns the real one)"
+            )
         if isinstance(res, TrainingRun):
             problem = shared_storage_problem(res, settings)
             if problem:
@@ -41,8 +45,10 @@ def render_objects(path: Path, *, version: str | None = None, attempt: int = 1) 
             pinned = str(res.spec.model.version) if res.spec.model.version is not None else None
             chosen = version or pinned
             if chosen is None:
-                notes.append(f"ModelRelease/{res.metadata.name}: model URI left as alias {res.spec.model.effective_alias()!r}; "
-                             "the operator pins the version the alias resolves to (pass --version N to render that)")
+                notes.append(
+                    f"ModelRelease/{res.metadata.name}: model URI left as alias {res.spec.model.effective_alias()!r}; "
+                    "the operator pins the version the alias resolves to (pass --version N to render that)"
+                )
             objects.append(build_rayservice(res, version=chosen, settings=settings))
     return objects, notes
 
@@ -60,19 +66,29 @@ def register(app: typer.Typer) -> None:
 
         settings = OperatorSettings()
         namespaces = settings.namespaces()
-        asyncio.run(kopf.operator(
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            # Peering is configured in operators/startup.py (kopf's peering CRDs are optional).
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
-            memo=kopf.Memo(settings=settings),
-        ))
+        asyncio.run(
+            kopf.operator(
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                # Peering is configured in operators/startup.py (kopf's peering CRDs are optional).
+                liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+                memo=kopf.Memo(settings=settings),
+            )
+        )
 
     @app.command()
     def render(
         file: Annotated[Path, typer.Option("-f", "--file", help="YAML with TrainingRun/ModelRelease documents.")],
-        version: Annotated[str | None, typer.Option("--version", help="ModelRelease: the registry version to render (default: the pinned one, else the alias URI).")] = None,
-        attempt: Annotated[int, typer.Option("--attempt", min=1, help="TrainingRun: which attempt's objects. Default 1.")] = 1,
+        version: Annotated[
+            str | None,
+            typer.Option(
+                "--version",
+                help="ModelRelease: the registry version to render (default: the pinned one, else the alias URI).",
+            ),
+        ] = None,
+        attempt: Annotated[
+            int, typer.Option("--attempt", min=1, help="TrainingRun: which attempt's objects. Default 1.")
+        ] = 1,
     ) -> None:
         """Print, as YAML, the Kubernetes objects the operator would create (no cluster needed)."""
         import yaml
@@ -87,6 +103,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{prefix}{err.path}: {err.message}", err=True)
             raise typer.Exit(1) from None
         header = "".join(f"# {note}\n" for note in notes)
+
         class _NoAliases(yaml.SafeDumper):  # objects share lists (env, exit codes): print each in full
             def ignore_aliases(self, data: Any) -> bool:
                 return True

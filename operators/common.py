@@ -8,9 +8,8 @@ only when it changed, with one event per phase change).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import defaultdict
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -45,8 +44,16 @@ def owner_uids(obj: dict[str, Any]) -> set[str | None]:
     return {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
 
 
-async def write_status(kube: Kube, res: Res, body: dict[str, Any], raw_status: dict[str, Any], new: Any,
-                       logger: logging.Logger) -> None:
+def namespaced(namespace: str | None) -> str:
+    """A handler's namespace: kopf types it optional (cluster-scoped kinds have none); ours are all namespaced."""
+    if namespace is None:
+        raise kopf.PermanentError("a namespaced resource arrived without a namespace")
+    return namespace
+
+
+async def write_status(
+    kube: Kube, res: Res, body: dict[str, Any], raw_status: dict[str, Any], new: Any, logger: kopf.Logger
+) -> None:
     """Patch the status if it changed, and emit the event the machine's phase change calls for."""
     meta = body["metadata"]
     patch = status_patch(raw_status, new.to_wire())
@@ -61,5 +68,6 @@ async def write_status(kube: Kube, res: Res, body: dict[str, Any], raw_status: d
         return
     event = phase_event(raw_status.get("phase"), new.phase, new.message) if "phase" in patch else None
     if event is not None:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        # The object as the API server returned it is what kopf's RawBody describes.
+        kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=event.type, reason=event.reason, message=event.message)
         logger.info(f"phase {new.phase}: {new.message}")

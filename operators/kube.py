@@ -73,10 +73,18 @@ class Kube:
     async def _run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    def _call(self, method: str, path: str, *, body: Any = None, query: list[tuple[str, str]] | None = None,
-              content_type: str = "application/json") -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         resp = self.api.call_api(
-            path, method,
+            path,
+            method,
             query_params=query or [],
             header_params={"Accept": "application/json", "Content-Type": content_type},
             body=body,
@@ -116,8 +124,12 @@ class Kube:
             raise
         return True
 
-    def patch_sync(self, res: Res, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None) -> None:
-        self._call("PATCH", res.path(namespace, name, subresource), body=body, content_type="application/merge-patch+json")
+    def patch_sync(
+        self, res: Res, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None
+    ) -> None:
+        self._call(
+            "PATCH", res.path(namespace, name, subresource), body=body, content_type="application/merge-patch+json"
+        )
 
     def delete_sync(self, res: Res, namespace: str, name: str) -> bool:
         """Delete (children of a Job go in the background); False when it was already gone."""
@@ -139,14 +151,18 @@ class Kube:
     async def create(self, res: Res, namespace: str, body: dict[str, Any]) -> bool:
         return await self._run(self.create_sync, res, namespace, body)
 
-    async def patch(self, res: Res, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None) -> None:
+    async def patch(
+        self, res: Res, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None
+    ) -> None:
         await self._run(self.patch_sync, res, namespace, name, body, subresource=subresource)
 
     async def delete(self, res: Res, namespace: str, name: str) -> bool:
         return await self._run(self.delete_sync, res, namespace, name)
 
 
-def status_patch(old: dict[str, Any], new: dict[str, Any], *, keep: tuple[str, ...] = ("kopf",)) -> dict[str, Any] | None:
+def status_patch(
+    old: dict[str, Any], new: dict[str, Any], *, keep: tuple[str, ...] = ("kopf",)
+) -> dict[str, Any] | None:
     """A merge patch turning status `old` into `new` (null removes a field), or None when equal.
 
     Keys in `keep` belong to someone else (kopf's own bookkeeping) and are never touched.

@@ -18,12 +18,20 @@ class PolicyRule(TypedDict):
 # Namespaced rules: granted by a ClusterRole, or by a Role per watched namespace.
 NAMESPACED_RULES: list[PolicyRule] = [
     # kopf watches the CRs and patches its annotations; operators/*/handlers.py GET them fresh under a lock.
-    {"apiGroups": ["midfill.dev"], "resources": ["trainingruns", "modelreleases"], "verbs": ["get", "list", "watch", "patch"]},
+    {
+        "apiGroups": ["midfill.dev"],
+        "resources": ["trainingruns", "modelreleases"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
     # sync() writes status (one place per resource).
     {"apiGroups": ["midfill.dev"], "resources": ["trainingruns/status", "modelreleases/status"], "verbs": ["patch"]},
     # Children carry ownerReferences with blockOwnerDeletion, which (OwnerReferencesPermissionEnforcement)
     # requires update on the owner's finalizers subresource.
-    {"apiGroups": ["midfill.dev"], "resources": ["trainingruns/finalizers", "modelreleases/finalizers"], "verbs": ["update"]},
+    {
+        "apiGroups": ["midfill.dev"],
+        "resources": ["trainingruns/finalizers", "modelreleases/finalizers"],
+        "verbs": ["update"],
+    },
     # Jobs: GET per attempt, kopf watches them (job_event), cleanup lists; create an attempt, delete on
     # start-up timeout / suspend / run deletion.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
@@ -32,7 +40,11 @@ NAMESPACED_RULES: list[PolicyRule] = [
     # kopf.event() posts core/v1 Events on phase changes.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # RayService: GET per sync, kopf watches it (rayservice_event), created, patched in place, deleted.
-    {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {
+        "apiGroups": ["ray.io"],
+        "resources": ["rayservices"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
     # Peering when the operator watches namespaces (settings.standalone=false).
     {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "verbs": ["get", "list", "watch", "patch"]},
 ]

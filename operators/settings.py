@@ -24,31 +24,39 @@ class OperatorSettings(CoreSettings):
         description="Comma-separated namespaces to watch (env MIDFILL_WATCH_NAMESPACES). Empty = cluster-wide.",
     )
     watch_server_timeout: int = Field(
-        default=300, ge=1,
+        default=300,
+        ge=1,
         description="Seconds the API server keeps one watch open before ending it (kopf #585: without a "
         "timeout a silently broken stream is never noticed). Default 300.",
     )
     watch_client_timeout: int = Field(
-        default=330, ge=1,
+        default=330,
+        ge=1,
         description="Seconds the operator waits on one watch before reconnecting; keep above the server "
         "timeout. Default 330.",
     )
     peering_name: str = Field(
         default="midfill",
-        description="kopf peering object: of several replicas only the one with the highest priority acts. Default midfill.",
+        description="kopf peering object: of several replicas only the one with the highest priority acts. "
+        "Default midfill.",
     )
     standalone: bool = Field(default=False, description="Run without peering (a single replica). Default false.")
-    health_port: int = Field(default=8080, ge=1, le=65535, description="Port of the liveness endpoint /healthz. Default 8080.")
+    health_port: int = Field(
+        default=8080, ge=1, le=65535, description="Port of the liveness endpoint /healthz. Default 8080."
+    )
     resync_seconds: float = Field(
-        default=30.0, gt=0,
+        default=30.0,
+        gt=0,
         description="How often each active resource is re-checked against the cluster and MLflow (progress, "
         "start-up timeout, registry aliases). Handlers are edge-triggered; this timer checks actual state. Default 30.",
     )
     trainer_image: str = Field(
-        default=DEFAULT_TRAINER_IMAGE, description="Trainer image used when a TrainingRun leaves spec.image at its default."
+        default=DEFAULT_TRAINER_IMAGE,
+        description="Trainer image used when a TrainingRun leaves spec.image at its default.",
     )
     serving_image: str = Field(
-        default=DEFAULT_SERVING_IMAGE, description="Serving image used when a ModelRelease leaves spec.endpoint.image at its default."
+        default=DEFAULT_SERVING_IMAGE,
+        description="Serving image used when a ModelRelease leaves spec.endpoint.image at its default.",
     )
     checkpoint_claim_name: str | None = Field(
         default=None,
@@ -56,8 +64,12 @@ class OperatorSettings(CoreSettings):
         "runs without spec.checkpoint.uri keep checkpoints in <mount>/<namespace>/<run>, so a restarted attempt "
         "resumes. Default: none (set spec.checkpoint.uri to an object-store URI instead).",
     )
-    checkpoint_mount_path: str = Field(default="/checkpoints", description="Where that claim is mounted. Default /checkpoints.")
-    master_port: int = Field(default=29500, ge=1, le=65535, description="torchrun rendezvous port (PET_MASTER_PORT). Default 29500.")
+    checkpoint_mount_path: str = Field(
+        default="/checkpoints", description="Where that claim is mounted. Default /checkpoints."
+    )
+    master_port: int = Field(
+        default=29500, ge=1, le=65535, description="torchrun rendezvous port (PET_MASTER_PORT). Default 29500."
+    )
 
     @field_validator("watch_namespaces")
     @classmethod

@@ -11,8 +11,9 @@ from operators.kube import Kube
 from operators.settings import OperatorSettings
 
 
-def configure(kopf_settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
-              settings: OperatorSettings | None = None) -> None:
+def configure(
+    kopf_settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, settings: OperatorSettings | None = None
+) -> None:
     """Apply our settings to kopf and put settings, the Kubernetes client and MLflow into `memo`.
 
     Values already in memo (tests pass their own) win over the environment.
@@ -40,8 +41,10 @@ def configure(kopf_settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any
     if "registry" not in memo:
         memo.registry = functools.cache(_registry(settings.tracking_uri))
     if not settings.tracking_uri:
-        logger.warning("MIDFILL_TRACKING_URI is not set: training progress and registered versions cannot be read, "
-                       "and ModelReleases cannot resolve versions")
+        logger.warning(
+            "MIDFILL_TRACKING_URI is not set: training progress and registered versions cannot be read, "
+            "and ModelReleases cannot resolve versions"
+        )
 
 
 def _registry(tracking_uri: str | None):
@@ -49,4 +52,5 @@ def _registry(tracking_uri: str | None):
         from midfill.registry import Registry  # imports mlflow: seconds, so only when first needed
 
         return Registry(tracking_uri)
+
     return make

@@ -113,26 +113,33 @@ def main() -> int:
         seconds = time.monotonic() - started
         print("\n\033[2m--- prefix ---\033[0m\n" + prefix)
         print("\033[2m--- suffix ---\033[0m\n" + suffix)
-        print(f"\033[2m--- completion ({answer.usage.completion_tokens} tokens, {seconds:.1f} s, {answer.choices[0].finish_reason}) ---\033[0m")
+        print(
+            f"\033[2m--- completion ({answer.usage.completion_tokens} tokens, {seconds:.1f} s, "
+            f"{answer.choices[0].finish_reason}) ---\033[0m"
+        )
         text = answer.choices[0].text
         print("\033[32m" + text + "\033[0m")
         if not text.strip():
-            print(f"(only whitespace: {text!r}; a few minutes of CPU training make a weak model, and a longer run "
-                  "(spec.training.steps) makes it better)")
+            print(
+                f"(only whitespace: {text!r}; a few minutes of CPU training make a weak model, and a longer run "
+                "(spec.training.steps) makes it better)"
+            )
 
     print(
         f"""
 \033[1mWhere to look next\033[0m
   YAML applied:      {TRAINING_YAML.relative_to(ROOT)}  and  {RELEASE_YAML.relative_to(ROOT)}
                      (the same files work with `kubectl apply` on a cluster with the operator)
-  Endpoint:          {status['url']}/v1  (OpenAI completions API base URL; model "{model}", version {status.get('stableVersion')})
-  API key:           {key}  (named 'demo'; {key_file}, the stand-in for Secret {ref['name']}, holds its digest;
+  Endpoint:          {status["url"]}/v1  (OpenAI completions API base URL; model "{model}", version
+                     {status.get("stableVersion")})
+  API key:           {key}  (named 'demo'; {key_file}, the stand-in for Secret {ref["name"]}, holds its digest;
                      `midfill keys create|list|revoke NAME` manages keys, `midfill usage` shows who used them)
   MLflow UI:         .venv/bin/midfill ui   -> http://127.0.0.1:5000 (runs, metrics, model versions, approvals)
   Status:            .venv/bin/midfill get tr ; .venv/bin/midfill describe mr fim-debug
   Logs:              .venv/bin/midfill logs fim-debug --kind tr   (training)  /  --kind mr  (serving)
-  Try it:            curl {status['url']}/v1/completions -H "Authorization: Bearer {key}" \\
-                       -H 'content-type: application/json' -d '{{"prompt": "def add(a, b):\\n    ", "suffix": "\\n", "max_tokens": 16}}'
+  Try it:            curl {status["url"]}/v1/completions -H "Authorization: Bearer {key}" \\
+                       -H 'content-type: application/json' \\
+                       -d '{{"prompt": "def add(a, b):\\n    ", "suffix": "\\n", "max_tokens": 16}}'
 
 The endpoint is LEFT RUNNING. Stop it with:  .venv/bin/midfill delete mr fim-debug
 (Training state, checkpoints and the registry stay in {state_dir}; `make demo` again reuses them.)"""

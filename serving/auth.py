@@ -36,7 +36,9 @@ class KeyStore:
         if not disabled:
             self._load()
             if not self._keys:
-                where = " and ".join(w for w in (keys_file and f"file {keys_file}", keys_env and f"env {keys_env}") if w)
+                where = " and ".join(
+                    w for w in (keys_file and f"file {keys_file}", keys_env and f"env {keys_env}") if w
+                )
                 raise ValueError(f"auth: no API keys found in {where}")
 
     def _read(self) -> str:
@@ -62,7 +64,9 @@ class KeyStore:
             text = self._read()
             if text != self._text:
                 self._load(text)
-                log.info("midfill: API keys reloaded (%d keys: %s)", len(self._keys), ", ".join(k.name for k in self._keys))
+                log.info(
+                    "midfill: API keys reloaded (%d keys: %s)", len(self._keys), ", ".join(k.name for k in self._keys)
+                )
         except (OSError, ValueError) as exc:
             # Keep the keys we have rather than locking everyone out mid-rotation.
             log.warning("midfill: keeping the previous API keys: %s", exc)

@@ -22,7 +22,13 @@ def serve(
     model: Annotated[str, typer.Option("--model", help="models:/name/3, models:/name@alias, or an export folder.")],
     port: Annotated[int, typer.Option("--port", help="HTTP port (0 = a free one).")] = 8000,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="Keys file: NAME sha256:DIGEST [rpm=N] [tpm=N] per line (`midfill keys create NAME --file F`).")] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="Keys file: NAME sha256:DIGEST [rpm=N] [tpm=N] per line (`midfill keys create NAME --file F`).",
+        ),
+    ] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (explicit opt-out).")] = False,
     name: Annotated[str | None, typer.Option("--name", help="Model name reported by /v1/models.")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together.")] = 16,
@@ -64,7 +70,13 @@ def serve(
     from serving.app import build_app
 
     temp_dir = tempfile.mkdtemp(prefix="mfserve", dir="/tmp")  # our own cluster, never a leftover one
-    ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False, num_cpus=max(2, int(num_cpus) + 1), log_to_driver=False)
+    ray.init(
+        address="local",
+        _temp_dir=temp_dir,
+        include_dashboard=False,
+        num_cpus=max(2, int(num_cpus) + 1),
+        log_to_driver=False,
+    )
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         try:
@@ -76,8 +88,9 @@ def serve(
         typer.echo(f"midfill: serving {model} at {url}/v1 (Ctrl-C to stop)")
         typer.echo(
             f"try:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' "
-            f"-H \"Authorization: Bearer {key}\" \\\n"
-            """    -d '{"prompt": "def add(a, b):\\n    ", "suffix": "\\n    return c\\n", "max_tokens": 32, "temperature": 0}'"""
+            f'-H "Authorization: Bearer {key}" \\\n'
+            """    -d '{"prompt": "def add(a, b):\\n    ", "suffix": "\\n    return c\\n",\n"""
+            """         "max_tokens": 32, "temperature": 0}'"""
         )
         while True:
             time.sleep(3600)

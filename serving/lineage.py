@@ -54,9 +54,14 @@ def _int(value: str | int | None) -> int | None:
 def from_version(info: VersionInfo) -> Lineage:
     tags = info.tags
     return Lineage(
-        registered_model=info.name, version=info.version, training_run=tags.get(TAG_RUN_NAME),
-        training_run_uid=tags.get(TAG_RUN_UID), attempt=_int(tags.get(TAG_ATTEMPT)),
-        data_hash=tags.get(TAG_DATA_HASH), mlflow_run_id=info.run_id, source=info.uri,
+        registered_model=info.name,
+        version=info.version,
+        training_run=tags.get(TAG_RUN_NAME),
+        training_run_uid=tags.get(TAG_RUN_UID),
+        attempt=_int(tags.get(TAG_ATTEMPT)),
+        data_hash=tags.get(TAG_DATA_HASH),
+        mlflow_run_id=info.run_id,
+        source=info.uri,
     )
 
 
@@ -64,7 +69,12 @@ def from_folder(folder: Path, name: str) -> Lineage:
     meta = read_metadata(folder)
     run = meta.training_run
     return Lineage(
-        registered_model=name, version="local", training_run=run.name if run else None,
-        training_run_uid=run.uid if run else None, attempt=run.attempt if run else None,
-        data_hash=meta.data_hash, mlflow_run_id=getattr(meta, "mlflow_run_id", None), source=str(folder),
+        registered_model=name,
+        version="local",
+        training_run=run.name if run else None,
+        training_run_uid=run.uid if run else None,
+        attempt=run.attempt if run else None,
+        data_hash=meta.data_hash,
+        mlflow_run_id=getattr(meta, "mlflow_run_id", None),
+        source=str(folder),
     )

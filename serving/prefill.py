@@ -66,8 +66,12 @@ class Prefiller:
         cache = self.prefix_cache.start_cache(reuse, self.model.config)
         # Positions and the causal mask follow from the cache's length (transformers' cache_position).
         logits = self.model(
-            input_ids=torch.tensor([prompt[reuse.tokens :]], device=self.device), past_key_values=cache, use_cache=True,
+            input_ids=torch.tensor([prompt[reuse.tokens :]], device=self.device),
+            past_key_values=cache,
+            use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
         self.prefix_cache.store(prompt, cache)
-        return Prefilled(cache, torch.ones(1, len(prompt), dtype=torch.long, device=self.device), logits, [reuse.tokens])
+        return Prefilled(
+            cache, torch.ones(1, len(prompt), dtype=torch.long, device=self.device), logits, [reuse.tokens]
+        )

@@ -34,14 +34,22 @@ class ApiError(Exception):
     }
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, headers: dict | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, type_=self.TYPES.get(self.status, "invalid_request_error"), param=self.param, code=self.code)
+        return error_body(
+            self.message, type_=self.TYPES.get(self.status, "invalid_request_error"), param=self.param, code=self.code
+        )
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -52,7 +60,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     str that no tokenizer or UTF-8 encoder accepts.
     """
     if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt", code="body_too_large")
+        raise ApiError(
+            413, f"request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt", code="body_too_large"
+        )
     try:
         data = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except ApiError:
@@ -72,13 +82,20 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ApiError(400, f"{_printable(key)}: the key appears twice in one object; send it once", param=_printable(key), code="duplicate_key")
+            raise ApiError(
+                400,
+                f"{_printable(key)}: the key appears twice in one object; send it once",
+                param=_printable(key),
+                code="duplicate_key",
+            )
         out[key] = value
     return out
 
 
 def _no_constants(name: str) -> Any:
-    raise ApiError(400, f"request body is not valid JSON: {name} is not a JSON number; send a finite number", code="invalid_json")
+    raise ApiError(
+        400, f"request body is not valid JSON: {name} is not a JSON number; send a finite number", code="invalid_json"
+    )
 
 
 def _check_value(param: str, value: Any, depth: int) -> None:
@@ -87,7 +104,12 @@ def _check_value(param: str, value: Any, depth: int) -> None:
     while stack:
         item, level = stack.pop()
         if level > MAX_NESTING:
-            raise ApiError(400, f"{_printable(param)}: nests deeper than {MAX_NESTING} levels", param=_printable(param), code="invalid_json")
+            raise ApiError(
+                400,
+                f"{_printable(param)}: nests deeper than {MAX_NESTING} levels",
+                param=_printable(param),
+                code="invalid_json",
+            )
         if isinstance(item, str):
             _check_text(param, item)
         elif isinstance(item, dict):
@@ -103,8 +125,11 @@ def _check_text(param: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(
-            400, f"{_printable(param)}: contains a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode",
-            param=_printable(param), code="invalid_unicode",
+            400,
+            f"{_printable(param)}: contains a lone UTF-16 surrogate (like \\ud800), which is not text; send "
+            "valid Unicode",
+            param=_printable(param),
+            code="invalid_unicode",
         ) from None
 
 
@@ -131,7 +156,9 @@ class CompletionRequest(BaseModel):
     model: str | None = Field(default=None, description="Must name the served model when given.")
     prompt: str | list[str] = Field(description="The code before the cursor (or a fully templated prompt).")
     suffix: str | None = Field(default=None, description="The code after the cursor: switches on infill mode.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate (default: the server's max_new_tokens, within the context).")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens to generate (default: the server's max_new_tokens, within the context)."
+    )
     temperature: float = Field(default=1.0, ge=0, le=2, description="0 = greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1)
@@ -149,7 +176,12 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _text_prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
-            raise ApiError(422, "prompt: token-id prompts are not supported; send the prompt as text", param="prompt", code="unsupported_value")
+            raise ApiError(
+                422,
+                "prompt: token-id prompts are not supported; send the prompt as text",
+                param="prompt",
+                code="unsupported_value",
+            )
         return v
 
     @field_validator("stop")
@@ -168,7 +200,11 @@ class CompletionRequest(BaseModel):
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise ApiError(400, f"prompt: give one string (got a list of {len(self.prompt)}); batch prompts are not supported", param="prompt")
+            raise ApiError(
+                400,
+                f"prompt: give one string (got a list of {len(self.prompt)}); batch prompts are not supported",
+                param="prompt",
+            )
         return self.prompt[0]
 
     def check_supported(self) -> None:
@@ -212,7 +248,13 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def completion_body(
-    *, id_: str, model: str, text: str, finish_reason: str | None, usage_: dict[str, int] | None, created: int | None = None
+    *,
+    id_: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage_: dict[str, int] | None,
+    created: int | None = None,
 ) -> dict[str, Any]:
     """A full response, or one streamed chunk (usage_ None)."""
     body: dict[str, Any] = {
@@ -235,7 +277,9 @@ def usage_chunk(*, id_: str, model: str, created: int, usage_: dict[str, int]) -
 def models_body(*, name: str, max_model_len: int, created: int) -> dict[str, Any]:
     return {
         "object": "list",
-        "data": [{"id": name, "object": "model", "created": created, "owned_by": "midfill", "max_model_len": max_model_len}],
+        "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "midfill", "max_model_len": max_model_len}
+        ],
     }
 
 

@@ -80,6 +80,16 @@ def gathering(on_end: Callable[[Completion], None]) -> Callable[[StepOutput], No
         text.append(out.text)
         ids.extend(out.token_ids)
         if out.finished:
-            on_end(Completion("".join(text), ids, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.cached_tokens, out.error))
+            on_end(
+                Completion(
+                    "".join(text),
+                    ids,
+                    out.finish_reason,
+                    out.prompt_tokens,
+                    out.completion_tokens,
+                    out.cached_tokens,
+                    out.error,
+                )
+            )
 
     return on_output

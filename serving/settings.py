@@ -22,7 +22,8 @@ class ServingSettings(CoreSettings):
     MIDFILL_SERVE_LOAD_TIMEOUT_S, MIDFILL_API_KEY."""
 
     serve_device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="Where the model runs: auto = the replica's GPU when it has one (num_gpus), else the CPU."
+        default="auto",
+        description="Where the model runs: auto = the replica's GPU when it has one (num_gpus), else the CPU.",
     )
     serve_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
@@ -47,7 +48,9 @@ class ServingSettings(CoreSettings):
         default=None, description="Where models:/ URIs are downloaded (default: <state_dir>/models)."
     )
     serve_load_timeout_s: float = Field(
-        default=600, gt=0, description="How long a request waits for a replica that is still loading its model before a 503."
+        default=600,
+        gt=0,
+        description="How long a request waits for a replica that is still loading its model before a 503.",
     )
     api_key: str | None = Field(default=None, description="Key `midfill complete` sends (env MIDFILL_API_KEY).")
 

@@ -26,10 +26,27 @@ class KeyUsage:
     def __init__(self, registry: CollectorRegistry, model_version: str) -> None:
         labels = ["key", "model_version"]
         self.model_version = model_version
-        self.requests = Counter("midfill_key_requests", "Completion requests by key name, model version and HTTP status.", [*labels, "status"], registry=registry)
-        self.prompt = Counter("midfill_key_prompt_tokens", "Prompt tokens by key name and model version.", labels, registry=registry)
-        self.completion = Counter("midfill_key_completion_tokens", "Completion tokens by key name and model version.", labels, registry=registry)
-        self.cached = Counter("midfill_key_cached_tokens", "Prompt tokens served from the prefix cache, by key name and model version.", labels, registry=registry)
+        self.requests = Counter(
+            "midfill_key_requests",
+            "Completion requests by key name, model version and HTTP status.",
+            [*labels, "status"],
+            registry=registry,
+        )
+        self.prompt = Counter(
+            "midfill_key_prompt_tokens", "Prompt tokens by key name and model version.", labels, registry=registry
+        )
+        self.completion = Counter(
+            "midfill_key_completion_tokens",
+            "Completion tokens by key name and model version.",
+            labels,
+            registry=registry,
+        )
+        self.cached = Counter(
+            "midfill_key_cached_tokens",
+            "Prompt tokens served from the prefix cache, by key name and model version.",
+            labels,
+            registry=registry,
+        )
         self._lock = threading.Lock()
         self._requests: dict[str, deque[float]] = defaultdict(deque)
         self._tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
@@ -56,7 +73,12 @@ class KeyUsage:
     @staticmethod
     def _refuse(key: NamedKey, what: str, wait_s: float) -> None:
         retry = max(1, math.ceil(wait_s))
-        raise ApiError(429, f"API key {key.name!r} is over its limit of {what}; retry in {retry} s", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        raise ApiError(
+            429,
+            f"API key {key.name!r} is over its limit of {what}; retry in {retry} s",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry)},
+        )
 
     # -- counting -----------------------------------------------------------------------------------
     def refused(self, key: NamedKey | None, status: int) -> None:

@@ -22,8 +22,15 @@ FORBIDDEN = {
 }
 # The light core: the API types, settings, registry, FIM formats, export metadata and the lifecycle
 # state machines. The operator imports these; none may pull in (even transitively) the heavy stack.
-LIGHT_CORE = ["midfill.api", "midfill.settings", "midfill.registry", "midfill.fim", "midfill.export", "midfill.download",
-              "midfill.lifecycle"]
+LIGHT_CORE = [
+    "midfill.api",
+    "midfill.settings",
+    "midfill.registry",
+    "midfill.fim",
+    "midfill.export",
+    "midfill.download",
+    "midfill.lifecycle",
+]
 HEAVY = {"torch", "transformers", "ray"}
 
 
@@ -115,7 +122,9 @@ def test_light_core_imports_no_heavy_stack(module: str) -> None:
     assert not heavy, "\n".join(" -> ".join(chain) for chain in heavy.values())
 
 
-def test_the_checker_follows_relative_and_function_local_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_checker_follows_relative_and_function_local_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A light module reaching torch through a relative import and an import inside a function is caught."""
     pkg = tmp_path / "platform" / "midfill"
     pkg.mkdir(parents=True)

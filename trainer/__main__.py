@@ -21,9 +21,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --run-file is the same option under a name torchrun's own parser leaves alone: torchrun
     # rejects `--run` after `-m trainer` as an ambiguous abbreviation of its --run-path.
     parser.add_argument("--run", "--run-file", dest="run", required=True, help="TrainingRun YAML file")
-    parser.add_argument("--uid", help="TrainingRun uid (default: env MIDFILL_RUN_UID, metadata.uid, or a hash of the name)")
+    parser.add_argument(
+        "--uid", help="TrainingRun uid (default: env MIDFILL_RUN_UID, metadata.uid, or a hash of the name)"
+    )
     parser.add_argument("--attempt", type=int, help="attempt number (default: env MIDFILL_ATTEMPT or 1)")
-    parser.add_argument("--check", action="store_true", help="validate the config and list the data sources for the planned world size, then exit (0 or 78); run it before torchrun, which turns a worker's 78 into 1")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and list the data sources for the planned world size, then exit (0 or 78); "
+        "run it before torchrun, which turns a worker's 78 into 1",
+    )
     return parser.parse_args(argv)
 
 
@@ -32,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     quiet = os.environ.get("RANK", "0") != "0"  # one log stream: rank 0's
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     from pydantic import ValidationError
 

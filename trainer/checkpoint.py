@@ -95,11 +95,21 @@ class CheckpointManager:
         fs, path = fsspec.core.url_to_fs(resume)
         m = _STEP_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
         if not m or not fs.exists(f"{path.rstrip('/')}/{MARKER}"):
-            raise ValueError(f"checkpoint.resume: {resume} is not a complete checkpoint (a step-NNNNNNNN folder with {MARKER})")
+            raise ValueError(
+                f"checkpoint.resume: {resume} is not a complete checkpoint (a step-NNNNNNNN folder with {MARKER})"
+            )
         return CheckpointInfo(step=int(m.group(1)), uri=resume.rstrip("/"))
 
     # -- save / load ---------------------------------------------------------------------------
-    def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any], rank_state: dict[str, Any]) -> CheckpointInfo:
+    def save(
+        self,
+        step: int,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+        rank_state: dict[str, Any],
+    ) -> CheckpointInfo:
         name = f"step-{step:08d}"
         tmp = f".tmp-{name}"
         if self.d.is_main:
@@ -123,14 +133,18 @@ class CheckpointManager:
         self.d.barrier()
         return CheckpointInfo(step=step, uri=self._uri(name))
 
-    def load(self, info: CheckpointInfo, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def load(
+        self, info: CheckpointInfo, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restore model and optimizer in place; `extra` is a template of the saved extra (DCP loads
         exactly the keys asked for). Returns (extra, this rank's state or None if absent)."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd, "extra": extra}
         fs, path = fsspec.core.url_to_fs(info.uri)
         dcp.load(state, storage_reader=self._reader(info.uri))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=self.options)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=self.options
+        )
         rank_file = f"{path}/rank-{self.d.rank:05d}.pt"
         rank_state = None
         if fs.exists(rank_file):

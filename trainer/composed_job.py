@@ -67,12 +67,17 @@ def check_spec(run: TrainingRun) -> None:
     """What a composed run cannot do (ValueError naming the field); cheap, also for `--check`."""
     spec = run.spec
     if spec.parallelism.strategy == "fsdp":
-        raise ValueError("parallelism.strategy: fsdp does not shard composed models yet; use ddp (only the bridge trains, so it is small)")
+        raise ValueError(
+            "parallelism.strategy: fsdp does not shard composed models yet; use ddp (only the bridge trains, "
+            "so it is small)"
+        )
     if spec.objective.document_mask:
         raise ValueError("objective.documentMask: composed models take a padding mask only; set documentMask: false")
 
 
-def fetch_parents(spec: CompositionSpec, settings: TrainerSettings, fetch: Callable[[str, str], Path | None]) -> dict[str, Parent]:
+def fetch_parents(
+    spec: CompositionSpec, settings: TrainerSettings, fetch: Callable[[str, str], Path | None]
+) -> dict[str, Parent]:
     """Resolve and download both parents; `fetch(uri, field)` is the trainer's `model.init` fetcher."""
     parents = {}
     for role in ROLES:
@@ -102,7 +107,9 @@ def setup(spec: CompositionSpec, parents: dict[str, Parent], *, seq_length: int)
     max_context = min(contexts.values())
     if seq_length > max_context:
         role = min(contexts, key=contexts.get)
-        raise ValueError(f"training.seqLength: {seq_length} exceeds the {role} parent's context ({max_context}); shorten it")
+        raise ValueError(
+            f"training.seqLength: {seq_length} exceeds the {role} parent's context ({max_context}); shorten it"
+        )
     return ComposedSetup(spec=spec, parents=parents, max_context=max_context)
 
 
@@ -114,7 +121,8 @@ def check_tokenizer(s: ComposedSetup, tok: PreTrainedTokenizerFast) -> None:
             continue
         if toklib.load(str(p.folder)).get_vocab() != vocab:
             raise ValueError(
-                f"model.composition.{role}: its tokenizer differs from the run's (the other parent's or tokenizer.path); "
+                f"model.composition.{role}: its tokenizer differs from the run's (the other parent's or "
+                "tokenizer.path); "
                 "both parents must read the same tokens"
             )
 
@@ -125,14 +133,22 @@ def _load_parent(p: Parent, *, vocab_size: int, eos_id: int, pad_id: int, attn: 
         return LlamaForCausalLM(llama_config(p.recipe, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, attn=attn))
     lm = LlamaForCausalLM.from_pretrained(str(p.folder), attn_implementation=attn, dtype=torch.float32)
     if lm.get_input_embeddings().weight.shape[0] < vocab_size:
-        raise ValueError(f"model.composition.{p.role}: {p.ref} has fewer embedding rows than the tokenizer has tokens ({vocab_size})")
+        raise ValueError(
+            f"model.composition.{p.role}: {p.ref} has fewer embedding rows than the tokenizer has tokens ({vocab_size})"
+        )
     return lm
 
 
 class ComposedLM(nn.Module):
     """The composed model as the training loop and the evaluation call a causal LM."""
 
-    def __init__(self, composed: ComposedModel, *, seq_length: int, rebuild_parent: Callable[[str], LlamaForCausalLM] | None = None) -> None:
+    def __init__(
+        self,
+        composed: ComposedModel,
+        *,
+        seq_length: int,
+        rebuild_parent: Callable[[str], LlamaForCausalLM] | None = None,
+    ) -> None:
         super().__init__()
         self.composed = composed
         self.rebuild_parent = rebuild_parent  # a recipe-built parent's weights as they were before training
@@ -150,16 +166,28 @@ class ComposedLM(nn.Module):
         return {**batch, "labels": labels, "encoder_input_ids": batch["input_ids"][:, : self.pivot]}
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: list[int] | int, **_) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: list[int] | int, **_
+    ) -> torch.Tensor:
         """Greedy, with the composed caches (what `evaluate.line_infill_exact_match` needs); the caller
         cuts at its stop tokens, so only the first one ends decoding early."""
         eos = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
         context = {"encoder_input_ids": input_ids} if self.composed.mode == "codet5p" else {}
-        return greedy_generate(self.composed, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **context).tokens
+        return greedy_generate(
+            self.composed, input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **context
+        ).tokens
 
 
 def build(
-    s: ComposedSetup, *, attention: str, seq_length: int, vocab_size: int, eos_id: int, pad_id: int, seed: int, bf16: bool = True,
+    s: ComposedSetup,
+    *,
+    attention: str,
+    seq_length: int,
+    vocab_size: int,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    bf16: bool = True,
 ) -> tuple[ComposedLM, str]:
     """(the trainable wrapper, attention implementation); geometry errors name the composition field.
     bf16: as in `trainer.model.attention_implementation`."""
@@ -168,7 +196,9 @@ def build(
     def load(role: str) -> LlamaForCausalLM:
         # different seeds: two recipe parents must differ; the same seed rebuilds the same weights
         seed_of = seed + ROLES.index(role)
-        return _load_parent(s.parents[role], vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, attn=attn, seed=seed_of)
+        return _load_parent(
+            s.parents[role], vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, attn=attn, seed=seed_of
+        )
 
     composed = build_composed_model(s.spec, load("anchor"), load("augment"))
     return ComposedLM(composed, seq_length=seq_length, rebuild_parent=load), attn
@@ -180,7 +210,9 @@ def composition_metadata(s: ComposedSetup, model: ComposedModel) -> dict:
     return {"mode": model.mode, "parents": refs, "trainableParameters": num_trainable(model)}
 
 
-def write_export(s: ComposedSetup, lm: ComposedLM, tok: PreTrainedTokenizerFast, meta: ExportMetadata, out_dir: Path) -> Path:
+def write_export(
+    s: ComposedSetup, lm: ComposedLM, tok: PreTrainedTokenizerFast, meta: ExportMetadata, out_dir: Path
+) -> Path:
     """Bridge + composition.json (+ recipe-built parents) + tokenizer + midfill.json, built in a temp
     folder and moved into place, like a plain export."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -198,7 +230,10 @@ def write_export(s: ComposedSetup, lm: ComposedLM, tok: PreTrainedTokenizerFast,
     save_composed(model, tmp, anchor_ref=refs["anchor"], augment_ref=refs["augment"])
     tok.save_pretrained(tmp)
     # recipe: no single recipe made this model; the parents are in `composition`.
-    write_metadata(tmp, meta.model_copy(update={"recipe": f"composition:{model.mode}", "composition": composition_metadata(s, model)}))
+    write_metadata(
+        tmp,
+        meta.model_copy(update={"recipe": f"composition:{model.mode}", "composition": composition_metadata(s, model)}),
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

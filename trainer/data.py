@@ -41,7 +41,7 @@ class FileRef:
 
 
 def _stdlib_root(uri: str) -> str:
-    sub = uri[len(STDLIB_SCHEME):].strip("/")
+    sub = uri[len(STDLIB_SCHEME) :].strip("/")
     root = sysconfig.get_paths()["stdlib"]
     return f"{root}/{sub}" if sub else root
 
@@ -69,10 +69,12 @@ def list_source(index: int, src: DataSource, *, max_file_bytes: int) -> list[Fil
     for name, info in found.items():
         if info.get("type") not in (None, "file"):
             continue
-        rel = name[len(root):].lstrip("/") if root and name.startswith(root) else name
+        rel = name[len(root) :].lstrip("/") if root and name.startswith(root) else name
         if is_stdlib and STDLIB_SKIP_DIRS.intersection(PurePosixPath(rel).parts[:-1]):
             continue
-        if src.include and not any(fnmatch.fnmatch(PurePosixPath(rel).name, g) or fnmatch.fnmatch(rel, g) for g in src.include):
+        if src.include and not any(
+            fnmatch.fnmatch(PurePosixPath(rel).name, g) or fnmatch.fnmatch(rel, g) for g in src.include
+        ):
             continue
         if any(fnmatch.fnmatch(rel, g) for g in src.exclude):
             continue
@@ -81,7 +83,16 @@ def list_source(index: int, src: DataSource, *, max_file_bytes: int) -> list[Fil
             continue
         url = name if protocol in ("file", "local") else f"{protocol}://{name}"
         local = protocol in ("file", "local")
-        out.append(FileRef(source=index, kind=src.kind, url=url, rel=rel, size=size, identity="" if local else remote_identity(info)))
+        out.append(
+            FileRef(
+                source=index,
+                kind=src.kind,
+                url=url,
+                rel=rel,
+                size=size,
+                identity="" if local else remote_identity(info),
+            )
+        )
     out.sort(key=lambda f: f.rel)
     return out
 
@@ -135,11 +146,15 @@ class Corpus:
         for i, src in enumerate(spec.sources):
             files = list_source(i, src, max_file_bytes=spec.max_file_bytes)
             if not files:
-                raise ValueError(f"data.sources[{i}].uri: {src.uri} matched no files (check include/exclude and maxFileBytes)")
+                raise ValueError(
+                    f"data.sources[{i}].uri: {src.uri} matched no files (check include/exclude and maxFileBytes)"
+                )
             held = [f for f in files if is_validation(f.rel, spec.validation_fraction)]
             kept = [f for f in files if not is_validation(f.rel, spec.validation_fraction)]
             if not kept:
-                raise ValueError(f"data.validationFraction: every file of data.sources[{i}] was held out; lower it or add files")
+                raise ValueError(
+                    f"data.validationFraction: every file of data.sources[{i}] was held out; lower it or add files"
+                )
             train.append(kept)
             val.extend(held)
         return cls(train=train, validation=val, weights=[s.weight for s in spec.sources])
@@ -150,7 +165,9 @@ class Corpus:
         lists, so a large bucket is not re-read). Computed once per corpus."""
         if self._hash is None:
             h = hashlib.sha256()
-            for f in sorted([f for files in self.train for f in files] + self.validation, key=lambda f: (f.source, f.rel)):
+            for f in sorted(
+                [f for files in self.train for f in files] + self.validation, key=lambda f: (f.source, f.rel)
+            ):
                 h.update(f"{f.source}\0{f.rel}\0{file_digest(f)}\n".encode())
             object.__setattr__(self, "_hash", h.hexdigest()[:16])
         return self._hash
@@ -175,7 +192,16 @@ class DocumentStream:
     job continues with the exact next document.
     """
 
-    def __init__(self, sources: list[list[FileRef]], weights: list[float], *, seed: int, rank: int, world_size: int, epochs: int | None = None) -> None:
+    def __init__(
+        self,
+        sources: list[list[FileRef]],
+        weights: list[float],
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        epochs: int | None = None,
+    ) -> None:
         assert len(sources) == len(weights) and sources
         self.sources, self.weights = sources, weights
         self.seed, self.rank, self.world_size, self.epochs = seed, rank, world_size, epochs
@@ -215,7 +241,12 @@ class DocumentStream:
                 return f"{ref.source}:{ref.rel}", ref.kind, text
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "epoch": list(self.epoch), "index": list(self.index), "world_size": self.world_size}
+        return {
+            "rng": self.rng.getstate(),
+            "epoch": list(self.epoch),
+            "index": list(self.index),
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size or len(state["epoch"]) != len(self.sources):

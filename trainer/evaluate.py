@@ -33,7 +33,18 @@ class InfillCase:
     middle: str  # the removed line, with its newline
 
 
-def validation_batches(corpus: Corpus, tok: Tokenizer, objective, *, seq_length: int, num_mask_tokens: int, micro_batch: int, batches: int, d: Dist, seed: int) -> list[list[Packed]]:
+def validation_batches(
+    corpus: Corpus,
+    tok: Tokenizer,
+    objective,
+    *,
+    seq_length: int,
+    num_mask_tokens: int,
+    micro_batch: int,
+    batches: int,
+    d: Dist,
+    seed: int,
+) -> list[list[Packed]]:
     """The first `batches` micro-batches of this rank's share of the held-out files (one pass)."""
     if not corpus.validation:
         return []
@@ -50,8 +61,15 @@ def validation_batches(corpus: Corpus, tok: Tokenizer, objective, *, seq_length:
 
 @torch.no_grad()
 def validation_loss(
-    model: torch.nn.Module, batches: list[list[Packed]], *, pad_id: int, document_mask: bool, bf16: bool, d: Dist,
-    flat: bool = False, prepare_batch=None,
+    model: torch.nn.Module,
+    batches: list[list[Packed]],
+    *,
+    pad_id: int,
+    document_mask: bool,
+    bf16: bool,
+    d: Dist,
+    flat: bool = False,
+    prepare_batch=None,
 ) -> float | None:
     """Mean next-token loss over the held-out batches of every rank (None without held-out data).
     flat, prepare_batch: as in `loop.train`."""
@@ -110,7 +128,13 @@ def build_prompt(tok: Tokenizer, case: InfillCase, *, max_context: int) -> str:
 
 @torch.no_grad()
 def line_infill_exact_match(
-    model: torch.nn.Module, tok: Tokenizer, cases: list[InfillCase], *, max_context: int, device: torch.device, bf16: bool = False,
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    cases: list[InfillCase],
+    *,
+    max_context: int,
+    device: torch.device,
+    bf16: bool = False,
 ) -> float | None:
     """Share of cases whose first generated line equals the removed line. bf16: decode under the
     training's bf16 autocast, as `validation_loss` does -- FlashAttention takes only half-precision

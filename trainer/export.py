@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from midfill import fim
+from midfill import fim, model_card
 from midfill.api import TrainingRun
-from midfill import model_card
 from midfill.export import ExportMetadata, TrainingRunRef, read_metadata, write_metadata
 from midfill.progress import RESULT_FILE, TrainingResult, write_json_atomic
 from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry, VersionInfo
@@ -27,13 +26,19 @@ from trainer.tracking import Tracker
 ARTIFACT_PATH = "model"
 
 
-def metadata(run: TrainingRun, *, uid: str, attempt: int, data_hash: str, step: int, max_context: int, num_mask_tokens: int) -> ExportMetadata:
+def metadata(
+    run: TrainingRun, *, uid: str, attempt: int, data_hash: str, step: int, max_context: int, num_mask_tokens: int
+) -> ExportMetadata:
     """midfill.json for this run: how serving must prompt the model."""
     name = run.spec.objective.infill_format() or "codegen2"
     fmt = fim.get_format(name)
     sentinels = {"eos": fim.EOS, "pad": fim.PAD}
     if name == "codegen2":
-        sentinels |= {"sep": fim.SEP, "eom": fim.EOM, **{f"mask_{i}": fim.mask_token(i) for i in range(1, num_mask_tokens + 1)}}
+        sentinels |= {
+            "sep": fim.SEP,
+            "eom": fim.EOM,
+            **{f"mask_{i}": fim.mask_token(i) for i in range(1, num_mask_tokens + 1)},
+        }
     else:
         sentinels |= {"fim_prefix": fim.FIM_PREFIX, "fim_suffix": fim.FIM_SUFFIX, "fim_middle": fim.FIM_MIDDLE}
     return ExportMetadata(
@@ -48,7 +53,13 @@ def metadata(run: TrainingRun, *, uid: str, attempt: int, data_hash: str, step: 
     ).check()
 
 
-def write_export(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], tok: PreTrainedTokenizerFast, meta: ExportMetadata, out_dir: Path) -> Path:
+def write_export(
+    model: PreTrainedModel,
+    state_dict: dict[str, torch.Tensor],
+    tok: PreTrainedTokenizerFast,
+    meta: ExportMetadata,
+    out_dir: Path,
+) -> Path:
     """Safetensors + config + tokenizer + midfill.json, written to a temp folder then moved into place."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,11 +1,11 @@
 """Fetch a model.init (or a composition parent) once per node, so that a cut-short download is never
 taken for a finished one and a long one does not time out the other ranks.
 
-Local rank 0 fetches with `midfill.download.fetch_into` (scratch folder, completion marker, rename
-into place), so a download cut short by a crash or a preempted pod is redone, never reused. The other local ranks wait for the marker on the node's filesystem, not
-in a collective: an NCCL barrier gives up after the process group's 30-minute timeout, shorter than
-a 7B model's download can take. If local rank 0 fails, torchrun stops the node's other workers.
-"""
+Local rank 0 fetches with `midfill.download.fetch_into` (scratch folder, completion marker, rename into
+place), so a download cut short by a crash or a preempted pod is redone, never reused. The other local ranks
+wait for the marker on the node's filesystem, not in a collective: an NCCL barrier gives up after the process
+group's 30-minute timeout, shorter than a 7B model's download can take. If local rank 0 fails, torchrun stops
+the node's other workers."""
 
 from __future__ import annotations
 

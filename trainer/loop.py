@@ -70,7 +70,9 @@ def make_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.dev
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def collate(seqs: list[Packed], *, pad_id: int, document_mask: bool, device: torch.device, flat: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    seqs: list[Packed], *, pad_id: int, document_mask: bool, device: torch.device, flat: bool = False
+) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch; labels ignore padding. With document_mask, attention and
     positions restart at every piece: for sdpa through a (B, 1, T, T) mask; with `flat` (the model
     runs FlashAttention) through the positions alone, in one row of B x T tokens. transformers'
@@ -105,7 +107,9 @@ def is_flash(attn_implementation: str) -> bool:
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy in fp32: logits (B, T, V) at t predict labels (B, T) at t+1."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 @functools.cache
@@ -115,7 +119,9 @@ def _compiled_token_loss():
     return torch.compile(token_loss, dynamic=False)
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bool, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bool, compiled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses in fp32, number of predicted tokens)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -55,7 +55,15 @@ def llama_config(recipe: Recipe, *, vocab_size: int, eos_id: int, pad_id: int, a
 
 
 def build_model(
-    spec: ModelSpec, recipe: Recipe, *, init_dir: Path | None, vocab_size: int, eos_id: int, pad_id: int, seed: int, bf16: bool = True,
+    spec: ModelSpec,
+    recipe: Recipe,
+    *,
+    init_dir: Path | None,
+    vocab_size: int,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    bf16: bool = True,
 ) -> tuple[PreTrainedModel, str]:
     """(model in fp32 on CPU, attention implementation). Random init is seeded, so every rank agrees.
     bf16: as in `attention_implementation`."""

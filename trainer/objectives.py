@@ -60,9 +60,14 @@ class SpecialIds:
             return i
 
         return cls(
-            eos=tid(fim.EOS), pad=tid(fim.PAD), sep=tid(fim.SEP), eom=tid(fim.EOM),
+            eos=tid(fim.EOS),
+            pad=tid(fim.PAD),
+            sep=tid(fim.SEP),
+            eom=tid(fim.EOM),
             masks=tuple(tid(fim.mask_token(i)) for i in range(1, num_mask_tokens + 1)),
-            fim_prefix=tid(fim.FIM_PREFIX), fim_suffix=tid(fim.FIM_SUFFIX), fim_middle=tid(fim.FIM_MIDDLE),
+            fim_prefix=tid(fim.FIM_PREFIX),
+            fim_suffix=tid(fim.FIM_SUFFIX),
+            fim_middle=tid(fim.FIM_MIDDLE),
         )
 
 
@@ -109,7 +114,16 @@ class _Doc:
 class Packer:
     """Turns a document stream into packed sequences; resumable through state_dict()."""
 
-    def __init__(self, docs: DocumentStream, tok: Tokenizer, spec: ObjectiveSpec, *, seq_length: int, num_mask_tokens: int, seed: int) -> None:
+    def __init__(
+        self,
+        docs: DocumentStream,
+        tok: Tokenizer,
+        spec: ObjectiveSpec,
+        *,
+        seq_length: int,
+        num_mask_tokens: int,
+        seed: int,
+    ) -> None:
         # Encode the corpus's literal "<mask_1>"/"<|endoftext|>" strings as text, not as sentinels.
         self.tok = Tokenizer.from_str(tok.to_str())
         self.tok.encode_special_tokens = True
@@ -210,7 +224,9 @@ class Packer:
             text = doc.text[c0:c1]
             if len(text) < MIN_SPAN_PIECE_CHARS:
                 return None
-            spans = choose_spans(text, k=k, ratio=ratio, single_line_p=sc.single_line_probability, rng=random.Random(self.rng.random()))
+            spans = choose_spans(
+                text, k=k, ratio=ratio, single_line_p=sc.single_line_probability, rng=random.Random(self.rng.random())
+            )
             out = self._encode_span_format(text, spans)
             if len(out) <= room:
                 doc.pos = j1 + (1 if j1 == len(doc.ids) else 0)  # the format's <|endoftext|> ends the file
@@ -266,7 +282,7 @@ def choose_spans(text: str, *, k: int, ratio: float, single_line_p: float, rng: 
     n = len(text)
     total = max(k, int(n * ratio))
     cuts = sorted(rng.randint(1, max(1, total - 1)) for _ in range(k - 1))
-    lengths = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+    lengths = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
     spans = []
     for i, length in enumerate(lengths):
         lo, hi = i * n // k, (i + 1) * n // k  # this span's share of the text
@@ -289,7 +305,7 @@ def _random_line(text: str, lo: int, hi: int, rng: random.Random) -> tuple[int, 
     lines = []
     for s in starts:
         e = text.find("\n", s)
-        e = (len(text) if e < 0 else e + 1)
+        e = len(text) if e < 0 else e + 1
         if e <= hi and text[s:e].strip():
             lines.append((s, e))
     return rng.choice(lines) if lines else None
@@ -300,6 +316,7 @@ def parse_back(ids: list[int], tok: Tokenizer, sid: SpecialIds) -> str:
 
     Masks must be numbered 1, 2, … in order, in place and in the answers alike.
     """
+
     def dec(part: list[int]) -> str:
         return tok.decode(part, skip_special_tokens=False)
 
@@ -339,7 +356,7 @@ def parse_back(ids: list[int], tok: Tokenizer, sid: SpecialIds) -> str:
                 cur.append(t)
         assert cur is None and answer_order == order, f"answers {answer_order} do not match masks {order}"
         text = dec(parts[0])
-        for mid, part in zip(middles, parts[1:]):
+        for mid, part in zip(middles, parts[1:], strict=True):
             text += dec(mid) + dec(part)
         return text
     if ids and ids[-1] == sid.eos:

@@ -65,7 +65,11 @@ def wrap(model: torch.nn.Module, *, strategy: str, d: Dist, mixed_bf16: bool) ->
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if mixed_bf16
+            else MixedPrecisionPolicy()
+        )
         for layer in model.model.layers:  # one FSDP unit per decoder block, then the rest
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

@@ -43,20 +43,33 @@ def run_post_registration_eval(
     files = local_heldout_files(validation)
     recorded: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="midfill-post-eval-") as tmp:
-        model_dir = export_dir if export_dir and (export_dir / "midfill.json").is_file() else registry.download(version, tmp)
+        model_dir = (
+            export_dir if export_dir and (export_dir / "midfill.json").is_file() else registry.download(version, tmp)
+        )
         for suite in todo:
             suite_files = files if suite in ("line-em", "left-to-right") else None
             if suite_files is not None and not suite_files:
-                log.warning("evaluation %s skipped: the run has no local held-out code files (data.validationFraction)", suite)
+                log.warning(
+                    "evaluation %s skipped: the run has no local held-out code files (data.validationFraction)", suite
+                )
                 continue
             log.info("evaluating %s on %s (%d tasks)", suite, version.uri, spec.limit)
             try:
                 # A composed export's models:/ parents come from the run's registry, downloaded once
                 # into this temporary folder for all suites.
-                result = evaluate_export(suite, model_dir, limit=spec.limit, max_new_tokens=spec.max_new_tokens,
-                                         files=suite_files, workers=max(1, min(4, os.cpu_count() or 1)),
-                                         tracking_uri=registry.tracking_uri, cache_dir=Path(tmp) / "parent-cache")
-                record_on_version(result, tracking_uri=registry.tracking_uri, name=version.name, version=version.version)
+                result = evaluate_export(
+                    suite,
+                    model_dir,
+                    limit=spec.limit,
+                    max_new_tokens=spec.max_new_tokens,
+                    files=suite_files,
+                    workers=max(1, min(4, os.cpu_count() or 1)),
+                    tracking_uri=registry.tracking_uri,
+                    cache_dir=Path(tmp) / "parent-cache",
+                )
+                record_on_version(
+                    result, tracking_uri=registry.tracking_uri, name=version.name, version=version.version
+                )
             except Exception:  # noqa: BLE001 - the model is registered; an evaluation failure must not fail the run
                 log.exception("evaluation %s on %s failed; not recorded", suite, version.uri)
                 continue

@@ -35,7 +35,8 @@ class TrainerSettings(CoreSettings):
     )
     attempt: int = Field(default=1, ge=1, description="Attempt number, 1-based (env MIDFILL_ATTEMPT). Default 1.")
     run_dir: Path | None = Field(
-        default=None, description="Run folder for progress.json/result.json (env MIDFILL_RUN_DIR). Default <state dir>/runs/<name>."
+        default=None,
+        description="Run folder for progress.json/result.json (env MIDFILL_RUN_DIR). Default <state dir>/runs/<name>.",
     )
     checkpoint_dir: str | None = Field(
         default=None,
@@ -43,7 +44,8 @@ class TrainerSettings(CoreSettings):
         "Default <run folder>/checkpoints.",
     )
     export_dir: Path | None = Field(
-        default=None, description="Where the final export is written (env MIDFILL_EXPORT_DIR). Default <run folder>/export."
+        default=None,
+        description="Where the final export is written (env MIDFILL_EXPORT_DIR). Default <run folder>/export.",
     )
     progress_bar: bool | None = Field(
         default=None, description="Show a tqdm bar (env MIDFILL_PROGRESS_BAR). Default: when stderr is a terminal."

@@ -97,7 +97,9 @@ def check_specials(tok: PreTrainedTokenizerFast, *, num_mask_tokens: int) -> Non
     vocab = tok.get_vocab()
     missing = [t for t in fim.special_tokens(num_mask_tokens) if t not in vocab]
     if missing:
-        raise ValueError(f"tokenizer.path: the tokenizer lacks {', '.join(missing)}; train one (omit tokenizer.path) or add them")
+        raise ValueError(
+            f"tokenizer.path: the tokenizer lacks {', '.join(missing)}; train one (omit tokenizer.path) or add them"
+        )
 
 
 def exists(folder: str) -> bool:

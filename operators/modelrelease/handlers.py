@@ -5,7 +5,7 @@ no watch event reaches us."""
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -33,7 +33,9 @@ def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None) ->
     app_status = app.get("status", "")
     observed, generation = status.get("observedGeneration"), meta.get("generation")
     current = observed is None or generation is None or observed >= generation
-    health = f"application {builders.APP_NAME}: {app_status or 'no status yet'}" + ("" if current else " (for an older spec)")
+    health = f"application {builders.APP_NAME}: {app_status or 'no status yet'}" + (
+        "" if current else " (for an older spec)"
+    )
     if app.get("message"):
         health += f": {app['message']}"
     built_from = annotations.get(builders.ANNOTATION_GENERATION)
@@ -63,8 +65,14 @@ async def observe(memo: Any, release: ModelRelease, body: dict[str, Any]) -> Obs
     return Observed(now=now, resolution=resolution, deployment=rayservice_view(raw_rs, release))
 
 
-async def act(kube: Kube, settings: OperatorSettings, release: ModelRelease, observed: Observed, actions: list,
-              logger: logging.Logger) -> None:
+async def act(
+    kube: Kube,
+    settings: OperatorSettings,
+    release: ModelRelease,
+    observed: Observed,
+    actions: list,
+    logger: kopf.Logger,
+) -> None:
     namespace, name, now = release.metadata.namespace or "default", release.endpoint_name(), fmt_time(observed.now)
     for action in actions:
         assert isinstance(action, Deploy)
@@ -75,13 +83,17 @@ async def act(kube: Kube, settings: OperatorSettings, release: ModelRelease, obs
             logger.info(f"created RayService {name} serving version {action.version}")
             continue
         spec_changed = dep.generation is not None and dep.generation != release.metadata.generation
-        patch = builders.version_patch(release, version=action.version, settings=settings, rollout_start=now,
-                                       spec_changed=spec_changed)
+        patch = builders.version_patch(
+            release, version=action.version, settings=settings, rollout_start=now, spec_changed=spec_changed
+        )
         await kube.patch(RAYSERVICES, namespace, name, patch)
-        logger.info(f"RayService {name}: now serves version {action.version}" + (" with the edited spec" if spec_changed else ""))
+        logger.info(
+            f"RayService {name}: now serves version {action.version}"
+            + (" with the edited spec" if spec_changed else "")
+        )
 
 
-async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> None:
+async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger) -> None:
     kube: Kube = memo.kube
     async with common.locks[("mr", namespace, name)]:
         body = await kube.get(MODELRELEASES, namespace, name)
@@ -104,34 +116,41 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger) -> 
 @kopf.on.resume(GROUP, VERSION, "modelreleases")
 @kopf.on.create(GROUP, VERSION, "modelreleases")
 @kopf.on.update(GROUP, VERSION, "modelreleases", field="spec")
-async def release_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def release_changed(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger)
 
 
 @kopf.timer(GROUP, VERSION, "modelreleases", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def release_resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def release_resync(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Approvals and aliases change in MLflow, health changes in KubeRay: look again."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={builders.LABEL_RELEASE: kopf.PRESENT, **builders.MANAGED_BY})
-async def rayservice_event(labels: dict[str, str], namespace: str, type: str | None, memo: kopf.Memo,
-                           logger: logging.Logger, **_: Any) -> None:
+async def rayservice_event(
+    labels: Mapping[str, str], namespace: str | None, type: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     """KubeRay updated the RayService's status (healthy, failing): re-check its release now."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, labels[builders.LABEL_RELEASE], logger)
 
 
 @kopf.on.event(GROUP, VERSION, "modelreleases")
-async def release_deleted(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
-                          logger: logging.Logger, **_: Any) -> None:
+async def release_deleted(
+    type: str | None, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    namespace = common.namespaced(namespace)
     if type != "DELETED":
         return
     await _delete_rayservices_of(memo.kube, namespace, name, owner_uid=body["metadata"].get("uid"), logger=logger)
     common.locks.pop(("mr", namespace, name), None)
 
 
-async def _delete_rayservices_of(kube: Kube, namespace: str, name: str, *, owner_uid: str | None,
-                                 logger: logging.Logger) -> None:
+async def _delete_rayservices_of(
+    kube: Kube, namespace: str, name: str, *, owner_uid: str | None, logger: kopf.Logger
+) -> None:
     """Delete the RayServices we made for release `name`: those owned by `owner_uid`, or (None) all of
     them, once the release is known to be gone. (Kubernetes' garbage collector would do it through the
     ownerReference; this also covers clusters and emulators without one.)"""

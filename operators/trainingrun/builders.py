@@ -57,9 +57,14 @@ def labels(run: TrainingRun, attempt: int | None = None) -> dict[str, str]:
     return out
 
 
-def _meta(run: TrainingRun, name: str, attempt: int | None, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": {**labels(run, attempt), **(extra_labels or {})},
-                            "ownerReferences": [owner_reference(run)]}
+def _meta(
+    run: TrainingRun, name: str, attempt: int | None, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {**labels(run, attempt), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(run)],
+    }
     if run.metadata.namespace:
         meta["namespace"] = run.metadata.namespace
     return meta
@@ -67,10 +72,17 @@ def _meta(run: TrainingRun, name: str, attempt: int | None, extra_labels: dict[s
 
 def build_config_map(run: TrainingRun, *, attempt: int) -> dict[str, Any]:
     """The run's YAML as the trainer reads it (immutable: a spec edit reaches the next attempt only)."""
-    meta = {k: v for k, v in {
-        "name": run.metadata.name, "namespace": run.metadata.namespace, "uid": run.metadata.uid,
-        "generation": run.metadata.generation, "labels": run.metadata.labels or None,
-    }.items() if v is not None}
+    meta = {
+        k: v
+        for k, v in {
+            "name": run.metadata.name,
+            "namespace": run.metadata.namespace,
+            "uid": run.metadata.uid,
+            "generation": run.metadata.generation,
+            "labels": run.metadata.labels or None,
+        }.items()
+        if v is not None
+    }
     doc = {"apiVersion": API_VERSION, "kind": "TrainingRun", "metadata": meta, "spec": run.spec.to_wire()}
     return {
         "apiVersion": "v1",
@@ -92,7 +104,14 @@ def build_service(run: TrainingRun, *, settings: OperatorSettings) -> dict[str, 
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {LABEL_RUN: run.metadata.name},
-            "ports": [{"name": "rendezvous", "port": settings.master_port, "targetPort": settings.master_port, "protocol": "TCP"}],
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": settings.master_port,
+                    "targetPort": settings.master_port,
+                    "protocol": "TCP",
+                }
+            ],
         },
     }
 
@@ -156,8 +175,9 @@ def _env(run: TrainingRun, *, attempt: int, settings: OperatorSettings) -> list[
     return env
 
 
-def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
-              active_deadline_seconds: int | None = None) -> dict[str, Any]:
+def build_job(
+    run: TrainingRun, *, attempt: int, settings: OperatorSettings, active_deadline_seconds: int | None = None
+) -> dict[str, Any]:
     """The Indexed Job of one attempt: one pod per node, all-or-nothing (backoffLimit 0)."""
     spec = run.spec
     name = job_name(run.metadata.name, attempt)
@@ -169,7 +189,16 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
         "name": CONTAINER,
         "image": image,
         "command": ["torchrun"],
-        "args": ["-m", "trainer", "--run-file", f"{CONFIG_DIR}/{RUN_FILE}", "--uid", run_uid(run), "--attempt", str(attempt)],
+        "args": [
+            "-m",
+            "trainer",
+            "--run-file",
+            f"{CONFIG_DIR}/{RUN_FILE}",
+            "--uid",
+            run_uid(run),
+            "--attempt",
+            str(attempt),
+        ],
         "env": _env(run, attempt=attempt, settings=settings),
         "ports": [{"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"}],
         "volumeMounts": [
@@ -224,7 +253,12 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
     codes = sorted({c for c in spec.failure_policy.non_retryable_exit_codes if c != 0})
     if codes:
         for container_name in (CHECK_CONTAINER, CONTAINER):
-            rules.append({"action": "FailJob", "onExitCodes": {"containerName": container_name, "operator": "In", "values": codes}})
+            rules.append(
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": container_name, "operator": "In", "values": codes},
+                }
+            )
     # A preempted or evicted pod is not the trainer's fault: do not count it as a failure.
     rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
 
@@ -248,8 +282,9 @@ def build_job(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
     }
 
 
-def build_attempt(run: TrainingRun, *, attempt: int, settings: OperatorSettings,
-                  active_deadline_seconds: int | None = None) -> list[dict[str, Any]]:
+def build_attempt(
+    run: TrainingRun, *, attempt: int, settings: OperatorSettings, active_deadline_seconds: int | None = None
+) -> list[dict[str, Any]]:
     """Everything one attempt needs, in creation order (the Job last: its pods mount the others)."""
     return [
         build_config_map(run, attempt=attempt),

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import re
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +22,14 @@ from midfill.api import GROUP, VERSION, FieldError, SpecError, TrainingRun
 from midfill.api.trainingrun import RegisteredModelRef, TrainingRunStatus
 from midfill.lifecycle.clock import parse_time
 from midfill.lifecycle.trainingrun import (
-    DEADLINE, NON_RETRYABLE, AttemptView, DeleteAttempt, Observed, StartAttempt, needs_registry_lookup, needs_resync,
+    DEADLINE,
+    NON_RETRYABLE,
+    AttemptView,
+    DeleteAttempt,
+    Observed,
+    StartAttempt,
+    needs_registry_lookup,
+    needs_resync,
     reconcile,
 )
 from operators import common
@@ -73,8 +80,16 @@ def job_view(job: dict[str, Any]) -> AttemptView | None:
     )
 
 
-async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: TrainingRunStatus,
-                  body: dict[str, Any], logger: logging.Logger, *, read_progress: bool) -> Observed:
+async def observe(
+    kube: Kube,
+    memo: Any,
+    run: TrainingRun | SpecError,
+    status: TrainingRunStatus,
+    body: dict[str, Any],
+    logger: kopf.Logger,
+    *,
+    read_progress: bool,
+) -> Observed:
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
     jobs = {}
@@ -92,7 +107,7 @@ async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: T
             elif view is not None and not view.deleting:  # left over from a deleted run of the same name
                 await kube.delete(JOBS, namespace, view.name)
         attempt += 1
-    observed = Observed(now=dt.datetime.now(dt.timezone.utc), jobs=jobs)
+    observed = Observed(now=dt.datetime.now(dt.UTC), jobs=jobs)
     if isinstance(run, SpecError) or not memo.settings.tracking_uri:
         return observed
     registry = memo.registry()
@@ -101,8 +116,9 @@ async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: T
     try:
         # Progress is the timer's job (watch events carry none); no Job yet means nothing to report.
         if read_progress and jobs and status.phase not in ("Succeeded", "Failed"):
-            progress = await loop.run_in_executor(_MLFLOW_POOL, lambda: registry.run_progress(
-                uid, experiment_name=run.spec.registry.experiment_name))
+            progress = await loop.run_in_executor(
+                _MLFLOW_POOL, lambda: registry.run_progress(uid, experiment_name=run.spec.registry.experiment_name)
+            )
         if needs_registry_lookup(status, observed):
             found = await loop.run_in_executor(_MLFLOW_POOL, registry.find_by_run_uid, run.registered_model_name(), uid)
             if found is not None:
@@ -112,12 +128,13 @@ async def observe(kube: Kube, memo: Any, run: TrainingRun | SpecError, status: T
     return Observed(now=observed.now, jobs=jobs, progress=progress, registered=registered)
 
 
-async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions: list, logger: logging.Logger) -> None:
+async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions: list, logger: kopf.Logger) -> None:
     namespace = run.metadata.namespace or "default"
     for action in actions:
         if isinstance(action, StartAttempt):
-            for obj in builders.build_attempt(run, attempt=action.attempt, settings=settings,
-                                              active_deadline_seconds=action.active_deadline_seconds):
+            for obj in builders.build_attempt(
+                run, attempt=action.attempt, settings=settings, active_deadline_seconds=action.active_deadline_seconds
+            ):
                 res = {"ConfigMap": CONFIGMAPS, "Service": SERVICES, "Job": JOBS}[obj["kind"]]
                 created = await kube.create(res, namespace, obj)
                 if created and obj["kind"] == "Job":
@@ -134,7 +151,7 @@ def refuse_unshared(run: TrainingRun | SpecError, settings: OperatorSettings) ->
     return SpecError([FieldError("spec.parallelism.numNodes", problem)]) if problem else run
 
 
-async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, read_progress: bool = False) -> None:
+async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger, *, read_progress: bool = False) -> None:
     """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
     kube: Kube = memo.kube
     async with common.locks[("tr", namespace, name)]:
@@ -157,38 +174,52 @@ async def sync(memo: Any, namespace: str, name: str, logger: logging.Logger, *, 
 @kopf.on.resume(GROUP, VERSION, "trainingruns")
 @kopf.on.create(GROUP, VERSION, "trainingruns")
 @kopf.on.update(GROUP, VERSION, "trainingruns", field="spec")
-async def trainingrun_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def trainingrun_changed(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger)
 
 
-@kopf.timer(GROUP, VERSION, "trainingruns", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS,
-            when=lambda status, **_: needs_resync(dict(status)))
-async def trainingrun_resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "trainingruns",
+    interval=RESYNC_SECONDS,
+    initial_delay=RESYNC_SECONDS,
+    when=lambda status, **_: needs_resync(dict(status)),
+)
+async def trainingrun_resync(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Edge-triggered handlers miss what happens outside the API (time passing, MLflow): check it here."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, name, logger, read_progress=True)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT, **builders.MANAGED_BY})
-async def job_event(labels: dict[str, str], namespace: str, type: str | None, memo: kopf.Memo,
-                    logger: logging.Logger, **_: Any) -> None:
+async def job_event(
+    labels: Mapping[str, str], namespace: str | None, type: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     """A Job of ours changed (pods ready, failed, completed): re-check its TrainingRun now."""
+    namespace = common.namespaced(namespace)
     await sync(memo, namespace, labels[builders.LABEL_RUN], logger)
 
 
 @kopf.on.event(GROUP, VERSION, "trainingruns")
-async def trainingrun_deleted(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
-                              logger: logging.Logger, **_: Any) -> None:
+async def trainingrun_deleted(
+    type: str | None, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    namespace = common.namespaced(namespace)
     if type != "DELETED":
         return
     await cleanup(memo.kube, namespace=namespace, name=name, uid=body["metadata"].get("uid"), logger=logger)
     common.locks.pop(("tr", namespace, name), None)
 
 
-async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: logging.Logger) -> None:
+async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: kopf.Logger) -> None:
     """Delete every child of a deleted run (only those it owns: a new run of the same name keeps its own)."""
     selector = {builders.LABEL_RUN: name, **builders.MANAGED_BY}
     for res in (JOBS, CONFIGMAPS, SERVICES):
         for obj in await kube.list(res, namespace, selector):
             if uid in common.owner_uids(obj):
                 await kube.delete(res, namespace, obj["metadata"]["name"])
-                logger.info(f"deleted {obj.get('kind') or res.plural} {obj['metadata']['name']} of deleted TrainingRun {name}")
+                logger.info(
+                    f"deleted {obj.get('kind') or res.plural} {obj['metadata']['name']} of deleted TrainingRun {name}"
+                )

@@ -50,7 +50,9 @@ class NamedKey:
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise ValueError(f"key name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise ValueError(
+            f"key name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 

@@ -79,7 +79,9 @@ def _load_component_commands() -> None:
         except ImportError as exc:  # a component whose dependencies are not installed here
             missing = exc.name or str(exc)
 
-            @app.command(name=ep.name, hidden=True, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+            @app.command(
+                name=ep.name, hidden=True, context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+            )
             def _unavailable(_name: str = ep.name, _missing: str = missing) -> None:
                 raise fail(f"`midfill {_name}` is not available: missing module {_missing}")
 

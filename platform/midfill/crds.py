@@ -43,8 +43,23 @@ _KINDS: dict[str, dict[str, Any]] = {
 
 # JSON Schema keywords a structural CRD schema may carry (others, like title, are dropped).
 _KEEP = {
-    "type", "description", "properties", "required", "items", "enum", "default", "minimum", "maximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems", "additionalProperties", "format", "nullable",
+    "type",
+    "description",
+    "properties",
+    "required",
+    "items",
+    "enum",
+    "default",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "additionalProperties",
+    "format",
+    "nullable",
 }
 
 
@@ -64,7 +79,7 @@ def _to_openapi(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         non_null = [o for o in options if o.get("type") != "null"]
         outer = {k: v for k, v in schema.items() if k != "anyOf"}
         if {o.get("type") for o in non_null} == {"integer", "string"}:
-            out = {"x-kubernetes-int-or-string": True}
+            out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
             out.update({k: v for k, v in outer.items() if k in ("description",)})
             return out
         assert len(non_null) == 1, f"unsupported union in CRD schema: {schema}"
@@ -76,7 +91,7 @@ def _to_openapi(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return out
     if "const" in schema:
         schema = {**schema, "enum": [schema.pop("const")]}
-    out: dict[str, Any] = {}
+    out = {}
     kind = schema.get("type")
     if kind == "object":
         out["type"] = "object"
@@ -132,9 +147,9 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 def build_crd(kind: str) -> dict[str, Any]:
     """The CustomResourceDefinition object for one kind."""
     info = _KINDS[kind]
-    columns = [
-        {"name": name, "type": typ, "jsonPath": path} for name, typ, path in info["columns"]
-    ] + [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    columns = [{"name": name, "type": typ, "jsonPath": path} for name, typ, path in info["columns"]] + [
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+    ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

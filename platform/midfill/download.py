@@ -53,6 +53,7 @@ def fetch_into(dst: Path, fetch: Callable[[Path], Any], *, source: str) -> Path:
 def fetch_version(registry: Any, info: Any, dst: Path) -> Path:
     """The export folder of registry version `info` (a midfill.registry.VersionInfo), downloaded once
     into `dst` by `registry.download`."""
+
     def download(folder: Path) -> None:
         local = Path(registry.download(info, folder))
         (folder / WHERE).write_text(str(local.relative_to(folder)) if local.is_relative_to(folder) else ".")

@@ -7,14 +7,14 @@ An export is a folder: Hugging Face safetensors weights + config, the tokenizer 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from midfill.fim import FORMATS
 
 METADATA_FILE = "midfill.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 
 
 class TrainingRunRef(BaseModel):

@@ -22,7 +22,16 @@ def mask_token(i: int) -> str:
 
 def special_tokens(num_mask_tokens: int) -> list[str]:
     """Every special token a midfill tokenizer carries, in a fixed order (ids are stable)."""
-    return [EOS, PAD, SEP, EOM, *(mask_token(i) for i in range(1, num_mask_tokens + 1)), FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+    return [
+        EOS,
+        PAD,
+        SEP,
+        EOM,
+        *(mask_token(i) for i in range(1, num_mask_tokens + 1)),
+        FIM_PREFIX,
+        FIM_SUFFIX,
+        FIM_MIDDLE,
+    ]
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,9 @@ def get_format(name: str) -> FimFormat:
         raise ValueError(f"unknown FIM format {name!r}; use one of {', '.join(FORMATS)}") from None
 
 
-_PSM = re.compile(re.escape(FIM_PREFIX) + r"(.*?)" + re.escape(FIM_SUFFIX) + r"(.*?)" + re.escape(FIM_MIDDLE) + r"(.*)\Z", re.S)
+_PSM = re.compile(
+    re.escape(FIM_PREFIX) + r"(.*?)" + re.escape(FIM_SUFFIX) + r"(.*?)" + re.escape(FIM_MIDDLE) + r"(.*)\Z", re.S
+)
 _SPM = re.compile(re.escape(FIM_PREFIX) + re.escape(FIM_SUFFIX) + r"(.*?)" + re.escape(FIM_MIDDLE) + r"(.*)\Z", re.S)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from midfill.export import ExportMetadata
@@ -22,7 +22,10 @@ FLAVOR = "midfill"
 # What the served endpoint takes and gives (the OpenAI completions fields an editor uses): the
 # signature the MLflow UI shows under Schema.
 SIGNATURE = {
-    "inputs": [{"type": "string", "name": "prompt", "required": True}, {"type": "string", "name": "suffix", "required": False}],
+    "inputs": [
+        {"type": "string", "name": "prompt", "required": True},
+        {"type": "string", "name": "suffix", "required": False},
+    ],
     "outputs": [{"type": "string", "name": "text", "required": True}],
     "params": [
         {"name": "max_tokens", "type": "long", "default": 64, "shape": None},
@@ -38,11 +41,20 @@ def write_mlmodel(export_dir: Path, meta: ExportMetadata) -> Path:
 
     body = {
         "artifact_path": "model",
-        "flavors": {FLAVOR: {"fim_format": meta.fim_format, "recipe": meta.recipe, "max_context": meta.max_context,
-                             "metadata_file": "midfill.json", "weights": "safetensors"}},
+        "flavors": {
+            FLAVOR: {
+                "fim_format": meta.fim_format,
+                "recipe": meta.recipe,
+                "max_context": meta.max_context,
+                "metadata_file": "midfill.json",
+                "weights": "safetensors",
+            }
+        },
         "mlflow_version": mlflow.__version__,
-        "model_uuid": uuid.uuid5(uuid.NAMESPACE_URL, f"midfill:{meta.training_run.uid if meta.training_run else meta.recipe}").hex,
-        "utc_time_created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"),
+        "model_uuid": uuid.uuid5(
+            uuid.NAMESPACE_URL, f"midfill:{meta.training_run.uid if meta.training_run else meta.recipe}"
+        ).hex,
+        "utc_time_created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
         "signature": {k: json.dumps(v) for k, v in SIGNATURE.items()},
     }
     path = Path(export_dir) / MLMODEL_FILE
@@ -73,10 +85,18 @@ def _training(registry: Registry, run_id: str | None) -> list[str]:
     per_step = p.get("spec.training.globalBatchTokens")
     if per_step and per_step.isdigit() and step:
         rows.append(f"| tokens | {step * int(per_step):,} ({int(per_step):,} per step) |")
-    for key, label in (("loss", "final training loss"), ("val_loss", "final validation loss"), ("line_infill_exact_match", "line infill exact match")):
+    for key, label in (
+        ("loss", "final training loss"),
+        ("val_loss", "final validation loss"),
+        ("line_infill_exact_match", "line infill exact match"),
+    ):
         if key in m:
             rows.append(f"| {label} | {m[key]:.4f} |")
-    for key, label in (("spec.model.recipe", "recipe"), ("num_params", "parameters"), ("train_files", "training files")):
+    for key, label in (
+        ("spec.model.recipe", "recipe"),
+        ("num_params", "parameters"),
+        ("train_files", "training files"),
+    ):
         if key in p:
             rows.append(f"| {label} | {p[key]} |")
     return ["| | |", "|---|---|", *rows]
@@ -99,19 +119,33 @@ def render(registry: Registry, info: VersionInfo) -> str:
     """The card's Markdown, from the registry's current state."""
     t = info.tags
     lineage = [
-        "| | |", "|---|---|",
-        f"| TrainingRun | `{t.get(TAG_RUN_NAME, '-')}` (uid `{t.get(TAG_RUN_UID, '-')}`, attempt {t.get(TAG_ATTEMPT, '-')}) |",
+        "| | |",
+        "|---|---|",
+        f"| TrainingRun | `{t.get(TAG_RUN_NAME, '-')}` (uid `{t.get(TAG_RUN_UID, '-')}`, attempt "
+        f"{t.get(TAG_ATTEMPT, '-')}) |",
         f"| data hash | `{t.get(TAG_DATA_HASH, '-')}` (of the files' contents) |",
         f"| training run | {_run_link(registry, info.run_id)} |",
         f"| served as | `x-midfill-model-version: {info.name}/{info.version}` |",
     ]
-    return "\n".join([
-        f"# {info.name} version {info.version}", "",
-        "## Lineage", "", *lineage, "",
-        "## Training", "", *_training(registry, info.run_id), "",
-        "## Evaluations", "", *_evaluations(registry, info), "",
-        "_Written by midfill at registration and after each evaluation; edits here are overwritten._",
-    ])
+    return "\n".join(
+        [
+            f"# {info.name} version {info.version}",
+            "",
+            "## Lineage",
+            "",
+            *lineage,
+            "",
+            "## Training",
+            "",
+            *_training(registry, info.run_id),
+            "",
+            "## Evaluations",
+            "",
+            *_evaluations(registry, info),
+            "",
+            "_Written by midfill at registration and after each evaluation; edits here are overwritten._",
+        ]
+    )
 
 
 def refresh(registry: Registry, name: str, version: str) -> str:

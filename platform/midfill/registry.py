@@ -179,7 +179,9 @@ class Registry:
         return sorted((_info(mv) for mv in found), key=lambda v: int(v.version))
 
     # -- review -----------------------------------------------------------------------------------
-    def approve(self, name: str, version: str | int, *, alias: str = "champion", reviewer: str | None = None) -> VersionInfo:
+    def approve(
+        self, name: str, version: str | int, *, alias: str = "champion", reviewer: str | None = None
+    ) -> VersionInfo:
         """What a reviewer does in the MLflow UI: tag review=approved and point the alias at it."""
         self.get(name, version=version)
         self.client.set_model_version_tag(name, str(version), REVIEW_TAG, REVIEW_APPROVED)
@@ -208,8 +210,10 @@ class Registry:
             if not ids:
                 return None
             runs = self.client.search_runs(
-                ids, filter_string=f"tags.`{RUN_TAG_UID}` = '{run_uid}'",
-                order_by=["attributes.start_time DESC"], max_results=1,
+                ids,
+                filter_string=f"tags.`{RUN_TAG_UID}` = '{run_uid}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
             )
         except MlflowException:
             return None
@@ -221,9 +225,7 @@ class Registry:
         end = run.info.end_time or run.info.start_time
         import datetime as _dt
 
-        updated = (
-            _dt.datetime.fromtimestamp(end / 1000, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if end else None
-        )
+        updated = _dt.datetime.fromtimestamp(end / 1000, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if end else None
         return ProgressRecord(
             step=int(metrics.get("step", 0)),
             loss=metrics.get("loss"),
@@ -240,7 +242,9 @@ class Registry:
 
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri
+        )
         return Path(local)
 
 
@@ -273,7 +277,10 @@ def unmet_approval(
     for key, threshold in sorted((min_metrics or {}).items()):
         value = version_metric(info, key)
         if value is None:
-            missing.append(f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite {key.partition('/')[0]}`)")
+            missing.append(
+                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite "
+                f"{key.partition('/')[0]}`)"
+            )
         elif value < threshold:
             missing.append(f"metric {key} >= {threshold:g} (is {value:g})")
     return missing

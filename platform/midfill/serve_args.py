@@ -28,15 +28,21 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_uri: str = Field(description="models:/name/3, models:/name@alias, or a local export folder.")
-    tracking_uri: str | None = Field(default=None, description="MLflow URI for models:/ URIs (default: MIDFILL_TRACKING_URI).")
-    served_model_name: str | None = Field(default=None, description="Name reported by /v1/models (default: the registered model name).")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow URI for models:/ URIs (default: MIDFILL_TRACKING_URI)."
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Name reported by /v1/models (default: the registered model name)."
+    )
     route_prefix: str = "/"
     max_context_tokens: int | None = Field(default=None, ge=16, description="Default: the model's max_context.")
     max_new_tokens: int = Field(default=256, ge=1)
     fim_format: Literal["codegen2", "starcoder"] | None = None
     max_batch_size: int = Field(default=16, ge=1)
     max_prefill_tokens: int = Field(default=2048, ge=1, description="Padded prompt tokens prefilled together per step.")
-    prefix_cache_tokens: int = Field(default=8192, ge=0, description="Recent prompt tokens kept for reuse (0 disables).")
+    prefix_cache_tokens: int = Field(
+        default=8192, ge=0, description="Recent prompt tokens kept for reuse (0 disables)."
+    )
     # Ray Serve deployment options
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
@@ -48,8 +54,14 @@ class ServeArgs(BaseModel):
     num_cpus: float = Field(default=1, gt=0, description="CPUs per replica.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per replica.")
     # Auth: keys come from a file (a mounted Secret) or an environment variable; never inline.
-    api_keys_file: str | None = Field(default=None, description="Named keys file (midfill.apikeys): NAME sha256:DIGEST [rpm=N] [tpm=N] per line; re-read every few seconds.")
-    api_keys_env: str | None = Field(default=None, description="Environment variable holding keys (comma or newline separated).")
+    api_keys_file: str | None = Field(
+        default=None,
+        description="Named keys file (midfill.apikeys): NAME sha256:DIGEST [rpm=N] [tpm=N] per line; re-read "
+        "every few seconds.",
+    )
+    api_keys_env: str | None = Field(
+        default=None, description="Environment variable holding keys (comma or newline separated)."
+    )
     auth_disabled: bool = Field(default=False, description="Serve without auth (must be explicit).")
 
     @model_validator(mode="after")

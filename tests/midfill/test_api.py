@@ -60,9 +60,21 @@ BAD_SPECS = [
     ("tr", "spec.data.sources", [], "spec.data.sources", "at least 1"),
     ("tr", "spec.data.validationFraction", 0.9, "spec.data.validationFraction", "less than or equal to 0.5"),
     ("tr", "spec.resources.limits", {"nvidia.com/gpu": 8}, "spec.parallelism.nprocPerNode", "must equal"),
-    ("tr", "spec.resources.requests", {"memory": "lots"}, "spec.resources.requests.memory", "not a Kubernetes quantity"),
+    (
+        "tr",
+        "spec.resources.requests",
+        {"memory": "lots"},
+        "spec.resources.requests.memory",
+        "not a Kubernetes quantity",
+    ),
     ("tr", "spec.model.attention", "flash_attention_2", "spec.model.attention", "nvidia.com/gpu"),
-    ("tr", "spec.objective.spanCorruption.maskRatioMin", 0.6, "spec.objective.spanCorruption.maskRatioMin", "<= maskRatioMax"),
+    (
+        "tr",
+        "spec.objective.spanCorruption.maskRatioMin",
+        0.6,
+        "spec.objective.spanCorruption.maskRatioMin",
+        "<= maskRatioMax",
+    ),
     ("tr", "spec.objective.spanCorruption.maxSpans", 20, "spec.objective.spanCorruption.maxSpans", "numMaskTokens"),
     ("tr", "spec.checkpoint.keepLast", 0, "spec.checkpoint.keepLast", "greater than or equal to 1"),
     ("tr", "metadata.name", "Bad_Name", "metadata.name", "lowercase letters"),
@@ -75,7 +87,9 @@ BAD_SPECS = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "field", "value", "path", "words"), BAD_SPECS, ids=[b[1] + "=" + str(b[2]) for b in BAD_SPECS])
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "path", "words"), BAD_SPECS, ids=[b[1] + "=" + str(b[2]) for b in BAD_SPECS]
+)
 def test_bad_specs_are_rejected_naming_the_field(repo_root: Path, kind, field, value, path, words) -> None:
     doc = _set(_tr(repo_root) if kind == "tr" else _mr(repo_root), field, value)
     with pytest.raises(SpecError) as info:
@@ -128,6 +142,7 @@ def test_every_field_has_a_description() -> None:
                 assert top or node.get("description") or path.endswith(".items") or "additionalProperties" in path, path
             for key, sub in node.get("properties", {}).items():
                 walk(sub, f"{path}.{key}")
+
     for kind in ("TrainingRun", "ModelRelease"):
         walk(build_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"], kind)
 

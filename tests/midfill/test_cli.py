@@ -61,7 +61,10 @@ def test_stdlib_platform_is_not_shadowed(repo_root: Path) -> None:
     """platform/ is a source root, not a package: `import platform` from the repo root is the stdlib."""
     out = subprocess.run(
         [sys.executable, "-c", "import platform; print(platform.system())"],
-        cwd=repo_root, capture_output=True, text=True, check=True,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() in {"Linux", "Darwin", "Windows"}
     assert not (repo_root / "platform" / "__init__.py").exists()

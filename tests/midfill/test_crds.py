@@ -36,7 +36,13 @@ def test_crd_shape_for_kubectl() -> None:
     assert "data" in spec["required"] and "training" in spec["required"]
     mr = build_crd("ModelRelease")
     assert mr["spec"]["names"]["shortNames"] == ["mr"]
-    assert [c["name"] for c in mr["spec"]["versions"][0]["additionalPrinterColumns"]] == ["Phase", "Model", "Version", "URL", "Age"]
+    assert [c["name"] for c in mr["spec"]["versions"][0]["additionalPrinterColumns"]] == [
+        "Phase",
+        "Model",
+        "Version",
+        "URL",
+        "Age",
+    ]
 
 
 def test_schema_is_structural() -> None:

@@ -20,15 +20,23 @@ def _version(tmp_path: Path):
         registry.client.log_metric(run.info.run_id, "step", step, step=step)
     registry.client.log_metric(run.info.run_id, "val_loss", 2.5, step=30)
     registry.client.log_param(run.info.run_id, "spec.training.globalBatchTokens", "1024")
-    info, _ = registry.register(name="fim", source=str(tmp_path), run_uid="uid-7", run_id=run.info.run_id,
-                                tags={TAG_RUN_NAME: "tiny", TAG_ATTEMPT: "2", TAG_DATA_HASH: "0123abcd0123abcd"})
+    info, _ = registry.register(
+        name="fim",
+        source=str(tmp_path),
+        run_uid="uid-7",
+        run_id=run.info.run_id,
+        tags={TAG_RUN_NAME: "tiny", TAG_ATTEMPT: "2", TAG_DATA_HASH: "0123abcd0123abcd"},
+    )
     return registry, info, exp
 
 
 def test_card_names_the_lineage_and_the_training(tmp_path):
     registry, info, exp = _version(tmp_path)
     card = model_card.refresh(registry, "fim", info.version)
-    assert registry.get("fim", version=info.version) and registry.client.get_model_version("fim", info.version).description == card
+    assert (
+        registry.get("fim", version=info.version)
+        and registry.client.get_model_version("fim", info.version).description == card
+    )
     assert "`tiny` (uid `uid-7`, attempt 2)" in card and "`0123abcd0123abcd`" in card
     assert f"(#/experiments/{exp}/runs/{info.run_id})" in card
     assert "| steps | 30 |" in card and "| tokens | 30,720 (1,024 per step) |" in card
@@ -39,8 +47,18 @@ def test_card_names_the_lineage_and_the_training(tmp_path):
 def test_each_evaluation_rewrites_the_table_and_links_both_ways(tmp_path):
     registry, info, _ = _version(tmp_path)
     model_card.refresh(registry, "fim", info.version)
-    first = record_on_version(SuiteResult("line-em", "fim", {"exact_match": 0.25}), tracking_uri=registry.tracking_uri, name="fim", version=info.version)
-    second = record_on_version(SuiteResult("humaneval-single-line", "fim", {"pass@1": 0.5}), tracking_uri=registry.tracking_uri, name="fim", version=info.version)
+    first = record_on_version(
+        SuiteResult("line-em", "fim", {"exact_match": 0.25}),
+        tracking_uri=registry.tracking_uri,
+        name="fim",
+        version=info.version,
+    )
+    second = record_on_version(
+        SuiteResult("humaneval-single-line", "fim", {"pass@1": 0.5}),
+        tracking_uri=registry.tracking_uri,
+        name="fim",
+        version=info.version,
+    )
     card = registry.client.get_model_version("fim", info.version).description
     eval_exp = registry.client.get_run(first).info.experiment_id
     assert f"| line-em | exact_match | 0.25 | [eval run](#/experiments/{eval_exp}/runs/{first}) |" in card

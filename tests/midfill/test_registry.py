@@ -18,7 +18,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 def test_register_is_idempotent_per_training_run(registry: Registry, tmp_path: Path) -> None:
     first, created = registry.register(name="m", source=str(tmp_path), run_uid="uid-1", tags={"midfill.attempt": "1"})
     assert created and first.version == "1"
-    again, created_again = registry.register(name="m", source=str(tmp_path), run_uid="uid-1", tags={"midfill.attempt": "2"})
+    again, created_again = registry.register(
+        name="m", source=str(tmp_path), run_uid="uid-1", tags={"midfill.attempt": "2"}
+    )
     assert not created_again and again.version == first.version  # a retry finds, never duplicates
     other, created_other = registry.register(name="m", source=str(tmp_path), run_uid="uid-2")
     assert created_other and other.version == "2"
@@ -28,7 +30,8 @@ def test_register_is_idempotent_per_training_run(registry: Registry, tmp_path: P
 def test_resolve_alias_version_and_approval(registry: Registry, tmp_path: Path) -> None:
     info, _ = registry.register(name="a", source=str(tmp_path), run_uid="uid-a")
     assert unmet_approval(info, required_tags={"review": "approved"}, required_alias="champion") == [
-        "tag review=approved", "alias champion"
+        "tag review=approved",
+        "alias champion",
     ]
     with pytest.raises(RegistryError, match="no alias 'champion'"):
         registry.resolve_uri("models:/a@champion")

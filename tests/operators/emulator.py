@@ -16,9 +16,9 @@ from typing import Any
 # Before the handlers are imported: their resync timer interval is read at import time.
 os.environ.setdefault("MIDFILL_RESYNC_SECONDS", "1")
 
-import aiohttp  # noqa: E402
-import kmock  # noqa: E402
-import pytest  # noqa: E402
+import aiohttp
+import kmock
+import pytest
 
 RESOURCES = {
     "v1/namespaces": ("Namespace", False),  # kopf waits for it in discovery (scanning is disabled)
@@ -46,7 +46,7 @@ class Emulator(kmock.KubernetesEmulator):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("generation", 1)
-            meta.setdefault("creationTimestamp", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            meta.setdefault("creationTimestamp", dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             meta["resourceVersion"] = str(next(self._rv))
         elif request.resource is not None and request.action == kmock.action.UPDATE and request.name:
             rv = str(next(self._rv))
@@ -63,8 +63,11 @@ class Emulator(kmock.KubernetesEmulator):
                 key = (request.resource, request.namespace, request.name)
                 current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
                 for op in request.data:
-                    if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" \
-                            and current.get("metadata", {}).get("resourceVersion") != op.get("value"):
+                    if (
+                        op.get("op") == "test"
+                        and op.get("path") == "/metadata/resourceVersion"
+                        and current.get("metadata", {}).get("resourceVersion") != op.get("value")
+                    ):
                         raise kmock.KubernetesError(status=422, reason="Invalid", message="resourceVersion test failed")
                 request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
         return await super()._handle(request)
@@ -84,8 +87,11 @@ class Cluster:
         return self.emulator.objects[key].raw
 
     def names(self, plural: str) -> list[str]:
-        return sorted(name for (res, ns, name), obj in self.emulator.objects.items()
-                      if res.plural == plural and ns == NS and not obj.deleted)
+        return sorted(
+            name
+            for (res, ns, name), obj in self.emulator.objects.items()
+            if res.plural == plural and ns == NS and not obj.deleted
+        )
 
     def history(self, plural: str, name: str) -> list[dict[str, Any]]:
         res = next(r for r in RESOURCES if r.endswith("/" + plural))
@@ -93,8 +99,11 @@ class Cluster:
 
     def _session(self) -> aiohttp.ClientSession:
         # A connection per call: a kept-alive connection was seen to stall after the operator stopped.
-        return aiohttp.ClientSession(base_url=self.server.url, connector=aiohttp.TCPConnector(force_close=True),
-                                     timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return aiohttp.ClientSession(
+            base_url=self.server.url,
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        )
 
     @staticmethod
     def _path(plural: str, name: str | None = None, sub: str | None = None) -> str:
@@ -110,8 +119,12 @@ class Cluster:
             assert resp.status in (200, 201), await resp.text()
 
     async def patch(self, plural: str, name: str, body: dict[str, Any], sub: str | None = None) -> None:
-        async with self._session() as session, session.patch(
-                self._path(plural, name, sub), json=body, headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        async with (
+            self._session() as session,
+            session.patch(
+                self._path(plural, name, sub), json=body, headers={"Content-Type": "application/merge-patch+json"}
+            ) as resp,
+        ):
             assert resp.status == 200, await resp.text()
 
     async def delete(self, plural: str, name: str) -> None:
@@ -126,7 +139,9 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     async with Emulator() as emulator, kmock.Server(emulator) as server:
         for res, (kind, namespaced) in RESOURCES.items():
             emulator.resources[res] = kmock.ResourceInfo(
-                kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "create", "patch", "delete"},
+                kind=kind,
+                namespaced=namespaced,
+                verbs={"get", "list", "watch", "create", "patch", "delete"},
                 subresources={"status"} if "." in res.split("/")[0] or res.startswith("batch") else set(),
             )
         kubeconfig = tmp_path / "kubeconfig"
@@ -161,7 +176,9 @@ async def running_operator(tracking_uri: str, **settings: Any) -> AsyncIterator[
 
     stop, ready = asyncio.Event(), asyncio.Event()
     memo = kopf.Memo(settings=OperatorSettings(tracking_uri=tracking_uri, standalone=True, **settings))
-    task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=stop, ready_flag=ready))
+    task = asyncio.create_task(
+        kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=stop, ready_flag=ready)
+    )
     await asyncio.wait_for(ready.wait(), 30)
     try:
         yield
@@ -170,6 +187,7 @@ async def running_operator(tracking_uri: str, **settings: Any) -> AsyncIterator[
         done, _ = await asyncio.wait({task}, timeout=10)
         if not done:
             import sys
+
             for t in asyncio.all_tasks():
                 t.print_stack(limit=3, file=sys.stderr)
         await asyncio.wait_for(task, 30)

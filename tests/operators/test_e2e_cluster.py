@@ -55,4 +55,7 @@ async def _with_phase(kube, namespace):
 
 
 async def _gone(kube, namespace):
-    return await kube.get(JOBS, namespace, "e2e-fim-a1") is None and await kube.get(TRAININGRUNS, namespace, "e2e-fim") is None
+    return (
+        await kube.get(JOBS, namespace, "e2e-fim-a1") is None
+        and await kube.get(TRAININGRUNS, namespace, "e2e-fim") is None
+    )

@@ -19,7 +19,9 @@ _load_component_commands()
 
 
 def test_render_training_run_prints_valid_objects():
-    result = runner.invoke(app, ["render", "-f", str(ROOT / "manifests/samples/trainingrun-debug.yaml"), "--attempt", "2"])
+    result = runner.invoke(
+        app, ["render", "-f", str(ROOT / "manifests/samples/trainingrun-debug.yaml"), "--attempt", "2"]
+    )
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.stdout))
     assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"]
@@ -51,7 +53,13 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("MIDFILL_TRACKING_URI", "http://mlflow:5000")
     s = OperatorSettings()
     assert s.namespaces() == ["team-a", "team-b"] and s.tracking_uri == "http://mlflow:5000"
-    assert (s.watch_server_timeout, s.watch_client_timeout, s.peering_name, s.standalone, s.health_port) == (300, 330, "midfill", False, 8080)
+    assert (s.watch_server_timeout, s.watch_client_timeout, s.peering_name, s.standalone, s.health_port) == (
+        300,
+        330,
+        "midfill",
+        False,
+        8080,
+    )
     monkeypatch.setenv("MIDFILL_WATCH_NAMESPACES", "")
     assert OperatorSettings().namespaces() == []
 
@@ -61,14 +69,20 @@ def _resources_used() -> set[tuple[str, str]]:
     tree = ast.parse((ROOT / "operators/kube.py").read_text())
     used = set()
     for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "Res":
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", "") == "Res"
+        ):
             group, _, plural = (a.value for a in node.value.args)
             used.add((group, plural))
     return used
 
 
 def test_rbac_covers_every_resource_the_operator_touches():
-    granted = {(g, r) for rule in NAMESPACED_RULES + CLUSTER_RULES for g in rule["apiGroups"] for r in rule["resources"]}
+    granted = {
+        (g, r) for rule in NAMESPACED_RULES + CLUSTER_RULES for g in rule["apiGroups"] for r in rule["resources"]
+    }
     assert _resources_used() <= granted
     assert ("midfill.dev", "trainingruns/status") in granted and ("", "events") in granted
     assert not any(r == "pods" for _, r in granted)  # the operator reads Job status, never pods
@@ -82,7 +96,8 @@ def test_render_7b_samples_give_every_pod_its_identity_credentials_and_mounts():
     job = next(o for o in objects if o["kind"] == "Job")
     cluster = next(o for o in objects if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
     pods = [("trainer", job["spec"]["template"])] + [
-        ("ray", g["template"]) for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+        ("ray", g["template"]) for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    ]
     for kind, pod in pods:
         assert pod["spec"]["serviceAccountName"] == f"fim-{'trainer' if kind == 'trainer' else 'serving'}"
         for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:

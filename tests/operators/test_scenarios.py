@@ -32,6 +32,7 @@ def _doc(sample: str, spec: dict) -> dict:
 @contextlib.asynccontextmanager
 async def playing(step: Callable[[], Awaitable[None]]):
     """Run `step` every 0.2 s in the background: the cluster's own controllers, as the test plays them."""
+
     async def loop() -> None:
         while True:
             await step()
@@ -72,24 +73,47 @@ async def test_training_scenario(sc: TrainingScenario, cluster, operator) -> Non
             if what == "hang":
                 status = {"active": 1, "ready": 1, "startTime": job["metadata"]["creationTimestamp"]}
             elif what == "exit78":
-                message = f"Container trainer for pod team/{name}-0-x failed with exit code 78 matching FailJob rule at index 0"
-                status = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": message}]}
+                message = (
+                    f"Container trainer for pod team/{name}-0-x failed with exit code 78 matching "
+                    "FailJob rule at index 0"
+                )
+                status = {
+                    "failed": 1,
+                    "conditions": [
+                        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": message}
+                    ],
+                }
             else:
-                status = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                                                       "message": "Job has reached the specified backoff limit"}]}
+                status = {
+                    "failed": 1,
+                    "conditions": [
+                        {
+                            "type": "Failed",
+                            "status": "True",
+                            "reason": "BackoffLimitExceeded",
+                            "message": "Job has reached the specified backoff limit",
+                        }
+                    ],
+                }
             await cluster.patch("jobs", name, {"status": status}, "status")
 
     async with operator(), playing(job_controller):
         await cluster.create(_doc("trainingrun-debug.yaml", sc.spec))
-        await eventually(lambda: _status(cluster, "trainingruns").get("phase") in TERMINAL, timeout=40, what="a final phase")
+        await eventually(
+            lambda: _status(cluster, "trainingruns").get("phase") in TERMINAL, timeout=40, what="a final phase"
+        )
         status = _status(cluster, "trainingruns")
         assert status["phase"] == sc.phase, status.get("message")
         assert condition(status, sc.condition[0]) == sc.condition
         started = [n for n in (tr_builders.job_name("fim", i) for i in range(1, 6)) if _ever_created(cluster, n)]
         assert len(started) == sc.started
         # Nothing left running: every Job still there has finished.
-        await eventually(lambda: all((cluster.get("jobs", n) or {}).get("status", {}).get("conditions") for n in cluster.names("jobs")),
-                         what="no running Job")
+        await eventually(
+            lambda: all(
+                (cluster.get("jobs", n) or {}).get("status", {}).get("conditions") for n in cluster.names("jobs")
+            ),
+            what="no running Job",
+        )
 
 
 @pytest.mark.parametrize("sc", RELEASES, ids=[s.id for s in RELEASES])
@@ -104,7 +128,10 @@ async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking
             return
         version = rs["metadata"]["annotations"][mr_builders.ANNOTATION_VERSION]
         app = "RUNNING" if sc.versions[int(version) - 1] == "healthy" else "DEPLOY_FAILED"
-        want = {"observedGeneration": rs["metadata"]["generation"], "activeServiceStatus": {"applicationStatuses": {"infill": {"status": app}}}}
+        want = {
+            "observedGeneration": rs["metadata"]["generation"],
+            "activeServiceStatus": {"applicationStatuses": {"infill": {"status": app}}},
+        }
         if {k: (rs.get("status") or {}).get(k) for k in want} != want:
             await cluster.patch("rayservices", "fim", {"status": want}, "status")
 
@@ -116,18 +143,30 @@ async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking
         await cluster.create(_doc("modelrelease.yaml", sc.spec))
         for version in sc.approve:
             registry.approve("fim-debug", int(version))
-            await eventually(lambda: settled(version), timeout=45, what=f"version {version} settled")
+            await eventually(lambda version=version: settled(version), timeout=45, what=f"version {version} settled")
         if sc.edit:
             release = cluster.get("modelreleases", "fim")
             await cluster.patch("modelreleases", "fim", {"spec": sc.edit})
             generation = str(release["metadata"]["generation"] + 1)
-            await eventually(lambda: cluster.get("rayservices", "fim")["metadata"]["annotations"].get(mr_builders.ANNOTATION_GENERATION) == generation,
-                             what="the RayService rebuilt from the edited spec")
+            await eventually(
+                lambda: (
+                    cluster.get("rayservices", "fim")["metadata"]["annotations"].get(mr_builders.ANNOTATION_GENERATION)
+                    == generation
+                ),
+                what="the RayService rebuilt from the edited spec",
+            )
             config = yaml.safe_load(cluster.get("rayservices", "fim")["spec"]["serveConfigV2"])
             assert config["applications"][0]["args"]["max_new_tokens"] == sc.edit["serving"]["maxNewTokens"]
-            await eventually(lambda: settled(sc.serving) and _status(cluster, "modelreleases").get("observedGeneration") == int(generation))
+            await eventually(
+                lambda: (
+                    settled(sc.serving)
+                    and _status(cluster, "modelreleases").get("observedGeneration") == int(generation)
+                )
+            )
         status = _status(cluster, "modelreleases")
         assert status["phase"] == sc.phase, status.get("message")
         assert status.get("stableVersion") == sc.stable
-        assert cluster.get("rayservices", "fim")["metadata"]["annotations"][mr_builders.ANNOTATION_VERSION] == sc.serving
+        assert (
+            cluster.get("rayservices", "fim")["metadata"]["annotations"][mr_builders.ANNOTATION_VERSION] == sc.serving
+        )
         assert condition(status, sc.condition[0]) == sc.condition

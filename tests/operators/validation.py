@@ -13,12 +13,29 @@ import yaml
 # The lowest and highest Kubernetes minors we support (charts/midfill/Chart.yaml: kubeVersion >= 1.30).
 K8S_VERSIONS = ("1.30.0", "1.35.0")
 
-_CONTAINER = {"type": "object", "required": ["name", "image"], "properties": {
-    "name": {"type": "string"}, "image": {"type": "string"}, "resources": {"type": "object"},
-    "env": {"type": "array"}, "volumeMounts": {"type": "array"}, "ports": {"type": "array"}}}
-_POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
-    "type": "object", "required": ["containers"],
-    "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}}}}}
+_CONTAINER = {
+    "type": "object",
+    "required": ["name", "image"],
+    "properties": {
+        "name": {"type": "string"},
+        "image": {"type": "string"},
+        "resources": {"type": "object"},
+        "env": {"type": "array"},
+        "volumeMounts": {"type": "array"},
+        "ports": {"type": "array"},
+    },
+}
+_POD_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}},
+        }
+    },
+}
 # The fields of ray.io/v1 RayService the operator writes (KubeRay v1.2+ CRD), with their types.
 RAYSERVICE_SCHEMA = {
     "type": "object",
@@ -40,15 +57,31 @@ RAYSERVICE_SCHEMA = {
                     "properties": {
                         "rayVersion": {"type": "string"},
                         "enableInTreeAutoscaling": {"type": "boolean"},
-                        "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"], "additionalProperties": False,
-                                          "properties": {"rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
-                                                         "template": _POD_TEMPLATE}},
-                        "workerGroupSpecs": {"type": "array", "items": {
-                            "type": "object", "required": ["groupName", "rayStartParams", "template"], "additionalProperties": False,
-                            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer"},
-                                           "minReplicas": {"type": "integer"}, "maxReplicas": {"type": "integer"},
-                                           "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
-                                           "template": _POD_TEMPLATE}}},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "required": ["rayStartParams", "template"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "template": _POD_TEMPLATE,
+                            },
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "rayStartParams", "template"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "groupName": {"type": "string"},
+                                    "replicas": {"type": "integer"},
+                                    "minReplicas": {"type": "integer"},
+                                    "maxReplicas": {"type": "integer"},
+                                    "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    "template": _POD_TEMPLATE,
+                                },
+                            },
+                        },
                     },
                 },
             },

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_exports import build_export  # noqa: E402
+from serving_exports import build_export
 
 
 @pytest.fixture(scope="session")

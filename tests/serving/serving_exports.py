@@ -13,7 +13,16 @@ from pathlib import Path
 from midfill.export import ExportMetadata, write_metadata
 from midfill.fim import CODEGEN2, EOS, PAD, special_tokens
 
-STDLIB_FILES = ["textwrap.py", "json/decoder.py", "json/encoder.py", "shlex.py", "fnmatch.py", "string.py", "csv.py", "glob.py"]
+STDLIB_FILES = [
+    "textwrap.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "shlex.py",
+    "fnmatch.py",
+    "string.py",
+    "csv.py",
+    "glob.py",
+]
 
 
 def stdlib_texts(names: list[str] = STDLIB_FILES) -> list[str]:
@@ -85,7 +94,13 @@ def tiny_llama(vocab_size: int, *, max_positions: int = 256):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_positions, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()

@@ -14,10 +14,24 @@ def _args(**kw) -> ServeArgs:
 
 
 def test_autoscaling_and_limits_come_from_args():
-    opts = deployment_options(_args(min_replicas=1, max_replicas=4, target_ongoing_requests=6, upscale_delay_s=5,
-                                    downscale_delay_s=60, max_ongoing_requests=48, max_queued_requests=16, num_cpus=2))
+    opts = deployment_options(
+        _args(
+            min_replicas=1,
+            max_replicas=4,
+            target_ongoing_requests=6,
+            upscale_delay_s=5,
+            downscale_delay_s=60,
+            max_ongoing_requests=48,
+            max_queued_requests=16,
+            num_cpus=2,
+        )
+    )
     assert opts["autoscaling_config"] == {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6, "upscale_delay_s": 5, "downscale_delay_s": 60,
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 6,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
     }
     # The replica answers 429 itself, so Ray must deliver everything up to that limit (and above Ray's default of 5).
     assert opts["max_ongoing_requests"] == 48 + 16 + CONTROL_HEADROOM

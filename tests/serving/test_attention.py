@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 from transformers import DynamicCache
 
 from serving import attention
-from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 
 VOCAB = 96
 
@@ -59,7 +59,13 @@ def test_a_left_padded_group_and_its_decode_steps_match_sdpa(models):
         step = torch.randint(1, VOCAB, (3, 1), generator=gen)
         with torch.inference_mode():
             got, want = (
-                m(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=caches[m], use_cache=True).logits
+                m(
+                    input_ids=step,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=caches[m],
+                    use_cache=True,
+                ).logits
                 for m in (ours, reference)
             )
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
@@ -89,7 +95,9 @@ def test_bfloat16_stays_close_to_float32_and_finite_under_full_padding():
     torch.testing.assert_close(got[real].float(), want[real], atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize(("q_len", "kv_len", "padded"), [(1, 40, True), (1, 40, False), (24, 24, False), (24, 24, True), (8, 30, True)])
+@pytest.mark.parametrize(
+    ("q_len", "kv_len", "padded"), [(1, 40, True), (1, 40, False), (24, 24, False), (24, 24, True), (8, 30, True)]
+)
 def test_the_matrix_product_path_equals_sdpa_exactly_in_float64(q_len, kv_len, padded):
     """float64 takes the bmm path for prompts too (only float32 prompts go to sdpa), so this checks
     the masking and layout of that path with no rounding in the way."""
@@ -99,7 +107,9 @@ def test_the_matrix_product_path_equals_sdpa_exactly_in_float64(q_len, kv_len, p
     mask = causal.expand(3, 1, q_len, kv_len).clone()
     if padded:
         mask[0, :, :, :5] = False  # row 0 is left-padded by 5 keys
-    got, _ = attention.cpu_attention(torch.nn.Module(), q, k, v, mask if padded or q_len < kv_len else None, scaling=0.25)
+    got, _ = attention.cpu_attention(
+        torch.nn.Module(), q, k, v, mask if padded or q_len < kv_len else None, scaling=0.25
+    )
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25).transpose(1, 2)
     keep = mask.any(-1).transpose(1, 2)[..., None].expand_as(want)  # fully masked queries are padding
     torch.testing.assert_close(got[keep], want[keep], atol=1e-10, rtol=1e-10)

@@ -10,15 +10,15 @@ import threading
 
 import pytest
 import torch
+from engine_watch import wait_idle
+from serving_exports import build_export
 from transformers import LlamaForCausalLM
 
-from engine_watch import wait_idle
 from midfill.api.trainingrun import CompositionSpec
 from midfill.composition import build_composed_model, greedy_generate, save_composed
 from midfill.export import read_metadata, write_metadata
 from midfill.registry import Registry
 from serving.engine import Engine, SamplingParams
-from serving_exports import build_export
 
 PREFIXES = ["def add(a, b):\n    ", "for i in range(10):\n", "x = ", "class Config:\n    def __init__(self):\n        "]
 
@@ -29,8 +29,12 @@ def _composed_export(root, tiny_export, *, mode: str, uri: str):
     augment_dir = build_export(root / "augment", hidden=32, layers=2, heads=4, max_context=256, seed=1)
     if not Registry(uri).versions("anchor"):
         Registry(uri).register(name="anchor", source=str(tiny_export), run_uid="uid-anchor")
-    spec = CompositionSpec.model_validate({"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment_dir), "layerSpacing": 1})
-    model = build_composed_model(spec, LlamaForCausalLM.from_pretrained(tiny_export), LlamaForCausalLM.from_pretrained(augment_dir))
+    spec = CompositionSpec.model_validate(
+        {"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment_dir), "layerSpacing": 1}
+    )
+    model = build_composed_model(
+        spec, LlamaForCausalLM.from_pretrained(tiny_export), LlamaForCausalLM.from_pretrained(augment_dir)
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -40,7 +44,9 @@ def _composed_export(root, tiny_export, *, mode: str, uri: str):
     for f in tiny_export.iterdir():  # the tokenizer both parents share
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, folder / f.name)
-    meta = read_metadata(tiny_export).model_copy(update={"recipe": f"composition:{mode}", "composition": {"mode": mode}})
+    meta = read_metadata(tiny_export).model_copy(
+        update={"recipe": f"composition:{mode}", "composition": {"mode": mode}}
+    )
     write_metadata(folder, meta)
     return folder, model.eval()
 
@@ -60,7 +66,10 @@ def test_the_parents_come_from_the_registry_and_the_bridge_from_the_export(compo
     assert (root / "cache" / "parents" / "anchor" / "1" / ".midfill-complete").read_text().strip() == "models:/anchor/1"
     for (name, a), b in zip(engine.model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert json.loads((root / reference.mode / "composition.json").read_text())["parents"]["anchor"]["ref"] == "models:/anchor/1"
+    assert (
+        json.loads((root / reference.mode / "composition.json").read_text())["parents"]["anchor"]["ref"]
+        == "models:/anchor/1"
+    )
 
 
 def test_concurrent_greedy_requests_equal_full_recomputation(composed):
@@ -80,7 +89,11 @@ def test_concurrent_greedy_requests_equal_full_recomputation(composed):
     for i, ids in enumerate(prompts):
         got = results[i]
         context = {"encoder_input_ids": torch.tensor([ids])} if reference.mode == "codet5p" else {}
-        want = greedy_generate(reference, torch.tensor([ids]), max_new_tokens=10, use_cache=False, **context).tokens[0, len(ids):].tolist()
+        want = (
+            greedy_generate(reference, torch.tensor([ids]), max_new_tokens=10, use_cache=False, **context)
+            .tokens[0, len(ids) :]
+            .tolist()
+        )
         assert got.token_ids == want[: len(got.token_ids)], i
         if got.finish_reason == "stop":
             assert want[len(got.token_ids)] in engine.stop_token_ids

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
+from engine_watch import wait_idle
 from transformers import AutoModelForCausalLM
 
-from engine_watch import wait_idle
 from serving import attention
 from serving.engine import Engine, PromptTooLong, SamplingParams
 
@@ -239,7 +239,11 @@ def test_complete_wakes_the_event_loop_once_and_equals_generate(engine):
 
     done, by_completion, by_stream, streamed = asyncio.run(both())
     blocking = engine.generate(ids, params)
-    assert (done.text, done.token_ids, done.finish_reason) == (blocking.text, blocking.token_ids, blocking.finish_reason)
+    assert (done.text, done.token_ids, done.finish_reason) == (
+        blocking.text,
+        blocking.token_ids,
+        blocking.finish_reason,
+    )
     assert done.completion_tokens == blocking.completion_tokens and done.prompt_tokens == len(ids)
     assert by_completion == 1 and by_stream == len(streamed) >= 2
 
@@ -268,9 +272,13 @@ def test_on_a_gpu_batched_greedy_equals_generate(tiny_export):
         results = _run_concurrently(eng, prompts, SamplingParams(max_tokens=16))
         for ids, result in zip(prompts, results, strict=True):
             expected = eng.model.generate(
-                torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
-                max_new_tokens=16, do_sample=False, eos_token_id=sorted(eng.stop_token_ids), pad_token_id=eng.tokenizer.pad_token_id,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids], device="cuda"),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=sorted(eng.stop_token_ids),
+                pad_token_id=eng.tokenizer.pad_token_id,
+            )[0, len(ids) :].tolist()
             while expected and expected[-1] in eng.stop_token_ids:
                 expected.pop()
             assert result.token_ids == expected

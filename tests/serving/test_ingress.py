@@ -9,9 +9,9 @@ import time
 import httpx
 import openai
 import pytest
+from ray_helpers import local_serve
 
 from midfill.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from ray_helpers import local_serve
 from serving.app import build_app
 from serving.engine import Engine, SamplingParams
 from serving.settings import ServingSettings
@@ -83,7 +83,9 @@ def test_suffix_mode_applies_the_models_template(client, reference):
 
 def test_a_resent_file_reports_cached_prompt_tokens_in_usage(client, reference):
     # An editor resends the file as the user types: the second prompt starts like the first.
-    body = "import os\n\n\ndef walk(top):\n    # Yield every file under top.\n    for root, dirs, files in os.walk(top):\n"
+    body = (
+        "import os\n\n\ndef walk(top):\n    # Yield every file under top.\n    for root, dirs, files in os.walk(top):\n"
+    )
     first = _greedy(client, prompt=body + "        for ", suffix=SUFFIX, max_tokens=6)
     second = _greedy(client, prompt=body + "        for name", suffix=SUFFIX, max_tokens=6)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
@@ -101,7 +103,9 @@ def test_raw_starcoder_template_is_translated_to_the_native_format(client):
 
 def test_streaming_with_usage_ends_with_done(client, server):
     chunks = list(
-        _greedy(client, prompt=PREFIX, suffix=SUFFIX, max_tokens=16, stream=True, stream_options={"include_usage": True})
+        _greedy(
+            client, prompt=PREFIX, suffix=SUFFIX, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
     )
     whole = _greedy(client, prompt=PREFIX, suffix=SUFFIX, max_tokens=16)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -142,18 +146,28 @@ def test_models_health_and_metrics(client, server):
     # The reloadable settings reach the engine even though Ray delivers them (reconfigure) while
     # the replica is still loading the model.
     assert health["limits"] == {
-        "max_batch_size": 12, "max_prefill_tokens": 1024, "prefix_cache_tokens": 4096, "max_new_tokens": 200,
+        "max_batch_size": 12,
+        "max_prefill_tokens": 1024,
+        "prefix_cache_tokens": 4096,
+        "max_new_tokens": 200,
         "max_context_tokens": 256,
     }
     metrics = httpx.get(f"{server}/metrics").text
-    for name in ("midfill_requests_total", "midfill_request_latency_seconds", "midfill_generated_tokens_total", "midfill_queue_depth"):
+    for name in (
+        "midfill_requests_total",
+        "midfill_request_latency_seconds",
+        "midfill_generated_tokens_total",
+        "midfill_queue_depth",
+    ):
         assert name in metrics
 
 
 def _post(server, body, *, key: str | None = KEY, raw: bytes | None = None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if raw is not None:
-        return httpx.post(f"{server}/v1/completions", content=raw, headers={**headers, "content-type": "application/json"}, timeout=60)
+        return httpx.post(
+            f"{server}/v1/completions", content=raw, headers={**headers, "content-type": "application/json"}, timeout=60
+        )
     return httpx.post(f"{server}/v1/completions", json=body, headers=headers, timeout=60)
 
 
@@ -212,8 +226,14 @@ def test_unknown_fields_are_ignored_and_x_api_key_works(server):
 def test_32_concurrent_streaming_clients_complete_without_errors(server):
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, int]:
         stream = await client.completions.create(
-            model="tiny", prompt=PREFIX + f"x{i} = ", suffix=SUFFIX, max_tokens=24, temperature=0.8, seed=i,
-            stream=True, stream_options={"include_usage": True},
+            model="tiny",
+            prompt=PREFIX + f"x{i} = ",
+            suffix=SUFFIX,
+            max_tokens=24,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         text, used = "", 0
         async for chunk in stream:
@@ -289,8 +309,13 @@ def _deploy_config(args: dict, **limits) -> None:
     from serving.ingress import RELOADABLE
 
     user_config = {k: getattr(ServeArgs.model_validate({**args, **limits}), k) for k in RELOADABLE}
-    app = {"name": "midfill", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args,
-           "deployments": [{"name": "InfillServer", "user_config": user_config}]}
+    app = {
+        "name": "midfill",
+        "route_prefix": "/",
+        "import_path": "serving.app:build_app",
+        "args": args,
+        "deployments": [{"name": "InfillServer", "user_config": user_config}],
+    }
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
 
 
@@ -317,7 +342,9 @@ def test_reconfigure_changes_limits_without_replacing_the_replica(server, server
         assert health["replica"] == replica  # reconfigured in place, not replaced
         r = _post(server, {"prompt": PREFIX, "max_tokens": 100})
         assert r.status_code == 400 and "limit of 50" in r.json()["error"]["message"]
-        assert _post(server, {"prompt": PREFIX, "max_tokens": 50, "temperature": 0}).status_code == 200  # at the new limit
+        assert (
+            _post(server, {"prompt": PREFIX, "max_tokens": 50, "temperature": 0}).status_code == 200
+        )  # at the new limit
     finally:
         _deploy_config(server_args)
         _health_when(server, lambda h: h.get("limits", {}).get("max_new_tokens") == 200)
@@ -333,6 +360,7 @@ def test_swapping_the_model_version_drops_no_requests(server, server_args, tiny_
     async def traffic(stop: asyncio.Event) -> list[int]:
         statuses = []
         async with httpx.AsyncClient(timeout=120, headers={"x-api-key": KEY}) as c:
+
             async def one() -> None:
                 body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 40, "temperature": 0}
                 statuses.append((await c.post(f"{server}/v1/completions", json=body)).status_code)

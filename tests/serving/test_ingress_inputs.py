@@ -12,8 +12,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from ray_helpers import local_serve
+
 from serving.app import build_app
 from serving.protocol import MAX_BODY_BYTES
 
@@ -79,7 +79,12 @@ CASES = {
     "token_prompt": (b'{"prompt": [1, 2, 3]}', 422, "prompt", "token-id prompts are not supported"),
     "token_batch_prompt": (b'{"prompt": [[1, 2], [3]]}', 422, "prompt", "token-id prompts are not supported"),
     "wrong_type_stop": (b'{"prompt": "a", "stop": [1]}', 422, "stop", "string"),
-    "wrong_type_stream_options": (b'{"prompt": "a", "stream": true, "stream_options": "yes"}', 422, "stream_options", "dictionary"),
+    "wrong_type_stream_options": (
+        b'{"prompt": "a", "stream": true, "stream_options": "yes"}',
+        422,
+        "stream_options",
+        "dictionary",
+    ),
     "temperature_out_of_range": (b'{"prompt": "a", "temperature": 2.5}', 422, "temperature", "less than"),
     "top_p_zero": (b'{"prompt": "a", "top_p": 0}', 422, "top_p", "greater than"),
     "not_an_object": (b'["prompt"]', 400, None, "JSON object"),
@@ -110,9 +115,28 @@ def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(http):
 # Text with every code point, lone surrogates included (JSON carries them as \ud800 escapes).
 ANY_TEXT = st.text(st.characters() | st.integers(0xD800, 0xDFFF).map(chr), max_size=12)
 SCALARS = st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats() | ANY_TEXT
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY_TEXT, inner, max_size=3), max_leaves=8)
-FIELDS = ["model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-          "echo", "logprobs", "best_of", "presence_penalty", "frequency_penalty", "user"]
+JSON_VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY_TEXT, inner, max_size=3), max_leaves=8
+)
+FIELDS = [
+    "model",
+    "prompt",
+    "suffix",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "echo",
+    "logprobs",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
+    "user",
+]
 # Mostly plausible values, so that bodies get past the first check and reach the engine.
 PLAUSIBLE = {
     "prompt": ANY_TEXT | st.lists(ANY_TEXT, max_size=2) | st.lists(st.integers(-5, 5000), max_size=3),
@@ -127,7 +151,8 @@ PLAUSIBLE = {
 }
 BODIES = st.fixed_dictionaries(
     {"prompt": PLAUSIBLE["prompt"] | JSON_VALUES},
-    optional={name: PLAUSIBLE.get(name, JSON_VALUES) | JSON_VALUES for name in FIELDS if name != "prompt"} | {"junk": JSON_VALUES},
+    optional={name: PLAUSIBLE.get(name, JSON_VALUES) | JSON_VALUES for name in FIELDS if name != "prompt"}
+    | {"junk": JSON_VALUES},
 )
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 from transformers import DynamicCache
 
 from serving import attention
 from serving.kv_slots import DecodeBatchCache
-from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 
 VOCAB = 96
 
@@ -29,11 +29,15 @@ class Alone:
     def __init__(self, model, prompt: list[int]) -> None:
         self.model, self.cache = model, DynamicCache(config=model.config)
         with torch.inference_mode():
-            self.last = model(input_ids=torch.tensor([prompt]), past_key_values=self.cache, use_cache=True).logits[0, -1]
+            self.last = model(input_ids=torch.tensor([prompt]), past_key_values=self.cache, use_cache=True).logits[
+                0, -1
+            ]
 
     def step(self, token: int) -> torch.Tensor:
         with torch.inference_mode():
-            self.last = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True).logits[0, -1]
+            self.last = self.model(
+                input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True
+            ).logits[0, -1]
         return self.last
 
 
@@ -52,8 +56,11 @@ class Batch:
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                past_key_values=cache, use_cache=True,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
             ).logits[:, -1]
             self.kv.add(cache, mask)
         self.names += list(prompts)
@@ -64,8 +71,11 @@ class Batch:
         with torch.inference_mode():
             mask = self.kv.begin_step()
             logits = self.model(
-                input_ids=torch.tensor([[tokens[n]] for n in self.names]), attention_mask=mask,
-                position_ids=torch.tensor(self.positions)[:, None], past_key_values=self.kv.cache, use_cache=True,
+                input_ids=torch.tensor([[tokens[n]] for n in self.names]),
+                attention_mask=mask,
+                position_ids=torch.tensor(self.positions)[:, None],
+                past_key_values=self.kv.cache,
+                use_cache=True,
             ).logits[:, -1]
             self.kv.end_step()
         self.positions = [p + 1 for p in self.positions]
@@ -155,7 +165,9 @@ def test_the_model_sees_contiguous_buffers_whose_width_moves_in_whole_buckets(mo
         for layer in kv.cache.layers:
             assert layer.keys.is_contiguous() and layer.values.is_contiguous()
             assert layer.keys.shape[2] == kv.width
-        assert kv.width % 16 == 0 and kv.cols <= kv.width <= kv.cols + 2 * 16  # cols == width: the next step re-lays out
+        assert (
+            kv.width % 16 == 0 and kv.cols <= kv.width <= kv.cols + 2 * 16
+        )  # cols == width: the next step re-lays out
     assert len(widths) <= 4  # 40 steps crossed at most 3 bucket boundaries
     batch.leave("a")  # b's row has 13 leading padding columns: not yet a whole bucket
     assert kv.width % 16 == 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 from transformers import DynamicCache
 
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
-from serving_exports import tiny_llama  # tests/serving, on sys.path through conftest
 
 VOCAB = 96
 

@@ -13,7 +13,9 @@ def test_unknown_fields_are_ignored_and_stop_normalised():
     assert req.stop_strings() == ("\n",) and req.temperature == 1.0
 
 
-@pytest.mark.parametrize(("field", "value"), [("n", 2), ("echo", True), ("logprobs", 1), ("best_of", 3), ("presence_penalty", 0.5)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("n", 2), ("echo", True), ("logprobs", 1), ("best_of", 3), ("presence_penalty", 0.5)]
+)
 def test_unsupported_options_are_a_400_naming_them(field, value):
     with pytest.raises(ApiError) as exc:
         CompletionRequest.model_validate({"prompt": "x", field: value}).check_supported()

@@ -24,7 +24,9 @@ def test_auto_on_a_cpu_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch, nat
 def test_auto_takes_the_replicas_gpu_in_its_native_half_precision(monkeypatch, native_bf16, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     # torch's default also says yes on GPUs that only emulate bfloat16 (T4, V100); the settings must not.
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation
+    )
     monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: False)
     assert ServingSettings().device_and_dtype() == ("cuda", dtype)
     monkeypatch.setenv("MIDFILL_SERVE_DEVICE", "cpu")

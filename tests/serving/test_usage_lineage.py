@@ -13,12 +13,12 @@ import httpx
 import openai
 import pytest
 import typer
+from ray_helpers import local_serve
 from typer.testing import CliRunner
 
 from midfill.apikeys import KeyFile
 from midfill.local.keys_cli import register as register_keys_cli
 from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry
-from ray_helpers import local_serve
 from serving.app import build_app
 from serving.auth import KeyStore
 from serving.lineage import VERSION_HEADER
@@ -35,8 +35,13 @@ def registry(tiny_export, tmp_path_factory):
     exp = reg.experiment_id("lineage-test")
     for attempt, data_hash in ((1, "aaaa1111aaaa1111"), (2, "bbbb2222bbbb2222")):
         run = reg.client.create_run(exp, run_name=f"train-{attempt}")
-        reg.register(name=MODEL, source=str(tiny_export), run_uid=f"uid-{attempt}", run_id=run.info.run_id,
-                     tags={TAG_RUN_NAME: f"train-{attempt}", TAG_ATTEMPT: str(attempt), TAG_DATA_HASH: data_hash})
+        reg.register(
+            name=MODEL,
+            source=str(tiny_export),
+            run_uid=f"uid-{attempt}",
+            run_id=run.info.run_id,
+            tags={TAG_RUN_NAME: f"train-{attempt}", TAG_ATTEMPT: str(attempt), TAG_DATA_HASH: data_hash},
+        )
     return reg
 
 
@@ -50,8 +55,13 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_args(registry, keys) -> dict:
-    return {"model_uri": f"models:/{MODEL}/1", "tracking_uri": registry.tracking_uri, "api_keys_file": str(keys[0].path),
-            "max_new_tokens": 64, "max_ongoing_requests": 16}
+    return {
+        "model_uri": f"models:/{MODEL}/1",
+        "tracking_uri": registry.tracking_uri,
+        "api_keys_file": str(keys[0].path),
+        "max_new_tokens": 64,
+        "max_ongoing_requests": 16,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +82,8 @@ def _client(server: str, key: str) -> openai.OpenAI:
 def _complete(server: str, key: str, **kw):
     """(completion, response headers) for one greedy infill."""
     raw = _client(server, key).completions.with_raw_response.create(
-        model=MODEL, prompt=PREFIX, suffix=SUFFIX, temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw)
+        model=MODEL, prompt=PREFIX, suffix=SUFFIX, temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw
+    )
     return raw.parse(), raw.headers
 
 
@@ -92,7 +103,8 @@ def test_responses_name_the_version_and_models_lists_its_lineage(server, keys, r
     assert headers[VERSION_HEADER] == f"{MODEL}/1" and completion.system_fingerprint == f"{MODEL}/1"
 
     stream = _client(server, keys[1]["alice"]).completions.create(
-        model=MODEL, prompt=PREFIX, suffix=SUFFIX, max_tokens=8, stream=True, stream_options={"include_usage": True})
+        model=MODEL, prompt=PREFIX, suffix=SUFFIX, max_tokens=8, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks and {c.system_fingerprint for c in chunks} == {f"{MODEL}/1"}
 
@@ -101,9 +113,14 @@ def test_responses_name_the_version_and_models_lists_its_lineage(server, keys, r
     info = registry.get(MODEL, version=1)
     assert entry["version"] == "1" and r.headers[VERSION_HEADER] == f"{MODEL}/1"
     assert entry["lineage"] == {
-        "registered_model": MODEL, "version": "1", "training_run": info.tags[TAG_RUN_NAME],
-        "training_run_uid": info.tags["midfill.training_run_uid"], "attempt": int(info.tags[TAG_ATTEMPT]),
-        "data_hash": info.tags[TAG_DATA_HASH], "mlflow_run_id": info.run_id, "source": f"models:/{MODEL}/1",
+        "registered_model": MODEL,
+        "version": "1",
+        "training_run": info.tags[TAG_RUN_NAME],
+        "training_run_uid": info.tags["midfill.training_run_uid"],
+        "attempt": int(info.tags[TAG_ATTEMPT]),
+        "data_hash": info.tags[TAG_DATA_HASH],
+        "mlflow_run_id": info.run_id,
+        "source": f"models:/{MODEL}/1",
     }
 
 
@@ -117,9 +134,11 @@ def test_usage_is_counted_per_key_name_exactly_as_returned(server, keys):
             sent[name][i] += n
     after = _key_metrics(server)
     for name, (requests, prompt, generated) in sent.items():
-        def delta(metric, status=""):
+
+        def delta(metric, status="", name=name):
             key = (metric, name, f"{MODEL}/1", status)
             return after.get(key, 0) - before.get(key, 0)
+
         assert delta("midfill_key_requests", "200") == requests
         assert delta("midfill_key_prompt_tokens") == prompt
         assert delta("midfill_key_completion_tokens") == generated
@@ -174,7 +193,9 @@ def test_revoking_one_key_leaves_the_other_working_without_a_restart(server, key
 def test_after_a_swap_responses_name_the_new_version(server, server_args, keys):
     from ray import serve
 
-    serve.run(build_app({**server_args, "model_uri": f"models:/{MODEL}/2"}), name="midfill", route_prefix="/", blocking=False)
+    serve.run(
+        build_app({**server_args, "model_uri": f"models:/{MODEL}/2"}), name="midfill", route_prefix="/", blocking=False
+    )
     deadline = time.monotonic() + 180
     while httpx.get(f"{server}/health").json().get("source") != f"models:/{MODEL}/2":
         assert time.monotonic() < deadline, "the new version never answered"

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SAMPLE_FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py", "colorsys.py"]
+SAMPLE_FILES = [
+    "json/__init__.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "json/scanner.py",
+    "textwrap.py",
+    "colorsys.py",
+]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,9 @@ def start(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Popen
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout_s: float = 240) -> subprocess.CompletedProcess:
+def kill_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], *, timeout_s: float = 240
+) -> subprocess.CompletedProcess:
     """SIGKILL `proc` as soon as `ready()`; returns it finished (stdout/stderr read)."""
     deadline = time.monotonic() + timeout_s
     try:

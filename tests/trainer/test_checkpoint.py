@@ -24,7 +24,7 @@ def test_save_load_round_trip_and_keep_last(tmp_path):
     other, other_opt = _model_and_opt(1)
     extra, rank_state = mgr.load(mgr.latest(), model=other, optimizer=other_opt, extra={"step": 0, "note": ""})
     assert extra == {"step": 30, "note": "x"} and rank_state == {"pos": 30}
-    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
 

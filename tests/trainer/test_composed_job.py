@@ -9,19 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from outside import kill_when, progress_reached, start
 from safetensors.torch import load_file as load_safetensors
+from test_job import _command, _ok, _trainer
+from tiny_runs import tiny_run, write_run
 
 from midfill.composition import load_composed, read_manifest
 from midfill.export import read_metadata
 from midfill.progress import read_progress, read_result
 from midfill.registry import Registry
 
-from outside import kill_when, progress_reached, start
-from test_job import _command, _ok, _trainer
-from tiny_runs import tiny_run, write_run
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-from serving_exports import build_export  # noqa: E402
+from serving_exports import build_export
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,7 +64,9 @@ def test_a_calm_run_trains_the_bridge_and_leaves_the_parents_untouched(parents, 
     assert manifest["parents"]["augment"]["ref"] == str(augment_dir)
     bridge = load_safetensors(export / "bridge.safetensors")
     assert bridge and all(k.startswith("bridges.") for k in bridge)
-    assert any(k.endswith("cross.o_proj.weight") and v.abs().sum() > 0 for k, v in bridge.items())  # trained away from 0
+    assert any(
+        k.endswith("cross.o_proj.weight") and v.abs().sum() > 0 for k, v in bridge.items()
+    )  # trained away from 0
     assert not (export / "model.safetensors").exists()  # the parents are referenced, never copied
 
     def load_parent(ref: str):
@@ -114,7 +115,9 @@ def test_a_killed_calm_run_resumes_to_the_same_bridge(parents, calm_run, tmp_pat
     run_file = write_run(tmp_path / "calm.yaml", _calm_run("tiny-calm", anchor=anchor_uri, augment=str(augment)))
     env = {"MIDFILL_TRACKING_URI": uri}
     cmd, full_env = _command(tmp_path, run_file, uid="uid-calm-b", **env)
-    killed = kill_when(start(cmd, cwd=tmp_path, env=full_env), progress_reached(tmp_path / "state" / "runs" / "tiny-calm", 25))
+    killed = kill_when(
+        start(cmd, cwd=tmp_path, env=full_env), progress_reached(tmp_path / "state" / "runs" / "tiny-calm", 25)
+    )
     assert killed.returncode == -9
     ckpt = tmp_path / "state" / "runs" / "tiny-calm" / "checkpoints"
     (ckpt / "step-00000030").mkdir()  # torn: must be skipped
@@ -128,11 +131,16 @@ def test_a_killed_calm_run_resumes_to_the_same_bridge(parents, calm_run, tmp_pat
 
 def test_a_codet5p_run_from_recipes_saves_its_parents_in_the_export(tmp_path):
     doc = tiny_run("tiny-codet5p", steps=4, evalIntervalSteps=100)
-    doc["spec"]["model"] = {"composition": {"mode": "codet5p", "anchor": "debug", "augment": "debug", "encoderTrainable": True}}
+    doc["spec"]["model"] = {
+        "composition": {"mode": "codet5p", "anchor": "debug", "augment": "debug", "encoderTrainable": True}
+    }
     _ok(_trainer(tmp_path, write_run(tmp_path / "run.yaml", doc), uid="uid-c5"))
     export = tmp_path / "state" / "runs" / "tiny-codet5p" / "export"
     manifest = read_manifest(export)
-    assert {r: p["ref"] for r, p in manifest["parents"].items()} == {"anchor": "./parents/anchor", "augment": "./parents/augment"}
+    assert {r: p["ref"] for r, p in manifest["parents"].items()} == {
+        "anchor": "./parents/anchor",
+        "augment": "./parents/augment",
+    }
     assert any(k.startswith("encoder.model.") for k in manifest["tensors"])  # the trained encoder rides in the bridge
     model = load_composed(export)  # relative parents, fingerprints of their starting weights
     assert model.mode == "codet5p" and model.encoder_trainable

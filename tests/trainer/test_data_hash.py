@@ -36,5 +36,7 @@ def test_remote_objects_are_identified_by_their_store_listing():
     assert remote_identity(gcs) == "generation=17;md5Hash=xyz;size=10"
     assert remote_identity({**s3, "ETag": '"abd"'}) != remote_identity(s3)
     # A remote ref is never opened: its url points nowhere.
-    ref = FileRef(source=0, kind="code", url="s3://no-such-bucket/a.py", rel="a.py", size=10, identity=remote_identity(s3))
+    ref = FileRef(
+        source=0, kind="code", url="s3://no-such-bucket/a.py", rel="a.py", size=10, identity=remote_identity(s3)
+    )
     assert file_digest(ref) == remote_identity(s3)

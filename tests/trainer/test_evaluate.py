@@ -26,8 +26,18 @@ def _half_only(module, query, key, value, attention_mask, **kwargs):
 
 def _tiny_llama(vocab_size: int, attn: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg)  # fp32, as the trainer keeps it outside FSDP's mixed precision
 

@@ -50,7 +50,15 @@ def test_other_local_ranks_wait_for_rank_0_without_fetching(tmp_path):
     dst = tmp_path / "init"
     got: list[Path] = []
     waiter = threading.Thread(
-        target=lambda: got.append(fetch_once(dst, lambda f: pytest.fail("rank 1 fetched"), Dist(rank=1, local_rank=1, world_size=2), source="x", poll_s=0.01))
+        target=lambda: got.append(
+            fetch_once(
+                dst,
+                lambda f: pytest.fail("rank 1 fetched"),
+                Dist(rank=1, local_rank=1, world_size=2),
+                source="x",
+                poll_s=0.01,
+            )
+        )
     )
     waiter.start()
     waiter.join(timeout=0.3)

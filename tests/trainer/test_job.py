@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from outside import kill_when, progress_reached, start
 from safetensors.torch import load_file as load_safetensors
+from tiny_runs import tiny_run, write_run
 
 from midfill import fim
 from midfill.api import EXIT_CODE_INVALID_CONFIG
@@ -17,18 +19,19 @@ from midfill.export import read_metadata
 from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_UID, read_progress, read_result
 from midfill.registry import TAG_ATTEMPT, TAG_DATA_HASH, TAG_RUN_NAME, Registry
 
-from outside import kill_when, progress_reached, start
-from tiny_runs import tiny_run, write_run
-
 pytestmark = pytest.mark.timeout(300)
 
 
-def _trainer(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str) -> subprocess.CompletedProcess:
+def _trainer(
+    root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str
+) -> subprocess.CompletedProcess:
     cmd, full_env = _command(root, run_file, uid=uid, attempt=attempt, nproc=nproc, **env)
     return subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=240)
 
 
-def _command(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str) -> tuple[list[str], dict[str, str]]:
+def _command(
+    root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: int = 1, **env: str
+) -> tuple[list[str], dict[str, str]]:
     full_env = {
         **os.environ,
         "MIDFILL_STATE_DIR": str(root / "state"),
@@ -37,7 +40,17 @@ def _command(root: Path, run_file: Path, *, uid: str, attempt: int = 1, nproc: i
         **env,
     }
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "trainer", "--run-file", str(run_file)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "trainer",
+            "--run-file",
+            str(run_file),
+        ]
     else:
         cmd = [sys.executable, "-m", "trainer", "--run", str(run_file)]
     cmd += ["--uid", uid, "--attempt", str(attempt)]
@@ -65,9 +78,13 @@ def test_torchrun_two_processes_train_and_the_loss_falls(ddp_run):
     registry = Registry(f"sqlite:///{root / 'mlflow.db'}")
     run = registry.client.get_run(progress.mlflow_run_id)
     assert run.data.tags[RUN_TAG_UID] == "uid-ddp" and run.data.tags[RUN_TAG_ATTEMPT] == "1"
-    assert {"loss", "val_loss", "lr", "tokens_per_second", "grad_norm", "step", "line_infill_exact_match"} <= set(run.data.metrics)
+    assert {"loss", "val_loss", "lr", "tokens_per_second", "grad_norm", "step", "line_infill_exact_match"} <= set(
+        run.data.metrics
+    )
     assert run.data.params["world_size"] == "2" and run.data.params["attn_implementation"] == "sdpa"
-    losses = [m.value for m in sorted(registry.client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    losses = [
+        m.value for m in sorted(registry.client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    ]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
     complete = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
     assert complete == ["step-00000020", "step-00000030"]
@@ -93,14 +110,16 @@ def test_export_loads_with_transformers_and_infills(ddp_run, tmp_path):
     ids = tok(prompt, return_tensors="pt")
     stop = tok.convert_tokens_to_ids(list(fim.CODEGEN2.stop_tokens))
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-    new = out[0, ids["input_ids"].shape[1]:]
+    new = out[0, ids["input_ids"].shape[1] :]
     assert len(new) >= 1
     assert isinstance(tok.decode(new, skip_special_tokens=True), str)
 
 
 def test_a_retry_after_success_registers_nothing_new(ddp_run):
     root, run_file = ddp_run
-    proc = _trainer(root, run_file, uid="uid-ddp", attempt=2)  # one process now: the data order restarts, weights resume
+    proc = _trainer(
+        root, run_file, uid="uid-ddp", attempt=2
+    )  # one process now: the data order restarts, weights resume
     _ok(proc)
     registry = Registry(f"sqlite:///{root / 'mlflow.db'}")
     assert [v.version for v in registry.versions("tiny-ddp")] == ["1"]
@@ -143,7 +162,9 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
     run_file = write_run(killed_root / "run.yaml", doc)
     cmd, env = _command(killed_root, run_file, uid="u")
     run_dir = killed_root / "state" / "runs" / "tiny-resume"
-    killed = kill_when(start(cmd, cwd=killed_root, env=env), progress_reached(run_dir, 15))  # from outside, between checkpoints 10 and 20
+    killed = kill_when(
+        start(cmd, cwd=killed_root, env=env), progress_reached(run_dir, 15)
+    )  # from outside, between checkpoints 10 and 20
     assert killed.returncode == -9
     ckpt = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000010"]

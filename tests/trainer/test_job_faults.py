@@ -15,20 +15,39 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_runs import tiny_run, write_run
 
 from midfill.progress import read_progress, read_result
 from midfill.registry import Registry
-
-from tiny_runs import tiny_run, write_run
 
 INTERVAL = 10
 
 
 def torchrun(root: Path, run_file: Path, *, uid: str, attempt: int) -> subprocess.Popen:
-    env = {**os.environ, "MIDFILL_STATE_DIR": str(root / "state"), "MIDFILL_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer",
-           "--run-file", str(run_file), "--uid", uid, "--attempt", str(attempt)]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "MIDFILL_STATE_DIR": str(root / "state"),
+        "MIDFILL_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "trainer",
+        "--run-file",
+        str(run_file),
+        "--uid",
+        uid,
+        "--attempt",
+        str(attempt),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def rank_process(gang: subprocess.Popen, rank: int) -> psutil.Process:
@@ -42,7 +61,9 @@ def rank_process(gang: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 def complete_checkpoints(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    return sorted(
+        int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()
+    )
 
 
 def kill_rank_at(gang: subprocess.Popen, run_dir: Path, *, rank: int, step: int, timeout_s: float = 240) -> int:
@@ -73,7 +94,10 @@ def test_sigkill_of_one_rank_fails_the_attempt_and_the_next_resumes_from_the_las
             gang.wait()
     assert gang.returncode != 0, err[-2000:]  # the attempt fails as a whole
     kept = complete_checkpoints(run_dir)
-    assert kept and kept[-1] >= INTERVAL and at - kept[-1] <= INTERVAL + 1, (at, kept)  # at most one interval lost (+ the step in flight)
+    assert kept and kept[-1] >= INTERVAL and at - kept[-1] <= INTERVAL + 1, (
+        at,
+        kept,
+    )  # at most one interval lost (+ the step in flight)
     registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert registry.versions("gang") == []
 

@@ -9,17 +9,19 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
-from midfill.registry import TAG_DATA_HASH, Registry
 from test_job import _ok, _trainer
 from tiny_runs import tiny_run, write_run
+
+from midfill.registry import TAG_DATA_HASH, Registry
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def test_trained_version_has_card_schema_source_and_content_hash(tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "json", data, ignore=shutil.ignore_patterns("__pycache__", "tool.py"))
+    shutil.copytree(
+        Path(sysconfig.get_paths()["stdlib"]) / "json", data, ignore=shutil.ignore_patterns("__pycache__", "tool.py")
+    )
     doc = tiny_run("tiny-card", steps=10)
     doc["spec"]["data"] = {"sources": [{"uri": str(data), "include": ["*.py"]}], "validationFraction": 0.2}
     doc["spec"]["evaluation"] = {"suites": ["line-em"], "limit": 2, "maxNewTokens": 8}

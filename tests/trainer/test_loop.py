@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from trainer.objectives import Packed
 def test_warmup_then_cosine_to_the_floor():
     f = [lr_factor(s, warmup=10, total=100, schedule="cosine", floor=0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
     assert lr_factor(50, warmup=0, total=100, schedule="constant", floor=0.1) == 1.0
     assert lr_factor(55, warmup=10, total=100, schedule="linear", floor=0.0) == pytest.approx(0.5)
@@ -63,18 +64,32 @@ def _varlen_reference(module, query, key, value, attention_mask, dropout=0.0, sc
     assert attention_mask is None and query.shape[0] == 1
     (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(kwargs["position_ids"])
     bounds = cu_seqlens.tolist()
-    out = torch.cat([
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-                                       enable_gqa=True)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ], dim=2)
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=True
+            )
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ],
+        dim=2,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
 def _tiny_llama(attn: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).eval()
 
@@ -91,7 +106,10 @@ def test_flat_layout_loss_equals_the_masked_layout():
         model.set_attn_implementation("varlen_reference")
         loss_flat, n_flat = lm_loss(model, flat, bf16=False)
         # Without ignoring each row's first token, the joined row would have two extra targets.
-        unfixed = {**flat, "labels": collate(PACKED, pad_id=0, document_mask=False, device=cpu)["labels"].reshape(1, -1)}
+        unfixed = {
+            **flat,
+            "labels": collate(PACKED, pad_id=0, document_mask=False, device=cpu)["labels"].reshape(1, -1),
+        }
         _, n_unfixed = lm_loss(model, unfixed, bf16=False)
     assert int(n_flat) == int(n_masked) == 19 and int(n_unfixed) == 21
     assert loss_flat.item() == pytest.approx(loss_masked.item(), rel=1e-5)

@@ -13,7 +13,9 @@ def flash_available(monkeypatch):
     """What a GPU node of the trainer image reports: CUDA, and flash-attn installed."""
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a)
+    )
 
 
 def test_auto_takes_flash_attention_only_for_a_bf16_run(flash_available):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from pathlib import Path
 
@@ -21,18 +22,20 @@ def _files(tmp_path: Path, texts: list[str]):
 
 
 def _objective(causal=0.0, span=0.0, fim_w=0.0, max_spans=3, single_line=0.5) -> ObjectiveSpec:
-    return ObjectiveSpec.model_validate({
-        "causalLM": {"weight": causal},
-        "spanCorruption": {"weight": span, "maxSpans": max_spans, "singleLineProbability": single_line},
-        "fim": {"weight": fim_w},
-    })
+    return ObjectiveSpec.model_validate(
+        {
+            "causalLM": {"weight": causal},
+            "spanCorruption": {"weight": span, "maxSpans": max_spans, "singleLineProbability": single_line},
+            "fim": {"weight": fim_w},
+        }
+    )
 
 
 def _pieces(seq):
     """(doc key, objective, ids) of every piece of a packed sequence."""
     used = sum(1 for s in seq.segments if s)
     bounds = [p.start for p in seq.pieces] + [used]
-    return [(p.doc, p.objective, seq.ids[a:b]) for p, a, b in zip(seq.pieces, bounds, bounds[1:])]
+    return [(p.doc, p.objective, seq.ids[a:b]) for p, a, b in zip(seq.pieces, bounds, bounds[1:], strict=False)]
 
 
 def _reconstruct(packer: Packer, bpe, sid) -> dict[str, str]:
@@ -151,6 +154,6 @@ def test_choose_spans_are_disjoint_sorted_and_nonempty():
         spans = choose_spans(text, k=k, ratio=rng.uniform(0.05, 0.5), single_line_p=rng.random(), rng=rng)
         assert 1 <= len(spans) <= k
         assert all(a < b for a, b in spans)
-        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+        assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
     lines = choose_spans(text, k=3, ratio=0.2, single_line_p=1.0, rng=rng)
     assert all(text[a:b].endswith("\n") and (a == 0 or text[a - 1] == "\n") for a, b in lines)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "midfill.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+# Spelled out (not f"{GROUP}/{VERSION}") so type checkers see the Literal the resource models declare.
+API_VERSION: Final = "midfill.dev/v1alpha1"
 
 # RFC 1035 label: child objects (Service, Job "<name>-a<N>") reuse the name, so it must be a
 # valid Service name with room left for the attempt suffix.
@@ -81,9 +82,7 @@ class ResourceRequirements(ApiModel):
     def _quantities(cls, value: dict[str, Quantity]) -> dict[str, Quantity]:
         for key, quantity in value.items():
             if isinstance(quantity, bool) or not re.match(QUANTITY_PATTERN, str(quantity)):
-                raise ValueError(
-                    f"{key}: {quantity!r} is not a Kubernetes quantity (examples: 4, 500m, 16Gi)"
-                )
+                raise ValueError(f"{key}: {quantity!r} is not a Kubernetes quantity (examples: 4, 500m, 16Gi)")
         return value
 
     def gpus(self) -> int:
@@ -131,9 +130,7 @@ class Condition(ApiModel):
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
-    last_transition_time: str | None = Field(
-        default=None, description="When status last changed (RFC 3339)."
-    )
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(
         default=None, description="The .metadata.generation this condition was computed from."
     )
@@ -141,7 +138,7 @@ class Condition(ApiModel):
 
 def now_rfc3339() -> str:
     """The current UTC time as Kubernetes writes it (second precision, trailing Z)."""
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(

@@ -6,7 +6,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -15,12 +15,16 @@ from midfill.api.common import API_VERSION
 from midfill.api.modelrelease import ModelRelease
 from midfill.api.trainingrun import TrainingRun
 
-Resource = Union[TrainingRun, ModelRelease]
+Resource = TrainingRun | ModelRelease
 KINDS: dict[str, type[BaseModel]] = {"TrainingRun": TrainingRun, "ModelRelease": ModelRelease}
 # Plural and short names accepted on the command line (as kubectl does).
 KIND_ALIASES = {
-    "trainingrun": "TrainingRun", "trainingruns": "TrainingRun", "tr": "TrainingRun",
-    "modelrelease": "ModelRelease", "modelreleases": "ModelRelease", "mr": "ModelRelease",
+    "trainingrun": "TrainingRun",
+    "trainingruns": "TrainingRun",
+    "tr": "TrainingRun",
+    "modelrelease": "ModelRelease",
+    "modelreleases": "ModelRelease",
+    "mr": "ModelRelease",
 }
 _RELATIVE_FIELD = re.compile(r"^([A-Za-z][\w.\[\]'/-]*): (.+)$", re.S)
 
@@ -99,7 +103,11 @@ def errors_from_validation(exc: ValidationError, model: type[BaseModel]) -> list
             message = "required field is missing"
         elif err["type"] == "literal_error":
             message = f"{err.get('input')!r} is not allowed; {message[0].lower()}{message[1:]}"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(err["input"], (dict, list)):
+        elif (
+            "input" in err
+            and err["type"] not in ("value_error", "assertion_error")
+            and not isinstance(err["input"], (dict, list))
+        ):
             message = f"{message} (got {err['input']!r})"
         path = _dotted(loc)
         relative = _RELATIVE_FIELD.match(message)
@@ -113,12 +121,17 @@ def errors_from_validation(exc: ValidationError, model: type[BaseModel]) -> list
 def parse_resource(doc: Any, *, source: str = "") -> Resource:
     """Validate one decoded document as a TrainingRun or ModelRelease."""
     if not isinstance(doc, dict):
-        raise SpecError([FieldError("(document)", f"expected a mapping with apiVersion/kind/metadata/spec, got {type(doc).__name__}")], source=source)
+        raise SpecError(
+            [
+                FieldError(
+                    "(document)", f"expected a mapping with apiVersion/kind/metadata/spec, got {type(doc).__name__}"
+                )
+            ],
+            source=source,
+        )
     kind = doc.get("kind")
     if kind not in KINDS:
-        raise SpecError(
-            [FieldError("kind", f"unknown kind {kind!r}; midfill knows {', '.join(KINDS)}")], source=source
-        )
+        raise SpecError([FieldError("kind", f"unknown kind {kind!r}; midfill knows {', '.join(KINDS)}")], source=source)
     if doc.get("apiVersion") != API_VERSION:
         raise SpecError(
             [FieldError("apiVersion", f"{doc.get('apiVersion')!r} is not supported; use {API_VERSION}")], source=source

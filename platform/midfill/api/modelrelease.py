@@ -71,7 +71,8 @@ class Approval(ApiModel):
             suite, _, metric = key.partition("/")
             if suite not in EVAL_SUITES or metric not in GATE_METRICS:
                 raise ValueError(
-                    f"{key!r} is not 'suite/metric'; suites: {', '.join(EVAL_SUITES)}; metrics: {', '.join(GATE_METRICS)}"
+                    f"{key!r} is not 'suite/metric'; suites: {', '.join(EVAL_SUITES)}; metrics: "
+                    f"{', '.join(GATE_METRICS)}"
                 )
         return value
 
@@ -81,7 +82,9 @@ class EndpointSpec(ApiModel):
 
     name: str | None = Field(default=None, description="Endpoint (RayService) name. Default: the ModelRelease's name.")
     route_prefix: str = Field(default="/", pattern=r"^/", description="HTTP route prefix. Default /.")
-    image: str = Field(default=DEFAULT_SERVING_IMAGE, min_length=1, description=f"Serving image. Default {DEFAULT_SERVING_IMAGE}.")
+    image: str = Field(
+        default=DEFAULT_SERVING_IMAGE, min_length=1, description=f"Serving image. Default {DEFAULT_SERVING_IMAGE}."
+    )
     resources_per_replica: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Resources per model replica (e.g. nvidia.com/gpu: 1)."
     )
@@ -99,11 +102,15 @@ class ServingSpec(ApiModel):
     max_context_tokens: int | None = Field(
         default=None, ge=16, description="Longest prompt + completion accepted. Default: the model's context."
     )
-    max_new_tokens: int = Field(default=256, ge=1, le=32768, description="Upper bound on max_tokens per request. Default 256.")
+    max_new_tokens: int = Field(
+        default=256, ge=1, le=32768, description="Upper bound on max_tokens per request. Default 256."
+    )
     fim_format: FimFormatName | None = Field(
         default=None, description="Override the model's FIM format (from midfill.json). Default: the model's."
     )
-    max_batch_size: int = Field(default=16, ge=1, le=512, description="Requests decoded together per replica. Default 16.")
+    max_batch_size: int = Field(
+        default=16, ge=1, le=512, description="Requests decoded together per replica. Default 16."
+    )
     max_prefill_tokens: int = Field(
         default=2048,
         ge=1,
@@ -124,7 +131,9 @@ class ServingSpec(ApiModel):
         ),
     )
     max_ongoing_requests: int = Field(
-        default=64, ge=1, description="Concurrent requests per replica (Ray Serve); keep above expected concurrency. Default 64."
+        default=64,
+        ge=1,
+        description="Concurrent requests per replica (Ray Serve); keep above expected concurrency. Default 64.",
     )
     max_queued_requests: int = Field(
         default=256, ge=-1, description="Requests waiting beyond that get HTTP 429 (-1 = unbounded). Default 256."
@@ -136,16 +145,20 @@ class AutoscalingSpec(ApiModel):
 
     min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (0 allows scale to zero). Default 1.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas. Default 1.")
-    target_ongoing_requests: float = Field(default=8, gt=0, description="Ongoing requests per replica to aim for. Default 8.")
-    upscale_delay_seconds: float = Field(default=30, ge=0, description="How long load must stay high before scaling up. Default 30.")
-    downscale_delay_seconds: float = Field(default=600, ge=0, description="How long load must stay low before scaling down. Default 600.")
+    target_ongoing_requests: float = Field(
+        default=8, gt=0, description="Ongoing requests per replica to aim for. Default 8."
+    )
+    upscale_delay_seconds: float = Field(
+        default=30, ge=0, description="How long load must stay high before scaling up. Default 30."
+    )
+    downscale_delay_seconds: float = Field(
+        default=600, ge=0, description="How long load must stay low before scaling down. Default 600."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"minReplicas: {self.min_replicas} must be <= maxReplicas ({self.max_replicas})"
-            )
+            raise ValueError(f"minReplicas: {self.min_replicas} must be <= maxReplicas ({self.max_replicas})")
         return self
 
 
@@ -153,7 +166,9 @@ class SecretKeyRef(ApiModel):
     """A key in a Secret of the release's namespace."""
 
     name: str = Field(min_length=1, description="Secret name.")
-    key: str = Field(default="api-keys", min_length=1, description="Key holding the API keys, one per line. Default api-keys.")
+    key: str = Field(
+        default="api-keys", min_length=1, description="Key holding the API keys, one per line. Default api-keys."
+    )
 
 
 class AuthSpec(ApiModel):
@@ -162,7 +177,9 @@ class AuthSpec(ApiModel):
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret with the accepted API keys (one per line)."
     )
-    disabled: bool = Field(default=False, description="Serve without authentication. Must be set explicitly. Default false.")
+    disabled: bool = Field(
+        default=False, description="Serve without authentication. Must be set explicitly. Default false."
+    )
 
     @model_validator(mode="after")
     def _explicit(self) -> AuthSpec:
@@ -182,10 +199,16 @@ class RolloutSpec(ApiModel):
     )
     canary_steps: list[int] = Field(
         default_factory=lambda: [10, 50, 100],
-        description="Canary traffic percentages, increasing, ending at 100 (for strategy Canary, reserved). Default [10, 50, 100].",
+        description="Canary traffic percentages, increasing, ending at 100 (for strategy Canary, reserved). "
+        "Default [10, 50, 100].",
     )
-    auto_rollback: bool = Field(default=True, description="Return to the previous stable version if the new one is not healthy in time. Default true.")
-    health_deadline_seconds: int = Field(default=600, ge=10, description="How long a new version may take to become healthy. Default 600.")
+    auto_rollback: bool = Field(
+        default=True,
+        description="Return to the previous stable version if the new one is not healthy in time. Default true.",
+    )
+    health_deadline_seconds: int = Field(
+        default=600, ge=10, description="How long a new version may take to become healthy. Default 600."
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> RolloutSpec:
@@ -207,12 +230,16 @@ class ModelReleaseSpec(ApiModel):
 
     model: ModelRef = Field(description="The registered model and alias or version to serve.")
     approval: Approval = Field(default_factory=Approval, description="Review requirements.")
-    endpoint: EndpointSpec = Field(default_factory=EndpointSpec, description="Endpoint name, image, replicas' resources.")
+    endpoint: EndpointSpec = Field(
+        default_factory=EndpointSpec, description="Endpoint name, image, replicas' resources."
+    )
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Request limits and prompt format.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys (required unless disabled: true).")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="How new versions roll out.")
-    paused: bool = Field(default=False, description="true freezes the served version (no changes are rolled out). Default false.")
+    paused: bool = Field(
+        default=False, description="true freezes the served version (no changes are rolled out). Default false."
+    )
 
     @model_validator(mode="after")
     def _auth_explicit(self) -> ModelReleaseSpec:
@@ -230,7 +257,10 @@ ModelReleasePhase = Literal["Pending", "WaitingForApproval", "Progressing", "Ava
 class ModelReleaseStatus(ApiModel):
     """Observed state of a ModelRelease."""
 
-    phase: ModelReleasePhase = Field(default="Pending", description="Pending, WaitingForApproval, Progressing, Available, Degraded, Paused or Failed.")
+    phase: ModelReleasePhase = Field(
+        default="Pending",
+        description="Pending, WaitingForApproval, Progressing, Available, Degraded, Paused or Failed.",
+    )
     message: str | None = Field(default=None, description="One line on what is happening or what it waits for.")
     conditions: list[Condition] = Field(
         default_factory=list,
@@ -238,7 +268,9 @@ class ModelReleaseStatus(ApiModel):
     )
     resolved_version: str | None = Field(default=None, description="Version the alias/version resolves to now.")
     stable_version: str | None = Field(default=None, description="Version serving traffic and healthy.")
-    previous_stable_version: str | None = Field(default=None, description="Version served before the stable one (rollback target).")
+    previous_stable_version: str | None = Field(
+        default=None, description="Version served before the stable one (rollback target)."
+    )
     url: str | None = Field(default=None, description="Base URL of the OpenAI-compatible endpoint.")
     observed_generation: int | None = Field(default=None, description="The spec generation this status reflects.")
 

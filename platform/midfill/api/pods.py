@@ -16,17 +16,30 @@ from pydantic import Field, field_validator, model_validator
 from midfill.api.common import ApiModel
 
 # Env variables the builders set on trainer and serving containers (a test keeps this in step with them).
-RESERVED_ENV = frozenset({
-    "MIDFILL_RUN_UID", "MIDFILL_ATTEMPT", "MIDFILL_STATE_DIR", "MIDFILL_PROGRESS_BAR",
-    "MIDFILL_TRACKING_URI", "MIDFILL_CHECKPOINT_DIR",
-})
+RESERVED_ENV = frozenset(
+    {
+        "MIDFILL_RUN_UID",
+        "MIDFILL_ATTEMPT",
+        "MIDFILL_STATE_DIR",
+        "MIDFILL_PROGRESS_BAR",
+        "MIDFILL_TRACKING_URI",
+        "MIDFILL_CHECKPOINT_DIR",
+    }
+)
 RESERVED_ENV_PREFIX = "PET_"  # torchrun's settings (rendezvous, ranks): the gang's contract
 # Volumes the builders add (run file, shared memory, work dir, checkpoint claim, API keys).
 RESERVED_VOLUMES = frozenset({"config", "dshm", "work", "checkpoints", "api-keys"})
 # Mount paths the builders use; a template mount at or under one would hide the platform's files.
 RESERVED_MOUNT_PATHS = ("/etc/midfill", "/var/midfill", "/dev/shm")
-RESERVED_LABEL_PREFIXES = ("midfill.dev/", "app.kubernetes.io/managed-by", "kueue.x-k8s.io/", "ray.io/",
-                           "batch.kubernetes.io/", "job-name", "controller-uid")
+RESERVED_LABEL_PREFIXES = (
+    "midfill.dev/",
+    "app.kubernetes.io/managed-by",
+    "kueue.x-k8s.io/",
+    "ray.io/",
+    "batch.kubernetes.io/",
+    "job-name",
+    "controller-uid",
+)
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -92,7 +105,9 @@ class EnvFromSource(ApiModel):
         if (self.secret_ref is None) == (self.config_map_ref is None):
             raise ValueError("secretRef: set exactly one of secretRef and configMapRef")
         if self.prefix and (self.prefix.startswith(RESERVED_ENV_PREFIX) or self.prefix.startswith("MIDFILL_")):
-            raise ValueError(f"prefix: {self.prefix!r} could override midfill's own PET_*/MIDFILL_* variables; use another")
+            raise ValueError(
+                f"prefix: {self.prefix!r} could override midfill's own PET_*/MIDFILL_* variables; use another"
+            )
         return self
 
 
@@ -104,8 +119,12 @@ class Volume(ApiModel):
     secret: dict[str, Any] | None = Field(default=None, description="{secretName, items, defaultMode}.")
     config_map: dict[str, Any] | None = Field(default=None, description="{name, items, defaultMode}.")
     empty_dir: dict[str, Any] | None = Field(default=None, description="{medium, sizeLimit}.")
-    csi: dict[str, Any] | None = Field(default=None, description="A CSI volume (e.g. a bucket or secrets-store driver).")
-    projected: dict[str, Any] | None = Field(default=None, description="A projected volume (e.g. a service account token).")
+    csi: dict[str, Any] | None = Field(
+        default=None, description="A CSI volume (e.g. a bucket or secrets-store driver)."
+    )
+    projected: dict[str, Any] | None = Field(
+        default=None, description="A projected volume (e.g. a service account token)."
+    )
     ephemeral: dict[str, Any] | None = Field(default=None, description="A generic ephemeral volume.")
 
     @field_validator("name")
@@ -114,7 +133,9 @@ class Volume(ApiModel):
         if len(name) > 63 or not DNS_LABEL.match(name):
             raise ValueError(f"{name!r} is not a volume name (at most 63 lowercase letters, digits or '-')")
         if name in RESERVED_VOLUMES:
-            raise ValueError(f"{name!r} is a volume midfill adds itself ({', '.join(sorted(RESERVED_VOLUMES))}); pick another name")
+            raise ValueError(
+                f"{name!r} is a volume midfill adds itself ({', '.join(sorted(RESERVED_VOLUMES))}); pick another name"
+            )
         return name
 
     @model_validator(mode="after")
@@ -183,7 +204,9 @@ class PodTemplate(ApiModel):
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
             if key.startswith(RESERVED_LABEL_PREFIXES):
-                raise ValueError(f"{key!r} is a label midfill, Kueue, KubeRay or the Job controller set; use another key")
+                raise ValueError(
+                    f"{key!r} is a label midfill, Kueue, KubeRay or the Job controller set; use another key"
+                )
         return value
 
     @model_validator(mode="after")
@@ -225,7 +248,10 @@ class PodTemplate(ApiModel):
             if self.env_from:
                 container["envFrom"] = [e.to_wire() for e in self.env_from]
             if self.volume_mounts:
-                container["volumeMounts"] = [*container.get("volumeMounts", []), *(m.to_wire() for m in self.volume_mounts)]
+                container["volumeMounts"] = [
+                    *container.get("volumeMounts", []),
+                    *(m.to_wire() for m in self.volume_mounts),
+                ]
             if self.container_security_context:
                 container["securityContext"] = dict(self.container_security_context)
         if self.labels:

@@ -41,13 +41,9 @@ class Architecture(ApiModel):
     @model_validator(mode="after")
     def _heads_divide(self) -> Architecture:
         if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hiddenSize: {self.hidden_size} must be divisible by numHeads ({self.num_heads})"
-            )
+            raise ValueError(f"hiddenSize: {self.hidden_size} must be divisible by numHeads ({self.num_heads})")
         if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"numKvHeads: numHeads ({self.num_heads}) must be divisible by it ({self.num_kv_heads})"
-            )
+            raise ValueError(f"numKvHeads: numHeads ({self.num_heads}) must be divisible by it ({self.num_kv_heads})")
         return self
 
 
@@ -73,13 +69,17 @@ class CompositionSpec(ApiModel):
         default=None, ge=1, description="Heads of each bridge cross-attention. Default: the anchor's head count."
     )
     layer_spacing: int = Field(
-        default=4, ge=1, description="calm: compose every k-th augmenting layer with an evenly spaced anchor layer. Default 4."
+        default=4,
+        ge=1,
+        description="calm: compose every k-th augmenting layer with an evenly spaced anchor layer. Default 4.",
     )
     num_composition_layers: int | None = Field(
         default=None, ge=1, description="calm: number of layer pairs. Default: augmenting layers / layerSpacing."
     )
     cross_attention_layers: int = Field(
-        default=1, ge=1, description="codet5p: how many top anchor layers get cross-attention. Default 1 (as in CodeT5+)."
+        default=1,
+        ge=1,
+        description="codet5p: how many top anchor layers get cross-attention. Default 1 (as in CodeT5+).",
     )
     encoder_trainable: bool = Field(
         default=True, description="codet5p: train the encoder too (CodeT5+ does). Default true."
@@ -90,7 +90,9 @@ class CompositionSpec(ApiModel):
         for name in ("anchor", "augment"):
             value = getattr(self, name)
             if value.startswith("models:") and not MODELS_URI.match(value):
-                raise ValueError(f"{name}: {value!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>")
+                raise ValueError(
+                    f"{name}: {value!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>"
+                )
         return self
 
 
@@ -126,8 +128,7 @@ class ModelSpec(ApiModel):
     def _init_form(self) -> ModelSpec:
         if self.init.startswith("models:") and not MODELS_URI.match(self.init):
             raise ValueError(
-                f"init: {self.init!r} is not a registry URI; use models:/<name>/<version> "
-                "or models:/<name>@<alias>"
+                f"init: {self.init!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>"
             )
         return self
 
@@ -140,7 +141,9 @@ class TokenizerSpec(ApiModel):
         description="Load a tokenizer (tokenizer.json or a Hugging Face folder) from this path/URI. "
         "Default: train one on the training data.",
     )
-    vocab_size: int = Field(default=8192, ge=512, le=262144, description="BPE vocabulary size when training. Default 8192.")
+    vocab_size: int = Field(
+        default=8192, ge=512, le=262144, description="BPE vocabulary size when training. Default 8192."
+    )
     num_mask_tokens: int = Field(
         default=8, ge=1, le=64, description="How many <mask_N> sentinels (N = 1..this) to reserve. Default 8."
     )
@@ -193,7 +196,12 @@ class SpanCorruptionObjective(ApiModel):
     """CodeGen2 within-file span corruption: <mask_i> in place, <sep>, then <mask_i> span <eom> each."""
 
     weight: float = Field(default=0.5, ge=0, description="Share of sequences span-corrupted. Default 0.5.")
-    mask_ratio_min: float = Field(default=0.05, gt=0, lt=1, description="Low end of U(min, max) for the masked share of a file's tokens. Default 0.05.")
+    mask_ratio_min: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Low end of U(min, max) for the masked share of a file's tokens. Default 0.05.",
+    )
     mask_ratio_max: float = Field(default=0.5, gt=0, lt=1, description="High end of the masked share. Default 0.5.")
     max_spans: int = Field(default=3, ge=1, description="Spans per file are drawn from U{1..maxSpans}. Default 3.")
     single_line_probability: float = Field(
@@ -207,9 +215,7 @@ class SpanCorruptionObjective(ApiModel):
     @model_validator(mode="after")
     def _range(self) -> SpanCorruptionObjective:
         if self.mask_ratio_min > self.mask_ratio_max:
-            raise ValueError(
-                f"maskRatioMin: {self.mask_ratio_min} must be <= maskRatioMax ({self.mask_ratio_max})"
-            )
+            raise ValueError(f"maskRatioMin: {self.mask_ratio_min} must be <= maskRatioMax ({self.mask_ratio_max})")
         return self
 
 
@@ -217,7 +223,9 @@ class FimObjective(ApiModel):
     """StarCoder-style fill-in-the-middle (<fim_prefix>/<fim_suffix>/<fim_middle>)."""
 
     weight: float = Field(default=0.0, ge=0, description="Share of sequences in FIM form. Default 0 (off).")
-    spm_rate: float = Field(default=0.5, ge=0, le=1, description="Share of FIM examples in SPM order (rest PSM). Default 0.5.")
+    spm_rate: float = Field(
+        default=0.5, ge=0, le=1, description="Share of FIM examples in SPM order (rest PSM). Default 0.5."
+    )
 
 
 class ObjectiveSpec(ApiModel):
@@ -239,7 +247,8 @@ class ObjectiveSpec(ApiModel):
     def _some_weight(self) -> ObjectiveSpec:
         if self.causal_lm.weight + self.span_corruption.weight + self.fim.weight <= 0:
             raise ValueError(
-                "causalLM.weight: the objective weights are all 0; give causalLM, spanCorruption or fim a positive weight"
+                "causalLM.weight: the objective weights are all 0; give causalLM, spanCorruption or fim a "
+                "positive weight"
             )
         return self
 
@@ -262,9 +271,7 @@ class TrainingSpec(ApiModel):
         description="Tokens per optimizer step over all processes; reached with gradient accumulation. "
         "Must be a multiple of seqLength. Default 16384.",
     )
-    micro_batch_size: int = Field(
-        default=8, ge=1, description="Sequences per process per forward pass. Default 8."
-    )
+    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per process per forward pass. Default 8.")
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps to train (set steps or tokens).")
     tokens: int | None = Field(default=None, ge=1, description="Tokens to train on (set steps or tokens).")
     learning_rate: float = Field(default=3e-4, gt=0, le=1, description="Peak learning rate. Default 3e-4.")
@@ -272,7 +279,9 @@ class TrainingSpec(ApiModel):
         default=0.1, ge=0, le=1, description="Final LR as a share of the peak (cosine floor). Default 0.1."
     )
     warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps. Default 100.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR decay after warmup. Default cosine.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="LR decay after warmup. Default cosine."
+    )
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay. Default 0.1.")
     grad_clip: float = Field(default=1.0, ge=0, description="Clip the global grad norm to this (0 = off). Default 1.0.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -325,7 +334,8 @@ class SchedulingSpec(ApiModel):
     """Queueing and start-up behaviour on the cluster."""
 
     queue_name: str | None = Field(
-        default=None, description="Kueue LocalQueue; the Job is created suspended and admitted as a gang. Default: none."
+        default=None,
+        description="Kueue LocalQueue; the Job is created suspended and admitted as a gang. Default: none.",
     )
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the pods. Default: none.")
     startup_timeout_seconds: int = Field(
@@ -340,11 +350,14 @@ class FailurePolicy(ApiModel):
     """What to do when an attempt fails."""
 
     max_restarts: int = Field(
-        default=3, ge=0, description="Failed attempts to retry; each restart resumes the gang from the latest checkpoint. Default 3."
+        default=3,
+        ge=0,
+        description="Failed attempts to retry; each restart resumes the gang from the latest checkpoint. Default 3.",
     )
     non_retryable_exit_codes: list[int] = Field(
         default_factory=lambda: [EXIT_CODE_INVALID_CONFIG],
-        description=f"Trainer exit codes that fail the run at once (default [{EXIT_CODE_INVALID_CONFIG}]: invalid config).",
+        description=f"Trainer exit codes that fail the run at once (default [{EXIT_CODE_INVALID_CONFIG}]: "
+        "invalid config).",
     )
 
 
@@ -374,7 +387,9 @@ class RegistrySpec(ApiModel):
         description="MLflow registered model name. Default: the TrainingRun's name.",
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the model version. Default: none.")
-    experiment_name: str = Field(default="midfill", min_length=1, description="MLflow experiment for the run's metrics. Default midfill.")
+    experiment_name: str = Field(
+        default="midfill", min_length=1, description="MLflow experiment for the run's metrics. Default midfill."
+    )
 
 
 class EvaluationSpec(ApiModel):
@@ -408,15 +423,27 @@ class TrainingRunSpec(ApiModel):
         description="Added to every trainer pod: service account, env/envFrom (e.g. S3 credentials from a Secret), "
         "imagePullSecrets, volumes and mounts, labels/annotations, securityContext.",
     )
-    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Kueue queue, priority, start-up timeout.")
-    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Restarts and non-retryable exit codes.")
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec, description="Kueue queue, priority, start-up timeout."
+    )
+    failure_policy: FailurePolicy = Field(
+        default_factory=FailurePolicy, description="Restarts and non-retryable exit codes."
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")
     registry: RegistrySpec = Field(default_factory=RegistrySpec, description="MLflow registration.")
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quick evaluation after registration.")
-    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description=f"Trainer image. Default {DEFAULT_TRAINER_IMAGE}.")
-    suspend: bool = Field(default=False, description="true stops the active attempt (keeping checkpoints); false resumes. Default false.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Quick evaluation after registration."
+    )
+    image: str = Field(
+        default=DEFAULT_TRAINER_IMAGE, min_length=1, description=f"Trainer image. Default {DEFAULT_TRAINER_IMAGE}."
+    )
+    suspend: bool = Field(
+        default=False, description="true stops the active attempt (keeping checkpoints); false resumes. Default false."
+    )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Wall-clock limit for the whole run; past it the run fails (DeadlineExceeded). Default: none."
+        default=None,
+        ge=1,
+        description="Wall-clock limit for the whole run; past it the run fails (DeadlineExceeded). Default: none.",
     )
 
     @model_validator(mode="after")
@@ -484,7 +511,9 @@ class RegisteredModelRef(ApiModel):
 class TrainingRunStatus(ApiModel):
     """Observed state of a TrainingRun (written by the operator or the local backend)."""
 
-    phase: TrainingRunPhase = Field(default="Pending", description="Pending, Queued, Starting, Running, Restarting, Suspended, Succeeded or Failed.")
+    phase: TrainingRunPhase = Field(
+        default="Pending", description="Pending, Queued, Starting, Running, Restarting, Suspended, Succeeded or Failed."
+    )
     message: str | None = Field(default=None, description="One line on what is happening or went wrong.")
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -22,7 +22,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"composition.numHeads: {num_heads} does not divide the anchor width {dim}; pick a divisor")
+            raise ValueError(
+                f"composition.numHeads: {num_heads} does not divide the anchor width {dim}; pick a divisor"
+            )
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
@@ -68,7 +70,9 @@ class CalmBridge(nn.Module):
         """A_i (B, S, D_A) → keys, values (B, H, S, hd) of f_proj(A_i)."""
         return self.cross.keys_values(self.norm_kv(self.proj(augment_states)))
 
-    def forward(self, anchor_states: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, anchor_states: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """B_j (B, T, D_B) → B_j + f_cross(...) (B, T, D_B)."""
         return anchor_states + self.cross(self.norm_q(anchor_states), k, v, mask)
 
@@ -92,7 +96,9 @@ def causal_cross_mask(
     return mask
 
 
-def padding_cross_mask(key_padding: torch.Tensor | None, *, batch: int, key_length: int, device: torch.device) -> torch.Tensor:
+def padding_cross_mask(
+    key_padding: torch.Tensor | None, *, batch: int, key_length: int, device: torch.device
+) -> torch.Tensor:
     """(B, 1, 1, S) bool for attending to encoder states: every real encoder position, no causality."""
     if key_padding is None:
         return torch.ones(batch, 1, 1, key_length, dtype=torch.bool, device=device)

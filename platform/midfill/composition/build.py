@@ -28,9 +28,7 @@ def parent_fingerprint(model: torch.nn.Module, *, sample: int = 4096) -> str:
     return digest.hexdigest()
 
 
-def build_composed_model(
-    spec: CompositionSpec, anchor: LlamaForCausalLM, augment: LlamaForCausalLM
-) -> ComposedModel:
+def build_composed_model(spec: CompositionSpec, anchor: LlamaForCausalLM, augment: LlamaForCausalLM) -> ComposedModel:
     """The composed model of `spec` over two loaded parents (transformers Llama causal LMs).
 
     Both parents are frozen in place (requires_grad False, eval mode); only the bridge — and, in

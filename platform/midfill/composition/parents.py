@@ -20,8 +20,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from midfill.composition.build import ComposedModel
-from midfill.download import fetch_version
 from midfill.composition.state import MANIFEST_FILE, load_composed
+from midfill.download import fetch_version
 
 
 def is_composed(folder: str | Path) -> bool:
@@ -43,12 +43,16 @@ def parent_loader(
             local = fetch_version(registry, info, Path(cache_dir) / "parents" / info.name / info.version)
             found = next(local.rglob("config.json"), None)
             if found is None:
-                raise ValueError(f"composition parent {ref}: no config.json in the registered files; not a model export")
+                raise ValueError(
+                    f"composition parent {ref}: no config.json in the registered files; not a model export"
+                )
             folder = found.parent
         else:
             folder = Path(ref.removeprefix("file://")).expanduser()
             if not (folder / "config.json").is_file():
-                raise ValueError(f"composition parent {ref!r}: not an exported model folder (no config.json) on this machine")
+                raise ValueError(
+                    f"composition parent {ref!r}: not an exported model folder (no config.json) on this machine"
+                )
         return LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
 
     return load
@@ -58,5 +62,7 @@ def load_composed_export(
     folder: str | Path, *, tracking_uri: str | None, cache_dir: Path, dtype: torch.dtype = torch.float32
 ) -> ComposedModel:
     """The composed model of an export folder, parents resolved as above, in eval mode and `dtype`."""
-    model = load_composed(folder, load_parent=parent_loader(tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=dtype))
+    model = load_composed(
+        folder, load_parent=parent_loader(tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=dtype)
+    )
     return model.to(dtype).eval()

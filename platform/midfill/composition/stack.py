@@ -29,7 +29,9 @@ class LayerInputs:
     causal: bool
 
 
-def position_ids_for(attention_mask: torch.Tensor | None, *, past: int, length: int, device: torch.device) -> torch.Tensor:
+def position_ids_for(
+    attention_mask: torch.Tensor | None, *, past: int, length: int, device: torch.device
+) -> torch.Tensor:
     """Positions of the new tokens: count of real tokens before each one (left padding aware)."""
     if attention_mask is None:
         return torch.arange(past, past + length, device=device).unsqueeze(0)  # (1, T)
@@ -78,13 +80,18 @@ class Stack:
         position_ids = position_ids_for(attention_mask, past=past, length=x.shape[1], device=x.device)
         if causal:
             mask = create_causal_mask(
-                config=self.config, inputs_embeds=x, attention_mask=attention_mask,
-                past_key_values=cache, position_ids=position_ids,
+                config=self.config,
+                inputs_embeds=x,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
             )
         else:
             assert cache is None, "a bidirectional encoder runs once over its whole input"
             mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=x, attention_mask=attention_mask,
+                config=self.config,
+                inputs_embeds=x,
+                attention_mask=attention_mask,
                 allow_is_bidirectional_skip=False,
             )
         rope = self.body.rotary_emb(x, position_ids=position_ids)

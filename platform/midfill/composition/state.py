@@ -126,9 +126,7 @@ def load_local_parent(ref: str) -> LlamaForCausalLM:
     names need the caller's resolver (the trainer's, as for `model.init`)."""
     path = Path(ref.removeprefix("file://")).expanduser()
     if not path.is_dir():
-        raise ValueError(
-            f"composition parent {ref!r}: not a local folder; pass load_parent= to resolve models:/ URIs"
-        )
+        raise ValueError(f"composition parent {ref!r}: not a local folder; pass load_parent= to resolve models:/ URIs")
     return LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 

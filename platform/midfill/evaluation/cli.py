@@ -18,15 +18,39 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="eval")
     def eval_command(
-        model: Annotated[str, typer.Argument(help="An export folder, or models:/<name>/<version> | models:/<name>@<alias>.")],
+        model: Annotated[
+            str, typer.Argument(help="An export folder, or models:/<name>/<version> | models:/<name>@<alias>.")
+        ],
         suite: Annotated[str, typer.Option("--suite", help=f"One of: {', '.join(EVAL_SUITES)}.")],
-        limit: Annotated[int | None, typer.Option("--limit", min=1, help="Tasks to run (spread over the suite).")] = None,
-        endpoint: Annotated[str | None, typer.Option("--endpoint", help="Evaluate through a served endpoint (base URL) instead of loading weights.")] = None,
-        api_key: Annotated[str | None, typer.Option("--api-key", envvar="MIDFILL_API_KEY", help="API key for --endpoint.")] = None,
-        data_dir: Annotated[Path | None, typer.Option("--data", help="line-em / left-to-right: a folder of held-out files (default: held-out stdlib files).")] = None,
+        limit: Annotated[
+            int | None, typer.Option("--limit", min=1, help="Tasks to run (spread over the suite).")
+        ] = None,
+        endpoint: Annotated[
+            str | None,
+            typer.Option(
+                "--endpoint", help="Evaluate through a served endpoint (base URL) instead of loading weights."
+            ),
+        ] = None,
+        api_key: Annotated[
+            str | None, typer.Option("--api-key", envvar="MIDFILL_API_KEY", help="API key for --endpoint.")
+        ] = None,
+        data_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--data", help="line-em / left-to-right: a folder of held-out files (default: held-out stdlib files)."
+            ),
+        ] = None,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
-        record: Annotated[bool | None, typer.Option("--record/--no-record", help="Write results on the model version (default: when MODEL is a models:/ URI).")] = None,
-        output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the per-task JSON here.")] = None,
+        record: Annotated[
+            bool | None,
+            typer.Option(
+                "--record/--no-record",
+                help="Write results on the model version (default: when MODEL is a models:/ URI).",
+            ),
+        ] = None,
+        output: Annotated[
+            Path | None, typer.Option("--output", "-o", help="Also write the per-task JSON here.")
+        ] = None,
     ) -> None:
         """Run an evaluation suite and print its metrics (and record them on the model version)."""
         from midfill.cli import fail
@@ -55,11 +79,20 @@ def register(app: typer.Typer) -> None:
             workers = max(1, min(4, os.cpu_count() or 1))
             if endpoint:
                 infiller = EndpointInfiller(endpoint, api_key=api_key, model=version.name if version else None)
-                result = run_infill_suite(suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers)
+                result = run_infill_suite(
+                    suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers
+                )
             else:
                 # a composed export's models:/ parents: this registry, downloaded under the state dir
-                result = evaluate_export(suite, model_dir, limit=limit, max_new_tokens=max_new_tokens, data_dir=data_dir,
-                                         workers=workers, tracking_uri=tracking_uri)
+                result = evaluate_export(
+                    suite,
+                    model_dir,
+                    limit=limit,
+                    max_new_tokens=max_new_tokens,
+                    data_dir=data_dir,
+                    workers=workers,
+                    tracking_uri=tracking_uri,
+                )
         for name, value in result.metrics.items():
             typer.echo(f"{suite}/{name}: {value:.4g}")
         if output:

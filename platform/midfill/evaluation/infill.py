@@ -39,8 +39,13 @@ class LocalInfiller:
     `cache_dir` say where a composition's `models:/` parents come from and are downloaded to."""
 
     def __init__(
-        self, model_dir: str | Path, *, batch_size: int = 8, fim_format: str | None = None,
-        tracking_uri: str | None = None, cache_dir: Path | None = None,
+        self,
+        model_dir: str | Path,
+        *,
+        batch_size: int = 8,
+        fim_format: str | None = None,
+        tracking_uri: str | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         from midfill.evaluation.models import load_export
 
@@ -54,7 +59,9 @@ class LocalInfiller:
         self.batch_size = batch_size
         self.max_context = self.meta.max_context
         stops = [*self.format.stop_tokens, *self.meta.stop_tokens]
-        self.stop_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in stops if t in self.tokenizer.get_vocab()})
+        self.stop_ids = sorted(
+            {self.tokenizer.convert_tokens_to_ids(t) for t in stops if t in self.tokenizer.get_vocab()}
+        )
 
     def _encode(self, task: InfillTask, budget: int) -> list[int]:
         # Keep the prompt within the context: trim the far ends of prefix and suffix, never the hole.
@@ -70,12 +77,19 @@ class LocalInfiller:
         if self.loaded.composed:
             from midfill.evaluation.models import composed_greedy
 
-            rows = [composed_greedy(self.model, self._encode(t, budget), max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
-                    for t in tasks]
+            rows = [
+                composed_greedy(
+                    self.model, self._encode(t, budget), max_new_tokens=max_new_tokens, stop_ids=self.stop_ids
+                )
+                for t in tasks
+            ]
             return [self._completion(row, stop) for row in rows]
         out: list[Completion] = []
         for start in range(0, len(tasks), self.batch_size):
-            out.extend(self._completion(row, stop) for row in self._generate(tasks[start : start + self.batch_size], budget, max_new_tokens))
+            out.extend(
+                self._completion(row, stop)
+                for row in self._generate(tasks[start : start + self.batch_size], budget, max_new_tokens)
+            )
         return out
 
     def _generate(self, tasks: list[InfillTask], budget: int, max_new_tokens: int) -> list[list[int]]:
@@ -88,8 +102,12 @@ class LocalInfiller:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
         with torch.inference_mode():
             gen = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=self.stop_ids, pad_token_id=pad,
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.stop_ids,
+                pad_token_id=pad,
             )
         return gen[:, width:].tolist()
 
@@ -109,13 +127,21 @@ class EndpointInfiller:
         from openai import OpenAI
 
         self.name = url
-        self.client = OpenAI(base_url=url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"), api_key=api_key or "none", max_retries=2)
+        self.client = OpenAI(
+            base_url=url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"),
+            api_key=api_key or "none",
+            max_retries=2,
+        )
         self.model = model or self.client.models.list().data[0].id
         self.concurrency = concurrency
 
     def _one(self, task: InfillTask, max_new_tokens: int, stop: list[str]) -> Completion:
         resp = self.client.completions.create(
-            model=self.model, prompt=task.prefix, suffix=task.suffix, max_tokens=max_new_tokens, temperature=0,
+            model=self.model,
+            prompt=task.prefix,
+            suffix=task.suffix,
+            max_tokens=max_new_tokens,
+            temperature=0,
             stop=stop or None,
         )
         choice = resp.choices[0]

@@ -42,7 +42,9 @@ def parent_locations(tracking_uri: str | None, cache_dir: Path | None) -> tuple[
     return tracking_uri or settings.resolved_tracking_uri(), cache_dir or settings.state_dir / "models"
 
 
-def load_export(model_dir: str | Path, *, tracking_uri: str | None = None, cache_dir: Path | None = None) -> LoadedExport:
+def load_export(
+    model_dir: str | Path, *, tracking_uri: str | None = None, cache_dir: Path | None = None
+) -> LoadedExport:
     """Tokenizer, metadata and model of an export folder, in float32 and eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +61,9 @@ def load_export(model_dir: str | Path, *, tracking_uri: str | None = None, cache
 
 
 @torch.inference_mode()
-def composed_greedy(model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+def composed_greedy(
+    model: torch.nn.Module, prompt: list[int], *, max_new_tokens: int, stop_ids: list[int]
+) -> list[int]:
     """Greedy continuation of one unpadded prompt by a composed model with its own cache, as the
     serving engine decodes a request (serving/composed.py): the first forward reads the prompt (and
     codet5p's encoder the whole prompt, whose memory the cache keeps), then one token per step.

@@ -9,16 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from midfill.api.modelrelease import EVAL_SUITES as SUITES
+from midfill.datasplit import stdlib_root
 from midfill.evaluation.infill import Infiller
 from midfill.evaluation.sandbox import Limits, run_program
 from midfill.evaluation.suites import (
-    SUITES,
     InfillTask,
     heldout_files,
     humaneval_multi_line,
     humaneval_single_line,
     line_em_tasks,
-    stdlib_root,
 )
 
 
@@ -55,7 +55,10 @@ def _execute(tasks: list[InfillTask], middles: list[str], *, workers: int, limit
     def one(pair: tuple[InfillTask, str]) -> tuple[bool, str]:
         task, middle = pair
         outcome = run_program(task.prefix + middle + task.suffix + (task.test or ""), limits=limits)
-        return outcome.status == "passed", f"{outcome.status}: {outcome.detail[-300:]}" if outcome.status != "passed" else ""
+        return (
+            outcome.status == "passed",
+            f"{outcome.status}: {outcome.detail[-300:]}" if outcome.status != "passed" else "",
+        )
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, zip(tasks, middles, strict=True)))
@@ -99,7 +102,9 @@ def run_infill_suite(
         metrics = {"pass@1": _mean(o.passed for o in outcomes)}
     else:
         for task, comp in zip(tasks, completions, strict=True):
-            outcomes.append(TaskOutcome(task.task_id, comp.text, comp.stopped, comp.text.strip() == task.reference.strip()))
+            outcomes.append(
+                TaskOutcome(task.task_id, comp.text, comp.stopped, comp.text.strip() == task.reference.strip())
+            )
         metrics = {"exact_match": _mean(o.passed for o in outcomes)}
     metrics["stop_rate"] = _mean(o.stopped for o in outcomes)
     metrics["tasks"] = float(len(outcomes))
@@ -113,8 +118,14 @@ def _heldout(files: list[Path] | None, data_dir: Path | None) -> list[Path]:
 
 
 def run_left_to_right(
-    model_dir: Path, *, data_dir: Path | None = None, files: list[Path] | None = None, limit: int | None = None,
-    seq_length: int = 512, tracking_uri: str | None = None, cache_dir: Path | None = None,
+    model_dir: Path,
+    *,
+    data_dir: Path | None = None,
+    files: list[Path] | None = None,
+    limit: int | None = None,
+    seq_length: int = 512,
+    tracking_uri: str | None = None,
+    cache_dir: Path | None = None,
 ) -> SuiteResult:
     """Held-out causal loss and perplexity (plain left-to-right text, no infill format).
 
@@ -130,7 +141,9 @@ def run_left_to_right(
     encoder_context = seq_length // 2 if loaded.mode == "codet5p" else None
     total_loss, total_tokens, done = 0.0, 0, 0
     for path in files:
-        ids = loaded.tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        ids = loaded.tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)[
+            "input_ids"
+        ]
         for chunk, context in windows(ids, seq_length=seq_length, encoder_context=encoder_context):
             loss, counted = window_loss(loaded, chunk, context=context)
             total_loss += loss
@@ -142,27 +155,37 @@ def run_left_to_right(
             break
     loss = total_loss / max(1, total_tokens)
     return SuiteResult(
-        suite="left-to-right", model=str(model_dir),
+        suite="left-to-right",
+        model=str(model_dir),
         metrics={"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": float(total_tokens)},
     )
 
 
 def evaluate_export(
-    suite: str, model_dir: Path, *, limit: int | None = None, max_new_tokens: int = 64,
-    data_dir: Path | None = None, files: list[Path] | None = None, workers: int = 2,
-    tracking_uri: str | None = None, cache_dir: Path | None = None,
+    suite: str,
+    model_dir: Path,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    data_dir: Path | None = None,
+    files: list[Path] | None = None,
+    workers: int = 2,
+    tracking_uri: str | None = None,
+    cache_dir: Path | None = None,
 ) -> SuiteResult:
     """One suite on an export folder, plain or composed, loaded in this process (what `midfill eval`
     and the trainer's post-registration evaluation run). A composition's `models:/` parents are
     resolved at `tracking_uri` and downloaded into `cache_dir` (defaults: the core settings')."""
     if suite == "left-to-right":
-        return run_left_to_right(model_dir, data_dir=data_dir, files=files, limit=limit,
-                                 tracking_uri=tracking_uri, cache_dir=cache_dir)
+        return run_left_to_right(
+            model_dir, data_dir=data_dir, files=files, limit=limit, tracking_uri=tracking_uri, cache_dir=cache_dir
+        )
     from midfill.evaluation.infill import LocalInfiller
 
     infiller = LocalInfiller(model_dir, tracking_uri=tracking_uri, cache_dir=cache_dir)
-    return run_infill_suite(suite, infiller, limit=limit, data_dir=data_dir, files=files,
-                            max_new_tokens=max_new_tokens, workers=workers)
+    return run_infill_suite(
+        suite, infiller, limit=limit, data_dir=data_dir, files=files, max_new_tokens=max_new_tokens, workers=workers
+    )
 
 
 def _mean(values) -> float:
@@ -180,11 +203,17 @@ def record_on_version(result: SuiteResult, *, tracking_uri: str | None, name: st
     registry = Registry(tracking_uri)
     experiment_id = registry.experiment_id("midfill-eval")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-v{version}-{result.suite}") as run:
-        mlflow.set_tags({
-            "midfill.model": name, "midfill.version": version, "midfill.suite": result.suite,
-            # The run page's description links back to the version it scored.
-            "mlflow.note.content": f"Evaluation `{result.suite}` of [{name} version {version}](#/models/{name}/versions/{version}).",
-        })
+        mlflow.set_tags(
+            {
+                "midfill.model": name,
+                "midfill.version": version,
+                "midfill.suite": result.suite,
+                # The run page's description links back to the version it scored.
+                "mlflow.note.content": (
+                    f"Evaluation `{result.suite}` of [{name} version {version}](#/models/{name}/versions/{version})."
+                ),
+            }
+        )
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in result.metrics.items()})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{result.suite}.json"

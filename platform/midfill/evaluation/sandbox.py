@@ -56,7 +56,7 @@ class Outcome:
 
 # Runs inside the child before the untrusted program. Kept as source so the child needs nothing
 # but the standard library (python -I -S: no site-packages, no PYTHON* variables).
-_PRELUDE = r'''
+_PRELUDE = r"""
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
 work = os.path.realpath(cfg["work"])
@@ -100,7 +100,8 @@ def _hook(event, args):
         raise PermissionError("sandbox: ctypes is not allowed")
     if event == "open":
         path, mode, flags = args
-        writing = (mode and any(c in mode for c in "wax+")) or (flags and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+        writing = (mode and any(c in mode for c in "wax+")) or (flags and flags & write_flags)
         if writing and not _inside(path):
             raise PermissionError(f"sandbox: writing {path!r} outside the working directory")
     elif event in _PATHS:
@@ -112,7 +113,7 @@ sys.addaudithook(_hook)
 del _hook
 source = open(os.path.join(work, "program.py")).read()
 exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-'''
+"""
 
 
 def run_program(source: str, *, limits: Limits = Limits()) -> Outcome:
@@ -128,15 +129,24 @@ def run_program(source: str, *, limits: Limits = Limits()) -> Outcome:
         if drop:
             os.chown(work, NOBODY, NOBODY)
         cfg = {
-            "work": str(work), "cpu": limits.cpu_seconds, "mem": limits.memory_bytes, "fsize": limits.file_bytes,
-            "nproc": limits.max_processes, "uid": NOBODY, "drop": drop,
+            "work": str(work),
+            "cpu": limits.cpu_seconds,
+            "mem": limits.memory_bytes,
+            "fsize": limits.file_bytes,
+            "nproc": limits.max_processes,
+            "uid": NOBODY,
+            "drop": drop,
         }
         start = time.monotonic()
         with open(work.parent / f"{work.name}.out", "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _PRELUDE, json.dumps(cfg)],
-                cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                cwd=work,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
             )
             try:
                 code: int | None = proc.wait(timeout=limits.wall_seconds)

@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from midfill.api.modelrelease import EVAL_SUITES as SUITES
-from midfill.datasplit import DEFAULT_VALIDATION_FRACTION, STDLIB_SKIP_DIRS, is_validation, stdlib_root
+from midfill.datasplit import DEFAULT_VALIDATION_FRACTION, STDLIB_SKIP_DIRS, is_validation
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,11 @@ def humaneval_single_line() -> list[InfillTask]:
     tasks = []
     for tid, problem in _problems().items():
         lines = _solution_lines(problem)
-        tasks += [_humaneval_task("SingleLineInfilling", tid, problem, lines, i, i) for i, line in enumerate(lines) if line.strip()]
+        tasks += [
+            _humaneval_task("SingleLineInfilling", tid, problem, lines, i, i)
+            for i, line in enumerate(lines)
+            if line.strip()
+        ]
     return tasks
 
 
@@ -92,7 +95,9 @@ def heldout_files(
     return files
 
 
-def line_em_tasks(files: Iterable[Path], *, limit: int, seed: int = 0, max_context_chars: int = 2000) -> list[InfillTask]:
+def line_em_tasks(
+    files: Iterable[Path], *, limit: int, seed: int = 0, max_context_chars: int = 2000
+) -> list[InfillTask]:
     """Single-line holes in real files: a random non-trivial line, with up to max_context_chars of
     prefix and suffix around it (so prompts fit small models)."""
     rng = random.Random(seed)
@@ -109,5 +114,7 @@ def line_em_tasks(files: Iterable[Path], *, limit: int, seed: int = 0, max_conte
     for path, lines, i in candidates[:limit]:
         prefix = "".join(line + "\n" for line in lines[:i])[-max_context_chars:]
         suffix = "".join(line + "\n" for line in lines[i + 1 :])[:max_context_chars]
-        tasks.append(InfillTask(task_id=f"{path.name}:{i + 1}", prefix=prefix, suffix=suffix, reference=lines[i] + "\n"))
+        tasks.append(
+            InfillTask(task_id=f"{path.name}:{i + 1}", prefix=prefix, suffix=suffix, reference=lines[i] + "\n")
+        )
     return tasks

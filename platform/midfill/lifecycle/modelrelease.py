@@ -37,8 +37,12 @@ def resolve(registry: Any, release: ModelRelease) -> Resolution:
         alias = ref.version is None and "has no alias" in str(exc)
         hint = f"; approve a version: midfill approve {ref.registered_model_name} --version N" if alias else ""
         return Resolution(error=f"{exc}{hint}", awaiting_alias=alias)
-    unmet = unmet_approval(info, required_tags=approval.required_tags, required_alias=approval.required_alias,
-                           min_metrics=approval.min_metrics)
+    unmet = unmet_approval(
+        info,
+        required_tags=approval.required_tags,
+        required_alias=approval.required_alias,
+        min_metrics=approval.min_metrics,
+    )
     return Resolution(version=info.version, unmet=tuple(unmet))
 
 
@@ -82,7 +86,9 @@ def _is_true(status: ModelReleaseStatus, type: str) -> bool:
 
 
 class _Machine:
-    def __init__(self, release: ModelRelease, status: ModelReleaseStatus, observed: Observed, generation: int | None) -> None:
+    def __init__(
+        self, release: ModelRelease, status: ModelReleaseStatus, observed: Observed, generation: int | None
+    ) -> None:
         self.spec, self.observed, self.gen = release.spec, observed, generation
         self.status = status
         self.now = fmt_time(observed.now)
@@ -90,8 +96,15 @@ class _Machine:
         self.waiting = ""
 
     def cond(self, type: str, value: Literal["True", "False", "Unknown"], reason: str, message: str = "") -> None:
-        self.status.conditions = set_condition(self.status.conditions, type=type, status=value, reason=reason,
-                                               message=message, observed_generation=self.gen, now=self.now)
+        self.status.conditions = set_condition(
+            self.status.conditions,
+            type=type,
+            status=value,
+            reason=reason,
+            message=message,
+            observed_generation=self.gen,
+            now=self.now,
+        )
 
     def phase(self, name: str, message: str) -> None:
         self.status.phase, self.status.message = name, message  # type: ignore[assignment]
@@ -104,12 +117,19 @@ class _Machine:
         if res.error is not None or res.version is None:
             self.cond("ModelResolved", "False", "NotFound", res.error or f"{what} does not resolve")
             return False
-        self.cond("ModelResolved", "True", "Resolved", f"{spec.model.registered_model_name} {what} -> version {res.version}")
+        self.cond(
+            "ModelResolved", "True", "Resolved", f"{spec.model.registered_model_name} {what} -> version {res.version}"
+        )
         if res.version != status.resolved_version and _is_true(status, "RolledBack"):
             self.cond("RolledBack", "False", "NewVersion", f"version {res.version} replaces the rolled-back one")
         status.resolved_version = res.version
         if res.unmet:
-            self.cond("Approved", "False", approval_reason(res.unmet), f"version {res.version} waits for: {', '.join(res.unmet)}")
+            self.cond(
+                "Approved",
+                "False",
+                approval_reason(res.unmet),
+                f"version {res.version} waits for: {', '.join(res.unmet)}",
+            )
             self.waiting = f"; version {res.version} waits for: {', '.join(res.unmet)}"
             return False
         self.cond("Approved", "True", "Approved", f"version {res.version} meets the approval requirements")
@@ -124,7 +144,10 @@ class _Machine:
         target = res.version if approved and not rejected else (serving or status.stable_version)
         if self.spec.paused:
             self.cond("Progressing", "False", "Paused", "spec.paused is true")
-            self.phase("Paused", f"paused; serving version {serving or 'none'}" + (f", resolved {res.version}" if res.version else ""))
+            self.phase(
+                "Paused",
+                f"paused; serving version {serving or 'none'}" + (f", resolved {res.version}" if res.version else ""),
+            )
         elif target is None:
             reason = res.error or f"version {res.version} waits for: {', '.join(res.unmet)}"
             self.phase("WaitingForApproval" if res.version or res.awaiting_alias else "Pending", reason)
@@ -133,7 +156,11 @@ class _Machine:
         elif serving != target:
             self.deploy(target, "Updating", f"rolling version {serving} -> {target} in place")
         elif dep.generation is not None and self.gen is not None and dep.generation != self.gen:
-            self.deploy(target, "SpecChanged", f"the spec changed (generation {dep.generation} -> {self.gen}): redeploying version {target}")
+            self.deploy(
+                target,
+                "SpecChanged",
+                f"the spec changed (generation {dep.generation} -> {self.gen}): redeploying version {target}",
+            )
         else:
             self.settle(target, dep)
 
@@ -174,15 +201,23 @@ class _Machine:
         self.phase("Degraded", message)
 
 
-def reconcile(release: ModelRelease | SpecError, *, status: ModelReleaseStatus, observed: Observed,
-              generation: int | None) -> Plan:
+def reconcile(
+    release: ModelRelease | SpecError, *, status: ModelReleaseStatus, observed: Observed, generation: int | None
+) -> Plan:
     """Next status and actions. `release` is the parsed resource, or the SpecError its parse raised."""
     status = status.model_copy(deep=True)
     status.observed_generation = generation
     if isinstance(release, SpecError):
         message = "invalid spec: " + "; ".join(f"{e.path}: {e.message}" for e in release.errors)
-        status.conditions = set_condition(status.conditions, type="Available", status="False", reason="InvalidSpec",
-                                          message=message, observed_generation=generation, now=fmt_time(observed.now))
+        status.conditions = set_condition(
+            status.conditions,
+            type="Available",
+            status="False",
+            reason="InvalidSpec",
+            message=message,
+            observed_generation=generation,
+            now=fmt_time(observed.now),
+        )
         status.phase, status.message = "Failed", message
         return Plan(status)
     machine = _Machine(release, status, observed, generation)
@@ -190,12 +225,20 @@ def reconcile(release: ModelRelease | SpecError, *, status: ModelReleaseStatus, 
     return machine.plan
 
 
-def endpoint_down(status: ModelReleaseStatus, *, reason: str, message: str, generation: int | None,
-                  now: dt.datetime) -> ModelReleaseStatus:
+def endpoint_down(
+    status: ModelReleaseStatus, *, reason: str, message: str, generation: int | None, now: dt.datetime
+) -> ModelReleaseStatus:
     """The process serving the release is gone (local backend: its controller stopped or died)."""
     status = status.model_copy(deep=True)
-    status.conditions = set_condition(status.conditions, type="Available", status="False", reason=reason,
-                                      message=message, observed_generation=generation, now=fmt_time(now))
+    status.conditions = set_condition(
+        status.conditions,
+        type="Available",
+        status="False",
+        reason=reason,
+        message=message,
+        observed_generation=generation,
+        now=fmt_time(now),
+    )
     status.phase, status.message, status.url = "Degraded", message, None
     return status
 
@@ -204,6 +247,6 @@ def endpoint_starting(status: ModelReleaseStatus, *, message: str) -> ModelRelea
     """The process that serves the release is (re)starting (local backend: `midfill apply` started its
     controller): nothing is known about the deployment until the first reconcile."""
     status = status.model_copy(deep=True)
-    status.phase = "Pending" if status.stable_version is None else "Progressing"  # type: ignore[assignment]
+    status.phase = "Pending" if status.stable_version is None else "Progressing"
     status.message = message
     return status

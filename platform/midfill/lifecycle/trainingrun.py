@@ -119,11 +119,16 @@ class _Machine:
 
     def cond(self, type: str, status: Literal["True", "False", "Unknown"], reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
-            self.status.conditions, type=type, status=status, reason=reason, message=message,
-            observed_generation=self.gen, now=self.now,
+            self.status.conditions,
+            type=type,
+            status=status,
+            reason=reason,
+            message=message,
+            observed_generation=self.gen,
+            now=self.now,
         )
 
-    def set_phase(self, phase: str, message: str) -> None:
+    def set_phase(self, phase: str, message: str | None) -> None:
         self.status.phase = phase  # type: ignore[assignment]
         self.status.message = message
 
@@ -165,12 +170,16 @@ class _Machine:
             self.fail(reason, what)
         elif self.status.restart_count < policy.max_restarts:
             self.status.restart_count += 1
-            message = (f"{what}; restart {self.status.restart_count}/{policy.max_restarts}: attempt "
-                       f"{attempt + 1} resumes from the latest checkpoint")
+            message = (
+                f"{what}; restart {self.status.restart_count}/{policy.max_restarts}: attempt "
+                f"{attempt + 1} resumes from the latest checkpoint"
+            )
             self.cond("Restarting", "True", reason, message)
             self.start(attempt + 1, phase="Restarting", message=message)
         else:
-            self.fail("MaxRestartsExceeded", f"{what}; no restarts left (failurePolicy.maxRestarts={policy.max_restarts})")
+            self.fail(
+                "MaxRestartsExceeded", f"{what}; no restarts left (failurePolicy.maxRestarts={policy.max_restarts})"
+            )
 
     def succeed(self, attempt: int) -> None:
         self.status.completion_time = self.status.completion_time or self.now
@@ -188,26 +197,41 @@ class _Machine:
             self.cond("ModelRegistered", "True", "Registered", f"{found.uri}")
             self.status.message = f"registered {found.uri}"
         elif self.status.registered_model is None:
-            self.cond("ModelRegistered", "False", "VersionNotFound",
-                      f"no version of {self.run.registered_model_name()!r} is tagged with this run's uid yet; checked again on each resync")
+            self.cond(
+                "ModelRegistered",
+                "False",
+                "VersionNotFound",
+                f"no version of {self.run.registered_model_name()!r} is tagged with this run's uid yet; "
+                "checked again on each resync",
+            )
 
     def progress(self) -> None:
         rec = self.observed.progress
         if rec is None:
             return
         self.status.progress = Progress(
-            step=rec.step, total_steps=rec.total_steps or self.spec.training.total_steps(),
-            loss=rec.loss, tokens_per_second=rec.tokens_per_second, update_time=rec.update_time,
+            step=rec.step,
+            total_steps=rec.total_steps or self.spec.training.total_steps(),
+            loss=rec.loss,
+            tokens_per_second=rec.tokens_per_second,
+            update_time=rec.update_time,
         )
         if rec.checkpoint_uri and rec.checkpoint_step is not None:
-            self.status.last_checkpoint = CheckpointRef(uri=rec.checkpoint_uri, step=rec.checkpoint_step, time=rec.checkpoint_time)
+            self.status.last_checkpoint = CheckpointRef(
+                uri=rec.checkpoint_uri, step=rec.checkpoint_step, time=rec.checkpoint_time
+            )
 
     def run_active(self, job: AttemptView) -> None:
         """An attempt that exists and has not finished."""
         nodes = self.spec.parallelism.num_nodes
         queue = self.spec.scheduling.queue_name
         if job.suspended:
-            self.cond("Queued", "True", "WaitingForAdmission", f"{job.name} waits for Kueue queue {queue!r} to admit {nodes} pods")
+            self.cond(
+                "Queued",
+                "True",
+                "WaitingForAdmission",
+                f"{job.name} waits for Kueue queue {queue!r} to admit {nodes} pods",
+            )
             self.set_phase("Queued", f"attempt {job.attempt} is queued in {queue!r}")
             return
         if queue:
@@ -228,8 +252,10 @@ class _Machine:
             self.attempt_failed(job.attempt, "StartupTimeout", f"only {job.ready}/{nodes} nodes ready after {timeout}s")
             return
         restarting = any(c.type == "Restarting" and c.status == "True" for c in self.status.conditions)
-        self.set_phase("Restarting" if restarting else "Starting",
-                       self.status.message if restarting else f"attempt {job.attempt}: {job.ready}/{nodes} nodes ready")
+        self.set_phase(
+            "Restarting" if restarting else "Starting",
+            self.status.message if restarting else f"attempt {job.attempt}: {job.ready}/{nodes} nodes ready",
+        )
 
     def finished(self, attempt: int, job: AttemptView) -> None:
         """The attempt's runtime reported an outcome."""
@@ -238,7 +264,9 @@ class _Machine:
         elif job.reason == NON_RETRYABLE or job.exit_code in self.spec.failure_policy.non_retryable_exit_codes:
             self.attempt_failed(attempt, NON_RETRYABLE, f"exit code {job.exit_code}: {job.message}")
         elif job.reason == DEADLINE:
-            self.attempt_failed(attempt, DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
+            self.attempt_failed(
+                attempt, DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached"
+            )
         else:
             self.attempt_failed(attempt, "AttemptFailed", job.message or job.reason)
 
@@ -281,29 +309,50 @@ class _Machine:
     def no_live_attempt(self, attempt: int) -> None:
         st = self.status
         if attempt == 0:
-            self.start(1, phase="Queued" if self.spec.scheduling.queue_name else "Starting", message="attempt 1 is starting")
+            self.start(
+                1, phase="Queued" if self.spec.scheduling.queue_name else "Starting", message="attempt 1 is starting"
+            )
         elif st.phase in ("Suspended", "Pending"):
             # Resuming after suspend (or a spec fix, or applied again locally): a fresh attempt, not a failure.
             self.cond("Restarting", "False", "Resumed", "")
-            self.start(attempt + 1, phase="Starting", message=f"resuming: attempt {attempt + 1} starts from the latest checkpoint")
+            self.start(
+                attempt + 1,
+                phase="Starting",
+                message=f"resuming: attempt {attempt + 1} starts from the latest checkpoint",
+            )
         else:
             self.attempt_failed(attempt, "JobDeleted", f"{attempt_name(self.run.metadata.name, attempt)} was deleted")
 
 
-def reconcile(run: TrainingRun | SpecError, *, status: TrainingRunStatus, observed: Observed,
-              generation: int | None) -> Plan:
+def reconcile(
+    run: TrainingRun | SpecError, *, status: TrainingRunStatus, observed: Observed, generation: int | None
+) -> Plan:
     """Next status and actions. `run` is the parsed resource, or the SpecError its parse raised."""
     status = status.model_copy(deep=True)
     now = fmt_time(observed.now)
     if isinstance(run, SpecError):
         message = "invalid spec: " + "; ".join(f"{e.path}: {e.message}" for e in run.errors)
-        actions: list[Action] = [DeleteAttempt(j.name) for j in observed.jobs.values() if j.outcome is None and not j.deleting]
-        status.conditions = set_condition(status.conditions, type="Failed", status="True", reason="InvalidSpec",
-                                          message=message, observed_generation=generation, now=now)
+        actions: list[Action] = [
+            DeleteAttempt(j.name) for j in observed.jobs.values() if j.outcome is None and not j.deleting
+        ]
+        status.conditions = set_condition(
+            status.conditions,
+            type="Failed",
+            status="True",
+            reason="InvalidSpec",
+            message=message,
+            observed_generation=generation,
+            now=now,
+        )
         status.phase, status.message, status.observed_generation = "Failed", message, generation
         return Plan(status, actions)
     failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
-    if status.phase == "Failed" and failed is not None and failed.reason == "InvalidSpec" and status.observed_generation != generation:
+    if (
+        status.phase == "Failed"
+        and failed is not None
+        and failed.reason == "InvalidSpec"
+        and status.observed_generation != generation
+    ):
         # The spec was fixed: carry on (a new attempt resumes from the checkpoints).
         _reopen(status, reason="SpecFixed", message="spec fixed", generation=generation, now=now)
     machine = _Machine(run, status, observed, generation)
@@ -314,8 +363,15 @@ def reconcile(run: TrainingRun | SpecError, *, status: TrainingRunStatus, observ
 
 def _reopen(status: TrainingRunStatus, *, reason: str, message: str, generation: int | None, now: str) -> None:
     if any(c.type == "Failed" and c.status == "True" for c in status.conditions):
-        status.conditions = set_condition(status.conditions, type="Failed", status="False", reason=reason,
-                                          message=message, observed_generation=generation, now=now)
+        status.conditions = set_condition(
+            status.conditions,
+            type="Failed",
+            status="False",
+            reason=reason,
+            message=message,
+            observed_generation=generation,
+            now=now,
+        )
     status.phase, status.message, status.completion_time = "Pending", message, None
 
 
@@ -335,13 +391,29 @@ def interrupted(status: TrainingRunStatus, *, generation: int | None, now: dt.da
     machine restarted) while the run was active: nothing moves until it is applied again."""
     status = status.model_copy(deep=True)
     step = status.last_checkpoint.step if status.last_checkpoint else 0
-    message = (f"attempt {status.attempt} stopped before finishing (its processes are gone); apply the "
-               f"same YAML again to resume from the last checkpoint (step {step})")
+    message = (
+        f"attempt {status.attempt} stopped before finishing (its processes are gone); apply the "
+        f"same YAML again to resume from the last checkpoint (step {step})"
+    )
     stamp = fmt_time(now)
-    status.conditions = set_condition(status.conditions, type="Failed", status="True", reason="Interrupted",
-                                      message=message, observed_generation=generation, now=stamp)
-    status.conditions = set_condition(status.conditions, type="Running", status="False", reason="Interrupted",
-                                      message=message, observed_generation=generation, now=stamp)
+    status.conditions = set_condition(
+        status.conditions,
+        type="Failed",
+        status="True",
+        reason="Interrupted",
+        message=message,
+        observed_generation=generation,
+        now=stamp,
+    )
+    status.conditions = set_condition(
+        status.conditions,
+        type="Running",
+        status="False",
+        reason="Interrupted",
+        message=message,
+        observed_generation=generation,
+        now=stamp,
+    )
     status.phase, status.message, status.active_job_name = "Failed", message, None
     status.completion_time = status.completion_time or stamp
     return status

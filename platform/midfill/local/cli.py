@@ -77,7 +77,9 @@ def _check_models_exist(store: StateStore, settings: CoreSettings, resources: li
 
 def apply(
     file: Annotated[Path, typer.Option("-f", "--file", help="YAML with TrainingRun/ModelRelease documents.")],
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for training to finish (progress bar) and releases to serve.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for training to finish (progress bar) and releases to serve.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most.")] = 3600.0,
 ) -> None:
     """Create or update resources and start their local backends (training, serving)."""
@@ -119,7 +121,10 @@ def _apply_training_run(store, settings, run: TrainingRun, *, cwd: Path, wait: b
         return True
     if status.phase == "Succeeded":
         note = "; the spec change is not trained (delete the run to train again)" if outcome == "configured" else ""
-        typer.echo(f"{label} {outcome} (already succeeded: {status.registered_model.uri if status.registered_model else '-'}){note}")
+        typer.echo(
+            f"{label} {outcome} (already succeeded: "
+            f"{status.registered_model.uri if status.registered_model else '-'}){note}"
+        )
         return True
     if alive:
         note = " (spec changes apply from the next attempt)" if outcome == "configured" else " (running)"
@@ -130,7 +135,9 @@ def _apply_training_run(store, settings, run: TrainingRun, *, cwd: Path, wait: b
         capped = training.local_layout(run)[1]
         if capped:
             typer.echo(f"note: {capped}")
-        what = f"attempt {record.status().attempt + 1} starting" + (", resuming from the last checkpoint" if why == "Resumed" else "")
+        what = f"attempt {record.status().attempt + 1} starting" + (
+            ", resuming from the last checkpoint" if why == "Resumed" else ""
+        )
         typer.echo(f"{label} {outcome} ({what}; logs: midfill logs {name})")
     if not wait:
         return True
@@ -144,7 +151,14 @@ def _wait_training(store: StateStore, name: str, *, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     tty = sys.stdout.isatty()
     last_line = 0.0
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not tty) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        disable=not tty,
+    ) as bar:
         task = bar.add_task(f"training {name}", total=None, info="starting")
         while True:
             record = training.observe(store, name)
@@ -166,7 +180,10 @@ def _wait_training(store: StateStore, name: str, *, timeout: float) -> bool:
                 break
             time.sleep(1.0)
     if status.phase == "Succeeded":
-        typer.echo(f"trainingrun {name} succeeded: registered {status.registered_model.uri if status.registered_model else '-'}")
+        typer.echo(
+            f"trainingrun {name} succeeded: registered "
+            f"{status.registered_model.uri if status.registered_model else '-'}"
+        )
         return True
     typer.echo(f"trainingrun {name}: {status.phase}: {status.message or ''}", err=True)
     return False
@@ -180,12 +197,16 @@ def _apply_release(store, settings, release: ModelRelease, *, cwd: Path, wait: b
     if keys is not None:
         new_key = serving.ensure_api_key(keys)
         if new_key:
-            typer.echo(f"API key for {name}, named 'default' (shown once; its digest is stored in {keys}, the stand-in "
-                       f"for Secret {release.spec.auth.api_key_secret_ref.name}; more: `midfill keys create NAME`): {new_key}")
+            typer.echo(
+                f"API key for {name}, named 'default' (shown once; its digest is stored in {keys}, the stand-in "
+                f"for Secret {release.spec.auth.api_key_secret_ref.name}; more: `midfill keys create NAME`): {new_key}"
+            )
     record = serving.observe(store, name)
     assert record is not None
     if serving.controller_alive(record):
-        typer.echo(f"{label} {outcome}" + (" (serving controller picks the change up)" if outcome == "configured" else ""))
+        typer.echo(
+            f"{label} {outcome}" + (" (serving controller picks the change up)" if outcome == "configured" else "")
+        )
     else:
         record = serving.start_controller(store, settings, name, cwd=cwd)
         typer.echo(f"{label} {outcome} (local Ray Serve starting; logs: midfill logs {name})")
@@ -195,7 +216,10 @@ def _apply_release(store, settings, release: ModelRelease, *, cwd: Path, wait: b
     while True:
         record = serving.observe(store, name)
         status = record.status()
-        if status.phase in ("Available", "Failed", "WaitingForApproval", "Degraded") or time.monotonic() - waited > timeout:
+        if (
+            status.phase in ("Available", "Failed", "WaitingForApproval", "Degraded")
+            or time.monotonic() - waited > timeout
+        ):
             break
         time.sleep(1.0)
     if status.phase == "Available":
@@ -305,7 +329,9 @@ def logs(
             if not follow:
                 return
             current = store.get(record.kind, name)
-            if current is None or not training.procs.alive(current.local.supervisor_pid, current.local.supervisor_create_time):
+            if current is None or not training.procs.alive(
+                current.local.supervisor_pid, current.local.supervisor_create_time
+            ):
                 typer.echo(fh.read(), nl=False)
                 return
             time.sleep(0.5)

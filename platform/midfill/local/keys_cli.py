@@ -22,8 +22,13 @@ from midfill.local.state import StateStore, typed_model_release
 from midfill.settings import CoreSettings
 
 keys_app = typer.Typer(help="Named API keys of a local ModelRelease (create, list, revoke).", no_args_is_help=True)
-ReleaseOpt = Annotated[str | None, typer.Option("--release", "-r", help="ModelRelease name (optional when there is only one with auth).")]
-FileOpt = Annotated[Path | None, typer.Option("--file", "-f", help="Edit this keys file instead (e.g. the one you load into a cluster Secret).")]
+ReleaseOpt = Annotated[
+    str | None, typer.Option("--release", "-r", help="ModelRelease name (optional when there is only one with auth).")
+]
+FileOpt = Annotated[
+    Path | None,
+    typer.Option("--file", "-f", help="Edit this keys file instead (e.g. the one you load into a cluster Secret)."),
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -46,7 +51,9 @@ def _release_key_file(store: StateStore | None, release: str | None, file: Path 
     if release is not None and not records:
         raise _fail(f"modelrelease {release!r} not found (state dir {store.state_dir}); see `midfill get mr`")
     if not with_auth:
-        raise _fail(f"modelrelease {release!r} has auth disabled" if release else "no ModelRelease with auth; apply one first")
+        raise _fail(
+            f"modelrelease {release!r} has auth disabled" if release else "no ModelRelease with auth; apply one first"
+        )
     if len(with_auth) > 1:
         raise _fail("several releases have keys; pick one with --release: " + ", ".join(n for n, _ in with_auth))
     return with_auth[0]
@@ -54,10 +61,16 @@ def _release_key_file(store: StateStore | None, release: str | None, file: Path 
 
 @keys_app.command("create")
 def create(
-    name: Annotated[str, typer.Argument(help="Who the key is for (team, tool, person): shown in metrics and `midfill usage`.")],
+    name: Annotated[
+        str, typer.Argument(help="Who the key is for (team, tool, person): shown in metrics and `midfill usage`.")
+    ],
     release: ReleaseOpt = None,
-    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute this key may make (per replica).")] = None,
-    tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Prompt + completion tokens per minute (per replica).")] = None,
+    rpm: Annotated[
+        int | None, typer.Option("--rpm", min=1, help="Requests per minute this key may make (per replica).")
+    ] = None,
+    tpm: Annotated[
+        int | None, typer.Option("--tpm", min=1, help="Prompt + completion tokens per minute (per replica).")
+    ] = None,
     file: FileOpt = None,
 ) -> None:
     """Add a named key; prints it once (only its digest is stored)."""
@@ -83,8 +96,11 @@ def list_keys(release: ReleaseOpt = None, file: FileOpt = None) -> None:
 
 
 @keys_app.command("revoke")
-def revoke(name: Annotated[str, typer.Argument(help="Key name (see `midfill keys list`).")], release: ReleaseOpt = None,
-           file: FileOpt = None) -> None:
+def revoke(
+    name: Annotated[str, typer.Argument(help="Key name (see `midfill keys list`).")],
+    release: ReleaseOpt = None,
+    file: FileOpt = None,
+) -> None:
     """Remove one key; the endpoint refuses it within seconds, the other keys keep working."""
     rel, path = _release_key_file(None, release, file)
     try:
@@ -105,7 +121,10 @@ def per_key(metrics_text: str) -> dict[tuple[str, str], dict[str, float]]:
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
-        row = out.setdefault((labels["key"], labels["model_version"]), dict.fromkeys(("ok", "errors", "prompt_tokens", "completion_tokens", "cached_tokens"), 0.0))
+        row = out.setdefault(
+            (labels["key"], labels["model_version"]),
+            dict.fromkeys(("ok", "errors", "prompt_tokens", "completion_tokens", "cached_tokens"), 0.0),
+        )
         if m[1] == "requests":
             row["ok" if labels.get("status") == "200" else "errors"] += float(m[3])
         else:
@@ -120,13 +139,18 @@ def _endpoints(release: str | None, url: str | None) -> list[tuple[str, str | No
     store = _store()
     records = [r for r in store.list("ModelRelease") if release in (None, r.name)]
     if not records:
-        raise _fail(f"modelrelease {release!r} not found" if release else "no ModelRelease; apply one first, or give --url")
+        raise _fail(
+            f"modelrelease {release!r} not found" if release else "no ModelRelease; apply one first, or give --url"
+        )
     return [(r.name, serving.observe(store, r.name).status().url) for r in records]
 
 
 def usage(
     release: ReleaseOpt = None,
-    url: Annotated[str | None, typer.Option("--url", help="Read this endpoint instead (`midfill serve`, a port-forwarded replica).")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="Read this endpoint instead (`midfill serve`, a port-forwarded replica)."),
+    ] = None,
 ) -> None:
     """Requests and tokens per key name and model version, from the running endpoint's /metrics."""
     rows = []
@@ -140,9 +164,20 @@ def usage(
             typer.echo(f"{label}: {base}/metrics did not answer ({type(exc).__name__})", err=True)
             continue
         for (key, version), r in sorted(per_key(text).items()):
-            rows.append((key, version, *(f"{int(r[c])}" for c in ("ok", "errors", "prompt_tokens", "completion_tokens", "cached_tokens"))))
+            rows.append(
+                (
+                    key,
+                    version,
+                    *(f"{int(r[c])}" for c in ("ok", "errors", "prompt_tokens", "completion_tokens", "cached_tokens")),
+                )
+            )
     if rows:
-        typer.echo(views.table(("KEY", "MODEL VERSION", "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "CACHED TOKENS"), rows))
+        typer.echo(
+            views.table(
+                ("KEY", "MODEL VERSION", "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS", "CACHED TOKENS"),
+                rows,
+            )
+        )
     else:
         typer.echo("no requests counted yet")
 

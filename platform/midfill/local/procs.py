@@ -17,7 +17,9 @@ from pathlib import Path
 import psutil
 
 
-def spawn_detached(args: list[str], *, log_file: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, float]:
+def spawn_detached(
+    args: list[str], *, log_file: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[int, float]:
     """Start `args` in a new session with stdout/stderr appended to log_file; (pid, create_time)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:

@@ -98,8 +98,16 @@ def observe(store: StateStore, name: str) -> StoredResource | None:
         if controller_alive(rec) or rec.local.supervisor_pid is None:
             return
         message = "the local serving process is not running; apply the same YAML again to restart it"
-        _write(rec, lifecycle.endpoint_down(rec.status(), reason="ControllerStopped", message=message,
-                                            generation=rec.resource["metadata"]["generation"], now=utcnow()))
+        _write(
+            rec,
+            lifecycle.endpoint_down(
+                rec.status(),
+                reason="ControllerStopped",
+                message=message,
+                generation=rec.resource["metadata"]["generation"],
+                now=utcnow(),
+            ),
+        )
 
     return store.update(KIND, name, mark)
 
@@ -112,6 +120,7 @@ def free_port() -> int:
 
 def start_controller(store: StateStore, settings: CoreSettings, name: str, *, cwd: Path) -> StoredResource:
     """Start the release controller in the background (unless it already runs)."""
+
     def change(rec: StoredResource) -> None:
         if controller_alive(rec):
             return
@@ -125,9 +134,15 @@ def start_controller(store: StateStore, settings: CoreSettings, name: str, *, cw
         _write(rec, lifecycle.endpoint_starting(rec.status(), message="starting the local Ray Serve controller"))
         rec.add_event("ControllerStarting", f"local Ray Serve controller starting (log {rec.local.supervisor_log})")
         pid, ctime = procs.spawn_detached(
-            procs.python_module_args("midfill.local", "control-release", "--state-dir", str(store.state_dir), "--name", name),
+            procs.python_module_args(
+                "midfill.local", "control-release", "--state-dir", str(store.state_dir), "--name", name
+            ),
             log_file=logs / "controller.log",
-            env={**os.environ, "MIDFILL_STATE_DIR": str(store.state_dir), "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri()},
+            env={
+                **os.environ,
+                "MIDFILL_STATE_DIR": str(store.state_dir),
+                "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri(),
+            },
             cwd=cwd,
         )
         rec.local.supervisor_pid, rec.local.supervisor_create_time = pid, ctime
@@ -218,8 +233,16 @@ def _write(rec: StoredResource, status: ModelReleaseStatus) -> None:
 
 def _stopped(rec: StoredResource) -> None:
     message = "stopped: the local endpoint is down; apply the same YAML again to restart it"
-    _write(rec, lifecycle.endpoint_down(rec.status(), reason="Stopped", message=message,
-                                        generation=rec.resource["metadata"]["generation"], now=utcnow()))
+    _write(
+        rec,
+        lifecycle.endpoint_down(
+            rec.status(),
+            reason="Stopped",
+            message=message,
+            generation=rec.resource["metadata"]["generation"],
+            now=utcnow(),
+        ),
+    )
 
 
 class _Controller:
@@ -278,8 +301,14 @@ class _Controller:
                 self.errors[version] = f"{type(exc).__name__}: {exc}"[:500]
 
         threading.Thread(target=run, name=f"deploy-{version}", daemon=True).start()
-        self.deployed = DeploymentView(version=version, rollout_start=utcnow(), healthy=False, health="deploying",
-                                       url=url, generation=record.resource["metadata"]["generation"])
+        self.deployed = DeploymentView(
+            version=version,
+            rollout_start=utcnow(),
+            healthy=False,
+            health="deploying",
+            url=url,
+            generation=record.resource["metadata"]["generation"],
+        )
         self.store.update(KIND, self.name, lambda rec: rec.add_event("Deploying", f"serve.run {info.uri} at {url}"))
 
     def pass_once(self) -> bool:
@@ -288,8 +317,12 @@ class _Controller:
         if record is None or record.local.stop_requested:
             return False
         release = typed_model_release(record)
-        plan = lifecycle.reconcile(release, status=record.status(), observed=self.observe(release),
-                                   generation=record.resource["metadata"]["generation"])
+        plan = lifecycle.reconcile(
+            release,
+            status=record.status(),
+            observed=self.observe(release),
+            generation=record.resource["metadata"]["generation"],
+        )
         for action in plan.actions:
             self.deploy(record, release, action.version)
         self.store.update(KIND, self.name, lambda rec: _write(rec, plan.status))

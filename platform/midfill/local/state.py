@@ -44,7 +44,9 @@ class LocalInfo(BaseModel):
     """Where the local backend's processes and files for a resource are."""
 
     supervisor_pid: int | None = None
-    supervisor_create_time: float | None = Field(default=None, description="psutil create_time, guards against pid reuse.")
+    supervisor_create_time: float | None = Field(
+        default=None, description="psutil create_time, guards against pid reuse."
+    )
     child_pgids: list[int] = Field(default_factory=list, description="Process groups of the attempt's workers.")
     run_file: str | None = None
     log_file: str | None = None

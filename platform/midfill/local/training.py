@@ -85,7 +85,12 @@ def build_app_def(*, run: TrainingRun, run_file: Path, uid: str, attempt: int, n
     # --run-file, not --run: torchrun parses its script's arguments too, and `--run` is an
     # ambiguous prefix of its own --run-path.
     return ddp(
-        "--run-file", str(run_file), "--uid", uid, "--attempt", str(attempt),
+        "--run-file",
+        str(run_file),
+        "--uid",
+        uid,
+        "--attempt",
+        str(attempt),
         m=TRAINER_MODULE,
         name=f"{run.metadata.name}-a{attempt}",
         j=f"1x{nproc}",
@@ -115,13 +120,20 @@ def is_active(record: StoredResource) -> bool:
 def observe(store: StateStore, name: str) -> StoredResource | None:
     """The record, with an active run whose supervisor has vanished marked as interrupted."""
     record = store.get(KIND, name)
-    if record is None or record.local.supervisor_pid is None or not is_active(record) or procs.alive(record.local.supervisor_pid, record.local.supervisor_create_time):
+    if (
+        record is None
+        or record.local.supervisor_pid is None
+        or not is_active(record)
+        or procs.alive(record.local.supervisor_pid, record.local.supervisor_create_time)
+    ):
         return record
 
     def mark(rec: StoredResource) -> None:
         if not is_active(rec) or procs.alive(rec.local.supervisor_pid, rec.local.supervisor_create_time):
             return
-        _write(rec, lifecycle.interrupted(rec.status(), generation=rec.resource["metadata"]["generation"], now=utcnow()))
+        _write(
+            rec, lifecycle.interrupted(rec.status(), generation=rec.resource["metadata"]["generation"], now=utcnow())
+        )
 
     return store.update(KIND, name, mark)
 
@@ -129,9 +141,14 @@ def observe(store: StateStore, name: str) -> StoredResource | None:
 def settle_without_processes(store: StateStore, name: str) -> StoredResource | None:
     """One pass of the state machine for a run nothing runs (e.g. suspended while no supervisor was
     alive): the status it reaches without starting anything."""
+
     def change(rec: StoredResource) -> None:
-        plan = lifecycle.reconcile(typed_training_run(rec), status=rec.status(), observed=lifecycle.Observed(now=utcnow()),
-                                   generation=rec.resource["metadata"]["generation"])
+        plan = lifecycle.reconcile(
+            typed_training_run(rec),
+            status=rec.status(),
+            observed=lifecycle.Observed(now=utcnow()),
+            generation=rec.resource["metadata"]["generation"],
+        )
         if not plan.actions:
             _write(rec, plan.status)
 
@@ -140,6 +157,7 @@ def settle_without_processes(store: StateStore, name: str) -> StoredResource | N
 
 def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: Path, reason: str) -> StoredResource:
     """Start the run's supervisor in the background (it starts the next attempt); the updated record."""
+
     def change(rec: StoredResource) -> None:
         if procs.alive(rec.local.supervisor_pid, rec.local.supervisor_create_time):
             return  # someone else started it meanwhile
@@ -161,9 +179,15 @@ def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: 
         rec.local.child_pgids = []
         rec.local.stop_requested = False
         pid, ctime = procs.spawn_detached(
-            procs.python_module_args("midfill.local", "supervise-training", "--state-dir", str(store.state_dir), "--name", name),
+            procs.python_module_args(
+                "midfill.local", "supervise-training", "--state-dir", str(store.state_dir), "--name", name
+            ),
             log_file=logs / "supervisor.log",
-            env={**os.environ, "MIDFILL_STATE_DIR": str(store.state_dir), "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri()},
+            env={
+                **os.environ,
+                "MIDFILL_STATE_DIR": str(store.state_dir),
+                "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri(),
+            },
             cwd=cwd,
         )
         rec.local.supervisor_pid, rec.local.supervisor_create_time = pid, ctime
@@ -227,13 +251,26 @@ class _Supervisor:
                 att.outcome = "Succeeded"
             elif state in (AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN):
                 att.outcome, att.exit_code = "Failed", _exit_code(att.log_dir)
-                att.message = f"exit code {att.exit_code if att.exit_code is not None else 'unknown'}; see `midfill logs {self.name}`"
+                att.message = (
+                    f"exit code {att.exit_code if att.exit_code is not None else 'unknown'}; see "
+                    f"`midfill logs {self.name}`"
+                )
             elif state == AppState.RUNNING:
-                return lifecycle.AttemptView(att.number, attempt_name(self.name, att.number), created=att.created,
-                                             ready=run.spec.parallelism.num_nodes)  # all local "nodes" run together
-        return lifecycle.AttemptView(att.number, attempt_name(self.name, att.number), created=att.created,
-                                     outcome=att.outcome, exit_code=att.exit_code, message=att.message,  # type: ignore[arg-type]
-                                     deleting=att.deleting)
+                return lifecycle.AttemptView(
+                    att.number,
+                    attempt_name(self.name, att.number),
+                    created=att.created,
+                    ready=run.spec.parallelism.num_nodes,
+                )  # all local "nodes" run together
+        return lifecycle.AttemptView(
+            att.number,
+            attempt_name(self.name, att.number),
+            created=att.created,
+            outcome=att.outcome,
+            exit_code=att.exit_code,
+            message=att.message,  # type: ignore[arg-type]
+            deleting=att.deleting,
+        )
 
     def observe(self, record: StoredResource, run: TrainingRun) -> lifecycle.Observed:
         status = record.status()
@@ -245,7 +282,9 @@ class _Supervisor:
         if result is not None:
             ref = RegisteredModelRef(name=result.registered_model_name, version=result.version, uri=result.uri)
         else:  # no result.json (crashed after registering): the registry knows the run's uid
-            found = Registry(self.settings.resolved_tracking_uri()).find_by_run_uid(run.registered_model_name(), record.resource["metadata"]["uid"])
+            found = Registry(self.settings.resolved_tracking_uri()).find_by_run_uid(
+                run.registered_model_name(), record.resource["metadata"]["uid"]
+            )
             ref = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri) if found else None
         return lifecycle.Observed(now=observed.now, jobs=jobs, progress=observed.progress, registered=ref)
 
@@ -268,16 +307,26 @@ class _Supervisor:
             return
         nproc, _ = local_layout(run)
         app = build_app_def(
-            run=run, run_file=Path(record.local.run_file or write_run_file(self.store, record)),
-            uid=record.resource["metadata"]["uid"], attempt=number, nproc=nproc,
+            run=run,
+            run_file=Path(record.local.run_file or write_run_file(self.store, record)),
+            uid=record.resource["metadata"]["uid"],
+            attempt=number,
+            nproc=nproc,
             env=trainer_env(self.store, self.settings, nproc=nproc),
         )
         att.handle = self.runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(log_dir)})
         # torchx installs its own SIGTERM handler when the scheduler is created; ours stops cleanly.
         signal.signal(signal.SIGTERM, self.on_term)
         signal.signal(signal.SIGINT, self.on_term)
-        self.store.update(KIND, self.name, lambda rec: rec.add_event(
-            "Started", f"attempt {number}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd {att.handle})"))
+        self.store.update(
+            KIND,
+            self.name,
+            lambda rec: rec.add_event(
+                "Started",
+                f"attempt {number}: torchrun -m {TRAINER_MODULE} on 1x{nproc} processes (torchx local_cwd "
+                f"{att.handle})",
+            ),
+        )
 
     def live(self) -> list[_Attempt]:
         return [a for a in self.attempts.values() if a.handle and a.outcome is None and not a.deleting]
@@ -293,13 +342,19 @@ class _Supervisor:
             self.cancel_all()
             return False
         run = typed_training_run(record)
-        plan = lifecycle.reconcile(run, status=record.status(), observed=self.observe(record, run),
-                                   generation=record.resource["metadata"]["generation"])
+        plan = lifecycle.reconcile(
+            run,
+            status=record.status(),
+            observed=self.observe(record, run),
+            generation=record.resource["metadata"]["generation"],
+        )
         self.act(record, run, plan.actions)
         # torchrun starts its workers in sessions of their own: keep their groups on record so
         # `delete` (or the next attempt) can stop them even if this supervisor is killed.
         groups = _worker_groups(psutil.Process())
-        logs = sorted((self.store.logs_folder() / "trainingruns" / self.name / f"a{plan.status.attempt}").rglob("combined.log"))
+        logs = sorted(
+            (self.store.logs_folder() / "trainingruns" / self.name / f"a{plan.status.attempt}").rglob("combined.log")
+        )
 
         def change(rec: StoredResource) -> None:
             rec.local.child_pgids = sorted(set(rec.local.child_pgids) | set(groups))
@@ -349,7 +404,18 @@ def _check_config(store: StateStore, settings: CoreSettings, record: StoredResou
     run = typed_training_run(record)
     nproc, _ = local_layout(run)
     run_file = record.local.run_file or str(write_run_file(store, record))
-    args = [sys.executable, "-m", TRAINER_MODULE, "--run-file", run_file, "--uid", record.resource["metadata"]["uid"], "--attempt", str(attempt), "--check"]
+    args = [
+        sys.executable,
+        "-m",
+        TRAINER_MODULE,
+        "--run-file",
+        run_file,
+        "--uid",
+        record.resource["metadata"]["uid"],
+        "--attempt",
+        str(attempt),
+        "--check",
+    ]
     env = {**os.environ, **trainer_env(store, settings, nproc=nproc)}
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout + proc.stderr)
@@ -374,5 +440,3 @@ def _worker_groups(me) -> list[int]:
         return sorted(c.pid for c in me.children(recursive=True) if _is_group_leader(c.pid))
     except psutil.Error:
         return []
-
-

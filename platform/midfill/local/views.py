@@ -19,10 +19,10 @@ def age(timestamp: str | None, *, now: dt.datetime | None = None) -> str:
     if not timestamp:
         return "<unknown>"
     try:
-        then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     except ValueError:
         return "<unknown>"
-    seconds = max(0, int(((now or dt.datetime.now(dt.timezone.utc)) - then).total_seconds()))
+    seconds = max(0, int(((now or dt.datetime.now(dt.UTC)) - then).total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -40,21 +40,40 @@ def training_row(record: StoredResource) -> tuple[str, ...]:
         step = f"{prog.step}/{prog.total_steps}" if prog.total_steps else str(prog.step)
     loss = f"{prog.loss:.3f}" if prog is not None and prog.loss is not None else "-"
     version = status.registered_model.version if status.registered_model else "-"
-    return (record.name, status.phase, nodes, step, loss, version, age(record.resource["metadata"].get("creationTimestamp")))
+    return (
+        record.name,
+        status.phase,
+        nodes,
+        step,
+        loss,
+        version,
+        age(record.resource["metadata"].get("creationTimestamp")),
+    )
 
 
 def release_row(record: StoredResource) -> tuple[str, ...]:
     status = record.status()
     model = record.resource["spec"]["model"]
-    ref = model["registeredModelName"] + (f"/{model['version']}" if model.get("version") else f"@{model.get('alias') or 'champion'}")
+    ref = model["registeredModelName"] + (
+        f"/{model['version']}" if model.get("version") else f"@{model.get('alias') or 'champion'}"
+    )
     version = status.stable_version or "-"
-    return (record.name, status.phase, ref, version, status.url or "-", age(record.resource["metadata"].get("creationTimestamp")))
+    return (
+        record.name,
+        status.phase,
+        ref,
+        version,
+        status.url or "-",
+        age(record.resource["metadata"].get("creationTimestamp")),
+    )
 
 
 def table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Left-aligned columns separated by three spaces, as kubectl prints them."""
     widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
-    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [columns, *rows]]
+    lines = [
+        "   ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [columns, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -87,7 +106,11 @@ def _spec_summary(record: StoredResource) -> list[tuple[str, str]]:
             ("Recipe", spec.get("model", {}).get("recipe", "debug")),
             ("Data", sources),
             ("Training", f"{length}, seqLength {tr.get('seqLength')}, globalBatchTokens {tr.get('globalBatchTokens')}"),
-            ("Parallelism", f"{par.get('strategy', 'ddp')} {par.get('numNodes', 1)}x{par.get('nprocPerNode', 1)} (local: {record.local.layout or '-'})"),
+            (
+                "Parallelism",
+                f"{par.get('strategy', 'ddp')} {par.get('numNodes', 1)}x{par.get('nprocPerNode', 1)} (local: "
+                f"{record.local.layout or '-'})",
+            ),
             ("Registry", spec.get("registry", {}).get("registeredModelName") or record.name),
         ]
     model = spec["model"]
@@ -95,9 +118,24 @@ def _spec_summary(record: StoredResource) -> list[tuple[str, str]]:
     auth = spec.get("auth", {})
     ref = auth.get("apiKeySecretRef")
     return [
-        ("Model", model["registeredModelName"] + (f" version {model['version']}" if model.get("version") else f" alias {model.get('alias') or 'champion'}")),
-        ("Approval", ", ".join(f"{k}={v}" for k, v in approval.get("requiredTags", {"review": "approved"}).items()) + (f", alias {approval['requiredAlias']}" if approval.get("requiredAlias") else "")),
-        ("Auth", "disabled" if auth.get("disabled") else f"Secret {ref['name']}/{ref.get('key', 'api-keys')} -> {record.local.api_keys_file or '-'}"),
+        (
+            "Model",
+            model["registeredModelName"]
+            + (
+                f" version {model['version']}" if model.get("version") else f" alias {model.get('alias') or 'champion'}"
+            ),
+        ),
+        (
+            "Approval",
+            ", ".join(f"{k}={v}" for k, v in approval.get("requiredTags", {"review": "approved"}).items())
+            + (f", alias {approval['requiredAlias']}" if approval.get("requiredAlias") else ""),
+        ),
+        (
+            "Auth",
+            "disabled"
+            if auth.get("disabled")
+            else f"Secret {ref['name']}/{ref.get('key', 'api-keys')} -> {record.local.api_keys_file or '-'}",
+        ),
         ("Route prefix", spec.get("endpoint", {}).get("routePrefix", "/")),
     ]
 
@@ -118,7 +156,10 @@ def lineage_rows(info) -> list[tuple[str, str]]:
 
     t = info.tags
     return [
-        ("TrainingRun", f"{t.get(TAG_RUN_NAME, '-')} (uid {t.get(TAG_RUN_UID, '-')}, attempt {t.get(TAG_ATTEMPT, '-')})"),
+        (
+            "TrainingRun",
+            f"{t.get(TAG_RUN_NAME, '-')} (uid {t.get(TAG_RUN_UID, '-')}, attempt {t.get(TAG_ATTEMPT, '-')})",
+        ),
         ("Data hash", t.get(TAG_DATA_HASH, "-")),
         ("MLflow run", info.run_id or "-"),
         ("Version", f"{info.uri} (MLflow UI: #/models/{info.name}/versions/{info.version})"),
@@ -126,8 +167,12 @@ def lineage_rows(info) -> list[tuple[str, str]]:
     ]
 
 
-def describe(record: StoredResource, *, evaluation: tuple[str, dict[str, str]] | None = None,
-             lineage: list[tuple[str, str]] | None = None) -> str:
+def describe(
+    record: StoredResource,
+    *,
+    evaluation: tuple[str, dict[str, str]] | None = None,
+    lineage: list[tuple[str, str]] | None = None,
+) -> str:
     """kubectl-describe-like text: metadata, spec summary, status, conditions, evaluation results of
     the version it trained or serves (`evaluation` = (version uri, its tags)), events."""
     meta = record.resource["metadata"]
@@ -151,7 +196,10 @@ def describe(record: StoredResource, *, evaluation: tuple[str, dict[str, str]] |
         lines.append(f"  {'logs:':<24}{record.local.log_file or record.local.supervisor_log}")
     lines.append("Conditions:")
     if conditions:
-        rows = [(c["type"], c["status"], c.get("reason", ""), c.get("lastTransitionTime", ""), c.get("message", "")) for c in conditions]
+        rows = [
+            (c["type"], c["status"], c.get("reason", ""), c.get("lastTransitionTime", ""), c.get("message", ""))
+            for c in conditions
+        ]
         lines += ["  " + line for line in table(("TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"), rows).splitlines()]
     else:
         lines.append("  <none>")

@@ -14,9 +14,16 @@ VOCAB = 61
 def tiny_llama(*, hidden: int, layers: int, seed: int, heads: int = 4, attn: str = "sdpa") -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, pad_token_id=0, attn_implementation=attn,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        attn_implementation=attn,
     )
     return LlamaForCausalLM(config)
 

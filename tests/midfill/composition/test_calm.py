@@ -19,7 +19,12 @@ from .helpers import compose, randomize_bridge, tiny_llama, tokens
 
 def test_pairs_take_every_kth_augmenting_layer_and_spread_the_anchor_layers():
     assert calm_layer_pairs(augment_layers=24, anchor_layers=32, spacing=4) == [
-        (3, 4), (7, 9), (11, 15), (15, 20), (19, 25), (23, 31)
+        (3, 4),
+        (7, 9),
+        (11, 15),
+        (15, 20),
+        (19, 25),
+        (23, 31),
     ]
     assert calm_layer_pairs(augment_layers=4, anchor_layers=4, spacing=2) == [(1, 1), (3, 3)]
     assert calm_layer_pairs(augment_layers=8, anchor_layers=4, spacing=4, count=1) == [(3, 3)]

@@ -82,7 +82,14 @@ def test_a_different_parent_is_refused(parents, tmp_path):
     anchor, augment = parents
     anchor.save_pretrained(tmp_path / "anchor")
     augment.save_pretrained(tmp_path / "augment")
-    model = compose(anchor, augment, mode="calm", layer_spacing=2, anchor=str(tmp_path / "anchor"), augment=str(tmp_path / "augment"))
+    model = compose(
+        anchor,
+        augment,
+        mode="calm",
+        layer_spacing=2,
+        anchor=str(tmp_path / "anchor"),
+        augment=str(tmp_path / "augment"),
+    )
     save_composed(model, tmp_path / "bridge")
     with torch.no_grad():
         anchor.lm_head.weight.add_(1.0)

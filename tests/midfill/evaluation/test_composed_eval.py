@@ -24,7 +24,7 @@ from midfill.export import read_metadata, write_metadata
 from midfill.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "serving"))
-from serving_exports import build_export  # noqa: E402
+from serving_exports import build_export
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,8 +73,12 @@ def _export(parents, mode: str, *, bridge: bool, name: str, stop_tokens: list[st
     random weights (a fresh bridge adds exactly zero, so the composition computes its anchor; larger
     weights drown these random parents and every prompt decodes to one repeated token)."""
     root, _, anchor, augment, _ = parents
-    spec = CompositionSpec.model_validate({"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment), "layerSpacing": 1})
-    model = build_composed_model(spec, LlamaForCausalLM.from_pretrained(anchor), LlamaForCausalLM.from_pretrained(augment))
+    spec = CompositionSpec.model_validate(
+        {"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment), "layerSpacing": 1}
+    )
+    model = build_composed_model(
+        spec, LlamaForCausalLM.from_pretrained(anchor), LlamaForCausalLM.from_pretrained(augment)
+    )
     if bridge:
         torch.manual_seed(3)
         with torch.no_grad():
@@ -103,14 +107,20 @@ def _reference_decode(reference, ids: list[int], max_new_tokens: int) -> list[in
     """The composition's own greedy decode, recomputing the whole sequence every step."""
     x = torch.tensor([ids])
     context = {"encoder_input_ids": x} if reference.mode == "codet5p" else {}
-    return greedy_generate(reference, x, max_new_tokens=max_new_tokens, use_cache=False, **context).tokens[0, len(ids):].tolist()
+    return (
+        greedy_generate(reference, x, max_new_tokens=max_new_tokens, use_cache=False, **context)
+        .tokens[0, len(ids) :]
+        .tolist()
+    )
 
 
 def test_line_em_and_left_to_right_run_on_a_composed_export(composed, parents):
     folder, _ = composed
     root, uri, *_, held_out = parents
     cache = root / f"cache-{folder.name}"
-    em = evaluate_export("line-em", folder, limit=4, max_new_tokens=8, files=[held_out], tracking_uri=uri, cache_dir=cache)
+    em = evaluate_export(
+        "line-em", folder, limit=4, max_new_tokens=8, files=[held_out], tracking_uri=uri, cache_dir=cache
+    )
     assert em.metrics["tasks"] == 4.0 and len(em.tasks) == 4
     assert 0.0 <= em.metrics["exact_match"] <= 1.0 and 0.0 <= em.metrics["stop_rate"] <= 1.0
     assert all("\n" not in t.completion for t in em.tasks)  # line-em stops single-line holes at the newline
@@ -131,7 +141,9 @@ def test_greedy_infill_equals_the_compositions_own_greedy_decode(composed, paren
     infiller = LocalInfiller(folder, tracking_uri=uri, cache_dir=root / f"cache-{folder.name}")
     got = infiller.infill(TASKS, max_new_tokens=12, stop=[])
     for task, completion in zip(TASKS, got, strict=True):
-        ids = infiller.tokenizer(infiller.format.infill_prompt(task.prefix, task.suffix), add_special_tokens=False)["input_ids"]
+        ids = infiller.tokenizer(infiller.format.infill_prompt(task.prefix, task.suffix), add_special_tokens=False)[
+            "input_ids"
+        ]
         want = _reference_decode(reference, ids, 12)
         ended = next((k for k, t in enumerate(want) if t in infiller.stop_ids), None)
         assert completion.text == infiller.tokenizer.decode(want[:ended] if ended is not None else want), task.task_id
@@ -147,7 +159,9 @@ def test_a_stop_token_ends_the_middle_where_the_model_emits_it(composed, parents
     probe = LocalInfiller(folder, tracking_uri=uri, cache_dir=root / f"cache-{folder.name}")
     # a token the model first emits at step k >= 1 of some task becomes a stop token
     for task in TASKS:
-        ids = probe.tokenizer(probe.format.infill_prompt(task.prefix, task.suffix), add_special_tokens=False)["input_ids"]
+        ids = probe.tokenizer(probe.format.infill_prompt(task.prefix, task.suffix), add_special_tokens=False)[
+            "input_ids"
+        ]
         want = _reference_decode(reference, ids, 12)
         k = next((k for k, t in enumerate(want) if k >= 1 and t not in want[:k] and t not in probe.stop_ids), None)
         if k is not None:
@@ -170,7 +184,9 @@ def test_a_composition_that_adds_nothing_infills_as_its_anchor(mode, parents):
     plain path's completions (transformers generate) on the anchor export."""
     root, uri, anchor, *_ = parents
     folder, _ = _export(parents, mode, bridge=False, name=f"{mode}-fresh")
-    composed = LocalInfiller(folder, tracking_uri=uri, cache_dir=root / "cache-fresh").infill(TASKS, max_new_tokens=10, stop=["\n"])
+    composed = LocalInfiller(folder, tracking_uri=uri, cache_dir=root / "cache-fresh").infill(
+        TASKS, max_new_tokens=10, stop=["\n"]
+    )
     plain = LocalInfiller(anchor, batch_size=1).infill(TASKS, max_new_tokens=10, stop=["\n"])
     assert composed == plain
 
@@ -178,7 +194,9 @@ def test_a_composition_that_adds_nothing_infills_as_its_anchor(mode, parents):
 def test_calm_that_adds_nothing_has_its_anchors_left_to_right_loss(parents):
     root, uri, anchor, _, held_out = parents
     folder, _ = _export(parents, "calm", bridge=False, name="calm-fresh-l2r")
-    composed = run_left_to_right(folder, files=[held_out], seq_length=64, tracking_uri=uri, cache_dir=root / "cache-fresh")
+    composed = run_left_to_right(
+        folder, files=[held_out], seq_length=64, tracking_uri=uri, cache_dir=root / "cache-fresh"
+    )
     plain = run_left_to_right(anchor, files=[held_out], seq_length=64)
     assert composed.metrics["tokens"] == plain.metrics["tokens"]
     assert composed.metrics["loss"] == pytest.approx(plain.metrics["loss"], rel=1e-5)

@@ -59,7 +59,9 @@ def test_results_recorded_on_the_version_open_the_gate(tmp_path: Path) -> None:
 
     low = run_infill_suite("humaneval-single-line", ReferenceInfiller(wrong_every=2), limit=8)
     record_on_version(low, tracking_uri=uri, name="fim", version=info.version)
-    below = unmet_approval(registry.get("fim", version=info.version), required_tags={}, required_alias=None, min_metrics=gate)
+    below = unmet_approval(
+        registry.get("fim", version=info.version), required_tags={}, required_alias=None, min_metrics=gate
+    )
     assert below == ["metric humaneval-single-line/pass@1 >= 0.75 (is 0.5)"]
 
     high = run_infill_suite("humaneval-single-line", ReferenceInfiller(), limit=8)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from midfill.evaluation.sandbox import Limits, run_program
 
 FAST = Limits(cpu_seconds=2, wall_seconds=5, memory_bytes=512 << 20, file_bytes=1 << 20)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from midfill.datasplit import stdlib_root
 from midfill.evaluation.sandbox import Limits, run_program
-from midfill.evaluation.suites import heldout_files, humaneval_multi_line, humaneval_single_line, line_em_tasks, stdlib_root
+from midfill.evaluation.suites import (
+    heldout_files,
+    humaneval_multi_line,
+    humaneval_single_line,
+    line_em_tasks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,11 @@ def test_known_task_ids_and_positions(single, multi) -> None:
     # HumanEval/0 has a blank line at index 6 of its solution: no task there, the next is L7.
     assert "SingleLineInfilling/HumanEval/0/L6" not in by_id
     assert by_id["SingleLineInfilling/HumanEval/0/L7"].reference == "    return False\n"
-    for known in ("SingleLineInfilling/HumanEval/95/L17", "SingleLineInfilling/HumanEval/122/L0", "SingleLineInfilling/HumanEval/163/L0"):
+    for known in (
+        "SingleLineInfilling/HumanEval/95/L17",
+        "SingleLineInfilling/HumanEval/122/L0",
+        "SingleLineInfilling/HumanEval/163/L0",
+    ):
         assert known in by_id
     multi_ids = {t.task_id for t in multi}
     assert {"MultiLineInfilling/HumanEval/0/L0_L0", "MultiLineInfilling/HumanEval/0/L0_L7"} <= multi_ids

@@ -13,7 +13,7 @@ from midfill.api.modelrelease import ModelReleaseStatus
 from midfill.lifecycle.modelrelease import Deploy, DeploymentView, Observed, Resolution, reconcile
 
 SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "modelrelease.yaml"
-NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def release(paused=False):
@@ -24,8 +24,14 @@ def release(paused=False):
 
 
 def rs(version, healthy=True, age=5, generation=None):
-    return DeploymentView(version=version, rollout_start=NOW - dt.timedelta(seconds=age), healthy=healthy, health="x",
-                          url="http://fim-debug-serve-svc.team.svc.cluster.local:8000", generation=generation)
+    return DeploymentView(
+        version=version,
+        rollout_start=NOW - dt.timedelta(seconds=age),
+        healthy=healthy,
+        health="x",
+        url="http://fim-debug-serve-svc.team.svc.cluster.local:8000",
+        generation=generation,
+    )
 
 
 APPROVED_3 = Resolution(version="3")
@@ -33,22 +39,90 @@ UNAPPROVED_3 = Resolution(version="3", unmet=("tag review=approved",))
 ROLLED_BACK = [Condition(type="RolledBack", status="True", reason="HealthDeadlineExceeded")]
 
 CASES = [
-    ("unresolvable alias", release(), ModelReleaseStatus(), Resolution(error="registered model 'x' has no alias 'champion'"), None, "Pending", []),
+    (
+        "unresolvable alias",
+        release(),
+        ModelReleaseStatus(),
+        Resolution(error="registered model 'x' has no alias 'champion'"),
+        None,
+        "Pending",
+        [],
+    ),
     ("not approved, nothing served", release(), ModelReleaseStatus(), UNAPPROVED_3, None, "WaitingForApproval", []),
     ("approved, no RayService", release(), ModelReleaseStatus(), APPROVED_3, None, "Progressing", [Deploy("3")]),
-    ("deployed, waiting for health", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3, rs("3", healthy=False), "Progressing", []),
+    (
+        "deployed, waiting for health",
+        release(),
+        ModelReleaseStatus(resolved_version="3"),
+        APPROVED_3,
+        rs("3", healthy=False),
+        "Progressing",
+        [],
+    ),
     ("healthy", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3, rs("3"), "Available", []),
-    ("new approved version rolls in place", release(), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Progressing", [Deploy("3")]),
-    ("new unapproved version keeps stable", release(), ModelReleaseStatus(stable_version="2"), UNAPPROVED_3, rs("2"), "Available", []),
-    ("unhealthy past deadline rolls back", release(), ModelReleaseStatus(stable_version="2", resolved_version="3"), APPROVED_3,
-     rs("3", healthy=False, age=601), "Progressing", [Deploy("2")]),
-    ("rolled-back version is not retried", release(), ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
-     APPROVED_3, rs("2"), "Available", []),
-    ("a newer version after a rollback is tried", release(), ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
-     Resolution(version="4"), rs("2"), "Progressing", [Deploy("4")]),
-    ("unhealthy with nothing to roll back to", release(), ModelReleaseStatus(resolved_version="3"), APPROVED_3,
-     rs("3", healthy=False, age=601), "Degraded", []),
-    ("paused changes nothing", release(paused=True), ModelReleaseStatus(stable_version="2"), APPROVED_3, rs("2"), "Paused", []),
+    (
+        "new approved version rolls in place",
+        release(),
+        ModelReleaseStatus(stable_version="2"),
+        APPROVED_3,
+        rs("2"),
+        "Progressing",
+        [Deploy("3")],
+    ),
+    (
+        "new unapproved version keeps stable",
+        release(),
+        ModelReleaseStatus(stable_version="2"),
+        UNAPPROVED_3,
+        rs("2"),
+        "Available",
+        [],
+    ),
+    (
+        "unhealthy past deadline rolls back",
+        release(),
+        ModelReleaseStatus(stable_version="2", resolved_version="3"),
+        APPROVED_3,
+        rs("3", healthy=False, age=601),
+        "Progressing",
+        [Deploy("2")],
+    ),
+    (
+        "rolled-back version is not retried",
+        release(),
+        ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
+        APPROVED_3,
+        rs("2"),
+        "Available",
+        [],
+    ),
+    (
+        "a newer version after a rollback is tried",
+        release(),
+        ModelReleaseStatus(stable_version="2", resolved_version="3", conditions=ROLLED_BACK),
+        Resolution(version="4"),
+        rs("2"),
+        "Progressing",
+        [Deploy("4")],
+    ),
+    (
+        "unhealthy with nothing to roll back to",
+        release(),
+        ModelReleaseStatus(resolved_version="3"),
+        APPROVED_3,
+        rs("3", healthy=False, age=601),
+        "Degraded",
+        [],
+    ),
+    (
+        "paused changes nothing",
+        release(paused=True),
+        ModelReleaseStatus(stable_version="2"),
+        APPROVED_3,
+        rs("2"),
+        "Paused",
+        [],
+    ),
 ]
 
 
@@ -61,24 +135,38 @@ def test_transitions(name, rel, st, res, view, phase, actions):
 
 
 def test_status_says_what_it_waits_for_and_tracks_stable_versions():
-    plan = reconcile(release(), status=ModelReleaseStatus(), observed=Observed(now=NOW, resolution=UNAPPROVED_3), generation=1)
+    plan = reconcile(
+        release(), status=ModelReleaseStatus(), observed=Observed(now=NOW, resolution=UNAPPROVED_3), generation=1
+    )
     assert "tag review=approved" in plan.status.message
     approved = next(c for c in plan.status.conditions if c.type == "Approved")
     assert approved.status == "False" and "review=approved" in approved.message
-    healthy = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
-                        observed=Observed(now=NOW, resolution=APPROVED_3, deployment=rs("3")), generation=1)
+    healthy = reconcile(
+        release(),
+        status=ModelReleaseStatus(stable_version="2"),
+        observed=Observed(now=NOW, resolution=APPROVED_3, deployment=rs("3")),
+        generation=1,
+    )
     assert (healthy.status.stable_version, healthy.status.previous_stable_version) == ("3", "2")
     assert healthy.status.url == "http://fim-debug-serve-svc.team.svc.cluster.local:8000"
 
 
 def test_a_version_below_min_metrics_is_not_promoted_and_the_condition_names_the_metric():
     below = Resolution(version="3", unmet=("metric humaneval-single-line/pass@1 >= 0.05 (is 0.02)",))
-    plan = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
-                     observed=Observed(now=NOW, resolution=below, deployment=rs("2")), generation=1)
+    plan = reconcile(
+        release(),
+        status=ModelReleaseStatus(stable_version="2"),
+        observed=Observed(now=NOW, resolution=below, deployment=rs("2")),
+        generation=1,
+    )
     assert plan.actions == []  # version 2 keeps serving
     approved = next(c for c in plan.status.conditions if c.type == "Approved")
     assert (approved.status, approved.reason) == ("False", "BelowMinMetrics")
     assert "humaneval-single-line/pass@1 >= 0.05 (is 0.02)" in approved.message
-    above = reconcile(release(), status=ModelReleaseStatus(stable_version="2"),
-                      observed=Observed(now=NOW, resolution=APPROVED_3, deployment=rs("2")), generation=1)
+    above = reconcile(
+        release(),
+        status=ModelReleaseStatus(stable_version="2"),
+        observed=Observed(now=NOW, resolution=APPROVED_3, deployment=rs("2")),
+        generation=1,
+    )
     assert above.actions == [Deploy("3")]

@@ -17,7 +17,7 @@ from midfill.lifecycle import trainingrun as tr
 from tests.midfill.lifecycle.scenarios import RELEASES, TRAINING, ReleaseScenario, TrainingScenario, condition, merge
 
 SAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "samples"
-T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def _doc(sample: str, spec: dict, generation: int = 1) -> dict:
@@ -36,7 +36,9 @@ def test_training_scenario(sc: TrainingScenario) -> None:
         status = plan.status
         for action in plan.actions:
             if isinstance(action, tr.StartAttempt):
-                jobs[action.attempt] = tr.AttemptView(action.attempt, tr.attempt_name("fim", action.attempt), created=now)
+                jobs[action.attempt] = tr.AttemptView(
+                    action.attempt, tr.attempt_name("fim", action.attempt), created=now
+                )
             else:
                 n = next(k for k, v in jobs.items() if v.name == action.name)
                 jobs[n] = _replace(jobs[n], deleting=True)
@@ -79,7 +81,9 @@ def test_release_scenario(sc: ReleaseScenario) -> None:
             if dep is not None:  # the runtime reports health for what it was told to serve
                 healthy = sc.versions[int(dep.version) - 1] == "healthy" and now > dep.rollout_start
                 dep = _replace(dep, healthy=healthy, health="RUNNING" if healthy else "DEPLOY_FAILED")
-            plan = mr.reconcile(release, status=status, observed=mr.Observed(now, resolution, dep), generation=generation)
+            plan = mr.reconcile(
+                release, status=status, observed=mr.Observed(now, resolution, dep), generation=generation
+            )
             status = plan.status
             for action in plan.actions:
                 deployed.append((action.version, generation))

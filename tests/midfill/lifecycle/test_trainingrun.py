@@ -1,4 +1,5 @@
-"""The TrainingRun state machine (midfill.lifecycle), table-driven and pure: (spec, status, observed) -> phase, reason, actions."""
+"""The TrainingRun state machine (midfill.lifecycle), table-driven and pure:
+(spec, status, observed) -> phase, reason, actions."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import pytest
 
 from midfill.api import SpecError, load_file, parse_resource
 from midfill.api.trainingrun import Condition, TrainingRunStatus
-from midfill.progress import ProgressRecord
 from midfill.lifecycle.trainingrun import AttemptView, DeleteAttempt, Observed, StartAttempt, needs_resync, reconcile
+from midfill.progress import ProgressRecord
 
 SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "trainingrun-debug.yaml"
-NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def run(**spec_changes):
@@ -33,8 +34,14 @@ def job(attempt=1, **kw) -> AttemptView:
 
 
 def status(attempt=1, phase="Starting", restarts=0, conditions=(), **kw) -> TrainingRunStatus:
-    return TrainingRunStatus(attempt=attempt, phase=phase, restart_count=restarts, conditions=list(conditions),
-                             start_time="2026-01-01T11:00:00Z" if attempt else None, **kw)
+    return TrainingRunStatus(
+        attempt=attempt,
+        phase=phase,
+        restart_count=restarts,
+        conditions=list(conditions),
+        start_time="2026-01-01T11:00:00Z" if attempt else None,
+        **kw,
+    )
 
 
 def cond(type, value="True", reason="X"):
@@ -42,32 +49,143 @@ def cond(type, value="True", reason="X"):
 
 
 FAILED = dict(outcome="Failed", reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
-EXIT_78 = dict(outcome="Failed", exit_code=78,
-               message="Container trainer for pod team/fim-debug-a1-0-x failed with exit code 78 matching FailJob rule at index 0")
+EXIT_78 = dict(
+    outcome="Failed",
+    exit_code=78,
+    message="Container trainer for pod team/fim-debug-a1-0-x failed with exit code 78 matching FailJob rule at index 0",
+)
 
 CASES = [
     # id, run, status, jobs, expected phase, expected reason (condition type:reason) or None, actions
     ("new run starts attempt 1", run(), status(attempt=0, phase="Pending"), {}, "Starting", None, [StartAttempt(1)]),
-    ("queued run starts as Queued", run(scheduling__queue_name="q"), status(attempt=0, phase="Pending"), {}, "Queued", None, [StartAttempt(1)]),
-    ("Kueue has not admitted", run(scheduling__queue_name="q"), status(), {1: job(suspended=True)}, "Queued", "Queued:WaitingForAdmission", []),
+    (
+        "queued run starts as Queued",
+        run(scheduling__queue_name="q"),
+        status(attempt=0, phase="Pending"),
+        {},
+        "Queued",
+        None,
+        [StartAttempt(1)],
+    ),
+    (
+        "Kueue has not admitted",
+        run(scheduling__queue_name="q"),
+        status(),
+        {1: job(suspended=True)},
+        "Queued",
+        "Queued:WaitingForAdmission",
+        [],
+    ),
     ("pods not ready yet", run(), status(), {1: job(ready=0)}, "Starting", None, []),
     ("all pods ready", run(), status(), {1: job(ready=1)}, "Running", "PodsReady:AllPodsReady", []),
-    ("failure within maxRestarts", run(), status(phase="Running"), {1: job(**FAILED)}, "Restarting", "Restarting:AttemptFailed", [StartAttempt(2)]),
-    ("failure beyond maxRestarts", run(), status(attempt=4, restarts=3), {4: job(4, **FAILED)}, "Failed", "Failed:MaxRestartsExceeded", []),
-    ("non-retryable exit code", run(), status(phase="Running"), {1: job(**EXIT_78)}, "Failed", "Failed:NonRetryableExitCode", []),
-    ("job deadline", run(), status(phase="Running"), {1: job(outcome="Failed", reason="DeadlineExceeded")}, "Failed", "Failed:DeadlineExceeded", []),
-    ("startup timeout restarts", run(scheduling__startup_timeout_seconds=30), status(), {1: job(ready=0)},
-     "Restarting", "Restarting:StartupTimeout", [DeleteAttempt("fim-debug-a1"), StartAttempt(2)]),
-    ("startup timeout does not apply once ready", run(scheduling__startup_timeout_seconds=30),
-     status(conditions=[cond("PodsReady")]), {1: job(ready=0)}, "Running", None, []),
-    ("suspend deletes the active job", run(suspend=True), status(phase="Running"), {1: job(ready=1)}, "Suspended", "Running:Suspended", [DeleteAttempt("fim-debug-a1")]),
-    ("resume starts a fresh attempt, not a restart", run(), status(phase="Suspended"), {1: job(deleting=True)}, "Starting", None, [StartAttempt(2)]),
-    ("job deleted by someone counts as a failure", run(), status(phase="Running"), {}, "Restarting", "Restarting:JobDeleted", [StartAttempt(2)]),
-    ("success", run(), status(phase="Running"), {1: job(outcome="Succeeded")}, "Succeeded", "ModelRegistered:VersionNotFound", []),
-    ("job created before a crash is adopted", run(), status(phase="Restarting", restarts=1, conditions=[cond("Restarting")]), {1: job(**FAILED), 2: job(2)},
-     "Restarting", None, []),
-    ("whole-run deadline", run(active_deadline_seconds=60), status(phase="Running"), {1: job(ready=1)},
-     "Failed", "Failed:DeadlineExceeded", [DeleteAttempt("fim-debug-a1")]),
+    (
+        "failure within maxRestarts",
+        run(),
+        status(phase="Running"),
+        {1: job(**FAILED)},
+        "Restarting",
+        "Restarting:AttemptFailed",
+        [StartAttempt(2)],
+    ),
+    (
+        "failure beyond maxRestarts",
+        run(),
+        status(attempt=4, restarts=3),
+        {4: job(4, **FAILED)},
+        "Failed",
+        "Failed:MaxRestartsExceeded",
+        [],
+    ),
+    (
+        "non-retryable exit code",
+        run(),
+        status(phase="Running"),
+        {1: job(**EXIT_78)},
+        "Failed",
+        "Failed:NonRetryableExitCode",
+        [],
+    ),
+    (
+        "job deadline",
+        run(),
+        status(phase="Running"),
+        {1: job(outcome="Failed", reason="DeadlineExceeded")},
+        "Failed",
+        "Failed:DeadlineExceeded",
+        [],
+    ),
+    (
+        "startup timeout restarts",
+        run(scheduling__startup_timeout_seconds=30),
+        status(),
+        {1: job(ready=0)},
+        "Restarting",
+        "Restarting:StartupTimeout",
+        [DeleteAttempt("fim-debug-a1"), StartAttempt(2)],
+    ),
+    (
+        "startup timeout does not apply once ready",
+        run(scheduling__startup_timeout_seconds=30),
+        status(conditions=[cond("PodsReady")]),
+        {1: job(ready=0)},
+        "Running",
+        None,
+        [],
+    ),
+    (
+        "suspend deletes the active job",
+        run(suspend=True),
+        status(phase="Running"),
+        {1: job(ready=1)},
+        "Suspended",
+        "Running:Suspended",
+        [DeleteAttempt("fim-debug-a1")],
+    ),
+    (
+        "resume starts a fresh attempt, not a restart",
+        run(),
+        status(phase="Suspended"),
+        {1: job(deleting=True)},
+        "Starting",
+        None,
+        [StartAttempt(2)],
+    ),
+    (
+        "job deleted by someone counts as a failure",
+        run(),
+        status(phase="Running"),
+        {},
+        "Restarting",
+        "Restarting:JobDeleted",
+        [StartAttempt(2)],
+    ),
+    (
+        "success",
+        run(),
+        status(phase="Running"),
+        {1: job(outcome="Succeeded")},
+        "Succeeded",
+        "ModelRegistered:VersionNotFound",
+        [],
+    ),
+    (
+        "job created before a crash is adopted",
+        run(),
+        status(phase="Restarting", restarts=1, conditions=[cond("Restarting")]),
+        {1: job(**FAILED), 2: job(2)},
+        "Restarting",
+        None,
+        [],
+    ),
+    (
+        "whole-run deadline",
+        run(active_deadline_seconds=60),
+        status(phase="Running"),
+        {1: job(ready=1)},
+        "Failed",
+        "Failed:DeadlineExceeded",
+        [DeleteAttempt("fim-debug-a1")],
+    ),
     ("terminal runs stay put", run(), status(phase="Failed"), {1: job(**FAILED)}, "Failed", None, []),
 ]
 
@@ -81,19 +199,27 @@ def test_transitions(name, r, st, jobs, phase, reason, actions):
         got = next(c for c in plan.status.conditions if c.type == kind)
         assert got.reason == want
     # Deadlines are recomputed per attempt; compare the kind and attempt only.
-    assert [(type(a), getattr(a, "attempt", getattr(a, "name", None))) for a in plan.actions] == \
-           [(type(a), getattr(a, "attempt", getattr(a, "name", None))) for a in actions]
+    assert [(type(a), getattr(a, "attempt", getattr(a, "name", None))) for a in plan.actions] == [
+        (type(a), getattr(a, "attempt", getattr(a, "name", None))) for a in actions
+    ]
     assert plan.status.observed_generation == 1
 
 
 def test_restart_and_success_bookkeeping():
-    plan = reconcile(run(), status=status(phase="Running"), observed=Observed(now=NOW, jobs={1: job(**FAILED)}), generation=1)
+    plan = reconcile(
+        run(), status=status(phase="Running"), observed=Observed(now=NOW, jobs={1: job(**FAILED)}), generation=1
+    )
     assert plan.status.restart_count == 1 and plan.status.attempt == 2 and plan.status.active_job_name == "fim-debug-a2"
     assert "resumes from the latest checkpoint" in plan.status.message
     from midfill.api.trainingrun import RegisteredModelRef
 
     ref = RegisteredModelRef(name="fim-debug", version="7", uri="models:/fim-debug/7")
-    done = reconcile(run(), status=plan.status, observed=Observed(now=NOW, jobs={2: job(2, outcome="Succeeded")}, registered=ref), generation=1)
+    done = reconcile(
+        run(),
+        status=plan.status,
+        observed=Observed(now=NOW, jobs={2: job(2, outcome="Succeeded")}, registered=ref),
+        generation=1,
+    )
     assert done.status.phase == "Succeeded" and done.status.registered_model == ref and done.status.completion_time
     assert not needs_resync(done.status.to_wire())
     assert needs_resync(plan.status.to_wire())
@@ -101,8 +227,12 @@ def test_restart_and_success_bookkeeping():
 
 def test_progress_and_remaining_deadline():
     rec = ProgressRecord(step=50, loss=2.5, tokens_per_second=900.0, checkpoint_uri="/ck/step-50", checkpoint_step=50)
-    plan = reconcile(run(active_deadline_seconds=7200), status=status(phase="Running", restarts=0),
-                     observed=Observed(now=NOW, jobs={1: job(**FAILED)}, progress=rec), generation=1)
+    plan = reconcile(
+        run(active_deadline_seconds=7200),
+        status=status(phase="Running", restarts=0),
+        observed=Observed(now=NOW, jobs={1: job(**FAILED)}, progress=rec),
+        generation=1,
+    )
     assert plan.status.progress.step == 50 and plan.status.progress.total_steps == 300
     assert plan.status.last_checkpoint.step == 50
     (start,) = plan.actions
@@ -114,7 +244,9 @@ def test_invalid_spec_fails_then_recovers_on_fix():
     doc["spec"]["parallelism"]["numNodes"] = 0
     with pytest.raises(SpecError) as err:
         parse_resource(doc)
-    plan = reconcile(err.value, status=status(phase="Running"), observed=Observed(now=NOW, jobs={1: job()}), generation=2)
+    plan = reconcile(
+        err.value, status=status(phase="Running"), observed=Observed(now=NOW, jobs={1: job()}), generation=2
+    )
     assert plan.status.phase == "Failed" and "spec.parallelism.numNodes" in plan.status.message
     assert plan.actions == [DeleteAttempt("fim-debug-a1")]
     failed = next(c for c in plan.status.conditions if c.type == "Failed")
@@ -125,5 +257,10 @@ def test_invalid_spec_fails_then_recovers_on_fix():
 
 def test_unchanged_world_gives_unchanged_status():
     first = reconcile(run(), status=status(), observed=Observed(now=NOW, jobs={1: job(ready=1)}), generation=1)
-    later = reconcile(run(), status=first.status, observed=Observed(now=NOW + dt.timedelta(minutes=5), jobs={1: job(ready=1)}), generation=1)
+    later = reconcile(
+        run(),
+        status=first.status,
+        observed=Observed(now=NOW + dt.timedelta(minutes=5), jobs={1: job(ready=1)}),
+        generation=1,
+    )
     assert later.status == first.status and later.actions == []

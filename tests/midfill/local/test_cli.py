@@ -44,14 +44,19 @@ def test_bad_yaml_names_the_line(cli, state_dir, existing, tmp_path) -> None:
 
 
 def test_unknown_kind(cli, state_dir, existing, tmp_path, write_yaml) -> None:
-    path = write_yaml(tmp_path / "k.yaml", {"apiVersion": "midfill.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": {}})
+    path = write_yaml(
+        tmp_path / "k.yaml",
+        {"apiVersion": "midfill.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": {}},
+    )
     result = cli("apply", "-f", str(path))
     assert result.exit_code == 1
     assert "kind: unknown kind 'InferenceService'" in result.output
     _intact(state_dir, existing)
 
 
-def test_invalid_spec_names_the_field_and_applies_nothing(cli, state_dir, existing, tmp_path, tiny_run, write_yaml) -> None:
+def test_invalid_spec_names_the_field_and_applies_nothing(
+    cli, state_dir, existing, tmp_path, tiny_run, write_yaml
+) -> None:
     good = tiny_run("second")
     bad = tiny_run("keep", globalBatchTokens=100)  # not a multiple of seqLength 64
     path = write_yaml(tmp_path / "two.yaml", good, bad)
@@ -123,13 +128,20 @@ def test_ui_serves_the_mlflow_ui_on_the_local_store(state_dir, tmp_path) -> None
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "MIDFILL_STATE_DIR": str(state_dir)}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "midfill"), "ui", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "midfill"), "ui", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
             try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5", timeout=5)
+                answer = httpx.get(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5", timeout=5
+                )
                 break
             except httpx.TransportError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""

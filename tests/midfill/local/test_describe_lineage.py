@@ -17,8 +17,13 @@ def test_describe_tr_shows_the_lineage_chain(cli, state_dir, tiny_run, tmp_path:
     store.apply(parse_resource(tiny_run("keep")))
     registry = Registry(CoreSettings().resolved_tracking_uri())
     run = registry.client.create_run(registry.experiment_id("train"), run_name="keep-a2")
-    registry.register(name="keep", source=str(tmp_path), run_uid="uid-keep", run_id=run.info.run_id,
-                      tags={TAG_RUN_NAME: "keep", TAG_ATTEMPT: "2", TAG_DATA_HASH: "feedface00c0ffee"})
+    registry.register(
+        name="keep",
+        source=str(tmp_path),
+        run_uid="uid-keep",
+        run_id=run.info.run_id,
+        tags={TAG_RUN_NAME: "keep", TAG_ATTEMPT: "2", TAG_DATA_HASH: "feedface00c0ffee"},
+    )
 
     def registered(rec) -> None:
         status = rec.status()

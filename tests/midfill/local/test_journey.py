@@ -95,8 +95,12 @@ def test_train_approve_release_infill_and_swap(tmp_path, env, cleanup, tiny_run,
     key = re.search(r"API key for journey.*: (mf-\S+)", out)[1]  # printed once; the file holds its digest only
     assert key not in (state_dir / "secrets" / "journey-keys" / "api-keys").read_text()
     client = OpenAI(base_url=status["url"] + "/v1", api_key=key, max_retries=0, timeout=120)
-    completion = client.completions.create(model="journey", prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=8, temperature=0)
-    assert completion.choices[0].text == _reference_infill(state_dir, "models:/journey/1", "def add(a, b):\n    ", "\n    return c\n", 8)
+    completion = client.completions.create(
+        model="journey", prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=8, temperature=0
+    )
+    assert completion.choices[0].text == _reference_infill(
+        state_dir, "models:/journey/1", "def add(a, b):\n    ", "\n    return c\n", 8
+    )
     assert completion.usage is not None and completion.usage.completion_tokens >= 1
     assert _serving(status["url"]) == "models:/journey/1"
 
@@ -157,7 +161,9 @@ def _reference_infill(state_dir: Path, uri: str, prefix: str, suffix: str, max_t
     from serving.loading import locate_model
     from serving.settings import ServingSettings
 
-    folder, _ = locate_model(uri, tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}", cache_dir=state_dir / "reference-cache")
+    folder, _ = locate_model(
+        uri, tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}", cache_dir=state_dir / "reference-cache"
+    )
     engine = Engine.from_export(folder, dtype=ServingSettings().device_and_dtype()[1], max_batch_size=1)
     try:
         return engine.infill(prefix, suffix, SamplingParams(max_tokens=max_tokens)).text
@@ -187,12 +193,20 @@ def _alive(pid: int | None) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_killing_apply_during_training_resumes_from_checkpoint(tmp_path, env, cleanup, tiny_run, write_yaml, state_dir) -> None:
+def test_killing_apply_during_training_resumes_from_checkpoint(
+    tmp_path, env, cleanup, tiny_run, write_yaml, state_dir
+) -> None:
     doc = tiny_run("resume", steps=120, logIntervalSteps=10)
     doc["spec"]["checkpoint"] = {"intervalSteps": 20, "keepLast": 2}
     run_file = write_yaml(tmp_path / "run.yaml", doc)
     cleanup.append(("tr", "resume"))
-    apply = subprocess.Popen([MIDFILL, "apply", "-f", str(run_file), "--wait"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    apply = subprocess.Popen(
+        [MIDFILL, "apply", "-f", str(run_file), "--wait"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     store = StateStore(state_dir)
     run_folder = store.run_folder("resume")
     deadline = time.monotonic() + 240

@@ -32,7 +32,9 @@ def test_create_list_revoke_on_the_releases_secret(cli, state_dir):
     text = path.read_text()
     assert key_a not in text and key_b not in text and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [(k.name, k.digest, k.rpm, k.tpm) for k in parse(text)] == [
-        ("team-a", digest(key_a), 60, None), ("ci-bot", digest(key_b), None, 5000)]
+        ("team-a", digest(key_a), 60, None),
+        ("ci-bot", digest(key_b), None, 5000),
+    ]
 
     listed = cli("keys", "list").output
     assert "team-a" in listed and "ci-bot" in listed and key_a not in listed

@@ -54,13 +54,22 @@ def test_training_scenario(sc: TrainingScenario, cli, state_dir, tmp_path, tiny_
             if status.phase in ("Succeeded", "Failed"):
                 break
             attempt = status.attempt
-            if (status.phase == "Running" and attempt not in killed and attempt <= len(sc.attempts)
-                    and sc.attempts[attempt - 1] == "crash" and record.local.child_pgids):
+            if (
+                status.phase == "Running"
+                and attempt not in killed
+                and attempt <= len(sc.attempts)
+                and sc.attempts[attempt - 1] == "crash"
+                and record.local.child_pgids
+            ):
                 for pgid in record.local.child_pgids:  # the attempt's torchrun and workers die
                     _killpg(pgid)
                 killed.add(attempt)
             time.sleep(0.5)
-        record = _wait(lambda: (r := store.get("TrainingRun", "sc")) and not _alive(r) and r, timeout=60, what="the supervisor to exit")
+        record = _wait(
+            lambda: (r := store.get("TrainingRun", "sc")) and not _alive(r) and r,
+            timeout=60,
+            what="the supervisor to exit",
+        )
         status = record.status()
         assert status.phase == sc.phase, status.message
         assert condition(status.to_wire(), sc.condition[0]) == sc.condition
@@ -94,10 +103,18 @@ def export_dir(tmp_path_factory) -> Path:
 
 
 def _release(spec: dict) -> dict:
-    base = {"model": {"registeredModelName": "fim-debug", "alias": "champion"},
-            "endpoint": {"resourcesPerReplica": {"requests": {"cpu": "1"}}},
-            "serving": {"maxNewTokens": 8, "maxBatchSize": 2}, "auth": {"disabled": True}}
-    return {"apiVersion": "midfill.dev/v1alpha1", "kind": "ModelRelease", "metadata": {"name": "sc"}, "spec": merge(base, spec)}
+    base = {
+        "model": {"registeredModelName": "fim-debug", "alias": "champion"},
+        "endpoint": {"resourcesPerReplica": {"requests": {"cpu": "1"}}},
+        "serving": {"maxNewTokens": 8, "maxBatchSize": 2},
+        "auth": {"disabled": True},
+    }
+    return {
+        "apiVersion": "midfill.dev/v1alpha1",
+        "kind": "ModelRelease",
+        "metadata": {"name": "sc"},
+        "spec": merge(base, spec),
+    }
 
 
 @pytest.mark.timeout(600)
@@ -115,8 +132,12 @@ def test_release_scenario(sc: ReleaseScenario, cli, state_dir, tmp_path, write_y
     def settled(version: str, generation: int = 1, phases: tuple[str, ...] = ("Available", "Degraded")):
         record = store.get("ModelRelease", "sc")
         status = record.status() if record else None
-        ok = (status is not None and status.resolved_version == version and status.observed_generation == generation
-              and status.phase in phases)
+        ok = (
+            status is not None
+            and status.resolved_version == version
+            and status.observed_generation == generation
+            and status.phase in phases
+        )
         return ok and status
 
     try:
@@ -127,8 +148,11 @@ def test_release_scenario(sc: ReleaseScenario, cli, state_dir, tmp_path, write_y
             # A version before the last is the healthy one others roll back to: wait until it serves (a
             # slow first start on a busy machine may pass the deadline first, then recover).
             last = n == len(sc.approve) - 1
-            _wait(lambda: settled(version, phases=(sc.phase,) if last else ("Available",)), timeout=240,
-                  what=f"version {version} settled")
+            _wait(
+                lambda version=version, last=last: settled(version, phases=(sc.phase,) if last else ("Available",)),
+                timeout=240,
+                what=f"version {version} settled",
+            )
         generation = 1
         if sc.edit:
             cli("apply", "-f", str(write_yaml(tmp_path / "rel.yaml", _release(merge(sc.spec, sc.edit)))))

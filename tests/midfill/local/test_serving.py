@@ -14,11 +14,19 @@ from midfill.registry import VersionInfo
 
 
 def _release(**auth) -> ModelRelease:
-    res = parse_resource({
-        "apiVersion": "midfill.dev/v1alpha1", "kind": "ModelRelease", "metadata": {"name": "rel"},
-        "spec": {"model": {"registeredModelName": "m"}, "auth": auth or {"apiKeySecretRef": {"name": "rel-keys", "key": "api-keys"}},
-                 "endpoint": {"resourcesPerReplica": {"requests": {"cpu": "4"}}}, "serving": {"maxNewTokens": 32}},
-    })
+    res = parse_resource(
+        {
+            "apiVersion": "midfill.dev/v1alpha1",
+            "kind": "ModelRelease",
+            "metadata": {"name": "rel"},
+            "spec": {
+                "model": {"registeredModelName": "m"},
+                "auth": auth or {"apiKeySecretRef": {"name": "rel-keys", "key": "api-keys"}},
+                "endpoint": {"resourcesPerReplica": {"requests": {"cpu": "4"}}},
+                "serving": {"maxNewTokens": 32},
+            },
+        }
+    )
     assert isinstance(res, ModelRelease)
     return res
 

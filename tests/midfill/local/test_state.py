@@ -93,10 +93,14 @@ def test_events_are_bounded_and_not_repeated(tmp_path: Path, tiny_run) -> None:
 
 def test_kinds_are_kept_apart_and_delete(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    release = parse_resource({
-        "apiVersion": "midfill.dev/v1alpha1", "kind": "ModelRelease", "metadata": {"name": "tiny"},
-        "spec": {"model": {"registeredModelName": "tiny"}, "auth": {"disabled": True}},
-    })
+    release = parse_resource(
+        {
+            "apiVersion": "midfill.dev/v1alpha1",
+            "kind": "ModelRelease",
+            "metadata": {"name": "tiny"},
+            "spec": {"model": {"registeredModelName": "tiny"}, "auth": {"disabled": True}},
+        }
+    )
     assert isinstance(release, ModelRelease)
     store.apply(release)
     assert store.list("TrainingRun") == []

@@ -45,7 +45,9 @@ def test_torchx_job_runs_the_trainer_module_with_uid_and_attempt(tmp_path: Path,
     assert role.max_retries == 0  # restarts are new attempts, counted in the status
 
 
-def test_a_config_the_trainer_cannot_run_fails_at_once_with_its_reason(cli, state_dir, tmp_path, tiny_run, write_yaml) -> None:
+def test_a_config_the_trainer_cannot_run_fails_at_once_with_its_reason(
+    cli, state_dir, tmp_path, tiny_run, write_yaml
+) -> None:
     """Valid for the API but not for the recipe: the trainer's --check (exit 78) fails the run, no retries."""
     doc = tiny_run("nope")
     doc["spec"]["model"]["architecture"].pop("maxPositionEmbeddings")  # the debug recipe's context is 512

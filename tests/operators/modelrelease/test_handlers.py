@@ -34,9 +34,17 @@ def status(cluster) -> dict:
 
 async def kuberay_reports_running(cluster) -> None:
     rs = cluster.get("rayservices", "fim")
-    await cluster.patch("rayservices", "fim", {"status": {
-        "observedGeneration": rs["metadata"]["generation"],
-        "activeServiceStatus": {"applicationStatuses": {"infill": {"status": "RUNNING"}}}}}, "status")
+    await cluster.patch(
+        "rayservices",
+        "fim",
+        {
+            "status": {
+                "observedGeneration": rs["metadata"]["generation"],
+                "activeServiceStatus": {"applicationStatuses": {"infill": {"status": "RUNNING"}}},
+            }
+        },
+        "status",
+    )
 
 
 async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator, tracking_uri, tmp_path):
@@ -63,14 +71,20 @@ async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator
     async with operator():
         registry.register(name="fim-debug", source=str(tmp_path), run_uid="run-2")
         registry.approve("fim-debug", 2)
-        rs = await eventually(lambda: (r := cluster.get("rayservices", "fim")) and served_uri(r) == "models:/fim-debug/2" and r,
-                              what="serveConfigV2 on version 2")
+        rs = await eventually(
+            lambda: (r := cluster.get("rayservices", "fim")) and served_uri(r) == "models:/fim-debug/2" and r,
+            what="serveConfigV2 on version 2",
+        )
         # In place: same object, same cluster config; only serveConfigV2 (and our annotations) changed.
         assert rs["metadata"]["uid"] == first_uid and rs["spec"]["rayClusterConfig"] == first_cluster_config
-        assert [v["metadata"]["uid"] for v in cluster.history("rayservices", "fim")].count(first_uid) == len(cluster.history("rayservices", "fim"))
+        assert [v["metadata"]["uid"] for v in cluster.history("rayservices", "fim")].count(first_uid) == len(
+            cluster.history("rayservices", "fim")
+        )
         assert cluster.names("rayservices") == ["fim"]
         await kuberay_reports_running(cluster)
-        await eventually(lambda: status(cluster).get("stableVersion") == "2" and status(cluster)["phase"] == "Available")
+        await eventually(
+            lambda: status(cluster).get("stableVersion") == "2" and status(cluster)["phase"] == "Available"
+        )
         assert status(cluster)["previousStableVersion"] == "1"
 
         await cluster.delete("modelreleases", "fim")
@@ -92,12 +106,16 @@ async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri,
         registry.approve("fim-debug", 2)
         await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/2")
         # KubeRay never reports version 2 healthy: after the deadline the operator goes back to 1.
-        await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/1", timeout=40,
-                         what="rollback to version 1")
+        await eventually(
+            lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/1",
+            timeout=40,
+            what="rollback to version 1",
+        )
         # The RayService is patched before the status is written: wait for the condition too.
         rolled = await eventually(
             lambda: next((c for c in status(cluster).get("conditions", []) if c["type"] == "RolledBack"), None),
-            what="RolledBack condition")
+            what="RolledBack condition",
+        )
         assert rolled["status"] == "True" and "version 2" in rolled["message"]
         assert status(cluster)["resolvedVersion"] == "2" and status(cluster)["stableVersion"] == "1"
 
@@ -111,7 +129,8 @@ def test_resolve_applies_min_metrics_from_the_version_tags(tmp_path):
     doc["spec"]["approval"] = {"minMetrics": {"line-em/exact_match": 0.25}}
     rel = parse_resource(doc)
     assert resolve(registry, rel).unmet == (
-        "metric line-em/exact_match >= 0.25 (not evaluated: run `midfill eval models:/fim-debug/1 --suite line-em`)",)
+        "metric line-em/exact_match >= 0.25 (not evaluated: run `midfill eval models:/fim-debug/1 --suite line-em`)",
+    )
     key = metric_tag_key("line-em", "exact_match")
     registry.client.set_model_version_tag("fim-debug", "1", key, "0.125")
     assert resolve(registry, rel).unmet == ("metric line-em/exact_match >= 0.25 (is 0.125)",)
@@ -124,15 +143,34 @@ async def test_a_rayservice_whose_release_is_gone_is_deleted(cluster, operator):
     # was deleted, on a cluster without the garbage collector acting on the ownerReference.
     from operators.modelrelease import builders
 
-    await cluster.create({
-        "apiVersion": "ray.io/v1", "kind": "RayService",
-        "metadata": {"name": "fim", "labels": {builders.LABEL_RELEASE: "fim", **builders.MANAGED_BY},
-                     "ownerReferences": [{"apiVersion": "midfill.dev/v1alpha1", "kind": "ModelRelease", "name": "fim",
-                                          "uid": "gone", "controller": True}]},
-        "spec": {"serveConfigV2": ""},
-    })
-    await cluster.create({"apiVersion": "ray.io/v1", "kind": "RayService",  # not ours: left alone
-                          "metadata": {"name": "other", "labels": {builders.LABEL_RELEASE: "other"}}, "spec": {}})
+    await cluster.create(
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayService",
+            "metadata": {
+                "name": "fim",
+                "labels": {builders.LABEL_RELEASE: "fim", **builders.MANAGED_BY},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "midfill.dev/v1alpha1",
+                        "kind": "ModelRelease",
+                        "name": "fim",
+                        "uid": "gone",
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": {"serveConfigV2": ""},
+        }
+    )
+    await cluster.create(
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayService",  # not ours: left alone
+            "metadata": {"name": "other", "labels": {builders.LABEL_RELEASE: "other"}},
+            "spec": {},
+        }
+    )
     async with operator():
         await eventually(lambda: cluster.names("rayservices") == ["other"], what="orphaned RayService deleted")
 
@@ -143,8 +181,10 @@ async def test_pod_template_reaches_the_ray_head_and_workers(cluster, operator, 
     registry.approve("fim-debug", 1)
     doc = release()
     doc["spec"]["endpoint"]["podTemplate"] = {
-        "serviceAccountName": "fim-serving", "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
-        "imagePullSecrets": [{"name": "registry"}], "annotations": {"a": "b"},
+        "serviceAccountName": "fim-serving",
+        "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
+        "imagePullSecrets": [{"name": "registry"}],
+        "annotations": {"a": "b"},
     }
     async with operator():
         await cluster.create(doc)

@@ -11,8 +11,8 @@ from torch.distributed.run import get_args_parser
 from midfill.api import load_file
 from operators.settings import OperatorSettings
 from operators.trainingrun import builders
-from trainer.__main__ import parse_args as trainer_args
 from tests.operators.validation import validate
+from trainer.__main__ import parse_args as trainer_args
 
 SAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "samples"
 
@@ -40,7 +40,10 @@ def test_job_is_an_all_or_nothing_indexed_gang(big_run):
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
     assert spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never" and pod["subdomain"] == "fim-7b"
     fail_check, fail, ignore = spec["podFailurePolicy"]["rules"]
-    assert fail_check == {"action": "FailJob", "onExitCodes": {"containerName": "check-config", "operator": "In", "values": [78]}}
+    assert fail_check == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "check-config", "operator": "In", "values": [78]},
+    }
     assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [78]}}
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     # Kueue: queue label, created suspended so the whole gang is admitted at once.
@@ -53,8 +56,16 @@ def test_job_is_an_all_or_nothing_indexed_gang(big_run):
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm == {"name": "dshm", "emptyDir": {"medium": "Memory"}}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container(job)["volumeMounts"]
-    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "midfill.dev/v1alpha1", "kind": "TrainingRun", "name": "fim-7b",
-                                                   "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}]
+    assert job["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "midfill.dev/v1alpha1",
+            "kind": "TrainingRun",
+            "name": "fim-7b",
+            "uid": "1234-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
 
 
 def test_pods_run_torchrun_with_the_gang_environment(big_run):
@@ -62,25 +73,53 @@ def test_pods_run_torchrun_with_the_gang_environment(big_run):
     job = builders.build_job(big_run, attempt=2, settings=settings)
     c, e = container(job), env(job)
     assert c["command"] == ["torchrun"]
-    assert c["args"] == ["-m", "trainer", "--run-file", "/etc/midfill/trainingrun.yaml", "--uid", "1234-uid", "--attempt", "2"]
+    assert c["args"] == [
+        "-m",
+        "trainer",
+        "--run-file",
+        "/etc/midfill/trainingrun.yaml",
+        "--uid",
+        "1234-uid",
+        "--attempt",
+        "2",
+    ]
     # torchrun's own parser accepts them (an abbreviation such as --run is ambiguous to it and fails).
     parsed = get_args_parser().parse_args(c["args"])
-    assert parsed.module and parsed.training_script == "trainer" and parsed.training_script_args[:2] == ["--run-file", "/etc/midfill/trainingrun.yaml"]
+    assert (
+        parsed.module
+        and parsed.training_script == "trainer"
+        and parsed.training_script_args[:2] == ["--run-file", "/etc/midfill/trainingrun.yaml"]
+    )
     # ... and the trainer's parser takes what torchrun hands on.
     assert trainer_args(parsed.training_script_args).run == "/etc/midfill/trainingrun.yaml"
     (check,) = job["spec"]["template"]["spec"]["initContainers"]
     assert check["name"] == "check-config" and check["image"] == c["image"]
-    assert check["command"] == ["python"] and check["args"] == ["-m", "trainer", "--check", "--run-file", "/etc/midfill/trainingrun.yaml"]
+    assert check["command"] == ["python"] and check["args"] == [
+        "-m",
+        "trainer",
+        "--check",
+        "--run-file",
+        "/etc/midfill/trainingrun.yaml",
+    ]
     assert {"name": "config", "mountPath": "/etc/midfill", "readOnly": True} in check["volumeMounts"]
     assert e["PET_NNODES"] == "4" and e["PET_NPROC_PER_NODE"] == "8"
-    assert e["PET_NODE_RANK"] == {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert e["PET_NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
     assert e["PET_MASTER_ADDR"] == "fim-7b-a2-0.fim-7b" and e["PET_MASTER_PORT"] == "29500"
     assert e["PET_RDZV_ID"] == "1234-uid-a2"
-    assert e["MIDFILL_TRACKING_URI"] == "http://mlflow:5000" and e["MIDFILL_RUN_UID"] == "1234-uid" and e["MIDFILL_ATTEMPT"] == "2"
+    assert (
+        e["MIDFILL_TRACKING_URI"] == "http://mlflow:5000"
+        and e["MIDFILL_RUN_UID"] == "1234-uid"
+        and e["MIDFILL_ATTEMPT"] == "2"
+    )
     assert "MIDFILL_CHECKPOINT_DIR" not in e  # spec.checkpoint.uri (s3://) is used by the trainer itself
     mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/etc/midfill"
-    assert next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")["configMap"]["name"] == "fim-7b-a2"
+    assert (
+        next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")["configMap"]["name"]
+        == "fim-7b-a2"
+    )
 
 
 def test_config_map_holds_the_run_and_service_is_headless(big_run):
@@ -101,7 +140,9 @@ def test_checkpoints_on_a_shared_claim_are_the_same_for_every_attempt():
     dirs = {env(builders.build_job(run, attempt=n, settings=settings))["MIDFILL_CHECKPOINT_DIR"] for n in (1, 2, 3)}
     assert dirs == {"/checkpoints/team/fim-debug"}
     job = builders.build_job(run, attempt=1, settings=settings)
-    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}} in job["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}} in job["spec"]["template"]["spec"][
+        "volumes"
+    ]
     assert job["spec"]["suspend"] is False and "activeDeadlineSeconds" not in job["spec"]
 
 
@@ -118,7 +159,9 @@ def test_pod_template_reaches_every_container_of_every_trainer_pod(big_run):
     job = builders.build_job(big_run, attempt=1, settings=OperatorSettings())
     pod = job["spec"]["template"]
     assert pod["spec"]["serviceAccountName"] == "fim-trainer"
-    assert pod["metadata"]["labels"]["team"] == "code-assist" and pod["metadata"]["annotations"] == {"cost-center": "ml-platform"}
+    assert pod["metadata"]["labels"]["team"] == "code-assist" and pod["metadata"]["annotations"] == {
+        "cost-center": "ml-platform"
+    }
     assert pod["metadata"]["labels"][builders.LABEL_RUN] == "fim-7b"  # the platform's labels stay
     assert {"name": "ca-bundle", "configMap": {"name": "corporate-ca"}} in pod["spec"]["volumes"]
     # The config check runs the same code against the same data, so it gets the same credentials.
@@ -142,14 +185,17 @@ def test_reserved_env_names_cover_every_variable_the_builder_sets(big_run):
     assert {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]} - template_volumes <= RESERVED_VOLUMES
 
 
-@pytest.mark.parametrize(("uri", "claim", "mount", "refused"), [
-    (None, None, None, True),  # pod-local default folder
-    ("/data/ckpt", None, None, True),  # a plain path no volume provides
-    ("file:///data/ckpt", None, None, True),
-    (None, "ckpt", None, False),  # the operator's shared claim
-    ("s3://bucket/ckpt", None, None, False),
-    ("/shared/ckpt", None, "/shared", False),  # a shared volume the template mounts
-])
+@pytest.mark.parametrize(
+    ("uri", "claim", "mount", "refused"),
+    [
+        (None, None, None, True),  # pod-local default folder
+        ("/data/ckpt", None, None, True),  # a plain path no volume provides
+        ("file:///data/ckpt", None, None, True),
+        (None, "ckpt", None, False),  # the operator's shared claim
+        ("s3://bucket/ckpt", None, None, False),
+        ("/shared/ckpt", None, "/shared", False),  # a shared volume the template mounts
+    ],
+)
 def test_multi_node_needs_shared_checkpoint_storage(big_run, uri, claim, mount, refused):
     from midfill.api.pods import Volume, VolumeMount
 

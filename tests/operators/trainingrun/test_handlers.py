@@ -57,32 +57,85 @@ async def test_attempts_restart_succeed_register_and_cleanup(cluster, operator, 
         mlflow_run = client.create_run(exp, tags={RUN_TAG_UID: uid, RUN_TAG_ATTEMPT: "1"})
         for key, value in {"step": 40, "loss": 3.5, "tokens_per_second": 1234.0}.items():
             client.log_metric(mlflow_run.info.run_id, key, value, step=40)
-        await cluster.patch("jobs", "fim-a1", {"status": {"active": 1, "ready": 1, "startTime": job1["metadata"]["creationTimestamp"]}}, "status")
-        run = await eventually(lambda: (r := cluster.get("trainingruns", "fim"))["status"].get("progress", {}).get("step") == 40
-                               and r["status"]["phase"] == "Running" and r, what="progress and Running")
+        await cluster.patch(
+            "jobs",
+            "fim-a1",
+            {"status": {"active": 1, "ready": 1, "startTime": job1["metadata"]["creationTimestamp"]}},
+            "status",
+        )
+        run = await eventually(
+            lambda: (
+                (r := cluster.get("trainingruns", "fim"))["status"].get("progress", {}).get("step") == 40
+                and r["status"]["phase"] == "Running"
+                and r
+            ),
+            what="progress and Running",
+        )
         assert run["status"]["progress"]["loss"] == 3.5 and run["status"]["progress"]["totalSteps"] == 300
         assert condition(run, "PodsReady")["status"] == "True"
 
         # Attempt 1 dies (a node went away): attempt 2 resumes the whole gang from the same checkpoints.
-        await cluster.patch("jobs", "fim-a1", {"status": {"active": 0, "ready": 0, "failed": 1, "conditions": [
-            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}}, "status")
+        await cluster.patch(
+            "jobs",
+            "fim-a1",
+            {
+                "status": {
+                    "active": 0,
+                    "ready": 0,
+                    "failed": 1,
+                    "conditions": [
+                        {
+                            "type": "Failed",
+                            "status": "True",
+                            "reason": "BackoffLimitExceeded",
+                            "message": "Job has reached the specified backoff limit",
+                        }
+                    ],
+                }
+            },
+            "status",
+        )
         job2 = await eventually(lambda: cluster.get("jobs", "fim-a2"), what="Job fim-a2")
-        assert env(job2)["MIDFILL_ATTEMPT"] == "2" and job2["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "2"
+        assert (
+            env(job2)["MIDFILL_ATTEMPT"] == "2" and job2["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "2"
+        )
         assert env(job2)["MIDFILL_CHECKPOINT_DIR"] == env(job1)["MIDFILL_CHECKPOINT_DIR"]
         assert env(job2)["PET_MASTER_ADDR"] == "fim-a2-0.fim"
         run = await eventually(lambda: (r := cluster.get("trainingruns", "fim"))["status"]["attempt"] == 2 and r)
         assert run["status"]["restartCount"] == 1 and condition(run, "Restarting")["reason"] == "AttemptFailed"
 
     # The operator is down while attempt 2 finishes and the trainer registers the model.
-    await cluster.patch("jobs", "fim-a2", {"status": {"succeeded": 1, "conditions": [
-        {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods"}]}}, "status")
+    await cluster.patch(
+        "jobs",
+        "fim-a2",
+        {
+            "status": {
+                "succeeded": 1,
+                "conditions": [
+                    {
+                        "type": "Complete",
+                        "status": "True",
+                        "reason": "CompletionsReached",
+                        "message": "Reached expected number of succeeded pods",
+                    }
+                ],
+            }
+        },
+        "status",
+    )
     export = tmp_path / "export"
     export.mkdir()
     Registry(tracking_uri).register(name="fim-debug", source=str(export), run_uid=uid)
 
     async with operator():  # a restart mid-way: picks up where it was, creates nothing twice
-        run = await eventually(lambda: (r := cluster.get("trainingruns", "fim"))["status"]["phase"] == "Succeeded"
-                               and r["status"].get("registeredModel") and r, what="Succeeded + registeredModel")
+        run = await eventually(
+            lambda: (
+                (r := cluster.get("trainingruns", "fim"))["status"]["phase"] == "Succeeded"
+                and r["status"].get("registeredModel")
+                and r
+            ),
+            what="Succeeded + registeredModel",
+        )
         assert run["status"]["registeredModel"] == {"name": "fim-debug", "version": "1", "uri": "models:/fim-debug/1"}
         assert condition(run, "ModelRegistered")["status"] == "True"
         assert cluster.names("jobs") == ["fim-a1", "fim-a2"]
@@ -90,8 +143,10 @@ async def test_attempts_restart_succeed_register_and_cleanup(cluster, operator, 
         assert len(cluster.history("jobs", "fim-a2")) == 2  # created once, then our status patch; never re-created
 
         await cluster.delete("trainingruns", "fim")
-        await eventually(lambda: not cluster.names("jobs") and not cluster.names("services") and not cluster.names("configmaps"),
-                         what="children deleted")
+        await eventually(
+            lambda: not cluster.names("jobs") and not cluster.names("services") and not cluster.names("configmaps"),
+            what="children deleted",
+        )
         assert cluster.get("trainingruns", "fim") is None
 
 
