@@ -1,10 +1,10 @@
 """Serving throughput: the Ray Serve endpoint vs sequential `model.generate` in-process.
 
 Model: by default the debug size from docs/cpu-notes.md (Llama, 4 layers, hidden 256, 4 heads, BPE vocab 8192
-trained on stdlib sources; --layers/--hidden/--heads for another), random init (throughput does not depend on the weights). Requests: infill prompts of
-~430 tokens cut from stdlib files, 32 new tokens each, greedy; the prefix cache is off (the same
-prompts recur across runs, and prefix_reuse measures it). Baseline: sequential `generate` as
-transformers loads the model (sdpa attention), in float32 and in bfloat16.
+trained on stdlib sources; --layers/--hidden/--heads for another), random init (throughput does not depend on
+the weights). Requests: infill prompts of ~430 tokens cut from stdlib files, 32 new tokens each, greedy; the
+prefix cache is off (the same prompts recur across runs, and prefix_reuse measures it). Baseline: sequential
+`generate` as transformers loads the model (sdpa attention), in float32 and in bfloat16.
 
 This VM's speed drifts by up to 2x within minutes, so nothing is compared across minutes: every
 round measures both baselines and then the engine (in-process, then the endpoint), and each speedup
@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT / "tests" / "serving"))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-
-from midfill.hardware import cpu_has_native_bf16  # noqa: E402
 from ray_helpers import local_serve  # noqa: E402
 from serving_exports import build_export  # noqa: E402
+
+from midfill.hardware import cpu_has_native_bf16  # noqa: E402
 
 PROMPT_TOKENS, SUFFIX_TOKENS, NEW_TOKENS = 430, 110, 32
 
@@ -95,9 +95,15 @@ def baseline(model, tokenizer, prompts: list[str], stop_ids: list[int]) -> tuple
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        new = gen[0, ids.shape[1]:].tolist()  # on a GPU this waits for the last kernel: the latency is whole
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = gen[0, ids.shape[1] :].tolist()  # on a GPU this waits for the last kernel: the latency is whole
         lat.append(time.perf_counter() - t0)
         total += len(new)
         outs.append(new)
@@ -144,7 +150,10 @@ async def endpoint(url: str, pairs: list[tuple[str, str]], concurrency: int) -> 
             i = queue.get_nowait()
             prefix, suffix = pairs[i]
             t0 = time.perf_counter()
-            r = await client.post(f"{url}/v1/completions", json={"prompt": prefix, "suffix": suffix, "max_tokens": NEW_TOKENS, "temperature": 0})
+            r = await client.post(
+                f"{url}/v1/completions",
+                json={"prompt": prefix, "suffix": suffix, "max_tokens": NEW_TOKENS, "temperature": 0},
+            )
             lat.append(time.perf_counter() - t0)
             if r.status_code != 200:
                 errors += 1
@@ -192,14 +201,22 @@ def cost_model(engine, prompts: list[str]) -> dict:
 
     def prefill(rows: int):
         cache = DynamicCache(config=model.config)
-        model(input_ids=batch[:rows], attention_mask=mask[:rows], position_ids=(mask[:rows].cumsum(1) - 1).clamp(min=0),
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=batch[:rows],
+            attention_mask=mask[:rows],
+            position_ids=(mask[:rows].cumsum(1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return cache
 
     out = {}
     with torch.inference_mode():
         first = torch.tensor([ids[0]], device=device)
-        out["prefill_ms_per_prompt_alone"] = round(1000 * timed(lambda: model(input_ids=first, use_cache=False, logits_to_keep=1)), 1)
+        out["prefill_ms_per_prompt_alone"] = round(
+            1000 * timed(lambda: model(input_ids=first, use_cache=False, logits_to_keep=1)), 1
+        )
         out["prefill_ms_per_prompt_group_of_4"] = round(1000 * timed(lambda: prefill(4)) / 4, 1)
         for rows in (1, 8, 32):
             kv = DecodeBatchCache(engine.max_context)
@@ -207,7 +224,7 @@ def cost_model(engine, prompts: list[str]) -> dict:
             positions = mask[:rows].sum(1)[:, None]
             nxt = torch.ones(rows, 1, dtype=torch.long, device=device)
 
-            def step():
+            def step(kv=kv, nxt=nxt, positions=positions):
                 m = kv.begin_step()
                 model(input_ids=nxt, attention_mask=m, position_ids=positions, past_key_values=kv.cache, use_cache=True)
                 kv.end_step()
@@ -262,7 +279,10 @@ def bounds(costs: dict, new_tokens: int) -> dict:
     clients in a closed loop, each request's latency is at least c times the work per request
     (Little's law: c = throughput x latency), however the work is scheduled."""
     sequential = costs["prefill_ms_per_prompt_alone"] + (new_tokens - 1) * costs["decode_step_ms_1_rows"]
-    per_request = {c: costs["prefill_ms_per_prompt_group_of_4"] + new_tokens * costs[f"decode_step_ms_{c}_rows"] / c for c in (8, 32)}
+    per_request = {
+        c: costs["prefill_ms_per_prompt_group_of_4"] + new_tokens * costs[f"decode_step_ms_{c}_rows"] / c
+        for c in (8, 32)
+    }
     return {
         "sequential_request_ms": round(sequential, 1),
         "throughput_ceiling_vs_sequential_at_32": round(sequential / per_request[32], 2),
@@ -300,7 +320,9 @@ BASELINE_REQUESTS = 16  # per round: enough for a stable tokens/s, short enough 
 
 def baselines_now(models: dict, tokenizer, prompts: list[str], stop_ids: list[int]) -> dict:
     """Sequential `generate` in every dtype, on the first BASELINE_REQUESTS prompts."""
-    return {dtype: baseline(model, tokenizer, prompts[:BASELINE_REQUESTS], stop_ids)[0] for dtype, model in models.items()}
+    return {
+        dtype: baseline(model, tokenizer, prompts[:BASELINE_REQUESTS], stop_ids)[0] for dtype, model in models.items()
+    }
 
 
 def with_ratios(runs: dict, base: dict) -> dict:
@@ -311,7 +333,16 @@ def with_ratios(runs: dict, base: dict) -> dict:
     return {"baselines": base, "reference_tokens_per_s": reference, "runs": runs}
 
 
-def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_models: dict, tokenizer, stop_ids, decode_path: str = "auto") -> dict:
+def measure_engine(
+    export: Path,
+    dtype: str,
+    prompts: list[str],
+    opts,
+    base_models: dict,
+    tokenizer,
+    stop_ids,
+    decode_path: str = "auto",
+) -> dict:
     """The engine in-process (no HTTP or Ray): rounds of baselines, then concurrency 1, 8 and 32 and the
     ablation without prefill groups; then its cost model. A fresh engine per round, closed before the
     next baselines and the cost model run (on_fresh_thread says why)."""
@@ -321,7 +352,12 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
     for r in range(opts.rounds):
         base = on_fresh_thread(baselines_now, base_models, tokenizer, prompts, stop_ids)
         engine = on_fresh_thread(
-            Engine.from_export, export, dtype=dtype, device=opts.device, max_batch_size=opts.max_batch_size, prefix_cache_tokens=0,
+            Engine.from_export,
+            export,
+            dtype=dtype,
+            device=opts.device,
+            max_batch_size=opts.max_batch_size,
+            prefix_cache_tokens=0,
             # Only when asked: an engine from before decode paths (an A/B against an older checkout) runs too.
             **({} if decode_path == "auto" else {"decode_path": decode_path}),
         )
@@ -337,20 +373,31 @@ def measure_engine(export: Path, dtype: str, prompts: list[str], opts, base_mode
         rounds[-1]["decode_path"] = getattr(engine, "decode_path", "dynamic (no decode paths)")
         # A lone request against sequential generate in the same dtype (both: prefill + NEW_TOKENS tokens).
         same = base.get(dtype) or next(iter(base.values()))
-        rounds[-1]["single_request_latency_over_generate"] = round(runs["1"]["p50_latency_s"] / same["p50_latency_s"], 2)
+        rounds[-1]["single_request_latency_over_generate"] = round(
+            runs["1"]["p50_latency_s"] / same["p50_latency_s"], 2
+        )
         print(f"engine in-process {dtype} {decode_path} round {r}", rounds[-1], flush=True)
     costs = on_fresh_thread(cost_model, engine, prompts)  # the engine's thread has ended
     print(f"cost model {dtype}", costs, flush=True)
     return {"rounds": rounds, "cost_model": costs, "bounds": bounds(costs, NEW_TOKENS)}
 
 
-def measure_endpoint(export: Path, dtype: str, pairs, prompts, opts, base_models: dict, tokenizer, stop_ids, expected, work: Path) -> dict:
+def measure_endpoint(
+    export: Path, dtype: str, pairs, prompts, opts, base_models: dict, tokenizer, stop_ids, expected, work: Path
+) -> dict:
     """The Ray Serve endpoint (1 replica) over HTTP, rounds interleaved with the baselines."""
     from serving.app import build_app
 
-    args = {"model_uri": str(export), "auth_disabled": True, "max_batch_size": opts.max_batch_size,
-            "max_ongoing_requests": 64, "max_new_tokens": 64, "num_cpus": 2, "prefix_cache_tokens": 0,
-            "num_gpus": 1 if opts.device == "cuda" else 0}
+    args = {
+        "model_uri": str(export),
+        "auth_disabled": True,
+        "max_batch_size": opts.max_batch_size,
+        "max_ongoing_requests": 64,
+        "max_new_tokens": 64,
+        "num_cpus": 2,
+        "prefix_cache_tokens": 0,
+        "num_gpus": 1 if opts.device == "cuda" else 0,
+    }
     os.environ["MIDFILL_SERVE_DTYPE"] = dtype  # inherited by the Ray workers started below
     os.environ["MIDFILL_SERVE_DEVICE"] = opts.device
     os.environ["MIDFILL_STATE_DIR"] = str(work / "state")
@@ -377,15 +424,30 @@ def load_baseline_model(export: Path, dtype: str, device: str):
     """The model as a transformers user loads it: default (sdpa) attention, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(export), dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+    return (
+        AutoModelForCausalLM.from_pretrained(str(export), dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        .to(device)
+        .eval()
+    )
 
 
 def hardware(device: str) -> dict:
     """What the numbers were taken on: they change between machines (and between this VM's sessions)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    out = {"device": device, "cpu_model": cpu, "cpus": os.cpu_count(), "cpu_has_native_bf16": cpu_has_native_bf16(),
-           "torch": torch.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    out = {
+        "device": device,
+        "cpu_model": cpu,
+        "cpus": os.cpu_count(),
+        "cpu_has_native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+    }
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -404,15 +466,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of baselines and measurements")
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to measure (MIDFILL_SERVE_DTYPE for the endpoint)")
+    ap.add_argument(
+        "--dtypes", default="float32,bfloat16", help="dtypes to measure (MIDFILL_SERVE_DTYPE for the endpoint)"
+    )
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=4, help="model size (default: the debug recipe's; a GPU can take a larger one)")
+    ap.add_argument(
+        "--layers", type=int, default=4, help="model size (default: the debug recipe's; a GPU can take a larger one)"
+    )
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the baselines, the engine and the replica run")
-    ap.add_argument("--decode-paths", default="auto", help="engine decode paths to measure: auto, static, dynamic, comma-separated")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the baselines, the engine and the replica run"
+    )
+    ap.add_argument(
+        "--decode-paths", default="auto", help="engine decode paths to measure: auto, static, dynamic, comma-separated"
+    )
     ap.add_argument("--baseline-dtypes", default="float32,bfloat16", help="dtypes of the sequential generate baselines")
-    ap.add_argument("--parts", default="engine,endpoint", help="engine (in-process), endpoint (Ray Serve over HTTP), or both")
+    ap.add_argument(
+        "--parts", default="engine,endpoint", help="engine (in-process), endpoint (Ray Serve over HTTP), or both"
+    )
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/serve_throughput[_cuda].json")
     opts = ap.parse_args()
     dtypes, parts = opts.dtypes.split(","), set(opts.parts.split(","))
@@ -430,7 +502,16 @@ def main() -> None:
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="mfbench"))
-    export = on_fresh_thread(build_export, work / "model", layers=opts.layers, hidden=opts.hidden, heads=opts.heads, vocab_size=8192, max_context=512, texts=corpus())
+    export = on_fresh_thread(
+        build_export,
+        work / "model",
+        layers=opts.layers,
+        hidden=opts.hidden,
+        heads=opts.heads,
+        vocab_size=8192,
+        max_context=512,
+        texts=corpus(),
+    )
     tokenizer, meta = AutoTokenizer.from_pretrained(str(export)), read_metadata(export)
     fim = get_format(meta.fim_format)
     stop_ids = sorted(tokenizer.convert_tokens_to_ids(meta.stop_tokens or list(fim.stop_tokens)))
@@ -439,7 +520,10 @@ def main() -> None:
     prompt_lens = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
     print(f"{len(prompts)} requests, prompt tokens mean {statistics.mean(prompt_lens):.0f}", flush=True)
 
-    base_models = {dtype: on_fresh_thread(load_baseline_model, export, dtype, opts.device) for dtype in opts.baseline_dtypes.split(",")}
+    base_models = {
+        dtype: on_fresh_thread(load_baseline_model, export, dtype, opts.device)
+        for dtype in opts.baseline_dtypes.split(",")
+    }
     full_baseline, expected = {}, {}
     for dtype, model in base_models.items():
         full_baseline[dtype], ids = on_fresh_thread(baseline, model, tokenizer, prompts, stop_ids)
@@ -447,12 +531,24 @@ def main() -> None:
         print(f"baseline {dtype}, all requests", full_baseline[dtype], flush=True)
 
     results = {
-        "model": {"layers": opts.layers, "hidden": opts.hidden, "heads": opts.heads, "vocab": tokenizer.vocab_size, "init": "random", "max_context": 512},
-        "requests": len(prompts), "prompt_tokens_mean": round(statistics.mean(prompt_lens)), "new_tokens": NEW_TOKENS,
-        **hardware(opts.device), "torch_threads": 2,
-        "rounds": opts.rounds, "baseline_requests_per_round": BASELINE_REQUESTS,
+        "model": {
+            "layers": opts.layers,
+            "hidden": opts.hidden,
+            "heads": opts.heads,
+            "vocab": tokenizer.vocab_size,
+            "init": "random",
+            "max_context": 512,
+        },
+        "requests": len(prompts),
+        "prompt_tokens_mean": round(statistics.mean(prompt_lens)),
+        "new_tokens": NEW_TOKENS,
+        **hardware(opts.device),
+        "torch_threads": 2,
+        "rounds": opts.rounds,
+        "baseline_requests_per_round": BASELINE_REQUESTS,
         "baseline_sequential_generate_all_requests": full_baseline,
-        "engine_in_process": {}, "endpoint": {},
+        "engine_in_process": {},
+        "endpoint": {},
     }
     if "endpoint" in parts:
         from serving.settings import ServingSettings  # pydantic-settings: not on every GPU image
@@ -462,7 +558,9 @@ def main() -> None:
     for dtype in dtypes if "engine" in parts else ():
         for path in paths:  # keyed by dtype alone for the device's default path, as before
             key = dtype if path == "auto" else f"{dtype} {path}"
-            results["engine_in_process"][key] = measure_engine(export, dtype, prompts, opts, base_models, tokenizer, stop_ids, path)
+            results["engine_in_process"][key] = measure_engine(
+                export, dtype, prompts, opts, base_models, tokenizer, stop_ids, path
+            )
     for dtype in dtypes if "endpoint" in parts else ():
         results["endpoint"][dtype] = measure_endpoint(
             export, dtype, pairs, prompts, opts, base_models, tokenizer, stop_ids, expected[dtype], work
@@ -473,7 +571,11 @@ def main() -> None:
             summary_[f"{kind} {dtype}"] = median_over_rounds(measured["rounds"], "speedup_vs_baseline")
     for dtype, measured in results["endpoint"].items():
         values = [r["p95_at_8_over_single_latency"] for r in measured["rounds"]]
-        summary_[f"endpoint {dtype} p95_at_8_over_single_latency"] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        summary_[f"endpoint {dtype} p95_at_8_over_single_latency"] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+        }
     results["summary_speedup_vs_fastest_baseline"] = summary_
     print("summary", json.dumps(summary_, indent=1), flush=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)

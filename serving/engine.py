@@ -4,8 +4,9 @@ Why this design (docs/cpu-notes.md): on a CPU, prompt processing dominates and t
 batching ran at 0.4-1.0x sequential. So waiting requests are prefilled in small groups between decode
 steps (left-padded to the group's longest prompt, up to `max_prefill_tokens`, logits only for the
 last position; a prompt that starts like a recent one reuses its keys/values -- serving.prefill) and
-their keys/values are copied into the decode batch's preallocated buffers (serving.kv_slots); every decode step advances all running requests with one forward pass. Requests
-join and leave between steps, so a late arrival never waits for a whole batch to finish.
+their keys/values are copied into the decode batch's preallocated buffers (serving.kv_slots); every
+decode step advances all running requests with one forward pass. Requests join and leave between
+steps, so a late arrival never waits for a whole batch to finish.
 
 One background thread owns the model and the cache. Callers submit a request (serving.requests) and
 get a handle; the thread reports each step through a callback -- `stream()` wraps it for streaming
@@ -124,7 +125,9 @@ class Engine:
         self._kv: DecodeBatchCache | None = None  # keys/values of the running rows, created on first use
         self.device = next(model.parameters()).device  # inputs go where the weights are
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) real tokens in the cache per row
-        self._next = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) last sampled token, input of the next step
+        self._next = torch.zeros(
+            0, dtype=torch.long, device=self.device
+        )  # (B,) last sampled token, input of the next step
         self._closed = False
         self.steps = 0
         self._static = self._static_batch(decode_path)
@@ -146,7 +149,9 @@ class Engine:
         if unsupported:
             log.warning("decode path: dynamic, the static step cannot serve %s", unsupported)
             return None
-        return StaticBatch(self.model, capacity=self.max_batch_size, context=self.max_context, graphs=self.device.type == "cuda")
+        return StaticBatch(
+            self.model, capacity=self.max_batch_size, context=self.max_context, graphs=self.device.type == "cuda"
+        )
 
     @property
     def decode_path(self) -> str:
@@ -182,14 +187,17 @@ class Engine:
             if torch.device(device).type != "cpu":
                 # Served on the CPU for now, so a GPU's dtype (float16 on older GPUs) may be one this CPU
                 # only emulates, far slower than its own: take what `auto` means on the CPU.
-                log.warning("composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype)
+                log.warning(
+                    "composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype
+                )
                 dtype = cpu_dtype()
             if cache_dir is None or tracking_uri is None:
-
                 settings = ServingSettings()
                 cache_dir = cache_dir or settings.model_cache()
                 tracking_uri = tracking_uri or settings.resolved_tracking_uri()
-            model = composed.load_composed_export(path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype))
+            model = composed.load_composed_export(
+                path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype)
+            )
             return composed.ComposedEngine(model, tokenizer, meta, **kwargs)
         # On a CPU, serving.attention beats torch's fused kernel for decode steps and low-precision prompts.
         attn = attention.register() if torch.device(device).type == "cpu" else "sdpa"
@@ -208,7 +216,9 @@ class Engine:
         if prompt_tokens + max_tokens > self.max_context:
             raise PromptTooLong(prompt_tokens=prompt_tokens, max_tokens=max_tokens, max_context=self.max_context)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[StepOutput], None]) -> RequestHandle:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, on_output: Callable[[StepOutput], None]
+    ) -> RequestHandle:
         """Queue a request; `on_output` is called from the engine thread for every step and the finish."""
         if not prompt_ids:
             raise ValueError("prompt: must not be empty")
@@ -219,7 +229,13 @@ class Engine:
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         seq = _Seq(
-            list(prompt_ids), params, on_output, StopChecker(params.stop), IncrementalDetokenizer(self.tokenizer), gen, request_seed(params)
+            list(prompt_ids),
+            params,
+            on_output,
+            StopChecker(params.stop),
+            IncrementalDetokenizer(self.tokenizer),
+            gen,
+            request_seed(params),
         )
         self._inbox.put(seq)
         return RequestHandle(seq)
@@ -381,7 +397,9 @@ class Engine:
             if previous is not None:
                 launched, seqs = previous
                 tokens = self._static.ids(launched)
-                self._retire([s for s, t in zip(seqs, tokens, strict=True) if not s.done and self._accept(s, t)], reason=None)
+                self._retire(
+                    [s for s, t in zip(seqs, tokens, strict=True) if not s.done and self._accept(s, t)], reason=None
+                )
             return
         mask = self._kv.begin_step()
         logits = self.model(

@@ -25,19 +25,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import ValidationError
 from ray import serve
 
+from midfill.apikeys import NamedKey
 from midfill.fim import parse_starcoder_prompt
 from midfill.serve_args import RELOADABLE, ServeArgs
-from midfill.apikeys import NamedKey
 from serving.auth import KeyStore, key_from_headers
 from serving.engine import Engine
 from serving.lineage import from_folder, from_version
 from serving.loading import locate
 from serving.protocol import (
+    MAX_BODY_BYTES,
     ApiError,
     CompletionRequest,
     completion_body,
     completion_id,
-    MAX_BODY_BYTES,
     error_body,
     models_body,
     parse_body,
@@ -64,23 +64,33 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = ".".join(str(p) for p in err["loc"]) or None
-    return JSONResponse(error_body(f"{param}: {err['msg']}", type_="invalid_request_error", param=param), status_code=422)
+    return JSONResponse(
+        error_body(f"{param}: {err['msg']}", type_="invalid_request_error", param=param), status_code=422
+    )
 
 
 @api.exception_handler(404)
 async def _not_found(request: Request, _exc) -> JSONResponse:
-    return JSONResponse(error_body(f"no route {request.method} {request.url.path}", type_="invalid_request_error", code="not_found"), status_code=404)
+    return JSONResponse(
+        error_body(f"no route {request.method} {request.url.path}", type_="invalid_request_error", code="not_found"),
+        status_code=404,
+    )
 
 
 @api.exception_handler(405)
 async def _bad_method(request: Request, _exc) -> JSONResponse:
-    return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}", type_="invalid_request_error"), status_code=405)
+    return JSONResponse(
+        error_body(f"{request.method} is not allowed on {request.url.path}", type_="invalid_request_error"),
+        status_code=405,
+    )
 
 
 async def _read_body(request: Request) -> bytes:
     """The body, read no further than one byte past the limit (parse_body answers 413 for that)."""
     if request.headers.get("content-length", "").isdigit() and int(request.headers["content-length"]) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt", code="body_too_large")
+        raise ApiError(
+            413, f"request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt", code="body_too_large"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         chunks.append(chunk)
@@ -99,15 +109,25 @@ class Metrics:
 
     def __init__(self, engine_stats) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("midfill_requests", "Completion requests by HTTP status and mode.", ["status", "mode"], registry=self.registry)
+        self.requests = Counter(
+            "midfill_requests",
+            "Completion requests by HTTP status and mode.",
+            ["status", "mode"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "midfill_request_latency_seconds", "End-to-end completion latency.", ["stream"], registry=self.registry,
+            "midfill_request_latency_seconds",
+            "End-to-end completion latency.",
+            ["stream"],
+            registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
         )
         self.prompt_tokens = Counter("midfill_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
         self.generated_tokens = Counter("midfill_generated_tokens", "Tokens generated.", registry=self.registry)
         self.cached_prompt_tokens = Counter(
-            "midfill_prompt_tokens_cached", "Prompt tokens whose keys/values were reused (prefix cache).", registry=self.registry
+            "midfill_prompt_tokens_cached",
+            "Prompt tokens whose keys/values were reused (prefix cache).",
+            registry=self.registry,
         )
         Gauge("midfill_queue_depth", "Requests waiting for a batch slot.", registry=self.registry).set_function(
             lambda: engine_stats()["waiting"]
@@ -130,7 +150,9 @@ class InfillServer:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self._loaded = threading.Event()
-        self.keys = KeyStore(keys_file=self.args.api_keys_file, keys_env=self.args.api_keys_env, disabled=self.args.auth_disabled)
+        self.keys = KeyStore(
+            keys_file=self.args.api_keys_file, keys_env=self.args.api_keys_env, disabled=self.args.auth_disabled
+        )
         self.max_new_tokens = self.args.max_new_tokens
         self.max_batch_size = self.args.max_batch_size
         self.max_queued_requests = self.args.max_queued_requests
@@ -164,7 +186,8 @@ class InfillServer:
                 max_context=self.args.max_context_tokens,
                 fim_format=self.args.fim_format,
                 decode_path=self.settings.serve_decode_path,
-                tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),  # a composed model's parents
+                tracking_uri=self.args.tracking_uri
+                or self.settings.resolved_tracking_uri(),  # a composed model's parents
                 cache_dir=self.settings.model_cache(),
             )
             # Ray calls reconfigure() right after __init__, usually while the weights still load: the
@@ -218,7 +241,9 @@ class InfillServer:
             missing = key_from_headers(request.headers) is None
             raise ApiError(
                 401,
-                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`" if missing else "invalid API key",
+                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+                if missing
+                else "invalid API key",
                 code="missing_api_key" if missing else "invalid_api_key",
             )
         return key
@@ -229,7 +254,9 @@ class InfillServer:
         if self.load_error:
             raise ApiError(503, f"model failed to load: {self.load_error}", code="model_load_failed")
         if self.engine is None:
-            raise ApiError(503, "model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "5"})
+            raise ApiError(
+                503, "model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "5"}
+            )
         return self.engine
 
     async def _parse(self, request: Request) -> CompletionRequest:
@@ -240,7 +267,12 @@ class InfillServer:
             raise validation_error(exc) from None
         req.check_supported()
         if req.model is not None and req.model != self.model_name:
-            raise ApiError(404, f"model {req.model!r} does not exist; this endpoint serves {self.model_name!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {req.model!r} does not exist; this endpoint serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return req
 
     def _prompt(self, engine: Engine, req: CompletionRequest) -> tuple[list[int], str]:
@@ -253,12 +285,19 @@ class InfillServer:
             return engine.encode(engine.infill_prompt(*parsed)), "raw-fim"
         ids = engine.encode(text)
         if not ids:
-            raise ApiError(400, "prompt: empty; send some text (or a suffix for an infill)", param="prompt", code="invalid_value")
+            raise ApiError(
+                400, "prompt: empty; send some text (or a suffix for an infill)", param="prompt", code="invalid_value"
+            )
         return ids, "raw"
 
     def _params(self, engine: Engine, req: CompletionRequest, prompt_tokens: int) -> SamplingParams:
         if req.max_tokens is not None and req.max_tokens > self.max_new_tokens:
-            raise ApiError(400, f"max_tokens: {req.max_tokens} is above this server's limit of {self.max_new_tokens}", param="max_tokens", code="invalid_value")
+            raise ApiError(
+                400,
+                f"max_tokens: {req.max_tokens} is above this server's limit of {self.max_new_tokens}",
+                param="max_tokens",
+                code="invalid_value",
+            )
         room = engine.max_context - prompt_tokens
         max_tokens = req.max_tokens if req.max_tokens is not None else min(self.max_new_tokens, room)
         try:
@@ -267,12 +306,19 @@ class InfillServer:
             if exc.prompt_alone_too_long:
                 raise ApiError(413, str(exc), param="prompt", code="context_length_exceeded") from None
             raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_strings(), seed=req.seed)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_strings(), seed=req.seed
+        )
 
     def _admit(self) -> None:
         limit = self.args.max_ongoing_requests + self.max_queued_requests
         if self.max_queued_requests >= 0 and self.inflight >= limit:
-            raise ApiError(429, f"server is at capacity ({limit} requests in flight); retry shortly", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"server is at capacity ({limit} requests in flight); retry shortly",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
 
     def _effective_limits(self) -> dict[str, int]:
         """What the engine runs with now (after reconfigure), as /health reports it."""
@@ -295,9 +341,15 @@ class InfillServer:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse(
             {
-                "status": "ok", "model": self.model_name, "source": self.args.model_uri, "started": self.created,
-                "replica": self.replica_id, **self.engine.stats(), "decode_steps": self.engine.steps,
-                "limits": self._effective_limits(), "decode_path": self.engine.decode_path,
+                "status": "ok",
+                "model": self.model_name,
+                "source": self.args.model_uri,
+                "started": self.created,
+                "replica": self.replica_id,
+                **self.engine.stats(),
+                "decode_steps": self.engine.steps,
+                "limits": self._effective_limits(),
+                "decode_path": self.engine.decode_path,
             }
         )
 
@@ -332,9 +384,15 @@ class InfillServer:
         self.inflight += 1
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(engine, ids, params, include_usage, start, mode, key), media_type="text/event-stream", headers=self.lineage.headers())
+            return StreamingResponse(
+                self._sse(engine, ids, params, include_usage, start, mode, key),
+                media_type="text/event-stream",
+                headers=self.lineage.headers(),
+            )
         try:
-            return JSONResponse(await self._complete(engine, ids, params, start, mode, key), headers=self.lineage.headers())
+            return JSONResponse(
+                await self._complete(engine, ids, params, start, mode, key), headers=self.lineage.headers()
+            )
         finally:
             self.inflight -= 1
 
@@ -343,10 +401,15 @@ class InfillServer:
         self._count(result, start, mode, key, stream="false")
         if result.finish_reason == "error":
             raise ApiError(500, result.error or "generation failed", code="generation_failed")
-        return self.lineage.stamp(completion_body(
-            id_=completion_id(), model=self.model_name, text=result.text, finish_reason=result.finish_reason,
-            usage_=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-        ))
+        return self.lineage.stamp(
+            completion_body(
+                id_=completion_id(),
+                model=self.model_name,
+                text=result.text,
+                finish_reason=result.finish_reason,
+                usage_=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+            )
+        )
 
     async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str, key: NamedKey):
         id_, created, last = completion_id(), int(time.time()), None
@@ -354,12 +417,34 @@ class InfillServer:
             async for out in engine.stream(ids, params):
                 last = out
                 if out.finished and out.finish_reason == "error":
-                    yield _sse_event(error_body(out.error or "generation failed", type_="server_error", code="generation_failed"))
+                    yield _sse_event(
+                        error_body(out.error or "generation failed", type_="server_error", code="generation_failed")
+                    )
                     break
                 if out.text or out.finished:
-                    yield _sse_event(self.lineage.stamp(completion_body(id_=id_, model=self.model_name, text=out.text, finish_reason=out.finish_reason if out.finished else None, usage_=None, created=created)))
+                    yield _sse_event(
+                        self.lineage.stamp(
+                            completion_body(
+                                id_=id_,
+                                model=self.model_name,
+                                text=out.text,
+                                finish_reason=out.finish_reason if out.finished else None,
+                                usage_=None,
+                                created=created,
+                            )
+                        )
+                    )
             if include_usage and last is not None:
-                yield _sse_event(self.lineage.stamp(usage_chunk(id_=id_, model=self.model_name, created=created, usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens))))
+                yield _sse_event(
+                    self.lineage.stamp(
+                        usage_chunk(
+                            id_=id_,
+                            model=self.model_name,
+                            created=created,
+                            usage_=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
+                        )
+                    )
+                )
             yield "data: [DONE]\n\n"
         finally:
             # Runs on normal end and when the client disconnects (the generator is closed, which
@@ -377,5 +462,10 @@ class InfillServer:
         if last is not None:
             self.metrics.generated_tokens.inc(last.completion_tokens)
             self.metrics.cached_prompt_tokens.inc(last.cached_tokens)
-        self.usage.record(key, status=status, prompt=last.prompt_tokens if last else 0,
-                          completion=last.completion_tokens if last else 0, cached=last.cached_tokens if last else 0)
+        self.usage.record(
+            key,
+            status=status,
+            prompt=last.prompt_tokens if last else 0,
+            completion=last.completion_tokens if last else 0,
+            cached=last.cached_tokens if last else 0,
+        )

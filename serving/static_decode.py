@@ -128,7 +128,9 @@ class StaticBatch:
         # One forward of one token tells the cache shapes of any decoder that uses the Cache API.
         probe = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=probe, use_cache=True)
+            self.model(
+                input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=probe, use_cache=True
+            )
         self._keys, self._values = [], []
         for layer in probe.layers:
             _, heads, _, dim = layer.keys.shape
@@ -162,8 +164,12 @@ class StaticBatch:
         pos = self.positions[:batch]
         mask = (self._columns[:width][None, :] <= pos[:, None])[:, None, None, :]
         logits = self.model(
-            input_ids=self.tokens[:batch, None], attention_mask=mask, position_ids=pos[:, None],
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            input_ids=self.tokens[:batch, None],
+            attention_mask=mask,
+            position_ids=pos[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         ).logits[:, -1]
         ids = sampling.sample(logits, self.temperature[:batch], self.top_p[:batch], self.keys[:batch], pos + 1)
         self.tokens[:batch].copy_(ids)
@@ -234,7 +240,9 @@ class StaticBatch:
     def free(self) -> int:
         return self.capacity - self.rows
 
-    def add(self, prefilled: DynamicCache, lengths: list[int], first: list[int], params: list, seeds: list[int]) -> None:
+    def add(
+        self, prefilled: DynamicCache, lengths: list[int], first: list[int], params: list, seeds: list[int]
+    ) -> None:
         """Append prefilled rows: `prefilled` holds (g, H, t, D) per layer, each row's `lengths[j]`
         prompt tokens right-aligned (left padding); `first[j]` is the token sampled from its prompt;
         `params[j]` its SamplingParams, `seeds[j]` its seed (request_seed)."""

@@ -63,19 +63,27 @@ def build_serve_config(release: ModelRelease, *, version: str | None, settings: 
     init_args = {key: value for key, value in args.items() if key not in RELOADABLE or key in in_both}
     config = {
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [{
-            "name": APP_NAME,
-            "import_path": IMPORT_PATH,
-            "route_prefix": release.spec.endpoint.route_prefix,
-            "args": init_args,
-            "deployments": [{"name": DEPLOYMENT_NAME, "user_config": user_config}],
-        }],
+        "applications": [
+            {
+                "name": APP_NAME,
+                "import_path": IMPORT_PATH,
+                "route_prefix": release.spec.endpoint.route_prefix,
+                "args": init_args,
+                "deployments": [{"name": DEPLOYMENT_NAME, "user_config": user_config}],
+            }
+        ],
     }
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _container(name: str, image: str, resources: dict[str, Any], settings: OperatorSettings, release: ModelRelease,
-               ports: list[dict[str, Any]]) -> dict[str, Any]:
+def _container(
+    name: str,
+    image: str,
+    resources: dict[str, Any],
+    settings: OperatorSettings,
+    release: ModelRelease,
+    ports: list[dict[str, Any]],
+) -> dict[str, Any]:
     container: dict[str, Any] = {"name": name, "image": image}
     if resources:
         container["resources"] = resources
@@ -98,12 +106,18 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
     spec = release.spec
     image = settings.serving_image if spec.endpoint.image == DEFAULT_SERVING_IMAGE else spec.endpoint.image
     head_ports = [
-        {"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-        {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": SERVE_PORT},
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": SERVE_PORT},
     ]
-    head_pod: dict[str, Any] = {"containers": [_container("ray-head", image, HEAD_RESOURCES, settings, release, head_ports)]}
+    head_pod: dict[str, Any] = {
+        "containers": [_container("ray-head", image, HEAD_RESOURCES, settings, release, head_ports)]
+    }
     worker_resources = {k: v for k, v in spec.endpoint.resources_per_replica.to_wire().items() if v}
-    worker_pod: dict[str, Any] = {"containers": [_container("ray-worker", image, worker_resources, settings, release, [])]}
+    worker_pod: dict[str, Any] = {
+        "containers": [_container("ray-worker", image, worker_resources, settings, release, [])]
+    }
     if _volumes(release):
         head_pod["volumes"] = _volumes(release)
         worker_pod["volumes"] = _volumes(release)
@@ -128,19 +142,22 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
             "template": {"metadata": head_meta, "spec": head_pod},
         },
-        "workerGroupSpecs": [{
-            "groupName": "replicas",
-            "replicas": auto.min_replicas,
-            "minReplicas": auto.min_replicas,
-            "maxReplicas": auto.max_replicas,
-            "rayStartParams": {},
-            "template": {"metadata": worker_meta, "spec": worker_pod},
-        }],
+        "workerGroupSpecs": [
+            {
+                "groupName": "replicas",
+                "replicas": auto.min_replicas,
+                "minReplicas": auto.min_replicas,
+                "maxReplicas": auto.max_replicas,
+                "rayStartParams": {},
+                "template": {"metadata": worker_meta, "spec": worker_pod},
+            }
+        ],
     }
 
 
-def build_rayservice(release: ModelRelease, *, version: str | None, settings: OperatorSettings,
-                     rollout_start: str | None = None) -> dict[str, Any]:
+def build_rayservice(
+    release: ModelRelease, *, version: str | None, settings: OperatorSettings, rollout_start: str | None = None
+) -> dict[str, Any]:
     """The whole RayService for serving `version` (None: unresolved, for `midfill render` only)."""
     annotations = {}
     if release.metadata.generation is not None:
@@ -152,10 +169,16 @@ def build_rayservice(release: ModelRelease, *, version: str | None, settings: Op
     meta: dict[str, Any] = {
         "name": release.endpoint_name(),
         "labels": {**MANAGED_BY, LABEL_RELEASE: release.metadata.name},
-        "ownerReferences": [{
-            "apiVersion": API_VERSION, "kind": "ModelRelease", "name": release.metadata.name,
-            "uid": release.metadata.uid or PLACEHOLDER_UID, "controller": True, "blockOwnerDeletion": True,
-        }],
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": "ModelRelease",
+                "name": release.metadata.name,
+                "uid": release.metadata.uid or PLACEHOLDER_UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
     }
     if annotations:
         meta["annotations"] = annotations
@@ -172,8 +195,9 @@ def build_rayservice(release: ModelRelease, *, version: str | None, settings: Op
     }
 
 
-def version_patch(release: ModelRelease, *, version: str, settings: OperatorSettings, rollout_start: str,
-                  spec_changed: bool = False) -> dict[str, Any]:
+def version_patch(
+    release: ModelRelease, *, version: str, settings: OperatorSettings, rollout_start: str, spec_changed: bool = False
+) -> dict[str, Any]:
     """The in-place update to another version: serveConfigV2 and our annotations, nothing else, unless
     the release's spec changed since the RayService was built: then the cluster config follows too
     (KubeRay then starts the new cluster beside the old one and switches when it is ready)."""

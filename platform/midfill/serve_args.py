@@ -12,12 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from midfill.api.modelrelease import ModelRelease
 
-
 # Settings a running replica takes without reloading the model: they travel in the deployment's
 # Ray Serve user_config and reach InfillServer.reconfigure(). Ray hashes an application's args into
 # its code version, so anything left in the args replaces the replicas when it changes.
-RELOADABLE = ("max_new_tokens", "max_batch_size", "max_prefill_tokens", "prefix_cache_tokens", "max_queued_requests",
-              "api_keys_file", "api_keys_env", "auth_disabled")
+RELOADABLE = (
+    "max_new_tokens",
+    "max_batch_size",
+    "max_prefill_tokens",
+    "prefix_cache_tokens",
+    "max_queued_requests",
+    "api_keys_file",
+    "api_keys_env",
+    "auth_disabled",
+)
 # Reloadable, yet also needed when a replica starts, so they stay in the init args too.
 KEY_SETTINGS = ("api_keys_file", "api_keys_env", "auth_disabled")
 

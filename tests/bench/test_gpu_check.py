@@ -24,7 +24,9 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
         "PYTHON": sys.executable,
         "MIDFILL_CHECK_DEVICE": "cpu",
         "LIMIT_SCALE": "4",  # the limits are sized for a GPU; a shared CPU runs the tiny model slower
-        "BENCH_ARGS": "--layers 2 --hidden 64 --heads 4 --requests 32 --rounds 1 --dtypes float32 --baseline-dtypes float32",
+        "BENCH_ARGS": (
+            "--layers 2 --hidden 64 --heads 4 --requests 32 --rounds 1 --dtypes float32 --baseline-dtypes float32"
+        ),
         "MIDFILL_STATE_DIR": str(tmp_path / "state"),
         "WHEEL_DIRS": "",  # this environment has everything; wheels fetched for a GPU box's Python would not fit it
         "WHEELS": str(tmp_path / "wheels"),
@@ -33,7 +35,9 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "failed steps: 0" in done.stdout
     assert "torch" in (tmp_path / "environment.txt").read_text()
-    assert re.search(r"\d+ (passed|skipped)", (tmp_path / "gpu-tests.log").read_text())  # collected and ran (or skipped)
+    assert re.search(
+        r"\d+ (passed|skipped)", (tmp_path / "gpu-tests.log").read_text()
+    )  # collected and ran (or skipped)
     for size in ("100m", "1b"):  # both decode paths, the static one with its step over the weight-read floor
         measured = json.loads((tmp_path / f"serve_throughput_cpu_{size}.json").read_text())["engine_in_process"]
         assert measured["float32 dynamic"]["rounds"][0]["runs"]["32"]["tokens_per_s"] > 0
@@ -41,5 +45,7 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
         assert static["cost_model"]["static_step_over_floor_32_rows"] > 0
         assert static["rounds"][0]["single_request_latency_over_generate"] > 0
     if importlib.util.find_spec("ray") is not None:  # the endpoint joins where Ray Serve is installed
-        summary = json.loads((tmp_path / "serve_throughput_cpu.json").read_text())["summary_speedup_vs_fastest_baseline"]
+        summary = json.loads((tmp_path / "serve_throughput_cpu.json").read_text())[
+            "summary_speedup_vs_fastest_baseline"
+        ]
         assert summary["endpoint float32"]["32"]["median"] > 0

@@ -55,9 +55,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_temperature_zero_is_argmax(
 def test_greedy_and_sampled_rows_share_one_batch():
     logits = torch.randn(6, 300)
     temperature = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 1.0])
-    ids = sampling.sample(logits, temperature, torch.ones(6), sampling.seed_keys(torch.arange(6)), torch.zeros(6, dtype=torch.long))
+    ids = sampling.sample(
+        logits, temperature, torch.ones(6), sampling.seed_keys(torch.arange(6)), torch.zeros(6, dtype=torch.long)
+    )
     assert torch.equal(ids[[0, 2, 4]], logits[[0, 2, 4]].argmax(dim=-1))
-    alone = sampling.sample(logits[3:4], temperature[3:4], torch.ones(1), sampling.seed_keys(torch.tensor([3])), torch.zeros(1, dtype=torch.long))
+    alone = sampling.sample(
+        logits[3:4],
+        temperature[3:4],
+        torch.ones(1),
+        sampling.seed_keys(torch.tensor([3])),
+        torch.zeros(1, dtype=torch.long),
+    )
     assert ids[3] == alone[0]  # a row's draw does not depend on its batch mates
 
 
@@ -72,7 +80,10 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_in_a_busy_batch(static
     ids = static.encode(static.infill_prompt("def parse(text):\n    ", "\n    return words\n"))
     params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
     alone = static.generate(ids, params)
-    others = [threading.Thread(target=static.generate, args=(ids[: 5 + i], SamplingParams(max_tokens=30, temperature=1.0))) for i in range(3)]
+    others = [
+        threading.Thread(target=static.generate, args=(ids[: 5 + i], SamplingParams(max_tokens=30, temperature=1.0)))
+        for i in range(3)
+    ]
     for t in others:
         t.start()
     busy = static.generate(ids, params)

@@ -30,8 +30,12 @@ def reference_model(tiny_export):
 
 def _reference(model, engine: Engine, ids: list[int], n: int) -> list[int]:
     out = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
-        do_sample=False, eos_token_id=sorted(engine.stop_token_ids), pad_token_id=engine.tokenizer.pad_token_id,
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=sorted(engine.stop_token_ids),
+        pad_token_id=engine.tokenizer.pad_token_id,
     )[0, len(ids) :].tolist()
     while out and out[-1] in engine.stop_token_ids:
         out.pop()
@@ -43,7 +47,14 @@ def _prompts(engine: Engine) -> list[list[int]]:
     from pathlib import Path
 
     source = (Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text()
-    prefixes = ["x = ", "def add(a, b):\n    ", source[3000:3400], "for i in range(10):\n", source[5000:5150], "class A:\n    "]
+    prefixes = [
+        "x = ",
+        "def add(a, b):\n    ",
+        source[3000:3400],
+        "for i in range(10):\n",
+        source[5000:5150],
+        "class A:\n    ",
+    ]
     return [engine.encode(engine.infill_prompt(p, "\n    return result\n")) for p in prefixes]
 
 
@@ -69,9 +80,22 @@ def test_buckets_cover_every_batch_and_length():
 
 
 def test_models_with_sliding_window_layers_keep_the_dynamic_path():
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 64}
+    tiny = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 64,
+    }
     assert supports(LlamaForCausalLM(LlamaConfig(**tiny))) is None
     assert supports(Qwen2ForCausalLM(Qwen2Config(**tiny, use_sliding_window=False))) is None
     assert "sliding" in supports(MistralForCausalLM(MistralConfig(**tiny, sliding_window=16)))
@@ -183,13 +207,19 @@ def test_on_a_gpu_the_graphs_replay_and_greedy_equals_generate(tiny_export):
         results = _concurrently(eng, [(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, lengths, strict=True)])
         for ids, n, result in zip(prompts, lengths, results, strict=True):
             expected = eng.model.generate(
-                torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
-                max_new_tokens=n, do_sample=False, eos_token_id=sorted(eng.stop_token_ids), pad_token_id=eng.tokenizer.pad_token_id,
+                torch.tensor([ids], device="cuda"),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=sorted(eng.stop_token_ids),
+                pad_token_id=eng.tokenizer.pad_token_id,
             )[0, len(ids) :].tolist()
             while expected and expected[-1] in eng.stop_token_ids:
                 expected.pop()
             assert result.token_ids == expected
-        seeded = [eng.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=5)) for _ in range(2)]
+        seeded = [
+            eng.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=5)) for _ in range(2)
+        ]
         assert seeded[0].token_ids == seeded[1].token_ids
     finally:
         eng.close()

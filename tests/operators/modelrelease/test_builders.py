@@ -29,9 +29,15 @@ def test_serve_config_runs_the_app_with_release_args():
     config = yaml.safe_load(rs["spec"]["serveConfigV2"])
     (app,) = config["applications"]
     assert app["import_path"] == "serving.app:build_app" and app["route_prefix"] == "/"
-    expected = ServeArgs.for_release(rel, model_uri="models:/fim-debug/3", tracking_uri="http://mlflow:5000",
-                                     api_keys_file="/etc/midfill/api-keys/api-keys").model_dump(mode="json")
-    assert app["args"] == {k: v for k, v in expected.items() if k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")}
+    expected = ServeArgs.for_release(
+        rel,
+        model_uri="models:/fim-debug/3",
+        tracking_uri="http://mlflow:5000",
+        api_keys_file="/etc/midfill/api-keys/api-keys",
+    ).model_dump(mode="json")
+    assert app["args"] == {
+        k: v for k, v in expected.items() if k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")
+    }
     (deployment,) = app["deployments"]
     assert deployment["name"] == "InfillServer"
     assert deployment["user_config"] == {k: expected[k] for k in RELOADABLE}
@@ -50,7 +56,9 @@ def test_cluster_config_has_image_resources_node_pool_and_secret():
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert workers["minReplicas"] == 1 and workers["maxReplicas"] == 4 and cluster["enableInTreeAutoscaling"] is True
     assert pod["volumes"] == [{"name": "api-keys", "secret": {"secretName": "fim-debug-api-keys"}}]
-    assert {"name": "api-keys", "mountPath": "/etc/midfill/api-keys", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert {"name": "api-keys", "mountPath": "/etc/midfill/api-keys", "readOnly": True} in pod["containers"][0][
+        "volumeMounts"
+    ]
 
 
 def test_a_new_version_changes_only_serve_config():
@@ -62,7 +70,9 @@ def test_a_new_version_changes_only_serve_config():
     patch = builders.version_patch(rel, version="4", settings=SETTINGS, rollout_start="2026-01-01T00:00:00Z")
     assert set(patch["spec"]) == {"serveConfigV2"} and patch["spec"]["serveConfigV2"] == v4["spec"]["serveConfigV2"]
     # A spec edit (the release's generation moved) carries the cluster config along.
-    edited = builders.version_patch(rel, version="4", settings=SETTINGS, rollout_start="2026-01-01T00:00:00Z", spec_changed=True)
+    edited = builders.version_patch(
+        rel, version="4", settings=SETTINGS, rollout_start="2026-01-01T00:00:00Z", spec_changed=True
+    )
     assert edited["spec"]["rayClusterConfig"] == v4["spec"]["rayClusterConfig"]
 
 
