@@ -38,27 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "serving"))
 from serving_exports import build_export  # noqa: E402
 
+from serving.protocol import CompletionRequest  # noqa: E402
+
 MIDFILL = str(Path(sys.executable).parent / "midfill")
 MAX_BODY = 4 * 1024 * 1024
-FIELDS = [
-    "model",
-    "prompt",
-    "suffix",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "seed",
-    "echo",
-    "logprobs",
-    "best_of",
-    "presence_penalty",
-    "frequency_penalty",
-    "user",
-]
+# Every field the API declares, and "user", which OpenAI clients send and we accept and ignore.
+FIELDS = [*CompletionRequest.model_fields, "user"]
 SURROGATES = ["\ud800", "\udfff", "\ud83d", "a\udc00b"]
 
 

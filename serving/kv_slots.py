@@ -34,10 +34,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-class _SlotLayer(DynamicLayer):
-    """One layer's view: `update` writes the step's keys/values at the write column of every row."""
+class OwnedLayer(DynamicLayer):
+    """One layer's view for transformers over buffers its owner keeps: `update` hands the step's
+    keys/values to `owner._write(index, keys, values)`, which stores them and returns what to attend."""
 
-    def __init__(self, owner: DecodeBatchCache, index: int) -> None:
+    def __init__(self, owner, index: int) -> None:
         super().__init__()
         self._owner, self._index = owner, index
         self.is_initialized = True
@@ -45,6 +46,10 @@ class _SlotLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.keys, self.values = self._owner._write(self._index, key_states, value_states)
         return self.keys, self.values
+
+
+class _SlotLayer(OwnedLayer):
+    """The decode batch's layer: the step's keys/values go to the write column of every row."""
 
     def get_seq_length(self) -> int:
         return self._owner.cols  # where the step's query sits: positions and the causal mask follow

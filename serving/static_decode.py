@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from serving import sampling
+from serving.kv_slots import OwnedLayer
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,8 @@ class Launched:
     event: torch.cuda.Event | None
 
 
-class _RowLayer(DynamicLayer):
-    """One layer's view for transformers: `update` writes each row's key/value at its own position."""
-
-    def __init__(self, owner: StaticBatch, index: int) -> None:
-        super().__init__()
-        self._owner, self._index = owner, index
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys, self.values = self._owner._write(self._index, key_states, value_states)
-        return self.keys, self.values
+class _RowLayer(OwnedLayer):
+    """The static batch's layer: each row's key/value is written at its own position."""
 
     def get_seq_length(self) -> int:
         return 0  # unused: the step passes positions and a 4-D mask

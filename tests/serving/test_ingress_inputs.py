@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ray_helpers import local_serve
 
 from serving.app import build_app
-from serving.protocol import MAX_BODY_BYTES
+from serving.protocol import MAX_BODY_BYTES, CompletionRequest
 
 PREFIX = "def mean(values):\n    total = 0\n"
 SUFFIX = "\n    return total\n"
@@ -118,25 +118,8 @@ SCALARS = st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats()
 JSON_VALUES = st.recursive(
     SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY_TEXT, inner, max_size=3), max_leaves=8
 )
-FIELDS = [
-    "model",
-    "prompt",
-    "suffix",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "seed",
-    "echo",
-    "logprobs",
-    "best_of",
-    "presence_penalty",
-    "frequency_penalty",
-    "user",
-]
+# Every field the API declares, and "user", which OpenAI clients send and we accept and ignore.
+FIELDS = [*CompletionRequest.model_fields, "user"]
 # Mostly plausible values, so that bodies get past the first check and reach the engine.
 PLAUSIBLE = {
     "prompt": ANY_TEXT | st.lists(ANY_TEXT, max_size=2) | st.lists(st.integers(-5, 5000), max_size=3),
