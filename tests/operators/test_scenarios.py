@@ -156,7 +156,9 @@ async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking
                 what="the RayService rebuilt from the edited spec",
             )
             config = yaml.safe_load(cluster.get("rayservices", "fim")["spec"]["serveConfigV2"])
-            assert config["applications"][0]["args"]["max_new_tokens"] == sc.edit["serving"]["maxNewTokens"]
+            # A limit travels in the deployment's user_config (reconfigured in place), not in the args.
+            (deployment,) = config["applications"][0]["deployments"]
+            assert deployment["user_config"]["max_new_tokens"] == sc.edit["serving"]["maxNewTokens"]
             await eventually(
                 lambda: (
                     settled(sc.serving)
