@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from engine_watch import wait_idle
+from greedy import greedy_reference as _reference
 from transformers import AutoModelForCausalLM
 
 from serving import attention
@@ -45,21 +46,6 @@ def reference_model(tiny_export):
 
 def test_the_engine_on_a_cpu_uses_its_own_attention(engine):
     assert engine.model.config._attn_implementation == attention.NAME
-
-
-def _reference(model, engine: Engine, ids: list[int], n: int) -> list[int]:
-    """Sequential HF generate, greedy: what the batch must reproduce."""
-    out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=sorted(engine.stop_token_ids),
-        pad_token_id=engine.tokenizer.pad_token_id,
-    )[0, len(ids) :].tolist()
-    while out and out[-1] in engine.stop_token_ids:
-        out.pop()
-    return out
 
 
 def _run_concurrently(engine: Engine, prompts: list[list[int]], params: SamplingParams):

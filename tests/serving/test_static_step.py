@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from greedy import greedy_reference as _reference
 from transformers import AutoModelForCausalLM
 
 from serving.engine import Engine, SamplingParams
@@ -26,20 +27,6 @@ def static(tiny_export):
 @pytest.fixture(scope="module")
 def reference_model(tiny_export):
     return AutoModelForCausalLM.from_pretrained(str(tiny_export), attn_implementation="sdpa").eval()
-
-
-def _reference(model, engine: Engine, ids: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=sorted(engine.stop_token_ids),
-        pad_token_id=engine.tokenizer.pad_token_id,
-    )[0, len(ids) :].tolist()
-    while out and out[-1] in engine.stop_token_ids:
-        out.pop()
-    return out
 
 
 def _prompts(engine: Engine) -> list[list[int]]:
