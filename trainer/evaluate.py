@@ -69,14 +69,16 @@ def validation_loss(
     bf16: bool,
     d: Dist,
     flat: bool = False,
+    block_mask: bool = False,
     prepare_batch=None,
 ) -> float | None:
     """Mean next-token loss over the held-out batches of every rank (None without held-out data).
-    flat, prepare_batch: as in `loop.train`."""
+    flat, block_mask, prepare_batch: as in `loop.train`."""
     model.eval()
     total, count = 0.0, 0.0
     for seqs in batches:
-        batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat)
+        batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
+        )
         if prepare_batch is not None:
             batch = prepare_batch(batch)
         loss_sum, n = lm_loss(model, batch, bf16=bf16)

@@ -27,6 +27,8 @@ class ProgressRecord(BaseModel):
     total_steps: int | None = None
     loss: float | None = None
     tokens_per_second: float | None = None
+    tokens_per_second_per_device: float | None = None
+    mfu: float | None = Field(default=None, description="Model FLOPs utilisation (0-1); None where the peak is unknown.")
     update_time: str | None = None
     attempt: int | None = None
     checkpoint_uri: str | None = Field(default=None, description="Newest complete checkpoint.")

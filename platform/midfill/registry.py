@@ -230,6 +230,8 @@ class Registry:
             step=int(metrics.get("step", 0)),
             loss=metrics.get("loss"),
             tokens_per_second=metrics.get("tokens_per_second"),
+            tokens_per_second_per_device=metrics.get("tokens_per_second_per_device"),
+            mfu=metrics.get("mfu"),
             attempt=int(attempt) if attempt and attempt.isdigit() else None,
             mlflow_run_id=run.info.run_id,
             update_time=updated,

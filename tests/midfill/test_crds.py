@@ -28,7 +28,7 @@ def test_crd_shape_for_kubectl() -> None:
     assert tr["spec"]["scope"] == "Namespaced" and tr["spec"]["names"]["shortNames"] == ["tr"]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Nodes", "Step", "Loss", "Model version", "Age"]
+    assert columns == ["Phase", "Nodes", "Step", "Loss", "MFU", "Model version", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     parallelism = spec["properties"]["parallelism"]["properties"]
     assert parallelism["numNodes"]["minimum"] == 1 and parallelism["numNodes"]["default"] == 1

@@ -113,10 +113,11 @@ class ModelSpec(ApiModel):
         "exported model, or a registry URI models:/<name>/<version> or models:/<name>@<alias>. "
         "Default scratch.",
     )
-    attention: Literal["auto", "flash_attention_2", "sdpa"] = Field(
+    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa"] = Field(
         default="auto",
         description="Attention kernel: auto picks flash_attention_2 when CUDA and flash-attn are "
-        "present and the run trains in bf16, else sdpa. Default auto.",
+        "present and the run trains in bf16, else flex_attention on CUDA with objective.documentMask "
+        "(a block mask of the documents), else sdpa. flex_attention trains on GPUs only. Default auto.",
     )
     composition: CompositionSpec | None = Field(
         default=None,
@@ -293,7 +294,27 @@ class TrainingSpec(ApiModel):
     log_interval_steps: int = Field(default=10, ge=1, description="Steps between metric logs. Default 10.")
     eval_interval_steps: int = Field(default=200, ge=1, description="Steps between validation runs. Default 200.")
     eval_batches: int = Field(default=8, ge=1, description="Micro-batches per validation run. Default 8.")
-    compile: bool = Field(default=False, description="torch.compile the model. Default false.")
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="torch.compile the model: auto = on CUDA GPUs, off on CPUs (where compiling the "
+        "model rarely pays for its warm-up); true or false to force it. Default auto.",
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="Recompute activations in the backward pass to save memory: none; full = every "
+        "decoder block keeps only its input; selective = every block keeps its matmul outputs and "
+        "recomputes the cheap ops (norms, activations, elementwise). Default none.",
+    )
+    peak_tflops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device at the training precision, for MFU. Default: from "
+        "the device's name (docs/trainer.md lists them); MFU is not reported where it is unknown (CPUs).",
+    )
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether the model is compiled on this device type ('cuda', 'cpu')."""
+        return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
 
     @model_validator(mode="after")
     def _length_and_batch(self) -> TrainingSpec:
@@ -497,6 +518,12 @@ class Progress(ApiModel):
     total_steps: int | None = Field(default=None, description="Steps planned.")
     loss: float | None = Field(default=None, description="Latest training loss (nats/token).")
     tokens_per_second: float | None = Field(default=None, description="Training throughput over all processes.")
+    tokens_per_second_per_device: float | None = Field(
+        default=None, description="Training throughput of one process (GPU)."
+    )
+    mfu: float | None = Field(
+        default=None, description="Model FLOPs utilisation, 0-1 (docs/trainer.md); unset where the peak is unknown."
+    )
     update_time: str | None = Field(default=None, description="When this was reported (RFC 3339).")
 
 

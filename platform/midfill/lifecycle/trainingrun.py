@@ -214,6 +214,8 @@ class _Machine:
             total_steps=rec.total_steps or self.spec.training.total_steps(),
             loss=rec.loss,
             tokens_per_second=rec.tokens_per_second,
+            tokens_per_second_per_device=rec.tokens_per_second_per_device,
+            mfu=rec.mfu,
             update_time=rec.update_time,
         )
         if rec.checkpoint_uri and rec.checkpoint_step is not None:
