@@ -83,11 +83,6 @@ def prepare(
         corpus = Corpus.from_spec(spec.data)
         if spec.model.composition is not None:
             composed_job.check_spec(run)
-            if spec.training.activation_checkpointing != "none":
-                raise ValueError(
-                    "training.activationCheckpointing: composed models (model.composition) train without it "
-                    "(their parents are mostly frozen); set it to none"
-                )
         if check_only:
             return None
         composed = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from midfill.api.common import (
     API_VERSION,
@@ -312,6 +312,15 @@ class TrainingSpec(ApiModel):
         "the device's name (docs/trainer.md lists them); MFU is not reported where it is unknown (CPUs).",
     )
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_value(cls, value: object) -> object:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{value!r} is not allowed; use auto (on for CUDA GPUs, off on CPUs), true or false")
+
     def compile_on(self, device_type: str) -> bool:
         """Whether the model is compiled on this device type ('cuda', 'cpu')."""
         return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
@@ -481,10 +490,15 @@ class TrainingRunSpec(ApiModel):
                 f"model.architecture.maxPositionEmbeddings: {arch_ctx} is below training.seqLength "
                 f"({self.training.seq_length}); raise it or shorten the sequences"
             )
-        if self.model.attention == "flash_attention_2" and not gpus:
+        if self.model.attention in ("flash_attention_2", "flex_attention") and not gpus:
             raise ValueError(
-                "model.attention: flash_attention_2 needs resources.limits['nvidia.com/gpu'] (none set); "
+                f"model.attention: {self.model.attention} needs resources.limits['nvidia.com/gpu'] (none set); "
                 "use attention: auto to fall back to sdpa on CPUs"
+            )
+        if self.model.composition is not None and self.training.activation_checkpointing != "none":
+            raise ValueError(
+                "training.activationCheckpointing: composed models (model.composition) train without it "
+                "(their parents are mostly frozen); set it to none"
             )
         if self.model.attention == "flash_attention_2" and self.training.precision == "fp32":
             raise ValueError(
