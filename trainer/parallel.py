@@ -66,17 +66,7 @@ def wrap(model: torch.nn.Module, *, strategy: str, d: Dist, mixed_bf16: bool) ->
     if not d.enabled or d.world_size == 1:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if mixed_bf16
-            else MixedPrecisionPolicy()
-        )
-        for layer in model.model.layers:  # one FSDP unit per decoder block, then the rest
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
+        return shard(model, mixed_bf16=mixed_bf16)
     ids = [d.local_rank] if d.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
@@ -122,6 +112,21 @@ def checkpoint_activations(model: torch.nn.Module, mode: str) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers before activation_checkpointing_enable (a GPU image's own copy)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def shard(model: torch.nn.Module, *, mixed_bf16: bool) -> torch.nn.Module:
+    """FSDP2 over the process group: one unit per decoder block, then the rest."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_bf16
+        else MixedPrecisionPolicy()
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

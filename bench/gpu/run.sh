@@ -10,7 +10,9 @@
 #      on the same GPU, static decode path vs dynamic: a ~100M model (12 layers, hidden 768) and a ~1B
 #      one (16 layers, hidden 2048) -- step ms at 1/8/32 rows and over the weight-read floor, c32
 #      tokens/s, a lone request's latency over generate's (docs/benchmarks.md, "GPU decode path");
-#   4. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint with the debug-size model.
+#   4. bench/train_gpu.py: training tokens/s, MFU, peak GPU and host memory (1b default/eager/documentMask,
+#      7b geometry with 4 layers under FSDP2 from the meta device); run alone with ONLY="train-..." (below);
+#   5. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint with the debug-size model.
 #
 #   bash bench/gpu/fetch_wheels.sh [--with-ray]     # on a machine with PyPI, once
 #   bash bench/gpu/run.sh                           # on the GPU machine, from the repository root
@@ -82,6 +84,18 @@ step serve-throughput-100m 105 $PY bench/serve_throughput.py --device "$DEVICE" 
   --layers 12 --hidden 768 --heads 12 --out "$OUT/serve_throughput_${DEVICE}_100m.json" ${BENCH_ARGS:-}
 step serve-throughput-1b 170 $PY bench/serve_throughput.py --device "$DEVICE" $DECODE \
   --layers 16 --hidden 2048 --heads 16 --out "$OUT/serve_throughput_${DEVICE}_1b.json" ${BENCH_ARGS:-}
+# Training as a job runs it (issue 19): the 1b recipe at seq 2048, micro 8, bf16 -- default settings
+# (compile: auto, so compiled on a GPU), eager for comparison, documentMask (flex_attention's block
+# mask where flash-attn is missing), and the 7b geometry with 4 layers from the meta device under
+# FSDP2 (one process: sharded as FSDP2 shards it, world size 1). Run alone as one call of <= 6 minutes:
+#   ONLY="train-1b train-1b-eager train-1b-docmask train-7b-fsdp" bash bench/gpu/run.sh
+# TRAIN_ARGS shrinks the models for the CPU dry run.
+TRAIN="$PY bench/train_gpu.py --seq 2048 --micro 8 --steps 8 --warmup 2"
+step train-1b 100 $TRAIN --recipe 1b --out "$OUT/train_${DEVICE}_1b.json" ${TRAIN_ARGS:-}
+step train-1b-eager 45 $TRAIN --recipe 1b --compile false --out "$OUT/train_${DEVICE}_1b_eager.json" ${TRAIN_ARGS:-}
+step train-1b-docmask 100 $TRAIN --recipe 1b --document-mask --out "$OUT/train_${DEVICE}_1b_docmask.json" ${TRAIN_ARGS:-}
+step train-7b-fsdp 90 $PY -m torch.distributed.run --standalone --nproc-per-node 1 bench/train_gpu.py --seq 2048 --micro 4 \
+  --steps 6 --warmup 2 --recipe 7b --layers 4 --fsdp --out "$OUT/train_${DEVICE}_7b4_fsdp.json" ${TRAIN_ARGS:-}
 # The endpoint where Ray Serve is there (debug-size model; not counted in the 6 minutes).
 if $PY -c "import ray.serve, fastapi" 2>/dev/null; then
   step serve-throughput-endpoint 240 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine,endpoint --rounds 1 \
