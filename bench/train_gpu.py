@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> dict:
         "flops_per_token": per_token,
         "tokens_per_second": tps,
         "tokens_per_second_per_device": tps / d.world_size,
-        "mfu": flops.mfu(tps / d.world_size, per_token, flops.peak_tflops(d.device, bf16=bf16, override=args.peak_tflops)),
+        "mfu": flops.mfu(
+            tps / d.world_size, per_token, flops.peak_tflops(d.device, bf16=bf16, override=args.peak_tflops)
+        ),
         "final_loss": logs[-1]["loss"],
         "wall_s": time.perf_counter() - start,
         "host_memory_per_rank": {**host, "peak_gb": peak_host_gb()},

@@ -77,7 +77,8 @@ def validation_loss(
     model.eval()
     total, count = 0.0, 0.0
     for seqs in batches:
-        batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
+        batch = collate(
+            seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
         )
         if prepare_batch is not None:
             batch = prepare_batch(batch)

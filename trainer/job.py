@@ -249,8 +249,11 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
     if is_on_meta(model):
         rss = weights.host_rss_bytes()
         weights.materialize(model, d.device, seed=spec.training.seed, init_dir=p.init_dir)
-        log.info("weights materialised per shard (host memory %.2f GB before, %.2f GB after)", rss / 1e9,
-                 weights.host_rss_bytes() / 1e9)
+        log.info(
+            "weights materialised per shard (host memory %.2f GB before, %.2f GB after)",
+            rss / 1e9,
+            weights.host_rss_bytes() / 1e9,
+        )
     compiled = spec.training.compile_on(d.device.type)
     if compiled:
         model = torch.compile(model)

@@ -95,7 +95,9 @@ def build_model(
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32), attn
         if on_meta:
-            log.warning("model.init: vocabulary %d < tokenizer's %d; loading it whole to resize", cfg.vocab_size, vocab_size)
+            log.warning(
+                "model.init: vocabulary %d < tokenizer's %d; loading it whole to resize", cfg.vocab_size, vocab_size
+            )
         model = AutoModelForCausalLM.from_pretrained(init_dir, attn_implementation=attn, dtype=torch.float32)
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             model.resize_token_embeddings(vocab_size)

@@ -28,7 +28,9 @@ class ProgressRecord(BaseModel):
     loss: float | None = None
     tokens_per_second: float | None = None
     tokens_per_second_per_device: float | None = None
-    mfu: float | None = Field(default=None, description="Model FLOPs utilisation (0-1); None where the peak is unknown.")
+    mfu: float | None = Field(
+        default=None, description="Model FLOPs utilisation (0-1); None where the peak is unknown."
+    )
     update_time: str | None = None
     attempt: int | None = None
     checkpoint_uri: str | None = Field(default=None, description="Newest complete checkpoint.")

@@ -22,7 +22,9 @@ ROOT = HERE.parents[1]
 
 
 def _tiny(seed: int, *, on_meta: bool = False):
-    recipe = get_recipe("debug").with_overrides(Architecture(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96))
+    recipe = get_recipe("debug").with_overrides(
+        Architecture(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
+    )
     model, _ = build_model(
         ModelSpec(), recipe, init_dir=None, vocab_size=512, eos_id=0, pad_id=1, seed=seed, on_meta=on_meta
     )
@@ -31,7 +33,9 @@ def _tiny(seed: int, *, on_meta: bool = False):
 
 def test_random_weights_are_a_function_of_the_seed_and_the_parameter_name():
     a, b, other = _tiny(5), _tiny(5), _tiny(6)
-    for (name, pa), pb, po in zip(a.state_dict().items(), b.state_dict().values(), other.state_dict().values()):
+    for (name, pa), pb, po in zip(
+        a.state_dict().items(), b.state_dict().values(), other.state_dict().values(), strict=True
+    ):
         assert torch.equal(pa, pb), name
         if "norm" not in name:
             assert not torch.equal(pa, po), name
@@ -63,7 +67,10 @@ def test_a_7b_geometry_on_the_meta_device_takes_no_host_memory(capsys):
     grown = host_rss_bytes() - before
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     with capsys.disabled():
-        print(f"\n7b geometry, 4 layers on meta: {fp32_bytes / 1e9:.2f} GB of fp32 weights, host RSS +{grown / 1e6:.1f} MB")
+        print(
+            f"\n7b geometry, 4 layers on meta: {fp32_bytes / 1e9:.2f} GB of fp32 weights, "
+            f"host RSS +{grown / 1e6:.1f} MB"
+        )
     assert is_on_meta(model)
     assert fp32_bytes > 4e9
     assert grown < 200e6, f"building on the meta device took {grown / 1e6:.0f} MB of host memory"
