@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # every step of the check, serving and training, on a shared CPU
 def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
     env = {
         **os.environ,
