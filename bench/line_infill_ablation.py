@@ -11,7 +11,12 @@ so "before" is measured, not remembered; `--tokenizer-from ROW` rows reuse that 
 tokenizer (to separate the span cut from the tokenizer). One row per call, results accumulate:
 
     .venv/bin/python bench/line_infill_ablation.py --row baseline --steps 120
+    .venv/bin/python bench/line_infill_ablation.py --boundary     # needs rows baseline and indent-token
     .venv/bin/python bench/line_infill_ablation.py --table
+
+--boundary measures the cause without a model: the token each line-em prompt ends with (the line's
+indentation), and how often that token is followed by code in the training text (every 10th
+training file, plain text), for the baseline row's tokenizer and the indent-token row's.
 
 Writes bench/results/line_infill_ablation.json (wall time and the machine's load average per row:
 the 2 cores are shared, so read tokens/s, not wall time, across rows).
@@ -155,6 +160,37 @@ def run_row(args: argparse.Namespace) -> None:
     print(json.dumps(report["rows"][args.row], indent=1)[:3000])
 
 
+def boundary(state: Path, *, tasks: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from midfill.api.trainingrun import DataSpec
+    from midfill.datasplit import stdlib_root
+    from midfill.evaluation.suites import heldout_files, line_em_tasks
+    from trainer.data import Corpus
+
+    held_out = line_em_tasks(heldout_files(stdlib_root()), limit=tasks)
+    corpus = Corpus.from_spec(DataSpec.model_validate({"sources": [{"uri": "stdlib://", "include": ["*.py"]}]}))
+    texts = [Path(f.url).read_text(errors="replace") for f in corpus.train[0][::10]]
+    out = {}
+    for row in ("baseline", "indent-token"):
+        tok = AutoTokenizer.from_pretrained(state / "runs" / f"ablation-{row}" / "checkpoints" / "tokenizer")
+        last = {tok(t.prefix[-200:], add_special_tokens=False)["input_ids"][-1] for t in held_out}
+        seen = followed_by_code = 0
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            for a, b in zip(ids, ids[1:], strict=False):
+                if a in last:
+                    seen += 1
+                    followed_by_code += tok.convert_ids_to_tokens(b)[0] not in "ĠĊĉ"  # byte-level space, \n, \t
+        out[row] = {
+            "prompts": len(held_out),
+            "distinct_last_tokens": len(last),
+            "occurrences_in_training_text": seen,
+            "followed_by_code": round(followed_by_code / max(seen, 1), 4),
+        }
+    return out
+
+
 def table() -> str:
     rows = json.loads(RESULTS.read_text())["rows"]
     out = [
@@ -178,6 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", choices=list(ROWS))
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the stored rows")
+    parser.add_argument("--boundary", action="store_true", help="the prompt-boundary statistic (no model)")
     parser.add_argument("--steps", type=int, help="override spec.training.steps (warmup = steps / 10)")
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -186,7 +223,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.row:
         run_row(args)
-    if args.table or not args.row:
+    if args.boundary:
+        report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmark": "line_infill_ablation", "rows": {}}
+        report["boundary"] = boundary(args.state, tasks=args.tasks)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report["boundary"], indent=1))
+    if args.table or not (args.row or args.boundary):
         print(table())
 
 
