@@ -134,7 +134,12 @@ def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict
     )
     stream = DocumentStream(corpus.train, corpus.weights, seed=t.seed, rank=0, world_size=1)
     packer = Packer(
-        stream, bpe, spec.objective, seq_length=t.seq_length, num_mask_tokens=spec.tokenizer.num_mask_tokens, seed=t.seed
+        stream,
+        bpe,
+        spec.objective,
+        seq_length=t.seq_length,
+        num_mask_tokens=spec.tokenizer.num_mask_tokens,
+        seed=t.seed,
     )
     logs: list[dict] = []
     train_started = time.monotonic()

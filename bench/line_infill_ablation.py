@@ -133,6 +133,10 @@ def score(export: Path, *, tasks: int, max_new_tokens: int) -> tuple[dict[str, f
     return result.metrics, samples
 
 
+def load_results() -> dict[str, Any]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmark": "line_infill_ablation", "rows": {}}
+
+
 def run_row(args: argparse.Namespace) -> None:
     state = args.state
     state.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,7 @@ def run_row(args: argparse.Namespace) -> None:
     run_dir = state / "runs" / f"ablation-{args.row}"
     progress = json.loads((run_dir / "progress.json").read_text())  # the last logged step
     metrics, samples = score(run_dir / "export", tasks=args.tasks, max_new_tokens=args.max_new_tokens)
-    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmark": "line_infill_ablation", "rows": {}}
+    report = load_results()
     report["rows"][args.row] = {
         "change": ROWS[args.row][0],
         "spec": doc["spec"],
@@ -224,7 +228,7 @@ def main() -> None:
     if args.row:
         run_row(args)
     if args.boundary:
-        report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmark": "line_infill_ablation", "rows": {}}
+        report = load_results()
         report["boundary"] = boundary(args.state, tasks=args.tasks)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(report, indent=1) + "\n")

@@ -88,15 +88,17 @@ def print_scores(model: str, version: str) -> None:
     tags = Registry(CoreSettings().resolved_tracking_uri()).get(model, version=version).tags
     got = {m: float(tags[metric_tag_key("line-em", m)]) for m in LINE_EM if metric_tag_key("line-em", m) in tags}
     if len(got) < len(LINE_EM):
-        print("\n(line-em was not recorded on this version; run: .venv/bin/midfill eval "
-              f"models:/{model}/{version} --suite line-em)")
+        print(
+            "\n(line-em was not recorded on this version; run: .venv/bin/midfill eval "
+            f"models:/{model}/{version} --suite line-em)"
+        )
         return
     print(
         f"""
 \033[1mHow good is it?\033[0m line-em on {got["tasks"]:.0f} single-line holes inside function bodies of held-out
 standard-library files (greedy, cursor after the indentation, like the examples above):
-  ended the line itself (<eom>) {got["stop_rate"]:.0%} | cut by the client's newline stop {got["stop_string_rate"]:.0%} \
-| ran to max tokens {got["length_rate"]:.0%}
+  ended the line itself (<eom>) {got["stop_rate"]:.0%} | cut by the client's newline stop \
+{got["stop_string_rate"]:.0%} | ran to max tokens {got["length_rate"]:.0%}
   only whitespace {got["whitespace_rate"]:.0%} | first line exactly right {got["first_line_exact_match"]:.0%}
 A 5M-parameter model after a few minutes on 2 CPU cores mostly writes plausible-looking code of the
 right shape, rarely the right line; the same recipe at 125m on a GPU is in docs/benchmarks.md."""

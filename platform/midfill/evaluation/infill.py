@@ -10,7 +10,6 @@ from typing import Literal, Protocol
 from midfill.evaluation.suites import InfillTask
 from midfill.fim import get_format
 
-
 # How a middle ended: the model emitted its own end token (<eom>/<|endoftext|>) first; the client
 # cut it at one of its stop strings (e.g. the newline of a single-line hole) before that; or neither
 # happened within max_new_tokens. Only "model" says the model knows where the middle ends.

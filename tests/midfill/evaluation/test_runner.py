@@ -64,7 +64,8 @@ class ScriptedInfiller:
         self.outputs = outputs
 
     def infill(self, tasks, *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
-        return [finish(text, model_ended=ended, stop=stop) for (text, ended), _ in zip(self.outputs, tasks, strict=True)]
+        pairs = zip(self.outputs, tasks, strict=True)
+        return [finish(text, model_ended=ended, stop=stop) for (text, ended), _ in pairs]
 
 
 def test_line_em_counts_how_each_middle_ended_and_what_it_holds(tmp_path: Path) -> None:

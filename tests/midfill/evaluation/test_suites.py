@@ -7,10 +7,10 @@ import pytest
 from midfill.datasplit import stdlib_root
 from midfill.evaluation.sandbox import Limits, run_program
 from midfill.evaluation.suites import (
+    body_lines,
     heldout_files,
     humaneval_multi_line,
     humaneval_single_line,
-    body_lines,
     line_em_tasks,
 )
 
