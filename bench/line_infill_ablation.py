@@ -56,20 +56,10 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {
     "baseline": ("main's trainer and recipe", "ref", {}, None),
     "span-cut": ("single-line spans cut after the indentation, without the newline", "tree", {}, "baseline"),
     "indent-token": ("+ indentation as its own pre-token (tokenizer retrained)", "tree", {}, None),
-    "single-line-0.9": (
-        "+ singleLineProbability 0.9",
+    "single-line-0.8": (
+        "+ singleLineProbability 0.8",
         "tree",
-        {"objective": {"spanCorruption": {"singleLineProbability": 0.9}}},
-        None,
-    ),
-    "recipe": (
-        "+ vocab 4096, lr 2e-3",
-        "tree",
-        {
-            "objective": {"spanCorruption": {"singleLineProbability": 0.9}},
-            "tokenizer": {"vocabSize": 4096},
-            "training": {"learningRate": 0.002},
-        },
+        {"objective": {"spanCorruption": {"singleLineProbability": 0.8}}},
         None,
     ),
     "sample": ("the sample as committed (manifests/samples/trainingrun-debug.yaml)", "tree", {"sample": True}, None),
