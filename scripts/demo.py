@@ -100,8 +100,8 @@ standard-library files (greedy, cursor after the indentation, like the examples 
   ended the line itself (<eom>) {got["stop_rate"]:.0%} | cut by the client's newline stop \
 {got["stop_string_rate"]:.0%} | ran to max tokens {got["length_rate"]:.0%}
   only whitespace {got["whitespace_rate"]:.0%} | first line exactly right {got["first_line_exact_match"]:.0%}
-A 5M-parameter model after a few minutes on 2 CPU cores mostly writes plausible-looking code of the
-right shape, rarely the right line; the same recipe at 125m on a GPU is in docs/benchmarks.md."""
+Judge the model by these numbers, not by three examples: a 5M-parameter model after a few minutes on
+2 CPU cores is weak (targets and measurements: docs/benchmarks.md, line_infill_ablation)."""
     )
 
 
