@@ -29,6 +29,7 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
             "--layers 2 --hidden 64 --heads 4 --requests 32 --rounds 1 --dtypes float32 --baseline-dtypes float32"
         ),
         "TRAIN_ARGS": "--hidden 64 --heads 4 --layers 2 --seq 64 --micro 2 --steps 2 --warmup 1 --compile false",
+        "INFILL_ARGS": "--dry-run",  # the 125m infill recipe shrunk to the debug geometry, 2 steps, 2 tasks
         "MIDFILL_STATE_DIR": str(tmp_path / "state"),
         "WHEEL_DIRS": "",  # this environment has everything; wheels fetched for a GPU box's Python would not fit it
         "WHEELS": str(tmp_path / "wheels"),
@@ -53,6 +54,9 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
     sharded = json.loads((tmp_path / "train_cpu_7b4_fsdp.json").read_text())
     assert sharded["fsdp_meta_init"] and sharded["world_size"] == 1
     assert json.loads((tmp_path / "train_cpu_1b_docmask.json").read_text())["document_mask"]
+    infill = json.loads((tmp_path / "infill_recipe_125m.json").read_text())  # trained, then scored by line-em
+    assert infill["dry_run"] and infill["steps_done"] == 2 and infill["line_em"]["tasks"] == 2
+    assert set(infill["line_em"]) >= {"stop_rate", "stop_string_rate", "length_rate", "whitespace_rate"}
     if importlib.util.find_spec("ray") is not None:  # the endpoint joins where Ray Serve is installed
         summary = json.loads((tmp_path / "serve_throughput_cpu.json").read_text())[
             "summary_speedup_vs_fastest_baseline"

@@ -209,8 +209,8 @@ class SpanCorruptionObjective(ApiModel):
         default=0.5,
         ge=0,
         le=1,
-        description="Chance a span is snapped to one whole line (teaches a small model to stop with "
-        "<eom> after a line, which editors ask for most). Default 0.5.",
+        description="Chance a span is one line's code, from after its indentation to before its newline "
+        "(the hole an editor asks for most; teaches a small model to end a line with <eom>). Default 0.5.",
     )
 
     @model_validator(mode="after")
