@@ -68,6 +68,19 @@ class DeploymentView:
     failed: str | None = None
 
 
+def served_by(health: Any, *, registered_model: str) -> tuple[str | None, str]:
+    """Read an endpoint's /health answer (the JSON body, or None when unreachable): the version it
+    serves loaded and warmed up (None if none, or another model), and what it said, for messages."""
+    if not isinstance(health, dict):
+        return None, "endpoint /health unreachable"
+    name, version = health.get("registered_model"), health.get("version")
+    if health.get("ready") is not True or not isinstance(version, str):
+        return None, f"endpoint /health: {health.get('status', 'not ready')}"
+    if name != registered_model:
+        return None, f"endpoint serves {name} version {version}, not {registered_model}"
+    return version, f"endpoint serves {name} version {version}"
+
+
 @dataclass(frozen=True)
 class Observed:
     now: dt.datetime
@@ -215,6 +228,7 @@ class _Machine:
             self.phase("Degraded", message)
             return
         self.applied = True  # nothing to go back to: this is where the edit ends
+        self.cond("Progressing", "False", reason, why)
         self.cond("Degraded", "True", reason, why)
         self.cond("Available", "False", reason, why)
         self.phase("Degraded", why)
