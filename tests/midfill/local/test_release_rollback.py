@@ -5,7 +5,8 @@ A release serves version 1; version 2 is approved, but its export is corrupt (th
 garbage), so every replica constructor fails. The release must go Degraded, roll back to version 1
 and end Available on it, while the clients' requests -- all the time -- are answered by version 1
 without a single failure (the old replica keeps serving until a replacement is ready: Serve's
-max_surge_percent, serving.app)."""
+max_surge_percent, serving.app). Then `midfill eval --endpoint` refuses to score the alias's version 2
+on an endpoint that serves version 1, and records a run of version 1 on version 1."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def exports(tmp_path_factory) -> tuple[Path, Path]:
     (weights,) = corrupt.glob("*.safetensors")
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage" + bytes(4096))  # a torn upload
     return good, corrupt
+
+
+def _eval(*args: str):
+    """`midfill eval ARGS` in-process (the state dir's MLflow, as the release controller uses)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from midfill.evaluation.cli import register as register_eval
+    from midfill.local.cli import register
+
+    app = typer.Typer()
+    register(app)
+    register_eval(app)
+    return CliRunner().invoke(app, ["eval", *args])
 
 
 class Clients:
@@ -118,6 +133,20 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
             _wait(lambda: len(clients.answers) >= 3, timeout=120, what="the clients' first answers")
             registry.approve("fim-debug", 2)
             _wait(
+                lambda: (s := status()) and "rolling version 1 -> 2" in (s.message or ""),
+                timeout=120,
+                what="version 2 rolling out",
+            )
+            during_attempt = len(clients.answers)
+            _wait(
+                lambda: (s := status()) and condition(s.to_wire(), "RolledBack") is not None,
+                timeout=420,
+                what="the rollback decided",
+            )
+            # Version 1 kept answering while version 2 was being loaded (and failing), not only after
+            # the rollback brought a replica of version 1 back.
+            assert len(clients.answers) > during_attempt
+            _wait(
                 lambda: (s := status())
                 and s.resolved_version == "2"
                 and s.phase == "Available"
@@ -135,5 +164,20 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
         assert clients.errors == []
         assert len(clients.answers) >= 10
         assert {answer for answer in clients.answers} == {(200, "fim-debug/1")}
+
+        # The gate evaluates what is served: the alias points at version 2, the endpoint serves 1.
+        refused = _eval("models:/fim-debug@champion", "--suite", "line-em", "--limit", "2", "--endpoint", final.url)
+        assert refused.exit_code == 1, refused.output
+        assert "serves fim-debug version 1, but MODEL is fim-debug version 2" in refused.output, refused.output
+        assert not any(k.startswith("eval.") for k in registry.get("fim-debug", version="2").tags)
+        heldout = tmp_path / "heldout"  # short files: the tiny model's context is 256 tokens
+        heldout.mkdir()
+        (heldout / "a.py").write_text("def f(x):\n    return x + 1\n\n\nvalue = f(41)\nprint(value)\n")
+        scored = _eval(
+            *("models:/fim-debug/1", "--suite", "line-em", "--limit", "2", "--max-new-tokens", "8"),
+            *("--data", str(heldout), "--endpoint", final.url),
+        )
+        assert scored.exit_code == 0, scored.output
+        assert registry.get("fim-debug", version="1").tags["eval.line-em.tasks"] == "2"
     finally:
         cli("delete", "mr", "acc")

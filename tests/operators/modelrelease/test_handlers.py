@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from midfill.api import parse_resource
-from midfill.registry import Registry, metric_tag_key
+from midfill.registry import MIN_GATE_TASKS, Registry, metric_tag_key
 from operators.modelrelease.handlers import resolve
 from tests.operators.emulator import eventually
 
@@ -147,6 +147,11 @@ def test_resolve_applies_min_metrics_from_the_version_tags(tmp_path):
         "metric line-em/exact_match >= 0.25 (not evaluated: run `midfill eval models:/fim-debug/1 --suite line-em`)",
     )
     key = metric_tag_key("line-em", "exact_match")
+    registry.client.set_model_version_tag("fim-debug", "1", key, "0.5")
+    registry.client.set_model_version_tag("fim-debug", "1", metric_tag_key("line-em", "tasks"), "1")
+    (few,) = resolve(registry, rel).unmet  # a `--limit 1` result does not count
+    assert f"evaluated on 1 tasks; the gate counts runs of at least {MIN_GATE_TASKS}" in few
+    registry.client.set_model_version_tag("fim-debug", "1", metric_tag_key("line-em", "tasks"), str(MIN_GATE_TASKS))
     registry.client.set_model_version_tag("fim-debug", "1", key, "0.125")
     assert resolve(registry, rel).unmet == ("metric line-em/exact_match >= 0.25 (is 0.125)",)
     registry.client.set_model_version_tag("fim-debug", "1", key, "0.5")
