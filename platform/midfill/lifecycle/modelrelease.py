@@ -217,7 +217,8 @@ class _Machine:
         if dep.failed is not None:
             reason, why = "LoadFailed", f"version {target} failed to load: {dep.failed}"
         else:
-            reason, why = "HealthDeadlineExceeded", f"version {target} not served within {deadline}s ({_why(dep, target)})"
+            reason = "HealthDeadlineExceeded"
+            why = f"version {target} not served within {deadline}s ({_why(dep, target)})"
         stable = status.stable_version
         if self.spec.rollout.auto_rollback and stable and stable != target:
             message = f"{why}; rolling back to version {stable}"

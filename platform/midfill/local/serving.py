@@ -6,14 +6,15 @@ a cluster), started by `ray.init` in a short temp folder with no dashboard and a
 and Serve's HTTP proxy on 127.0.0.1 at a free port kept in the resource (the URL stays the same when
 the controller is restarted). Every few seconds it resolves the release's alias or version in the
 registry, reads Serve's application status and the endpoint's own /health (the version it serves,
-loaded and warmed up), and asks the ModelRelease state machine (`midfill.lifecycle.modelrelease`, the
-operator's) what to serve; a Deploy `serve.run`s the app `serving.app:build_app` — found by its import path, never
-imported here — with `ServeArgs.for_release(...)` pinned to that version. Approval, spec edits,
-rollout.healthDeadlineSeconds and rollback behave as on a cluster. A newer version is rolled out by
-`serve.run` with new args: Serve starts the new replica before it stops the old one (serving.app's
-max_surge_percent), and the old one finishes its requests, so none are dropped; a new version that
-fails to load leaves the old replica serving until the controller rolls back to it. Stopping the controller (`midfill delete`) shuts Serve
-and its Ray down; Ray's processes share the controller's fate if it dies.
+loaded and warmed up), and asks the ModelRelease state machine (`midfill.lifecycle.modelrelease`,
+the operator's) what to serve; a Deploy `serve.run`s the app `serving.app:build_app` — found by its
+import path, never imported here — with `ServeArgs.for_release(...)` pinned to that version.
+Approval, spec edits, rollout.healthDeadlineSeconds and rollback behave as on a cluster. A newer
+version is rolled out by `serve.run` with new args: Serve starts the new replica before it stops the
+old one (serving.app's max_surge_percent), and the old one finishes its requests, so none are
+dropped; a new version that fails to load leaves the old replica serving until the controller rolls
+back to it. Stopping the controller (`midfill delete`) shuts Serve and its Ray down; Ray's processes
+share the controller's fate if it dies.
 
 API keys: `spec.auth.apiKeySecretRef {name, key}` maps to the file `<state dir>/secrets/<name>/<key>`
 (named keys stored as digests, midfill.apikeys; mode 0600): a key named `default` is generated on

@@ -147,10 +147,12 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
             # the rollback brought a replica of version 1 back.
             assert len(clients.answers) > during_attempt
             _wait(
-                lambda: (s := status())
-                and s.resolved_version == "2"
-                and s.phase == "Available"
-                and condition(s.to_wire(), "RolledBack") == ("RolledBack", "True", "LoadFailed"),
+                lambda: (
+                    (s := status())
+                    and s.resolved_version == "2"
+                    and s.phase == "Available"
+                    and condition(s.to_wire(), "RolledBack") == ("RolledBack", "True", "LoadFailed")
+                ),
                 timeout=420,
                 what="version 2 rolled back to version 1",
             )

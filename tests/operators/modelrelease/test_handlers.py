@@ -217,6 +217,10 @@ async def test_pod_template_reaches_the_ray_head_and_workers(cluster, operator, 
         assert pod["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
 
 
+def _rolling(condition: dict) -> bool:
+    return (condition["type"], condition["status"]) == ("Progressing", "True")
+
+
 def events_of(cluster, name: str) -> list[dict]:
     return [
         obj.raw
@@ -240,7 +244,9 @@ async def test_a_version_that_fails_to_load_is_rolled_back_at_once(
         await cluster.create(doc)
         await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
         await kuberay_reports_running(cluster, serve_endpoint)
-        await eventually(lambda: status(cluster).get("stableVersion") == "1" and status(cluster)["phase"] == "Available")
+        await eventually(
+            lambda: status(cluster).get("stableVersion") == "1" and status(cluster)["phase"] == "Available"
+        )
         served_generation = status(cluster)["observedGeneration"]
         registry.approve("fim-debug", 2)
         await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/2")
@@ -300,15 +306,14 @@ async def test_a_spec_edit_is_observed_once_the_endpoint_serves_it(
         serve_endpoint.down("team", "fim-serve-svc")  # the edit replaces the replicas: none ready for now
         await cluster.patch("modelreleases", "fim", {"spec": {"endpoint": {"routePrefix": "/fim"}}})
         await eventually(
-            lambda: cluster.get("rayservices", "fim")["metadata"]["annotations"].get("midfill.dev/release-generation")
-            == str(generation + 1),
+            lambda: (
+                cluster.get("rayservices", "fim")["metadata"]["annotations"].get("midfill.dev/release-generation")
+                == str(generation + 1)
+            ),
             what="the RayService rebuilt from the edited spec",
         )
         progressing = await eventually(
-            lambda: next(
-                (c for c in status(cluster).get("conditions", []) if c["type"] == "Progressing" and c["status"] == "True"),
-                None,
-            ),
+            lambda: next((c for c in status(cluster).get("conditions", []) if _rolling(c)), None),
             what="Progressing",
         )
         assert progressing["reason"] == "SpecChanged"
@@ -317,8 +322,9 @@ async def test_a_spec_edit_is_observed_once_the_endpoint_serves_it(
         assert status(cluster)["observedGeneration"] == generation  # not applied yet
         await kuberay_reports_running(cluster, serve_endpoint)
         await eventually(
-            lambda: status(cluster).get("observedGeneration") == generation + 1
-            and status(cluster)["phase"] == "Available",
+            lambda: (
+                status(cluster).get("observedGeneration") == generation + 1 and status(cluster)["phase"] == "Available"
+            ),
             what="the edit observed",
         )
         assert status(cluster)["url"].endswith(":8000/fim")
