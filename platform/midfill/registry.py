@@ -265,6 +265,11 @@ def version_metric(info: VersionInfo, key: str) -> float | None:
         return None
 
 
+# A gate metric counts only from an evaluation of at least this many tasks (the `tasks` result every
+# suite records next to its metrics): a `--limit 1` run proves nothing about a model. docs/operator.md.
+MIN_GATE_TASKS = 20
+
+
 def unmet_approval(
     info: VersionInfo,
     *,
@@ -278,10 +283,16 @@ def unmet_approval(
         missing.append(f"alias {required_alias}")
     for key, threshold in sorted((min_metrics or {}).items()):
         value = version_metric(info, key)
+        suite = key.partition("/")[0]
+        tasks = version_metric(info, f"{suite}/tasks")
         if value is None:
             missing.append(
-                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite "
-                f"{key.partition('/')[0]}`)"
+                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite {suite}`)"
+            )
+        elif tasks is None or tasks < MIN_GATE_TASKS:
+            missing.append(
+                f"metric {key} >= {threshold:g} (evaluated on {tasks or 0:g} tasks; the gate counts runs of at "
+                f"least {MIN_GATE_TASKS}: run `midfill eval {info.uri} --suite {suite}` without a small --limit)"
             )
         elif value < threshold:
             missing.append(f"metric {key} >= {threshold:g} (is {value:g})")

@@ -136,15 +136,50 @@ class LocalInfiller:
         return finish(text, model_ended=ended is not None, stop=stop)
 
 
+def endpoint_base(url: str) -> str:
+    """The endpoint's base URL (route prefix included) from what a user may pass: with or without /v1."""
+    base = url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def served_version(url: str) -> tuple[str, str]:
+    """(registered model, version) the endpoint's /health says it serves, loaded and warmed up.
+    Raises ValueError naming what is wrong (unreachable, not ready, not a midfill endpoint)."""
+    import httpx
+
+    health_url = endpoint_base(url) + "/health"
+    try:
+        response = httpx.get(health_url, timeout=30)
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError(f"{health_url} did not answer with JSON: {exc}") from None
+    if response.status_code != 200 or body.get("ready") is not True:
+        raise ValueError(f"{health_url} says the endpoint is not ready ({response.status_code}: {body})")
+    name, version = body.get("registered_model"), body.get("version")
+    if not isinstance(name, str) or not isinstance(version, str):
+        raise ValueError(f"{health_url} does not name the served version (registered_model, version)")
+    return name, version
+
+
 class EndpointInfiller:
     """Infilling through a served model's OpenAI completions endpoint (prompt + suffix), as Tabby
     and scripts call it. The stop strings are applied here, not sent: the server answers
     finish_reason "stop" for its stop strings and the model's end token alike, and the metrics must
-    tell them apart."""
+    tell them apart. With `expect_fingerprint` (`<model>/<version>`), every answer must come from that
+    version (a rollout during the evaluation is an error, not a mix)."""
 
-    def __init__(self, url: str, *, api_key: str | None, model: str | None = None, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None,
+        model: str | None = None,
+        concurrency: int = 8,
+        expect_fingerprint: str | None = None,
+    ) -> None:
         from openai import OpenAI
 
+        self.expect_fingerprint = expect_fingerprint
         self.name = url
         self.client = OpenAI(
             base_url=url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"),
@@ -162,6 +197,11 @@ class EndpointInfiller:
             max_tokens=max_new_tokens,
             temperature=0,
         )
+        if self.expect_fingerprint is not None and resp.system_fingerprint != self.expect_fingerprint:
+            raise RuntimeError(
+                f"the endpoint answered with {resp.system_fingerprint}, not {self.expect_fingerprint}: "
+                "it changed versions during the evaluation; run it again once the release has settled"
+            )
         choice = resp.choices[0]
         return finish(choice.text, model_ended=choice.finish_reason == "stop", stop=stop)
 

@@ -9,7 +9,7 @@ import pytest
 from midfill.evaluation.infill import Completion, finish
 from midfill.evaluation.runner import record_on_version, run_infill_suite
 from midfill.evaluation.suites import InfillTask
-from midfill.registry import Registry, unmet_approval
+from midfill.registry import MIN_GATE_TASKS, Registry, unmet_approval
 
 
 class ReferenceInfiller:
@@ -110,14 +110,22 @@ def test_results_recorded_on_the_version_open_the_gate(tmp_path: Path) -> None:
     missing = unmet_approval(info, required_tags={}, required_alias=None, min_metrics=gate)
     assert missing and "not evaluated" in missing[0]
 
-    low = run_infill_suite("humaneval-single-line", ReferenceInfiller(wrong_every=2), limit=8)
+    low = run_infill_suite("humaneval-single-line", ReferenceInfiller(wrong_every=2), limit=MIN_GATE_TASKS)
     record_on_version(low, tracking_uri=uri, name="fim", version=info.version)
     below = unmet_approval(
         registry.get("fim", version=info.version), required_tags={}, required_alias=None, min_metrics=gate
     )
     assert below == ["metric humaneval-single-line/pass@1 >= 0.75 (is 0.5)"]
 
-    high = run_infill_suite("humaneval-single-line", ReferenceInfiller(), limit=8)
+    # A perfect score from a handful of tasks does not open the gate.
+    few = run_infill_suite("humaneval-single-line", ReferenceInfiller(), limit=2)
+    record_on_version(few, tracking_uri=uri, name="fim", version=info.version)
+    (too_few,) = unmet_approval(
+        registry.get("fim", version=info.version), required_tags={}, required_alias=None, min_metrics=gate
+    )
+    assert f"evaluated on 2 tasks; the gate counts runs of at least {MIN_GATE_TASKS}" in too_few
+
+    high = run_infill_suite("humaneval-single-line", ReferenceInfiller(), limit=MIN_GATE_TASKS)
     run_id = record_on_version(high, tracking_uri=uri, name="fim", version=info.version)
     version = registry.get("fim", version=info.version)
     assert unmet_approval(version, required_tags={}, required_alias=None, min_metrics=gate) == []
