@@ -67,6 +67,12 @@ class OperatorSettings(CoreSettings):
     checkpoint_mount_path: str = Field(
         default="/checkpoints", description="Where that claim is mounted. Default /checkpoints."
     )
+    keep_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts of a TrainingRun whose Job and ConfigMap are kept (the newest); older ones are "
+        "deleted, and status.attempts keeps their Job name and MLflow run id. Default 3.",
+    )
     master_port: int = Field(
         default=29500, ge=1, le=65535, description="torchrun rendezvous port (PET_MASTER_PORT). Default 29500."
     )

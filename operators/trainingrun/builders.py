@@ -22,6 +22,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "midfill-operator"}
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 CONTAINER = "trainer"
+LAUNCHER = "trainer.launch"  # `python -m trainer.launch TORCHRUN-ARGS` (keeps the exit code 78)
 CHECK_CONTAINER = "check-config"  # init container: `python -m trainer --check` (exit 78 = invalid config)
 CONFIG_DIR = "/etc/midfill"
 RUN_FILE = "trainingrun.yaml"
@@ -188,7 +189,9 @@ def build_job(
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
-        "command": ["torchrun"],
+        # trainer.launch runs torchrun and turns its 1 back into the trainer's 78 when a worker found
+        # an invalid config (torchrun itself exits 1 whatever its worker's code): see trainer/launch.py.
+        "command": ["python", "-m", LAUNCHER],
         "args": [
             "-m",
             "trainer",
@@ -219,8 +222,8 @@ def build_job(
         container["volumeMounts"].append({"name": "checkpoints", "mountPath": settings.checkpoint_mount_path})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.checkpoint_claim_name}})
 
-    # torchrun exits 1 whatever its worker's code, which would hide the trainer's 78 (invalid config)
-    # from the podFailurePolicy: the same checks run first, without torchrun, in an init container.
+    # The checks that need no model run first, once per pod and without torchrun, in an init container
+    # (a 78 there never costs a rendezvous); the launcher covers what only the workers can find.
     check = {
         "name": CHECK_CONTAINER,
         "image": image,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from midfill.api import SpecError, TrainingRun, set_condition
-from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
+from midfill.api.trainingrun import AttemptRecord, CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
 from midfill.lifecycle.clock import fmt_time, parse_time
 from midfill.progress import ProgressRecord
 
@@ -24,6 +24,9 @@ SETTLED_PHASES = (*TERMINAL_PHASES, "Suspended")  # nothing runs until the spec 
 # Reasons an attempt can end with (AttemptView.reason) that are not retried.
 NON_RETRYABLE = "NonRetryableExitCode"
 DEADLINE = "DeadlineExceeded"
+# Attempts whose Job and ConfigMap are kept (the newest ones; older ones are deleted, status.attempts
+# keeps their Job name and MLflow run). Operator setting MIDFILL_KEEP_ATTEMPTS.
+KEEP_ATTEMPTS = 3
 
 
 def attempt_name(run_name: str, attempt: int) -> str:
@@ -61,6 +64,10 @@ class Observed:
     jobs: dict[int, AttemptView] = field(default_factory=dict)
     progress: ProgressRecord | None = None
     registered: RegisteredModelRef | None = None
+    # attempt -> id of its MLflow run while that run is still RUNNING (empty when MLflow was not asked).
+    open_runs: dict[int, str] = field(default_factory=dict)
+    # Attempts older than the status' attempt whose children (Job, ConfigMap) still exist.
+    retained: tuple[int, ...] = ()
 
 
 # -- actions -----------------------------------------------------------------------------------------
@@ -75,7 +82,24 @@ class DeleteAttempt:
     name: str
 
 
-Action = StartAttempt | DeleteAttempt
+@dataclass(frozen=True)
+class EndRun:
+    """End an attempt's MLflow run that is still RUNNING although the attempt is over (idempotent)."""
+
+    attempt: int
+    run_id: str
+    status: Literal["FAILED", "KILLED"]
+
+
+@dataclass(frozen=True)
+class PruneAttempt:
+    """Delete what an old, finished attempt left (its Job and ConfigMap); status.attempts keeps its pointers."""
+
+    attempt: int
+    name: str
+
+
+Action = StartAttempt | DeleteAttempt | EndRun | PruneAttempt
 
 
 @dataclass
@@ -107,6 +131,46 @@ def needs_resync(status: dict | None) -> bool:
     status = status or {}
     phase = status.get("phase", "Pending")
     return phase in ACTIVE_PHASES or (phase == "Succeeded" and not status.get("registeredModel"))
+
+
+# -- attempt history -----------------------------------------------------------------------------------
+def attempt_record(status: TrainingRunStatus, run_name: str, attempt: int) -> AttemptRecord:
+    """The status' record of an attempt, added (in order) when missing."""
+    for rec in status.attempts:
+        if rec.attempt == attempt:
+            return rec
+    rec = AttemptRecord(attempt=attempt, job_name=attempt_name(run_name, attempt))
+    status.attempts = sorted([*status.attempts, rec], key=lambda r: r.attempt)
+    return next(r for r in status.attempts if r.attempt == attempt)
+
+
+def _ended(
+    status: TrainingRunStatus, run_name: str, attempt: int, outcome: Literal["Succeeded", "Failed", "Killed"], why: str
+) -> None:
+    """Record how an attempt ended (the first word stands: a later sync must not rewrite history)."""
+    rec = attempt_record(status, run_name, attempt)
+    if rec.outcome is None:
+        rec.outcome, rec.reason = outcome, why
+
+
+def _housekeeping(status: TrainingRunStatus, run_name: str, observed: Observed, keep: int) -> list[Action]:
+    """End the MLflow runs of attempts that are over, and prune all but the newest `keep` attempts.
+
+    Decided from what was observed on every call (not on the transition only), so an MLflow that was
+    down when an attempt ended, or a crash between acting and writing the status, is caught up later.
+    """
+    actions: list[Action] = []
+    current = max([status.attempt, *observed.jobs])
+    for attempt, run_id in sorted(observed.open_runs.items()):
+        rec = next((r for r in status.attempts if r.attempt == attempt), None)
+        outcome = rec.outcome if rec is not None else None
+        if outcome == "Succeeded" or (attempt >= current and outcome is None):
+            continue  # still training, or finished by the trainer itself
+        actions.append(EndRun(attempt, run_id, "FAILED" if outcome == "Failed" else "KILLED"))
+    for attempt in sorted(observed.retained):
+        if attempt <= current - max(1, keep):
+            actions.append(PruneAttempt(attempt, attempt_name(run_name, attempt)))
+    return actions
 
 
 # -- the state machine ---------------------------------------------------------------------------------
@@ -144,6 +208,7 @@ class _Machine:
     # -- transitions -------------------------------------------------------------------------------
     def start(self, attempt: int, *, phase: str, message: str) -> None:
         self.actions.append(StartAttempt(attempt, self.remaining_deadline()))
+        attempt_record(self.status, self.run.metadata.name, attempt)
         self.status.attempt = attempt
         self.status.active_job_name = attempt_name(self.run.metadata.name, attempt)
         self.status.start_time = self.status.start_time or self.now
@@ -163,6 +228,7 @@ class _Machine:
     def attempt_failed(self, attempt: int, reason: str, detail: str) -> None:
         """An attempt died: restart the whole gang (resuming from the newest checkpoint) or give up."""
         policy = self.spec.failure_policy
+        _ended(self.status, self.run.metadata.name, attempt, "Failed", reason)
         what = f"attempt {attempt} failed ({reason}{': ' + detail if detail else ''})"
         if reason == NON_RETRYABLE:
             self.fail(reason, f"{what}; not retried: fix the spec and apply again")
@@ -182,6 +248,7 @@ class _Machine:
             )
 
     def succeed(self, attempt: int) -> None:
+        _ended(self.status, self.run.metadata.name, attempt, "Succeeded", "JobComplete")
         self.status.completion_time = self.status.completion_time or self.now
         self.status.active_job_name = None
         self.cond("Succeeded", "True", "JobComplete", f"attempt {attempt} completed")
@@ -206,26 +273,45 @@ class _Machine:
             )
 
     def progress(self) -> None:
-        rec = self.observed.progress
-        if rec is None:
+        st, name = self.status, self.run.metadata.name
+        for attempt, run_id in self.observed.open_runs.items():
+            if attempt <= st.attempt:
+                rec = attempt_record(st, name, attempt)
+                rec.mlflow_run_id = rec.mlflow_run_id or run_id
+        report = self.observed.progress
+        if report is None:
             return
-        self.status.progress = Progress(
-            step=rec.step,
-            total_steps=rec.total_steps or self.spec.training.total_steps(),
-            loss=rec.loss,
-            tokens_per_second=rec.tokens_per_second,
-            update_time=rec.update_time,
-        )
-        if rec.checkpoint_uri and rec.checkpoint_step is not None:
-            self.status.last_checkpoint = CheckpointRef(
-                uri=rec.checkpoint_uri, step=rec.checkpoint_step, time=rec.checkpoint_time
+        if report.attempt and report.mlflow_run_id and report.attempt <= st.attempt:
+            attempt_record(st, name, report.attempt).mlflow_run_id = report.mlflow_run_id
+        if report.checkpoint_uri and report.checkpoint_step is not None:
+            st.last_checkpoint = CheckpointRef(
+                uri=report.checkpoint_uri, step=report.checkpoint_step, time=report.checkpoint_time
             )
+        # A new attempt that has logged nothing yet still stands at the checkpoint it resumes from:
+        # the step never drops to 0 between attempts, and a missing value keeps the last one known.
+        resumes_at = st.last_checkpoint.step if st.last_checkpoint and self.spec.checkpoint.resume == "latest" else 0
+        before = st.progress or Progress()
+        st.progress = Progress(
+            step=max(report.step, resumes_at),
+            total_steps=report.total_steps or self.spec.training.total_steps(),
+            loss=report.loss if report.loss is not None else before.loss,
+            tokens_per_second=report.tokens_per_second
+            if report.tokens_per_second is not None
+            else before.tokens_per_second,
+            update_time=report.update_time or before.update_time,
+        )
 
     def run_active(self, job: AttemptView) -> None:
         """An attempt that exists and has not finished."""
         nodes = self.spec.parallelism.num_nodes
         queue = self.spec.scheduling.queue_name
         if job.suspended:
+            if self.pods_were_ready():
+                # Kueue took the admission back (preemption): the pods are gone, and the startup
+                # timeout must apply again once the Job is re-admitted.
+                message = f"{job.name} was suspended again by Kueue; its pods were removed"
+                self.cond("PodsReady", "False", "Suspended", message)
+                self.cond("Running", "False", "Suspended", message)
             self.cond(
                 "Queued",
                 "True",
@@ -236,8 +322,7 @@ class _Machine:
             return
         if queue:
             self.cond("Queued", "False", "Admitted", f"admitted by Kueue queue {queue!r}")
-        ready_before = any(c.type == "PodsReady" and c.status == "True" for c in self.status.conditions)
-        if ready_before or job.ready >= nodes:
+        if self.pods_were_ready() or job.ready >= nodes:
             self.cond("PodsReady", "True", "AllPodsReady", f"{nodes}/{nodes} nodes of {job.name} ready")
             self.cond("Running", "True", "Training", f"attempt {job.attempt} is training")
             self.cond("Restarting", "False", "Running", "")
@@ -256,6 +341,9 @@ class _Machine:
             "Restarting" if restarting else "Starting",
             self.status.message if restarting else f"attempt {job.attempt}: {job.ready}/{nodes} nodes ready",
         )
+
+    def pods_were_ready(self) -> bool:
+        return any(c.type == "PodsReady" and c.status == "True" for c in self.status.conditions)
 
     def finished(self, attempt: int, job: AttemptView) -> None:
         """The attempt's runtime reported an outcome."""
@@ -291,7 +379,9 @@ class _Machine:
         if self.spec.suspend:
             if live is not None:
                 self.actions.append(DeleteAttempt(live.name))
+                _ended(st, self.run.metadata.name, live.attempt, "Killed", "Suspended")
             st.active_job_name = None
+            self.cond("PodsReady", "False", "Suspended", "spec.suspend is true")
             self.cond("Running", "False", "Suspended", "spec.suspend is true")
             self.set_phase("Suspended", "suspended (checkpoints are kept); set spec.suspend: false to resume")
             return
@@ -299,6 +389,7 @@ class _Machine:
         if remaining is not None and remaining <= 0 and st.attempt > 0:
             if live is not None:
                 self.actions.append(DeleteAttempt(live.name))
+                _ended(st, self.run.metadata.name, live.attempt, "Failed", DEADLINE)
             self.fail(DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
             return
         if live is None:
@@ -325,16 +416,26 @@ class _Machine:
 
 
 def reconcile(
-    run: TrainingRun | SpecError, *, status: TrainingRunStatus, observed: Observed, generation: int | None
+    run: TrainingRun | SpecError,
+    *,
+    status: TrainingRunStatus,
+    observed: Observed,
+    generation: int | None,
+    run_name: str = "",
+    keep_attempts: int = KEEP_ATTEMPTS,
 ) -> Plan:
-    """Next status and actions. `run` is the parsed resource, or the SpecError its parse raised."""
+    """Next status and actions. `run` is the parsed resource, or the SpecError its parse raised (then
+    `run_name` names the run for its attempt records)."""
     status = status.model_copy(deep=True)
     now = fmt_time(observed.now)
     if isinstance(run, SpecError):
         message = "invalid spec: " + "; ".join(f"{e.path}: {e.message}" for e in run.errors)
-        actions: list[Action] = [
-            DeleteAttempt(j.name) for j in observed.jobs.values() if j.outcome is None and not j.deleting
-        ]
+        actions: list[Action] = []
+        for j in observed.jobs.values():
+            if j.outcome is None and not j.deleting:
+                actions.append(DeleteAttempt(j.name))
+                _ended(status, run_name, j.attempt, "Killed", "InvalidSpec")
+        actions += _housekeeping(status, run_name, observed, keep_attempts)
         status.conditions = set_condition(
             status.conditions,
             type="Failed",
@@ -358,7 +459,8 @@ def reconcile(
     machine = _Machine(run, status, observed, generation)
     machine.step()
     machine.status.observed_generation = generation
-    return Plan(machine.status, machine.actions)
+    actions = [*machine.actions, *_housekeeping(machine.status, run.metadata.name, observed, keep_attempts)]
+    return Plan(machine.status, actions)
 
 
 def _reopen(status: TrainingRunStatus, *, reason: str, message: str, generation: int | None, now: str) -> None:
@@ -390,6 +492,9 @@ def interrupted(status: TrainingRunStatus, *, generation: int | None, now: dt.da
     """The process that ran the attempts vanished (local backend: its supervisor was killed or the
     machine restarted) while the run was active: nothing moves until it is applied again."""
     status = status.model_copy(deep=True)
+    for rec in status.attempts:  # its MLflow run is ended FAILED once the run is applied again
+        if rec.attempt == status.attempt and rec.outcome is None:
+            rec.outcome, rec.reason = "Failed", "Interrupted"
     step = status.last_checkpoint.step if status.last_checkpoint else 0
     message = (
         f"attempt {status.attempt} stopped before finishing (its processes are gone); apply the "

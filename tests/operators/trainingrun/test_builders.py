@@ -72,7 +72,7 @@ def test_pods_run_torchrun_with_the_gang_environment(big_run):
     settings = OperatorSettings(tracking_uri="http://mlflow:5000")
     job = builders.build_job(big_run, attempt=2, settings=settings)
     c, e = container(job), env(job)
-    assert c["command"] == ["torchrun"]
+    assert c["command"] == ["python", "-m", "trainer.launch"]  # torchrun, keeping the trainer's exit 78
     assert c["args"] == [
         "-m",
         "trainer",
