@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from midfill.api import SpecError, TrainingRun, set_condition
-from midfill.api.trainingrun import AttemptRecord, CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
+from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
+from midfill.lifecycle.attempts import EndRun, PruneAttempt, attempt_name, attempt_record, ended, housekeeping
 from midfill.lifecycle.clock import fmt_time, parse_time
 from midfill.progress import ProgressRecord
 
@@ -27,11 +28,6 @@ DEADLINE = "DeadlineExceeded"
 # Attempts whose Job and ConfigMap are kept (the newest ones; older ones are deleted, status.attempts
 # keeps their Job name and MLflow run). Operator setting MIDFILL_KEEP_ATTEMPTS.
 KEEP_ATTEMPTS = 3
-
-
-def attempt_name(run_name: str, attempt: int) -> str:
-    """Fixed name of an attempt (a Job on a cluster, a torchx app locally): a retry finds the same one."""
-    return f"{run_name}-a{attempt}"
 
 
 # -- observations -------------------------------------------------------------------------------------
@@ -82,23 +78,6 @@ class DeleteAttempt:
     name: str
 
 
-@dataclass(frozen=True)
-class EndRun:
-    """End an attempt's MLflow run that is still RUNNING although the attempt is over (idempotent)."""
-
-    attempt: int
-    run_id: str
-    status: Literal["FAILED", "KILLED"]
-
-
-@dataclass(frozen=True)
-class PruneAttempt:
-    """Delete what an old, finished attempt left (its Job and ConfigMap); status.attempts keeps its pointers."""
-
-    attempt: int
-    name: str
-
-
 Action = StartAttempt | DeleteAttempt | EndRun | PruneAttempt
 
 
@@ -131,46 +110,6 @@ def needs_resync(status: dict | None) -> bool:
     status = status or {}
     phase = status.get("phase", "Pending")
     return phase in ACTIVE_PHASES or (phase == "Succeeded" and not status.get("registeredModel"))
-
-
-# -- attempt history -----------------------------------------------------------------------------------
-def attempt_record(status: TrainingRunStatus, run_name: str, attempt: int) -> AttemptRecord:
-    """The status' record of an attempt, added (in order) when missing."""
-    for rec in status.attempts:
-        if rec.attempt == attempt:
-            return rec
-    rec = AttemptRecord(attempt=attempt, job_name=attempt_name(run_name, attempt))
-    status.attempts = sorted([*status.attempts, rec], key=lambda r: r.attempt)
-    return next(r for r in status.attempts if r.attempt == attempt)
-
-
-def _ended(
-    status: TrainingRunStatus, run_name: str, attempt: int, outcome: Literal["Succeeded", "Failed", "Killed"], why: str
-) -> None:
-    """Record how an attempt ended (the first word stands: a later sync must not rewrite history)."""
-    rec = attempt_record(status, run_name, attempt)
-    if rec.outcome is None:
-        rec.outcome, rec.reason = outcome, why
-
-
-def _housekeeping(status: TrainingRunStatus, run_name: str, observed: Observed, keep: int) -> list[Action]:
-    """End the MLflow runs of attempts that are over, and prune all but the newest `keep` attempts.
-
-    Decided from what was observed on every call (not on the transition only), so an MLflow that was
-    down when an attempt ended, or a crash between acting and writing the status, is caught up later.
-    """
-    actions: list[Action] = []
-    current = max([status.attempt, *observed.jobs])
-    for attempt, run_id in sorted(observed.open_runs.items()):
-        rec = next((r for r in status.attempts if r.attempt == attempt), None)
-        outcome = rec.outcome if rec is not None else None
-        if outcome == "Succeeded" or (attempt >= current and outcome is None):
-            continue  # still training, or finished by the trainer itself
-        actions.append(EndRun(attempt, run_id, "FAILED" if outcome == "Failed" else "KILLED"))
-    for attempt in sorted(observed.retained):
-        if attempt <= current - max(1, keep):
-            actions.append(PruneAttempt(attempt, attempt_name(run_name, attempt)))
-    return actions
 
 
 # -- the state machine ---------------------------------------------------------------------------------
@@ -228,7 +167,7 @@ class _Machine:
     def attempt_failed(self, attempt: int, reason: str, detail: str) -> None:
         """An attempt died: restart the whole gang (resuming from the newest checkpoint) or give up."""
         policy = self.spec.failure_policy
-        _ended(self.status, self.run.metadata.name, attempt, "Failed", reason)
+        ended(self.status, self.run.metadata.name, attempt, "Failed", reason)
         what = f"attempt {attempt} failed ({reason}{': ' + detail if detail else ''})"
         if reason == NON_RETRYABLE:
             self.fail(reason, f"{what}; not retried: fix the spec and apply again")
@@ -248,7 +187,7 @@ class _Machine:
             )
 
     def succeed(self, attempt: int) -> None:
-        _ended(self.status, self.run.metadata.name, attempt, "Succeeded", "JobComplete")
+        ended(self.status, self.run.metadata.name, attempt, "Succeeded", "JobComplete")
         self.status.completion_time = self.status.completion_time or self.now
         self.status.active_job_name = None
         self.cond("Succeeded", "True", "JobComplete", f"attempt {attempt} completed")
@@ -379,7 +318,7 @@ class _Machine:
         if self.spec.suspend:
             if live is not None:
                 self.actions.append(DeleteAttempt(live.name))
-                _ended(st, self.run.metadata.name, live.attempt, "Killed", "Suspended")
+                ended(st, self.run.metadata.name, live.attempt, "Killed", "Suspended")
             st.active_job_name = None
             self.cond("PodsReady", "False", "Suspended", "spec.suspend is true")
             self.cond("Running", "False", "Suspended", "spec.suspend is true")
@@ -389,7 +328,7 @@ class _Machine:
         if remaining is not None and remaining <= 0 and st.attempt > 0:
             if live is not None:
                 self.actions.append(DeleteAttempt(live.name))
-                _ended(st, self.run.metadata.name, live.attempt, "Failed", DEADLINE)
+                ended(st, self.run.metadata.name, live.attempt, "Failed", DEADLINE)
             self.fail(DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
             return
         if live is None:
@@ -434,8 +373,15 @@ def reconcile(
         for j in observed.jobs.values():
             if j.outcome is None and not j.deleting:
                 actions.append(DeleteAttempt(j.name))
-                _ended(status, run_name, j.attempt, "Killed", "InvalidSpec")
-        actions += _housekeeping(status, run_name, observed, keep_attempts)
+                ended(status, run_name, j.attempt, "Killed", "InvalidSpec")
+        actions += housekeeping(
+            status,
+            run_name,
+            current=max([status.attempt, *observed.jobs]),
+            open_runs=observed.open_runs,
+            retained=observed.retained,
+            keep=keep_attempts,
+        )
         status.conditions = set_condition(
             status.conditions,
             type="Failed",
@@ -459,7 +405,15 @@ def reconcile(
     machine = _Machine(run, status, observed, generation)
     machine.step()
     machine.status.observed_generation = generation
-    actions = [*machine.actions, *_housekeeping(machine.status, run.metadata.name, observed, keep_attempts)]
+    tidy = housekeeping(
+        machine.status,
+        run.metadata.name,
+        current=current_attempt(machine.status, observed),
+        open_runs=observed.open_runs,
+        retained=observed.retained,
+        keep=keep_attempts,
+    )
+    actions = [*machine.actions, *tidy]
     return Plan(machine.status, actions)
 
 
