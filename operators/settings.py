@@ -67,6 +67,11 @@ class OperatorSettings(CoreSettings):
     checkpoint_mount_path: str = Field(
         default="/checkpoints", description="Where that claim is mounted. Default /checkpoints."
     )
+    tracking_secret: str | None = Field(
+        default=None,
+        description="A Secret (in each training namespace) with the keys username and password: the trainers' "
+        "MLflow credentials, given to every trainer pod as MLFLOW_TRACKING_USERNAME/PASSWORD. Default: none.",
+    )
     keep_attempts: int = Field(
         default=3,
         ge=1,

@@ -170,6 +170,9 @@ def _env(run: TrainingRun, *, attempt: int, settings: OperatorSettings) -> list[
     ]
     if settings.tracking_uri:
         env.append({"name": "MIDFILL_TRACKING_URI", "value": settings.tracking_uri})
+    if settings.tracking_secret:  # the trainers' MLflow credentials (the chart's mlflow.auth.trainerSecret)
+        for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": settings.tracking_secret, "key": key}}})
     ckpt = checkpoint_dir(run, settings)
     if ckpt:
         env.append({"name": "MIDFILL_CHECKPOINT_DIR", "value": ckpt})
