@@ -3,11 +3,11 @@
 The chart runs it beside `mlflow server` (which then listens on localhost only), so everything
 that reaches MLflow comes through here. Three credentials (HTTP basic auth, one Secret each):
 
-| role | may |
-|---|---|
-| `reviewer` | everything, and alone the approval: the `review` tag of a model version, aliases, stage transitions, deleting versions or models |
-| `trainer` | everything else: create runs, log metrics and artifacts, register versions, tag them (eval metrics) |
-| `operator` | read, and end runs (`runs/update`: the MLflow run of a failed attempt is ended FAILED) |
+- `reviewer`: everything, and alone the approval: the `review` tag of a model version, aliases,
+  stage transitions, deleting versions or models;
+- `trainer`: everything else: create runs, log metrics and artifacts, register versions, tag them
+  (evaluation results);
+- `operator`: read, and end runs (`runs/update`: the MLflow run of a failed attempt is ended FAILED).
 
 Without credentials only reads pass, and only when anonymous reads are allowed (the serving pods
 download the approved model with no credentials); `/health` always passes (the kubelet's probes).
