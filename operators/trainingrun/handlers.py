@@ -40,6 +40,7 @@ from operators.settings import OperatorSettings
 from operators.trainingrun import builders
 
 RESYNC_SECONDS = OperatorSettings().resync_seconds
+TERMINAL = ("Succeeded", "Failed")
 # MLflow (SQLAlchemy/HTTP) calls get their own small pool so a slow tracking server never holds up
 # the Kubernetes calls queued in the default executor.
 _MLFLOW_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlflow")
@@ -122,14 +123,17 @@ async def observe(
     open_runs: dict[int, str] = {}
     loop = asyncio.get_running_loop()
     try:
-        # Runs still RUNNING: any that belongs to an attempt that is over is ended (the machine decides).
-        open_runs = await loop.run_in_executor(
-            _MLFLOW_POOL, lambda: registry.open_attempt_runs(uid, experiment_name=experiment)
-        )
         # Progress is the timer's job (watch events carry none); no Job yet means nothing to report.
-        if isinstance(run, TrainingRun) and read_progress and jobs and status.phase not in ("Succeeded", "Failed"):
-            progress = await loop.run_in_executor(
-                _MLFLOW_POOL, lambda: registry.run_progress(uid, experiment_name=experiment)
+        # Runs still RUNNING: those of attempts that are over are ended (the machine decides); asked on
+        # the timer (with the progress, one search), and at once when an attempt ends or is stopped.
+        wants_progress = isinstance(run, TrainingRun) and read_progress and jobs and status.phase not in TERMINAL
+        if wants_progress:
+            progress, open_runs = await loop.run_in_executor(
+                _MLFLOW_POOL, lambda: registry.run_overview(uid, experiment_name=experiment)
+            )
+        elif read_progress or _attempt_ending(run, jobs):
+            open_runs = await loop.run_in_executor(
+                _MLFLOW_POOL, lambda: registry.open_attempt_runs(uid, experiment_name=experiment)
             )
         if isinstance(run, TrainingRun) and needs_registry_lookup(status, observed):
             found = await loop.run_in_executor(_MLFLOW_POOL, registry.find_by_run_uid, run.registered_model_name(), uid)
@@ -140,6 +144,12 @@ async def observe(
     return Observed(
         now=observed.now, jobs=jobs, progress=progress, registered=registered, open_runs=open_runs, retained=retained
     )
+
+
+def _attempt_ending(run: TrainingRun | SpecError, jobs: dict[int, AttemptView]) -> bool:
+    """Whether this sync may end an attempt (so its MLflow run may have to be ended now)."""
+    stopping = isinstance(run, SpecError) or run.spec.suspend
+    return stopping or any(j.outcome is not None or j.deleting for j in jobs.values())
 
 
 async def retained_attempts(kube: Kube, namespace: str, name: str, uid: str | None, *, below: int) -> tuple[int, ...]:

@@ -222,9 +222,17 @@ class Registry:
         metric `checkpoint_step` with the tag RUN_TAG_CHECKPOINT (its URI). `update_time` is the newest
         metric's timestamp, not the run's start. None when no run is found yet.
         """
+        return self._progress(self._runs_of(run_uid, experiment_name))
+
+    def run_overview(self, run_uid: str, *, experiment_name: str | None = None):
+        """(run_progress, open_attempt_runs) from one search (the operator's timer asks both)."""
+        runs = self._runs_of(run_uid, experiment_name, max_results=100)
+        return self._progress(runs), _open(runs)
+
+    @staticmethod
+    def _progress(runs: list):
         from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_CHECKPOINT, ProgressRecord
 
-        runs = self._runs_of(run_uid, experiment_name)
         if not runs:
             return None
         run = runs[0]
@@ -246,15 +254,9 @@ class Registry:
 
     def open_attempt_runs(self, run_uid: str, *, experiment_name: str | None = None) -> dict[int, str]:
         """attempt -> MLflow run id of a TrainingRun's runs that are still RUNNING."""
-        from midfill.progress import RUN_TAG_ATTEMPT
-
-        runs = self._runs_of(run_uid, experiment_name, extra=" and attributes.status = 'RUNNING'", max_results=100)
-        out: dict[int, str] = {}
-        for run in runs:
-            attempt = run.data.tags.get(RUN_TAG_ATTEMPT, "")
-            if attempt.isdigit():
-                out.setdefault(int(attempt), run.info.run_id)
-        return out
+        return _open(
+            self._runs_of(run_uid, experiment_name, extra=" and attributes.status = 'RUNNING'", max_results=100)
+        )
 
     def end_run(self, run_id: str, status: str) -> bool:
         """End an MLflow run as `status` (FAILED, KILLED) if it is still RUNNING; whether it changed it."""
@@ -275,6 +277,18 @@ class Registry:
             artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri
         )
         return Path(local)
+
+
+def _open(runs: list) -> dict[int, str]:
+    """attempt -> run id of the RUNNING ones among runs (newest first: the newest run of an attempt wins)."""
+    from midfill.progress import RUN_TAG_ATTEMPT
+
+    out: dict[int, str] = {}
+    for run in runs:
+        attempt = run.data.tags.get(RUN_TAG_ATTEMPT, "")
+        if run.info.status == "RUNNING" and attempt.isdigit():
+            out.setdefault(int(attempt), run.info.run_id)
+    return out
 
 
 def _rfc3339(millis: int | None) -> str | None:
