@@ -16,9 +16,9 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from midfill.api import TrainingRun, now_rfc3339
-from midfill.progress import PROGRESS_FILE, ProgressRecord, write_json_atomic
+from midfill.progress import PROGRESS_FILE, RUN_TAG_CHECKPOINT, ProgressRecord, write_json_atomic
 from midfill.registry import Registry
-from trainer import checkpoint, composed_job, evaluate, export, flops, loop, parallel, weights
+from trainer import checkpoint, composed_job, evaluate, export, flops, loop, parallel, preflight, weights
 from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
 from trainer.fetch import fetch_once
@@ -84,6 +84,9 @@ def prepare(
         if spec.model.composition is not None:
             composed_job.check_spec(run)
         if check_only:
+            problem = preflight.unwritable(run, RunPaths.for_run(run, settings))
+            if problem is not None:
+                raise ValueError(problem)
             return None
         composed = None
         if spec.model.composition is not None:
@@ -362,6 +365,15 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         tracker.log_metrics(metrics, step=step)
         log.info("step %d eval %s", step, metrics)
 
+    def report_checkpoint(step: int, uri: str) -> None:
+        """Where the newest committed checkpoint is: progress.json and the MLflow run (the operator reads it)."""
+        tracker.set_tags({RUN_TAG_CHECKPOINT: uri})
+        tracker.log_metrics({"checkpoint_step": step, "step": state.step}, step=state.step)
+        write_progress(step=state.step, checkpoint_uri=uri, checkpoint_step=step, checkpoint_time=now_rfc3339())
+
+    if resume is not None:  # report the resumed step now, not at the first log interval
+        report_checkpoint(resume.step, resume.uri)
+
     def on_checkpoint(step: int) -> None:
         rank_state = {"packer": packer.state_dict(), "torch_rng": torch.get_rng_state(), "world_size": d.world_size}
         info = ckpts.save(
@@ -371,7 +383,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             extra={"scheduler": scheduler.state_dict(), "step": step},
             rank_state=rank_state,
         )
-        write_progress(checkpoint_uri=info.uri, checkpoint_step=step, checkpoint_time=now_rfc3339())
+        report_checkpoint(step, info.uri)
 
     if state.step < p.total_steps:
         loop.train(

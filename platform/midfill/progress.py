@@ -18,6 +18,8 @@ RESULT_FILE = "result.json"
 # Tag on the MLflow *run* so the operator can find the run of a TrainingRun attempt.
 RUN_TAG_UID = "midfill.training_run_uid"
 RUN_TAG_ATTEMPT = "midfill.attempt"
+# The URI of the newest committed checkpoint, set on the MLflow run with the metric `checkpoint_step`.
+RUN_TAG_CHECKPOINT = "midfill.checkpoint_uri"
 
 
 class ProgressRecord(BaseModel):

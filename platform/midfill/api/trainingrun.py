@@ -541,6 +541,18 @@ class Progress(ApiModel):
     update_time: str | None = Field(default=None, description="When this was reported (RFC 3339).")
 
 
+class AttemptRecord(ApiModel):
+    """One attempt of the run, kept after its Job and ConfigMap are cleaned up: where its logs are."""
+
+    attempt: int = Field(description="Attempt number (1-based).")
+    job_name: str = Field(description="The Job (locally: the torchx app) that ran it, <run>-a<N>.")
+    mlflow_run_id: str | None = Field(default=None, description="The MLflow run it logged to (metrics, logs).")
+    outcome: Literal["Succeeded", "Failed", "Killed"] | None = Field(
+        default=None, description="How it ended: Succeeded, Failed, or Killed (superseded, suspended, deleted)."
+    )
+    reason: str | None = Field(default=None, description="Why it ended (the reason of the run's condition).")
+
+
 class RegisteredModelRef(ApiModel):
     """The model version this run registered."""
 
@@ -568,6 +580,10 @@ class TrainingRunStatus(ApiModel):
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest complete checkpoint.")
     progress: Progress | None = Field(default=None, description="Step, loss, throughput.")
     registered_model: RegisteredModelRef | None = Field(default=None, description="The registered model version.")
+    attempts: list[AttemptRecord] = Field(
+        default_factory=list,
+        description="Every attempt, oldest first, with its Job name and MLflow run (kept after old Jobs are deleted).",
+    )
     observed_generation: int | None = Field(default=None, description="The spec generation this status reflects.")
 
 
