@@ -227,13 +227,16 @@ def test_restart_and_success_bookkeeping():
 
 def test_progress_and_remaining_deadline():
     rec = ProgressRecord(step=50, loss=2.5, tokens_per_second=900.0, checkpoint_uri="/ck/step-50", checkpoint_step=50)
+    resource = run(active_deadline_seconds=7200)
     plan = reconcile(
-        run(active_deadline_seconds=7200),
+        resource,
         status=status(phase="Running", restarts=0),
         observed=Observed(now=NOW, jobs={1: job(**FAILED)}, progress=rec),
         generation=1,
     )
-    assert plan.status.progress.step == 50 and plan.status.progress.total_steps == 300
+    # total_steps comes from the spec when the record has none (the sample's training.steps)
+    assert plan.status.progress.step == 50
+    assert plan.status.progress.total_steps == resource.spec.training.total_steps()
     assert plan.status.last_checkpoint.step == 50
     (start,) = plan.actions
     assert start.active_deadline_seconds == 3600  # started 11:00, limit 2 h, now 12:00
