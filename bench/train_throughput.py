@@ -92,6 +92,7 @@ def ours(corpus, bpe, objective, *, steps: int, compile_model: bool, micro: int 
         d=Dist(),
         hooks=loop.LoopHooks(on_log=lambda s, m: logs.append(m), on_eval=lambda s: None, on_checkpoint=lambda s: None),
         checkpoint_interval=10**6,
+        compiled=compile_model,
     )
     return {
         "tokens_per_second": logs[-1]["tokens_per_second"],

@@ -67,6 +67,26 @@ class OperatorSettings(CoreSettings):
     checkpoint_mount_path: str = Field(
         default="/checkpoints", description="Where that claim is mounted. Default /checkpoints."
     )
+    endpoint_health_url: str = Field(
+        default="http://{service}.{namespace}.svc.cluster.local:8000{route_prefix}/health",
+        description="Where the operator reads what a release's endpoint serves (the replicas' /health, through "
+        "KubeRay's serve Service): a template of {service} (<endpoint>-serve-svc), {namespace}, {route_prefix}. "
+        "A version is Available only once this reports it. Default: the Service's cluster DNS name, port 8000.",
+    )
+    endpoint_health_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to wait for that /health answer (else: not served yet). Default 5."
+    )
+    tracking_secret: str | None = Field(
+        default=None,
+        description="A Secret (in each training namespace) with the keys username and password: the trainers' "
+        "MLflow credentials, given to every trainer pod as MLFLOW_TRACKING_USERNAME/PASSWORD. Default: none.",
+    )
+    keep_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts of a TrainingRun whose Job and ConfigMap are kept (the newest); older ones are "
+        "deleted, and status.attempts keeps their Job name and MLflow run id. Default 3.",
+    )
     master_port: int = Field(
         default=29500, ge=1, le=65535, description="torchrun rendezvous port (PET_MASTER_PORT). Default 29500."
     )

@@ -28,21 +28,25 @@ RELEASE_YAML = ROOT / "manifests" / "samples" / "modelrelease.yaml"
 TRAINING_TIMEOUT_S = 1800
 SERVING_TIMEOUT_S = 600
 
-# (prefix, suffix): the model writes what goes between them.
+# (prefix, suffix): the model writes the line between them. Held-out-style single-line holes inside
+# function bodies, cut where an editor's cursor sits (after the indentation), in the standard
+# library's own style: what the debug recipe trained on and what line-em scores.
 EXAMPLES = [
     (
-        "def fibonacci(n):\n    if n < 2:\n        return n\n    return ",
-        "\n\n\nprint(fibonacci(10))\n",
+        "import os\n\n\ndef python_files(folder):\n    found = []\n    for name in os.listdir(folder):\n"
+        '        if name.endswith(".py"):\n            ',
+        "\n    return found\n",
     ),
     (
-        "import os\n\n\ndef python_files(folder):\n    found = []\n    for name in os.listdir(folder):\n        if ",
-        ":\n            found.append(os.path.join(folder, name))\n    return found\n",
+        "class Stack:\n    def __init__(self):\n        ",
+        "\n\n    def push(self, item):\n        self.items.append(item)\n",
     ),
     (
-        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        ",
-        "\n\n    def pop(self):\n        return self.items.pop()\n",
+        'def read_text(path, encoding="utf-8"):\n    with open(path, encoding=encoding) as f:\n        ',
+        "\n",
     ),
 ]
+LINE_EM = ("stop_rate", "stop_string_rate", "length_rate", "whitespace_rate", "first_line_exact_match", "tasks")
 
 
 def step(text: str) -> None:
@@ -74,6 +78,31 @@ def demo_key(key_file: Path) -> str:
 
 def get(kind: str, name: str) -> dict:
     return json.loads(midfill("get", kind, name, "-o", "json", capture=True))
+
+
+def print_scores(model: str, version: str) -> None:
+    """What the three examples do not show: line-em on held-out files, recorded on the version."""
+    from midfill.registry import Registry, metric_tag_key
+    from midfill.settings import CoreSettings
+
+    tags = Registry(CoreSettings().resolved_tracking_uri()).get(model, version=version).tags
+    got = {m: float(tags[metric_tag_key("line-em", m)]) for m in LINE_EM if metric_tag_key("line-em", m) in tags}
+    if len(got) < len(LINE_EM):
+        print(
+            "\n(line-em was not recorded on this version; run: .venv/bin/midfill eval "
+            f"models:/{model}/{version} --suite line-em)"
+        )
+        return
+    print(
+        f"""
+\033[1mHow good is it?\033[0m line-em on {got["tasks"]:.0f} single-line holes inside function bodies of held-out
+standard-library files (greedy, cursor after the indentation, like the examples above):
+  ended the line itself (<eom>) {got["stop_rate"]:.0%} | cut by the client's newline stop \
+{got["stop_string_rate"]:.0%} | ran to max tokens {got["length_rate"]:.0%}
+  only whitespace {got["whitespace_rate"]:.0%} | first line exactly right {got["first_line_exact_match"]:.0%}
+Judge the model by these numbers, not by three examples: a 5M-parameter model after a few minutes on
+2 CPU cores is weak (targets and measurements: docs/benchmarks.md, line_infill_ablation)."""
+    )
 
 
 def main() -> int:
@@ -109,21 +138,17 @@ def main() -> int:
     client = OpenAI(base_url=status["url"] + "/v1", api_key=key, timeout=120, max_retries=2)
     for prefix, suffix in EXAMPLES:
         started = time.monotonic()
-        answer = client.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=48, temperature=0)
+        # No stop strings: finish_reason "stop" here means the model ended the middle with its own <eom>.
+        answer = client.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=32, temperature=0)
         seconds = time.monotonic() - started
-        print("\n\033[2m--- prefix ---\033[0m\n" + prefix)
-        print("\033[2m--- suffix ---\033[0m\n" + suffix)
-        print(
-            f"\033[2m--- completion ({answer.usage.completion_tokens} tokens, {seconds:.1f} s, "
-            f"{answer.choices[0].finish_reason}) ---\033[0m"
-        )
+        print("\n\033[2m--- prefix ---\033[0m\n" + prefix + "\033[2m<cursor>\033[0m")
+        print("\033[2m--- suffix ---\033[0m" + suffix)
+        reason = answer.choices[0].finish_reason
+        ended = "the model ended it itself" if reason == "stop" else "cut at max_tokens"
+        print(f"\033[2m--- completion ({answer.usage.completion_tokens} tokens, {seconds:.1f} s, {ended}) ---\033[0m")
         text = answer.choices[0].text
-        print("\033[32m" + text + "\033[0m")
-        if not text.strip():
-            print(
-                f"(only whitespace: {text!r}; a few minutes of CPU training make a weak model, and a longer run "
-                "(spec.training.steps) makes it better)"
-            )
+        print("\033[32m" + text + "\033[0m" if text.strip() else f"(only whitespace: {text!r})")
+    print_scores(model, version)
 
     print(
         f"""

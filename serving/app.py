@@ -7,7 +7,9 @@ concurrency (Ray's default of 5 collapses throughput, docs/cpu-notes.md). The re
 max_ongoing_requests + max_queued_requests generation requests and answers 429 beyond that; Ray's
 own queue is a backstop at twice the whole deployment's capacity.
 Limits and keys go through user_config, so changing them calls reconfigure() instead of reloading;
-changing model_uri rolls new replicas in while old ones drain their requests.
+changing model_uri rolls new replicas in while old ones drain their requests. max_surge_percent keeps
+the old replicas serving until their replacements are ready (loaded and warmed up, serving.ingress);
+without it Ray stops an old replica first, and a new version that never loads leaves nothing serving.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ CONTROL_HEADROOM = 8
 BACKSTOP_FACTOR = 2
 # Long streams finish on the old replica while a new model version takes over.
 GRACEFUL_SHUTDOWN_S = 300
+# Start every replacement before stopping the replica it replaces (Ray Serve's rolling restart):
+# the stable version keeps serving until the new one is loaded, and keeps serving if it never is.
+MAX_SURGE_PERCENT = 100
 
 
 def deployment_options(args: ServeArgs) -> dict[str, Any]:
@@ -43,6 +48,7 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
         "user_config": {k: getattr(args, k) for k in RELOADABLE},
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
         "health_check_period_s": 10,
+        "max_surge_percent": MAX_SURGE_PERCENT,
     }
     if args.min_replicas == args.max_replicas:
         options["num_replicas"] = args.min_replicas

@@ -3,14 +3,19 @@
 One deployment holds both the routes and the engine: on a CPU, a second hop per streamed token costs
 more than separate scaling would buy, and a replica is the unit that autoscales anyway.
 
-The model loads in a background thread, so /health can say 503 while it loads; completion requests
-that reach a loading replica wait for it (up to serve_load_timeout_s) instead of failing, which is
-what lets a model swap drop nothing while Ray Serve rolls replicas.
+Readiness means serving: the constructor loads the weights and runs one warm-up completion before
+it returns, and Ray Serve routes nothing to a replica whose constructor has not returned. Ray never
+restarts a replica for a slow constructor (it only logs that it is slow), while a failing
+check_health makes Ray kill and restart the replica -- so loading in the background behind a health
+check would either report a replica ready early or restart a slow one. A constructor that raises (a
+corrupt export, out of memory) fails the replica; after Ray's retries the application is
+DEPLOY_FAILED, and with max_surge_percent (serving.app) the old version's replicas keep serving
+meanwhile. /health names the registry version the replica serves; the release controllers compare it
+with the version they deployed before calling it Available.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the
 # route methods, which Ray Serve rewraps.
-import asyncio
 import json
 import logging
 import threading
@@ -50,6 +55,9 @@ from serving.settings import ServingSettings
 from serving.usage import KeyUsage
 
 log = logging.getLogger("ray.serve")
+
+# The warm-up completion every replica runs before it is ready (a few tokens: proof, not a benchmark).
+WARMUP_PREFIX, WARMUP_SUFFIX, WARMUP_TOKENS = "def add(a, b):\n    ", "\n    return result\n", 4
 
 
 api = FastAPI(title="midfill infill endpoint", docs_url=None, redoc_url=None)
@@ -147,9 +155,6 @@ class InfillServer:
         self.settings = ServingSettings()
         self.created = int(time.time())
         self.replica_id = uuid.uuid4().hex[:12]  # /health names it: tells a reconfigure from a replacement
-        self.engine: Engine | None = None
-        self.load_error: str | None = None
-        self._loaded = threading.Event()
         self.keys = KeyStore(
             keys_file=self.args.api_keys_file, keys_env=self.args.api_keys_env, disabled=self.args.auth_disabled
         )
@@ -157,9 +162,9 @@ class InfillServer:
         self.max_batch_size = self.args.max_batch_size
         self.max_queued_requests = self.args.max_queued_requests
         self.inflight = 0
-        self._settings_lock = threading.Lock()  # reconfigure() vs the loading thread
+        self._settings_lock = threading.Lock()  # reconfigure() vs a request reading the limits
+        self.engine: Engine | None = None
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {"running": 0, "waiting": 0})
-        # Cheap checks now (a bad URI fails the deployment with a clear message), weights in the background.
         folder, default_name, version = locate(
             self.args.model_uri,
             tracking_uri=self.args.tracking_uri or self.settings.resolved_tracking_uri(),
@@ -168,14 +173,15 @@ class InfillServer:
         self.model_name = self.args.served_model_name or default_name
         self.lineage = from_version(version) if version else from_folder(folder, default_name)
         self.usage = KeyUsage(self.metrics.registry, self.lineage.tag)
-        threading.Thread(target=self._load, args=(folder,), name="midfill-load", daemon=True).start()
+        self.engine = self._load(folder)  # raises: Ray marks the replica failed, never routes to it
+        self.warmup_seconds = self._warm_up(self.engine)
 
-    def _load(self, folder) -> None:
+    def _load(self, folder) -> Engine:
         import torch
 
+        torch.set_num_threads(self.settings.serve_torch_threads or max(1, int(self.args.num_cpus)))
+        device, dtype = self.settings.device_and_dtype()
         try:
-            torch.set_num_threads(self.settings.serve_torch_threads or max(1, int(self.args.num_cpus)))
-            device, dtype = self.settings.device_and_dtype()
             engine = Engine.from_export(
                 folder,
                 dtype=dtype,
@@ -190,17 +196,22 @@ class InfillServer:
                 or self.settings.resolved_tracking_uri(),  # a composed model's parents
                 cache_dir=self.settings.model_cache(),
             )
-            # Ray calls reconfigure() right after __init__, usually while the weights still load: the
-            # settings it brought (in self.args) are applied now, under the lock it takes too.
-            with self._settings_lock:
-                self._apply_reloadable(engine, self.args)
-                self.engine = engine
-            log.info("midfill: loaded %s from %s", self.model_name, folder)
-        except Exception as exc:  # reported by /health and check_health; the replica is then replaced
-            log.exception("midfill: loading %s failed", folder)
-            self.load_error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._loaded.set()
+        except Exception as exc:
+            raise RuntimeError(f"loading {self.lineage.tag} from {folder} failed: {type(exc).__name__}: {exc}") from exc
+        self._apply_reloadable(engine, self.args)
+        log.info("midfill: loaded %s from %s", self.lineage.tag, folder)
+        return engine
+
+    def _warm_up(self, engine: Engine) -> float:
+        """One real infill through the engine thread: proves the weights produce tokens (and pays
+        first-call costs) before Ray sends traffic here. A failure fails the replica."""
+        start = time.monotonic()
+        try:
+            engine.infill(WARMUP_PREFIX, WARMUP_SUFFIX, SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0))
+        except Exception as exc:
+            engine.close()
+            raise RuntimeError(f"warm-up completion of {self.lineage.tag} failed: {type(exc).__name__}: {exc}") from exc
+        return time.monotonic() - start
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply settings that need no reload (limits, keys); unknown keys are an error, not ignored."""
@@ -213,7 +224,7 @@ class InfillServer:
             self.keys = keys
             self.max_new_tokens, self.max_queued_requests = merged.max_new_tokens, merged.max_queued_requests
             self.max_batch_size = merged.max_batch_size
-            if self.engine is not None:
+            if self.engine is not None:  # None only if Ray calls this before the constructor returned
                 self._apply_reloadable(self.engine, merged)
             self.args = merged
 
@@ -224,9 +235,7 @@ class InfillServer:
         engine.prefix_cache.max_tokens = args.prefix_cache_tokens  # shrinks on the next store
 
     def check_health(self) -> None:
-        """Ray Serve's probe: a replica whose model failed to load, or whose engine died, is replaced."""
-        if self.load_error:
-            raise RuntimeError(self.load_error)
+        """Ray Serve's probe (only after the constructor loaded and warmed up): a dead engine is replaced."""
         if self.engine is not None and not self.engine.alive:
             raise RuntimeError("engine thread is not running")
 
@@ -249,14 +258,8 @@ class InfillServer:
         return key
 
     async def _ready_engine(self) -> Engine:
-        if not self._loaded.is_set():
-            await asyncio.to_thread(self._loaded.wait, self.settings.serve_load_timeout_s)
-        if self.load_error:
-            raise ApiError(503, f"model failed to load: {self.load_error}", code="model_load_failed")
-        if self.engine is None:
-            raise ApiError(
-                503, "model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "5"}
-            )
+        if self.engine is None or not self.engine.alive:  # Ray replaces the replica (check_health)
+            raise ApiError(503, "engine stopped; retry shortly", code="engine_stopped", headers={"Retry-After": "5"})
         return self.engine
 
     async def _parse(self, request: Request) -> CompletionRequest:
@@ -333,17 +336,19 @@ class InfillServer:
     # -- routes -----------------------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        if self.load_error:
-            return JSONResponse({"status": "failed", "error": self.load_error}, status_code=503)
-        if self.engine is None:
-            return JSONResponse({"status": "loading", "model": self.model_name}, status_code=503)
-        if not self.engine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        """What this replica serves: the registry version (name + version), and whether it is ready
+        (loaded and warmed up, which every answering replica is, and its engine still running)."""
+        served = {"registered_model": self.lineage.registered_model, "version": self.lineage.version}
+        if self.engine is None or not self.engine.alive:
+            return JSONResponse({"status": "engine stopped", "ready": False, **served}, status_code=503)
         return JSONResponse(
             {
                 "status": "ok",
+                "ready": True,
+                **served,
                 "model": self.model_name,
                 "source": self.args.model_uri,
+                "warmup_seconds": round(self.warmup_seconds, 3),
                 "started": self.created,
                 "replica": self.replica_id,
                 **self.engine.stats(),

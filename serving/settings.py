@@ -19,7 +19,7 @@ def cpu_dtype() -> str:
 
 class ServingSettings(CoreSettings):
     """Env: MIDFILL_SERVE_DEVICE, MIDFILL_SERVE_DTYPE, MIDFILL_SERVE_DECODE_PATH, MIDFILL_SERVE_TORCH_THREADS,
-    MIDFILL_SERVE_MODEL_CACHE, MIDFILL_SERVE_LOAD_TIMEOUT_S, MIDFILL_API_KEY."""
+    MIDFILL_SERVE_MODEL_CACHE, MIDFILL_API_KEY."""
 
     serve_device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
@@ -46,11 +46,6 @@ class ServingSettings(CoreSettings):
     )
     serve_model_cache: Path | None = Field(
         default=None, description="Where models:/ URIs are downloaded (default: <state_dir>/models)."
-    )
-    serve_load_timeout_s: float = Field(
-        default=600,
-        gt=0,
-        description="How long a request waits for a replica that is still loading its model before a 503.",
     )
     api_key: str | None = Field(default=None, description="Key `midfill complete` sends (env MIDFILL_API_KEY).")
 

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from midfill.api import EXIT_CODE_INVALID_CONFIG, SpecError, TrainingRun, load_file
+from trainer.launch import CONFIG_ERROR_ENV  # set by the launcher: where a worker says why the config cannot run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in {"run_uid": args.uid, "attempt": args.attempt}.items() if v is not None}
         settings = TrainerSettings(**overrides)
     except (SpecError, ValidationError) as exc:
-        print(f"invalid config: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_CODE_INVALID_CONFIG
+        return _config_error(_one_line(exc))
     d = setup()
     try:
         if args.check:
@@ -65,11 +65,27 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_job(docs[0], settings, d)
     except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return EXIT_CODE_INVALID_CONFIG
+        return _config_error(str(exc))
     finally:
         teardown()
     return 0
+
+
+def _config_error(reason: str) -> int:
+    """Say why the config cannot run, and leave the reason where `trainer.launch` finds it: torchrun
+    exits 1 whatever its worker's code, so the launcher turns torchrun's 1 back into 78 from this file."""
+    import os
+
+    line = f"invalid config: {reason}"
+    print(line, file=sys.stderr)
+    marker = os.environ.get(CONFIG_ERROR_ENV)
+    if marker:
+        try:
+            with open(marker, "a") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            print(f"could not write {CONFIG_ERROR_ENV}={marker}: {exc}", file=sys.stderr)
+    return EXIT_CODE_INVALID_CONFIG
 
 
 def _one_line(exc: Exception) -> str:

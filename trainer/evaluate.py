@@ -2,10 +2,11 @@
 
 - Validation loss: the same objective mixture on the held-out files (fixed seed, so every
   evaluation sees the same sequences), summed over ranks, in nats per token.
-- Line-infill exact match: for held-out code lines (non-blank, chosen by a fixed seed), the model
-  gets the CodeGen2 infill prompt `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>` with the
-  line removed and decodes greedily until `<eom>`; a hit is a first generated line equal to the
-  removed line (trailing whitespace ignored). Every rank runs the same prompts (FSDP forwards are
+- Line-infill exact match: for held-out statements inside function bodies (chosen by a fixed
+  seed; the same cut as `line-em`), the model gets the CodeGen2 infill prompt
+  `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>` with the prefix ending in the line's
+  indentation, and decodes greedily until `<eom>`; a hit is a first generated line equal to the
+  removed statement (surrounding spaces ignored). Every rank runs the same prompts (FSDP forwards are
   collective), rank 0 logs.
 """
 
@@ -18,6 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from midfill import fim
+from midfill.evaluation.suites import body_lines
 from trainer.data import Corpus, DocumentStream, read_text
 from trainer.loop import collate, lm_loss
 from trainer.objectives import Packed, Packer
@@ -30,7 +32,7 @@ MAX_NEW_TOKENS = 48
 class InfillCase:
     prefix: str
     suffix: str
-    middle: str  # the removed line, with its newline
+    middle: str  # the removed statement, without its indentation and newline
 
 
 def validation_batches(
@@ -69,14 +71,17 @@ def validation_loss(
     bf16: bool,
     d: Dist,
     flat: bool = False,
+    block_mask: bool = False,
     prepare_batch=None,
 ) -> float | None:
     """Mean next-token loss over the held-out batches of every rank (None without held-out data).
-    flat, prepare_batch: as in `loop.train`."""
+    flat, block_mask, prepare_batch: as in `loop.train`."""
     model.eval()
     total, count = 0.0, 0.0
     for seqs in batches:
-        batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat)
+        batch = collate(
+            seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
+        )
         if prepare_batch is not None:
             batch = prepare_batch(batch)
         loss_sum, n = lm_loss(model, batch, bf16=bf16)
@@ -87,7 +92,8 @@ def validation_loss(
 
 
 def infill_cases(corpus: Corpus, *, n: int, seed: int) -> list[InfillCase]:
-    """Up to n single-line infill tasks from held-out code files (deterministic)."""
+    """Up to n single-line infill tasks from held-out code files (deterministic), cut as `line-em`
+    cuts them: a statement inside a function body, the prefix ending in its indentation."""
     rng = random.Random(f"{seed}-infill")
     files = [f for f in corpus.validation if f.kind == "code"]
     rng.shuffle(files)
@@ -96,14 +102,15 @@ def infill_cases(corpus: Corpus, *, n: int, seed: int) -> list[InfillCase]:
         if len(cases) >= n:
             break
         text = read_text(ref)
-        if not text:
+        candidates = body_lines(text) if text else []
+        if not text or not candidates:
             continue
-        lines = text.splitlines(keepends=True)
-        candidates = [i for i, line in enumerate(lines) if line.strip() and line.endswith("\n")]
-        if not candidates:
-            continue
+        lines = text.split("\n")
         i = rng.choice(candidates)
-        cases.append(InfillCase(prefix="".join(lines[:i]), suffix="".join(lines[i + 1 :]), middle=lines[i]))
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        prefix = "".join(line + "\n" for line in lines[:i]) + indent
+        suffix = "".join("\n" + line for line in lines[i + 1 :])
+        cases.append(InfillCase(prefix=prefix, suffix=suffix, middle=lines[i].strip()))
     return cases
 
 
@@ -160,5 +167,5 @@ def line_infill_exact_match(
             gen = out[: min(out.index(s) for s in stop_ids if s in out)]
         text = tok.decode(gen, skip_special_tokens=False)
         first = text.split("\n", 1)[0]
-        hits += int(first.rstrip() == case.middle.rstrip("\n").rstrip())
+        hits += int(first.strip() == case.middle.strip())
     return hits / len(cases)

@@ -16,13 +16,13 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from midfill.api import TrainingRun, now_rfc3339
-from midfill.progress import PROGRESS_FILE, ProgressRecord, write_json_atomic
+from midfill.progress import PROGRESS_FILE, RUN_TAG_CHECKPOINT, ProgressRecord, write_json_atomic
 from midfill.registry import Registry
-from trainer import checkpoint, composed_job, evaluate, export, loop, parallel
+from trainer import checkpoint, composed_job, evaluate, export, flops, loop, parallel, preflight, weights
 from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
 from trainer.fetch import fetch_once
-from trainer.model import build_model, num_params
+from trainer.model import build_model, is_on_meta, num_params
 from trainer.objectives import Packer
 from trainer.post_eval import run_post_registration_eval
 from trainer.recipes import Recipe, get_recipe
@@ -84,6 +84,9 @@ def prepare(
         if spec.model.composition is not None:
             composed_job.check_spec(run)
         if check_only:
+            problem = preflight.unwritable(run, RunPaths.for_run(run, settings))
+            if problem is not None:
+                raise ValueError(problem)
             return None
         composed = None
         if spec.model.composition is not None:
@@ -207,13 +210,19 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
                 pad_id=pad,
                 seed=spec.training.seed,
                 bf16=bf16,
+                on_meta=spec.parallelism.strategy == "fsdp",  # materialised shard by shard after wrapping
+                document_mask=spec.objective.document_mask,
             )
+        parallel.checkpoint_activations(model, spec.training.activation_checkpointing)
     except (
         ValueError
     ) as exc:  # geometry that does not fit the parents, attention the run cannot use; the message names the field
         raise ConfigError(str(exc)) from None
     trainable = sum(t.numel() for t in {id(t): t for t in model.parameters() if t.requires_grad}.values())
     flat = loop.is_flash(attn)  # packed documents reach FlashAttention as one row (loop.collate)
+    block_mask = loop.is_flex(attn)  # and flex_attention as a BlockMask of the documents
+    # Composed models (two parents, some frozen) have no single formula: no MFU for them.
+    flops_token = None if p.composed else flops.flops_per_token(model, seq_length=spec.training.seq_length)
     tracker.log_params(
         {
             **flatten(spec.to_wire(), "spec."),
@@ -223,6 +232,8 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             "world_size": str(d.world_size),
             "grad_accumulation": str(p.accum),
             "bf16": str(bf16),
+            "compile": str(spec.training.compile_on(d.device.type)),
+            "flops_per_token": f"{flops_token:.4g}" if flops_token else "n/a",
             "data_hash": p.corpus.data_hash(),
             "train_files": str(sum(len(f) for f in p.corpus.train)),
             "validation_files": str(len(p.corpus.validation)),
@@ -238,7 +249,16 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         p.accum,
     )
     model = parallel.wrap(model, strategy=spec.parallelism.strategy, d=d, mixed_bf16=bf16 and d.device.type == "cuda")
-    if spec.training.compile:
+    if is_on_meta(model):
+        rss = weights.host_rss_bytes()
+        weights.materialize(model, d.device, seed=spec.training.seed, init_dir=p.init_dir)
+        log.info(
+            "weights materialised per shard (host memory %.2f GB before, %.2f GB after)",
+            rss / 1e9,
+            weights.host_rss_bytes() / 1e9,
+        )
+    compiled = spec.training.compile_on(d.device.type)
+    if compiled:
         model = torch.compile(model)
     optimizer = loop.make_optimizer(model, spec.training, d.device)
     t = spec.training
@@ -303,14 +323,23 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(metrics, step=step)
-        write_progress(step=step, loss=metrics["loss"], tokens_per_second=metrics["tokens_per_second"])
+        write_progress(
+            step=step,
+            loss=metrics["loss"],
+            tokens_per_second=metrics.get("tokens_per_second"),
+            tokens_per_second_per_device=metrics.get("tokens_per_second_per_device"),
+            mfu=metrics.get("mfu"),
+        )
+        mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a (peak unknown: training.peakTflops)"
         log.info(
-            "step %d/%d loss %.4f lr %.2e tok/s %.0f",
+            "step %d/%d loss %.4f lr %.2e tok/s %.0f (%.0f per device) MFU %s",
             step,
             p.total_steps,
             metrics["loss"],
             metrics["lr"],
-            metrics["tokens_per_second"],
+            metrics.get("tokens_per_second", float("nan")),
+            metrics.get("tokens_per_second_per_device", float("nan")),
+            mfu,
         )
 
     def on_eval(step: int) -> None:
@@ -323,6 +352,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             bf16=bf16,
             d=d,
             flat=flat,
+            block_mask=block_mask,
             prepare_batch=prepare_batch,
         )
         if val is not None:
@@ -335,6 +365,15 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         tracker.log_metrics(metrics, step=step)
         log.info("step %d eval %s", step, metrics)
 
+    def report_checkpoint(step: int, uri: str) -> None:
+        """Where the newest committed checkpoint is: progress.json and the MLflow run (the operator reads it)."""
+        tracker.set_tags({RUN_TAG_CHECKPOINT: uri})
+        tracker.log_metrics({"checkpoint_step": step, "step": state.step}, step=state.step)
+        write_progress(step=state.step, checkpoint_uri=uri, checkpoint_step=step, checkpoint_time=now_rfc3339())
+
+    if resume is not None:  # report the resumed step now, not at the first log interval
+        report_checkpoint(resume.step, resume.uri)
+
     def on_checkpoint(step: int) -> None:
         rank_state = {"packer": packer.state_dict(), "torch_rng": torch.get_rng_state(), "world_size": d.world_size}
         info = ckpts.save(
@@ -344,7 +383,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             extra={"scheduler": scheduler.state_dict(), "step": step},
             rank_state=rank_state,
         )
-        write_progress(checkpoint_uri=info.uri, checkpoint_step=step, checkpoint_time=now_rfc3339())
+        report_checkpoint(step, info.uri)
 
     if state.step < p.total_steps:
         loop.train(
@@ -361,9 +400,13 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             bf16=bf16,
             d=d,
             flat=flat,
+            block_mask=block_mask,
             hooks=loop.LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint),
             checkpoint_interval=spec.checkpoint.interval_steps,
             show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(),
+            compiled=compiled,
+            flops_per_token=flops_token,
+            peak_tflops=flops.peak_tflops(d.device, bf16=bf16, override=t.peak_tflops),
             prepare_batch=prepare_batch,
         )
     on_eval(state.step)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from midfill.api.trainingrun import TrainingSpec
 from midfill.hardware import cpu_has_native_bf16
+from trainer.flops import mfu
 from trainer.objectives import Packed, Packer
 from trainer.parallel import Dist, all_reduce_sum
 
@@ -71,13 +72,21 @@ def make_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.dev
 
 
 def collate(
-    seqs: list[Packed], *, pad_id: int, document_mask: bool, device: torch.device, flat: bool = False
+    seqs: list[Packed],
+    *,
+    pad_id: int,
+    document_mask: bool,
+    device: torch.device,
+    flat: bool = False,
+    block_mask: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch; labels ignore padding. With document_mask, attention and
     positions restart at every piece: for sdpa through a (B, 1, T, T) mask; with `flat` (the model
     runs FlashAttention) through the positions alone, in one row of B x T tokens. transformers'
     flash_attention_2 finds the pieces from the positions (its variable-length kernel) only in a
-    single row, and would read a 4D mask as a padding mask."""
+    single row, and would read a 4D mask as a padding mask. With `block_mask` (the model runs
+    flex_attention) through a flex BlockMask of the pieces: blocks across pieces are skipped, not
+    computed and masked, so packing costs close to nothing."""
     ids = torch.tensor([s.ids for s in seqs], dtype=torch.long)
     seg = torch.tensor([s.segments for s in seqs], dtype=torch.long)
     labels = ids.masked_fill(seg == 0, IGNORE)
@@ -89,6 +98,10 @@ def collate(
         idx = torch.arange(L).expand_as(seg)
         last_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
         batch["position_ids"] = idx - last_start
+        if block_mask:
+            on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            on_device["attention_mask"] = document_block_mask(seg.to(device))
+            return on_device
         if flat:
             # Joined into one row, each row's first token would be the target of the previous row's
             # last one; as separate rows it is nobody's target. Ignoring it keeps the loss the same.
@@ -98,6 +111,23 @@ def collate(
             causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
             batch["attention_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def document_block_mask(segments: torch.Tensor):
+    """The flex_attention BlockMask of causal attention within each piece: segments (B, T) numbers
+    the pieces of each row (collate's Packed.segments; padding is a piece of its own)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_piece_causal(b, h, q, kv):
+        return (segments[b, q] == segments[b, kv]) & (q >= kv)
+
+    B, T = segments.shape
+    return create_block_mask(same_piece_causal, B, None, T, T, device=segments.device)
+
+
+def is_flex(attn_implementation: str) -> bool:
+    """Whether the model's attention is flex_attention (collate's BlockMask for documents)."""
+    return attn_implementation == "flex_attention"
 
 
 def is_flash(attn_implementation: str) -> bool:
@@ -128,6 +158,22 @@ def lm_loss(
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
     loss_fn = _compiled_token_loss() if compiled else token_loss
     return loss_fn(logits, batch["labels"]), (batch["labels"][:, 1:] != IGNORE).sum()
+
+
+def throughput(
+    tokens: float, elapsed: float, world_size: int, flops_per_token: float | None, peak_tflops: float | None
+) -> dict[str, float]:
+    """tokens_per_second (all processes), tokens_per_second_per_device and mfu (where a peak is
+    known); nothing when no token was timed (a log window that held only the compile warm-up)."""
+    if tokens <= 0:
+        return {}
+    total = tokens / max(elapsed, 1e-9)
+    out = {"tokens_per_second": total, "tokens_per_second_per_device": total / world_size}
+    if flops_per_token is not None:
+        used = mfu(total / world_size, flops_per_token, peak_tflops)
+        if used is not None:
+            out["mfu"] = used
+    return out
 
 
 @dataclass
@@ -171,15 +217,22 @@ def train(
     d: Dist,
     hooks: LoopHooks,
     flat: bool = False,
+    block_mask: bool = False,
     checkpoint_interval: int,
     show_bar: bool = False,
     prepare_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    compiled: bool = False,
+    flops_per_token: float | None = None,
+    peak_tflops: float | None = None,
 ) -> None:
     """Run optimizer steps from state.step to total_steps, mutating state.
 
-    flat: collate's layout for FlashAttention models.
+    flat, block_mask: collate's layouts for FlashAttention and flex_attention models.
     prepare_batch: applied to every collated micro-batch (composed codet5p models add the encoder's
-    input and mask the labels it reads)."""
+    input and mask the labels it reads).
+    compiled: the model is torch.compiled; the loss is then compiled too, and the first step (the
+    compilation) is timed apart: logged as the warm-up and left out of tokens/s.
+    flops_per_token, peak_tflops: for the `mfu` metric (trainer.flops); left out without a peak."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     bar = None
@@ -190,19 +243,22 @@ def train(
     window_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # on the device: no sync per micro-step
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     grad_norm = torch.zeros(())
+    warming_up = compiled  # the first step of this process compiles the model (and the loss)
     while state.step < total_steps:
         for micro in range(accum):
             seqs = [packer.next() for _ in range(spec.micro_batch_size)]
             if any(s is None for s in seqs):
                 raise AssertionError("the training stream is endless; it cannot run out")
-            batch = collate(seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat)
+            batch = collate(
+                seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
+            )
             if prepare_batch is not None:
                 batch = prepare_batch(batch)
             last = micro == accum - 1
             if hasattr(model, "set_requires_gradient_sync") and last:
                 model.set_requires_gradient_sync(True)
             with _no_sync(model, last):
-                loss_sum, n = lm_loss(model, batch, bf16=bf16, compiled=spec.compile)
+                loss_sum, n = lm_loss(model, batch, bf16=bf16, compiled=compiled)
                 (loss_sum / n.clamp(min=1) / accum).backward()
             window_loss += (loss_sum.detach() / n.clamp(min=1)).double()
             window_tokens += batch["input_ids"].numel()
@@ -217,6 +273,11 @@ def train(
         window_steps += 1
         if bar is not None:
             bar.update(1)
+        if warming_up:  # the compiled step: its time is the warm-up, not throughput
+            warming_up = False
+            float(window_loss)  # waits for the step to finish
+            log.info("compile warm-up: %.1f s (first step, left out of tokens/s)", time.perf_counter() - window_start)
+            window_tokens, window_start = 0, time.perf_counter()
         if state.step % spec.log_interval_steps == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - window_start
             if hasattr(grad_norm, "full_tensor"):
@@ -225,12 +286,12 @@ def train(
             metrics = {
                 "loss": loss_total / (window_steps * accum * d.world_size),
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_second": tokens_total / max(elapsed, 1e-9),
                 "grad_norm": float(grad_norm),
                 "step": float(state.step),
+                **throughput(tokens_total, elapsed, d.world_size, flops_per_token, peak_tflops),
             }
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics.get('tokens_per_second', 0):.0f}")
             hooks.on_log(state.step, metrics)
             window_loss.zero_()
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()

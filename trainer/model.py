@@ -7,21 +7,28 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from midfill.api.trainingrun import ModelSpec
+from trainer import weights
 from trainer.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
 
-def attention_implementation(requested: str, *, bf16: bool = True) -> str:
+def attention_implementation(requested: str, *, bf16: bool = True, document_mask: bool = False) -> str:
     """flash_attention_2 when asked for or (auto) when CUDA and flash-attn are present and the run
-    computes in bf16, else sdpa. bf16: whether the loop runs the model under bf16 (loop.use_bf16);
-    flash-attn takes only bf16/fp16 inputs, and the fp32 model hands it fp32 ones outside autocast."""
-    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    computes in bf16; else (auto) flex_attention on CUDA when documentMask is on (its block mask
+    skips the blocks across documents, where sdpa computes them under a dense 4D mask), else sdpa.
+    bf16: whether the loop runs the model under bf16 (loop.use_bf16); flash-attn takes only
+    bf16/fp16 inputs, and the fp32 model hands it fp32 ones outside autocast. flex_attention has no
+    backward on CPUs: it trains on GPUs only."""
+    cuda = torch.cuda.is_available()
+    has_flash = cuda and importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
-        return "flash_attention_2" if has_flash and bf16 else "sdpa"
+        if has_flash and bf16:
+            return "flash_attention_2"
+        return "flex_attention" if document_mask and cuda else "sdpa"
     if requested == "flash_attention_2" and not has_flash:
         raise ValueError(
             "model.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package "
@@ -31,6 +38,11 @@ def attention_implementation(requested: str, *, bf16: bool = True) -> str:
         raise ValueError(
             "model.attention: flash_attention_2 computes in bf16 only, and this run trains in fp32 "
             "(training.precision, or a GPU without bf16); use attention: auto or sdpa"
+        )
+    if requested == "flex_attention" and not cuda:
+        raise ValueError(
+            "model.attention: flex_attention trains on CUDA GPUs only (PyTorch has no flex_attention "
+            "backward on CPUs); use attention: auto or sdpa"
         )
     return requested
 
@@ -64,20 +76,42 @@ def build_model(
     pad_id: int,
     seed: int,
     bf16: bool = True,
+    on_meta: bool = False,
+    document_mask: bool = False,
 ) -> tuple[PreTrainedModel, str]:
-    """(model in fp32 on CPU, attention implementation). Random init is seeded, so every rank agrees.
-    bf16: as in `attention_implementation`."""
-    attn = attention_implementation(spec.attention, bf16=bf16)
+    """(model in fp32 on CPU, attention implementation). bf16: as in `attention_implementation`.
+
+    Random weights come from trainer.weights (a function of the seed and each parameter's name), so
+    every rank and every world size agrees. on_meta: the model is left on the meta device, without
+    storage, for FSDP2 to shard before trainer.weights.materialize fills each rank's shard (random,
+    or init_dir's rows). An init whose vocabulary is smaller than the tokenizer's is resized, which
+    needs the whole model: on_meta is then ignored (logged). document_mask: objective.documentMask,
+    which picks flex_attention on GPUs (attention_implementation)."""
+    attn = attention_implementation(spec.attention, bf16=bf16, document_mask=document_mask)
+    log.info("attention implementation: %s", attn)
     if init_dir is not None:
+        cfg = AutoConfig.from_pretrained(init_dir, attn_implementation=attn)
+        if on_meta and cfg.vocab_size >= vocab_size:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32), attn
+        if on_meta:
+            log.warning(
+                "model.init: vocabulary %d < tokenizer's %d; loading it whole to resize", cfg.vocab_size, vocab_size
+            )
         model = AutoModelForCausalLM.from_pretrained(init_dir, attn_implementation=attn, dtype=torch.float32)
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             model.resize_token_embeddings(vocab_size)
-    else:
-        torch.manual_seed(seed)
-        cfg = llama_config(recipe, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, attn=attn)
+        return model, attn
+    cfg = llama_config(recipe, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, attn=attn)
+    with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    log.info("attention implementation: %s", attn)
+    if not on_meta:
+        weights.materialize(model, torch.device("cpu"), seed=seed)
     return model, attn
+
+
+def is_on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def num_params(model: torch.nn.Module) -> int:

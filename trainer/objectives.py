@@ -18,8 +18,9 @@ so only the very end of a finite stream is ever padded (packing efficiency ~100%
 Span choice (the paper's ranges were not published; these are our documented defaults, all in the
 spec): k ~ U{1..maxSpans} spans per piece, masked share of the piece's characters ~ U(maskRatioMin,
 maskRatioMax) split randomly between them, each span placed in its own k-th of the piece; with
-probability singleLineProbability a span is instead one whole line including its newline (what
-editors ask for most, and it teaches a small model to stop).
+probability singleLineProbability a span is instead the code of one line: after its indentation,
+before its newline (what editors ask for most, with the cursor after the indentation; it teaches a
+small model to stop at the end of the line).
 """
 
 from __future__ import annotations
@@ -299,15 +300,21 @@ def choose_spans(text: str, *, k: int, ratio: float, single_line_p: float, rng: 
 
 
 def _random_line(text: str, lo: int, hi: int, rng: random.Random) -> tuple[int, int] | None:
-    """A whole non-blank line (with its newline) lying inside [lo, hi), or None."""
+    """The statement of a random non-blank line lying inside [lo, hi): from after its indentation
+    to before its newline, or None. This is the hole an editor asks for with the cursor at the
+    start of a line's code: the prefix ends with the indentation, the suffix starts with the
+    newline, and the model learns to end the middle (<eom>) where the line ends."""
     starts = [lo] if lo == 0 or text[lo - 1] == "\n" else []
     starts += [i + 1 for i in range(lo, hi - 1) if text[i] == "\n"]
     lines = []
     for s in starts:
         e = text.find("\n", s)
-        e = len(text) if e < 0 else e + 1
-        if e <= hi and text[s:e].strip():
-            lines.append((s, e))
+        e = len(text) if e < 0 else e
+        line = text[s:e]
+        body = line.strip()
+        if e <= hi and body:
+            start = s + len(line) - len(line.lstrip())
+            lines.append((start, start + len(line.strip())))
     return rng.choice(lines) if lines else None
 
 

@@ -58,24 +58,75 @@ def teardown() -> None:
 
 
 def wrap(model: torch.nn.Module, *, strategy: str, d: Dist, mixed_bf16: bool) -> torch.nn.Module:
-    """Move to the device and wrap for the strategy (no wrapper in a single process)."""
-    model.to(d.device)
+    """Move to the device and wrap for the strategy (no wrapper in a single process). A model on the
+    meta device (FSDP2's path, trainer.weights) stays there: trainer.weights.materialize gives it
+    storage, shard by shard, after this."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(d.device)
     if not d.enabled or d.world_size == 1:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if mixed_bf16
-            else MixedPrecisionPolicy()
-        )
-        for layer in model.model.layers:  # one FSDP unit per decoder block, then the rest
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
+        return shard(model, mixed_bf16=mixed_bf16)
     ids = [d.local_rank] if d.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+# What a selectively checkpointed block keeps from its forward: the matmul outputs (and attention's),
+# the expensive products; norms, activations, RoPE and elementwise ops are recomputed in the backward.
+_SAVED_IN_SELECTIVE = (
+    "mm",
+    "addmm",
+    "bmm",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward",
+)
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = getattr(getattr(op, "_overloadpacket", op), "__name__", "")
+    return CheckpointPolicy.MUST_SAVE if name in _SAVED_IN_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_activations(model: torch.nn.Module, mode: str) -> None:
+    """training.activationCheckpointing on a transformers decoder, before wrapping (so FSDP2 units
+    enclose checkpointed blocks): none, full (each block recomputed from its input), or selective
+    (each block keeps its matmul outputs and recomputes the rest, `_SAVED_IN_SELECTIVE`)."""
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"training.activationCheckpointing: {mode!r} is not one of none, full, selective")
+    kwargs: dict = {"use_reentrant": False}
+    if mode == "selective":
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before activation_checkpointing_enable (a GPU image's own copy)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def shard(model: torch.nn.Module, *, mixed_bf16: bool) -> torch.nn.Module:
+    """FSDP2 over the process group: one unit per decoder block, then the rest."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_bf16
+        else MixedPrecisionPolicy()
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,7 +1,12 @@
 """Byte-level BPE tokenizer with midfill's special tokens, trained locally with `tokenizers`.
 
 Byte-level BPE maps every byte to a symbol, so any text (tabs, runs of spaces, unicode) encodes
-and decodes back exactly. The special tokens come first, in `midfill.fim.special_tokens` order,
+and decodes back exactly. A line's indentation (with the newline before it) is a pre-token of its
+own: GPT-2's split glues the last indentation space to the next word (`\n   ` + ` return`), so
+an editor's prompt that ends in indentation (the cursor at the start of a statement) would end on
+a token the model never saw followed by code, and the model answers with more whitespace
+(docs/benchmarks.md, line_infill_ablation). Split this way, `\n        ` + `return` is the same
+boundary in training text and in prompts. The special tokens come first, in `midfill.fim.special_tokens` order,
 so their ids are the same in every midfill tokenizer. Saved as a Hugging Face folder that
 `AutoTokenizer` / `PreTrainedTokenizerFast` load.
 """
@@ -13,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import fsspec
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from midfill import fim
@@ -24,7 +29,7 @@ log = logging.getLogger(__name__)
 def train_bpe(texts: Iterable[str], *, vocab_size: int, num_mask_tokens: int) -> Tokenizer:
     """Learn a byte-level BPE on `texts`."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = code_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -35,6 +40,18 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, num_mask_tokens: int) ->
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def code_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Newline + indentation, and indentation at the start of a text, as pieces of their own; then
+    GPT-2's byte-level split inside each piece."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n[ \t]*"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"\A[ \t]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
 
 
 def take_bytes(texts: Iterable[str], limit: int) -> Iterator[str]:

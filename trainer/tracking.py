@@ -105,6 +105,13 @@ class Tracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
     def log_artifacts(self, local_dir: str, artifact_path: str) -> str | None:
         """Upload a folder; returns its artifact URI (the registered version's source)."""
         if not self.enabled:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, prepared to run in one go on a machine with a CUDA GPU and PyTorch but no network
 # and no midfill environment (e.g. a lent GPU box; at most 6 minutes: the steps time out at 75 + 105 +
-# 170 s, plus 240 s for the endpoint step where Ray Serve is installed):
+# 170 s, plus 240 s for the endpoint step where Ray Serve is installed, plus 8 minutes for the 125m
+# infill recipe: a command on a lent machine may run 10 minutes, so run that one on its own with
+# ONLY=infill-125m and the others with ONLY="gpu-tests serve-throughput-100m serve-throughput-1b"):
 #   1. installs the wheels of bench/gpu/fetch_wheels.sh from .whl/ into a private folder;
 #   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate, on both decode
 #      paths, the static one from CUDA graphs; bf16 only on GPUs with native bf16; FlashAttention's
@@ -10,7 +12,12 @@
 #      on the same GPU, static decode path vs dynamic: a ~100M model (12 layers, hidden 768) and a ~1B
 #      one (16 layers, hidden 2048) -- step ms at 1/8/32 rows and over the weight-read floor, c32
 #      tokens/s, a lone request's latency over generate's (docs/benchmarks.md, "GPU decode path");
-#   4. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint with the debug-size model.
+#   4. bench/train_gpu.py: training tokens/s, MFU, peak GPU and host memory (1b default/eager/documentMask,
+#      7b geometry with 4 layers under FSDP2 from the meta device); run alone with ONLY="train-..." (below);
+#   5. trains the debug recipe scaled to `125m` (manifests/samples/trainingrun-125m-gpu.yaml) for at
+#      most 5 minutes in one process and scores it with line-em on held-out stdlib function bodies
+#      (bench/infill_recipe.py: own stop rate, whitespace-only, first-line exact match; 8 minutes in all);
+#   6. with Ray Serve there (fetch_wheels.sh --with-ray), the endpoint with the debug-size model.
 #
 #   bash bench/gpu/fetch_wheels.sh [--with-ray]     # on a machine with PyPI, once
 #   bash bench/gpu/run.sh                           # on the GPU machine, from the repository root
@@ -23,7 +30,8 @@
 # and a failing step does not stop the others; the exit status is the number of failed steps.
 # WHEEL_DIRS (default ".whl .whl-2") and WHEELS (default /tmp/midfill-wheels) say where the wheels
 # come from and are kept. ONLY="gpu-tests ..." runs just the named steps; MIDFILL_CHECK_DEVICE=cpu runs them on a CPU (a dry
-# run of the script itself, with BENCH_ARGS="--layers 2 --hidden 64 --heads 4 --rounds 1" to be quick).
+# run of the script itself, with BENCH_ARGS="--layers 2 --hidden 64 --heads 4 --rounds 1" and
+# INFILL_ARGS="--dry-run" to be quick).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/gpu}
@@ -82,6 +90,21 @@ step serve-throughput-100m 105 $PY bench/serve_throughput.py --device "$DEVICE" 
   --layers 12 --hidden 768 --heads 12 --out "$OUT/serve_throughput_${DEVICE}_100m.json" ${BENCH_ARGS:-}
 step serve-throughput-1b 170 $PY bench/serve_throughput.py --device "$DEVICE" $DECODE \
   --layers 16 --hidden 2048 --heads 16 --out "$OUT/serve_throughput_${DEVICE}_1b.json" ${BENCH_ARGS:-}
+# Training as a job runs it (issue 19): the 1b recipe at seq 2048, micro 8, bf16 -- default settings
+# (compile: auto, so compiled on a GPU), eager for comparison, documentMask (flex_attention's block
+# mask where flash-attn is missing), and the 7b geometry with 4 layers from the meta device under
+# FSDP2 (one process: sharded as FSDP2 shards it, world size 1). Run alone as one call of <= 6 minutes:
+#   ONLY="train-1b train-1b-eager train-1b-docmask train-7b-fsdp" bash bench/gpu/run.sh
+# TRAIN_ARGS shrinks the models for the CPU dry run.
+TRAIN="$PY bench/train_gpu.py --seq 2048 --micro 8 --steps 8 --warmup 2"
+step train-1b 100 $TRAIN --recipe 1b --out "$OUT/train_${DEVICE}_1b.json" ${TRAIN_ARGS:-}
+step train-1b-eager 45 $TRAIN --recipe 1b --compile false --out "$OUT/train_${DEVICE}_1b_eager.json" ${TRAIN_ARGS:-}
+step train-1b-docmask 100 $TRAIN --recipe 1b --document-mask --out "$OUT/train_${DEVICE}_1b_docmask.json" ${TRAIN_ARGS:-}
+step train-7b-fsdp 90 $PY -m torch.distributed.run --standalone --nproc-per-node 1 bench/train_gpu.py --seq 2048 --micro 4 \
+  --steps 6 --warmup 2 --recipe 7b --layers 4 --fsdp --out "$OUT/train_${DEVICE}_7b4_fsdp.json" ${TRAIN_ARGS:-}
+# The debug recipe at 125m: does the infill recipe learn to end its lines and get some right at scale?
+step infill-125m 480 $PY bench/infill_recipe.py --run manifests/samples/trainingrun-125m-gpu.yaml --device "$DEVICE" \
+  --max-seconds 300 --out "$OUT/infill_recipe_125m.json" ${INFILL_ARGS:-}
 # The endpoint where Ray Serve is there (debug-size model; not counted in the 6 minutes).
 if $PY -c "import ray.serve, fastapi" 2>/dev/null; then
   step serve-throughput-endpoint 240 $PY bench/serve_throughput.py --device "$DEVICE" --parts engine,endpoint --rounds 1 \

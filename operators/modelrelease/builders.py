@@ -210,6 +210,11 @@ def version_patch(
     return {"metadata": {"annotations": annotations}, "spec": spec}
 
 
+def serve_service(release: ModelRelease) -> str:
+    """KubeRay's Service in front of the RayService's Serve proxies (follows the active cluster)."""
+    return f"{release.endpoint_name()}-serve-svc"
+
+
 def endpoint_url(release: ModelRelease) -> str:
     """KubeRay's serve Service: <rayservice>-serve-svc, port 8000."""
     ns = release.metadata.namespace or "default"

@@ -8,12 +8,21 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 import kopf
 
 from midfill.api import GROUP, VERSION, ModelRelease
 from midfill.api.modelrelease import ModelReleaseStatus
 from midfill.lifecycle.clock import fmt_time, parse_time, utcnow
-from midfill.lifecycle.modelrelease import Deploy, DeploymentView, Observed, Resolution, reconcile, resolve
+from midfill.lifecycle.modelrelease import (
+    Deploy,
+    DeploymentView,
+    Observed,
+    Resolution,
+    reconcile,
+    resolve,
+    served_by,
+)
 from operators import common
 from operators.kube import MODELRELEASES, RAYSERVICES, Kube
 from operators.modelrelease import builders
@@ -23,9 +32,10 @@ RESYNC_SECONDS = OperatorSettings().resync_seconds
 __all__ = ["resolve", "rayservice_view", "sync"]
 
 
-def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None) -> DeploymentView:
-    """Read a RayService: our annotations, and whether KubeRay reports the app RUNNING for the
-    current spec (status.observedGeneration caught up with metadata.generation)."""
+def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None, health: Any = None) -> DeploymentView:
+    """Read a RayService: our annotations, whether KubeRay reports the app RUNNING for the current
+    spec (status.observedGeneration caught up with metadata.generation) or DEPLOY_FAILED, and what the
+    endpoint's /health answered (`health`: its JSON body, None when it did not answer)."""
     meta = obj.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     status = obj.get("status") or {}
@@ -33,24 +43,48 @@ def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None) ->
     app_status = app.get("status", "")
     observed, generation = status.get("observedGeneration"), meta.get("generation")
     current = observed is None or generation is None or observed >= generation
-    health = f"application {builders.APP_NAME}: {app_status or 'no status yet'}" + (
+    text = f"application {builders.APP_NAME}: {app_status or 'no status yet'}" + (
         "" if current else " (for an older spec)"
     )
     if app.get("message"):
-        health += f": {app['message']}"
+        text += f": {app['message']}"
+    served, said = (None, "") if release is None else served_by(health, registered_model=_model(release))
     built_from = annotations.get(builders.ANNOTATION_GENERATION)
     return DeploymentView(
         version=annotations.get(builders.ANNOTATION_VERSION),
         rollout_start=parse_time(annotations.get(builders.ANNOTATION_ROLLOUT_START)),
         healthy=app_status == "RUNNING" and current,
-        health=health,
+        health=text + (f"; {said}" if said else ""),
         url=builders.endpoint_url(release) if release is not None else None,
         generation=int(built_from) if built_from and built_from.isdigit() else None,
+        served=served,
+        # Serve gave up starting the replicas (constructor failed: bad weights, OOM) for this spec.
+        failed=text if app_status == "DEPLOY_FAILED" and current else None,
     )
 
 
+def _model(release: ModelRelease) -> str:
+    return release.spec.model.registered_model_name
+
+
+async def endpoint_health(settings: OperatorSettings, release: ModelRelease) -> Any:
+    """GET the release endpoint's /health (what the replicas serve): its JSON body, None when it
+    does not answer 200 with JSON in time (not served yet, or unreachable)."""
+    url = settings.endpoint_health_url.format(
+        service=builders.serve_service(release),
+        namespace=release.metadata.namespace or "default",
+        route_prefix=release.spec.endpoint.route_prefix.rstrip("/"),
+    )
+    try:
+        async with httpx.AsyncClient(timeout=settings.endpoint_health_timeout) as client:
+            response = await client.get(url)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 async def observe(memo: Any, release: ModelRelease, body: dict[str, Any]) -> Observed:
-    """The registry's answer and the RayService, as they are now."""
+    """The registry's answer, the RayService and what its endpoint serves, as they are now."""
     kube: Kube = memo.kube
     now = utcnow()
     try:
@@ -62,7 +96,8 @@ async def observe(memo: Any, release: ModelRelease, body: dict[str, Any]) -> Obs
         return Observed(now=now, resolution=resolution)
     if body["metadata"].get("uid") not in common.owner_uids(raw_rs):
         raise kopf.TemporaryError(f"RayService {release.endpoint_name()} exists and belongs to someone else", delay=60)
-    return Observed(now=now, resolution=resolution, deployment=rayservice_view(raw_rs, release))
+    health = await endpoint_health(memo.settings, release)
+    return Observed(now=now, resolution=resolution, deployment=rayservice_view(raw_rs, release, health))
 
 
 async def act(

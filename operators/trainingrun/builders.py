@@ -22,6 +22,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "midfill-operator"}
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 CONTAINER = "trainer"
+LAUNCHER = "trainer.launch"  # `python -m trainer.launch TORCHRUN-ARGS` (keeps the exit code 78)
 CHECK_CONTAINER = "check-config"  # init container: `python -m trainer --check` (exit 78 = invalid config)
 CONFIG_DIR = "/etc/midfill"
 RUN_FILE = "trainingrun.yaml"
@@ -169,6 +170,9 @@ def _env(run: TrainingRun, *, attempt: int, settings: OperatorSettings) -> list[
     ]
     if settings.tracking_uri:
         env.append({"name": "MIDFILL_TRACKING_URI", "value": settings.tracking_uri})
+    if settings.tracking_secret:  # the trainers' MLflow credentials (the chart's mlflow.auth.trainerSecret)
+        for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": settings.tracking_secret, "key": key}}})
     ckpt = checkpoint_dir(run, settings)
     if ckpt:
         env.append({"name": "MIDFILL_CHECKPOINT_DIR", "value": ckpt})
@@ -188,7 +192,9 @@ def build_job(
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
-        "command": ["torchrun"],
+        # trainer.launch runs torchrun and turns its 1 back into the trainer's 78 when a worker found
+        # an invalid config (torchrun itself exits 1 whatever its worker's code): see trainer/launch.py.
+        "command": ["python", "-m", LAUNCHER],
         "args": [
             "-m",
             "trainer",
@@ -219,8 +225,8 @@ def build_job(
         container["volumeMounts"].append({"name": "checkpoints", "mountPath": settings.checkpoint_mount_path})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.checkpoint_claim_name}})
 
-    # torchrun exits 1 whatever its worker's code, which would hide the trainer's 78 (invalid config)
-    # from the podFailurePolicy: the same checks run first, without torchrun, in an init container.
+    # The checks that need no model run first, once per pod and without torchrun, in an init container
+    # (a 78 there never costs a rendezvous); the launcher covers what only the workers can find.
     check = {
         "name": CHECK_CONTAINER,
         "image": image,

@@ -26,7 +26,9 @@ from midfill.lifecycle.trainingrun import (
     NON_RETRYABLE,
     AttemptView,
     DeleteAttempt,
+    EndRun,
     Observed,
+    PruneAttempt,
     StartAttempt,
     needs_registry_lookup,
     needs_resync,
@@ -38,6 +40,7 @@ from operators.settings import OperatorSettings
 from operators.trainingrun import builders
 
 RESYNC_SECONDS = OperatorSettings().resync_seconds
+TERMINAL = ("Succeeded", "Failed")
 # MLflow (SQLAlchemy/HTTP) calls get their own small pool so a slow tracking server never holds up
 # the Kubernetes calls queued in the default executor.
 _MLFLOW_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlflow")
@@ -107,31 +110,68 @@ async def observe(
             elif view is not None and not view.deleting:  # left over from a deleted run of the same name
                 await kube.delete(JOBS, namespace, view.name)
         attempt += 1
-    observed = Observed(now=dt.datetime.now(dt.UTC), jobs=jobs)
-    if isinstance(run, SpecError) or not memo.settings.tracking_uri:
+    # Only attempts old enough to be pruned are looked for (no list calls while there are few).
+    retained = await retained_attempts(
+        kube, namespace, name, uid, below=status.attempt - memo.settings.keep_attempts + 1
+    )
+    observed = Observed(now=dt.datetime.now(dt.UTC), jobs=jobs, retained=retained)
+    if not memo.settings.tracking_uri or not (status.attempt or jobs):
         return observed
     registry = memo.registry()
+    experiment = run.spec.registry.experiment_name if isinstance(run, TrainingRun) else None
     progress = registered = None
+    open_runs: dict[int, str] = {}
     loop = asyncio.get_running_loop()
     try:
         # Progress is the timer's job (watch events carry none); no Job yet means nothing to report.
-        if read_progress and jobs and status.phase not in ("Succeeded", "Failed"):
-            progress = await loop.run_in_executor(
-                _MLFLOW_POOL, lambda: registry.run_progress(uid, experiment_name=run.spec.registry.experiment_name)
+        # Runs still RUNNING: those of attempts that are over are ended (the machine decides); asked on
+        # the timer (with the progress, one search), and at once when an attempt ends or is stopped.
+        wants_progress = isinstance(run, TrainingRun) and read_progress and jobs and status.phase not in TERMINAL
+        if wants_progress:
+            progress, open_runs = await loop.run_in_executor(
+                _MLFLOW_POOL, lambda: registry.run_overview(uid, experiment_name=experiment)
             )
-        if needs_registry_lookup(status, observed):
+        elif read_progress or _attempt_ending(run, jobs):
+            open_runs = await loop.run_in_executor(
+                _MLFLOW_POOL, lambda: registry.open_attempt_runs(uid, experiment_name=experiment)
+            )
+        if isinstance(run, TrainingRun) and needs_registry_lookup(status, observed):
             found = await loop.run_in_executor(_MLFLOW_POOL, registry.find_by_run_uid, run.registered_model_name(), uid)
             if found is not None:
                 registered = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri)
     except Exception as exc:  # MLflow down must not stop the Jobs from being managed
         logger.warning(f"MLflow at {memo.settings.tracking_uri} not readable: {exc}")
-    return Observed(now=observed.now, jobs=jobs, progress=progress, registered=registered)
+    return Observed(
+        now=observed.now, jobs=jobs, progress=progress, registered=registered, open_runs=open_runs, retained=retained
+    )
 
 
-async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions: list, logger: kopf.Logger) -> None:
-    namespace = run.metadata.namespace or "default"
+def _attempt_ending(run: TrainingRun | SpecError, jobs: dict[int, AttemptView]) -> bool:
+    """Whether this sync may end an attempt (so its MLflow run may have to be ended now)."""
+    stopping = isinstance(run, SpecError) or run.spec.suspend
+    return stopping or any(j.outcome is not None or j.deleting for j in jobs.values())
+
+
+async def retained_attempts(kube: Kube, namespace: str, name: str, uid: str | None, *, below: int) -> tuple[int, ...]:
+    """Attempts older than `below` whose Job or ConfigMap (owned by this run) still exist."""
+    if below <= 1:
+        return ()
+    found: set[int] = set()
+    for res in (JOBS, CONFIGMAPS):
+        for obj in await kube.list(res, namespace, {builders.LABEL_RUN: name, **builders.MANAGED_BY}):
+            meta = obj.get("metadata") or {}
+            attempt = (meta.get("labels") or {}).get(builders.LABEL_ATTEMPT, "")
+            if attempt.isdigit() and int(attempt) < below and uid in common.owner_uids(obj):
+                found.add(int(attempt))
+    return tuple(sorted(found))
+
+
+async def act(
+    kube: Kube, memo: Any, namespace: str, run: TrainingRun | SpecError, actions: list, logger: kopf.Logger
+) -> None:
+    settings: OperatorSettings = memo.settings
     for action in actions:
-        if isinstance(action, StartAttempt):
+        if isinstance(action, StartAttempt) and isinstance(run, TrainingRun):
             for obj in builders.build_attempt(
                 run, attempt=action.attempt, settings=settings, active_deadline_seconds=action.active_deadline_seconds
             ):
@@ -142,6 +182,23 @@ async def act(kube: Kube, settings: OperatorSettings, run: TrainingRun, actions:
         elif isinstance(action, DeleteAttempt):
             if await kube.delete(JOBS, namespace, action.name):
                 logger.info(f"deleted Job {action.name}")
+        elif isinstance(action, PruneAttempt):
+            for res in (JOBS, CONFIGMAPS):
+                await kube.delete(res, namespace, action.name)
+            logger.info(f"deleted the Job and ConfigMap of old attempt {action.name} (kept in status.attempts)")
+        elif isinstance(action, EndRun):
+            await end_run(memo, action, logger)
+
+
+async def end_run(memo: Any, action: EndRun, logger: kopf.Logger) -> None:
+    """Mark an over attempt's MLflow run FAILED/KILLED; MLflow down only delays it to a later sync."""
+    registry = memo.registry()
+    loop = asyncio.get_running_loop()
+    try:
+        if await loop.run_in_executor(_MLFLOW_POOL, registry.end_run, action.run_id, action.status):
+            logger.info(f"ended MLflow run {action.run_id} of attempt {action.attempt} as {action.status}")
+    except Exception as exc:
+        logger.warning(f"could not end MLflow run {action.run_id} of attempt {action.attempt}: {exc}")
 
 
 def refuse_unshared(run: TrainingRun | SpecError, settings: OperatorSettings) -> TrainingRun | SpecError:
@@ -161,13 +218,15 @@ async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger, *, rea
         run, status, raw_status = common.split_body(body, TrainingRunStatus)
         run = refuse_unshared(run, memo.settings)
         observed = await observe(kube, memo, run, status, body, logger, read_progress=read_progress)
-        plan = reconcile(run, status=status, observed=observed, generation=body["metadata"].get("generation"))
-        if isinstance(run, TrainingRun):
-            await act(kube, memo.settings, run, plan.actions, logger)
-        else:
-            for action in plan.actions:
-                if isinstance(action, DeleteAttempt):
-                    await kube.delete(JOBS, namespace, action.name)
+        plan = reconcile(
+            run,
+            status=status,
+            observed=observed,
+            generation=body["metadata"].get("generation"),
+            run_name=name,
+            keep_attempts=memo.settings.keep_attempts,
+        )
+        await act(kube, memo, namespace, run, plan.actions, logger)
         await common.write_status(kube, TRAININGRUNS, body, raw_status, plan.status, logger)
 
 

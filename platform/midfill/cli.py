@@ -72,6 +72,29 @@ def validate(
     typer.echo(f"{file}: valid ({names})")
 
 
+@app.command("mlflow-gate")
+def mlflow_gate(
+    upstream: Annotated[str, typer.Option(help="The MLflow server to protect (listening on localhost only).")] = (
+        "http://127.0.0.1:5001"
+    ),
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on (the MLflow Service's target port).")] = 5000,
+    anonymous_read: Annotated[
+        bool, typer.Option("--anonymous-read/--no-anonymous-read", help="Let requests without credentials read.")
+    ] = True,
+) -> None:
+    """Basic auth in front of MLflow: operator, trainer and reviewer credentials; only reviewers approve.
+
+    Credentials come from MIDFILL_GATE_{OPERATOR,TRAINER,REVIEWER}_{USERNAME,PASSWORD}."""
+    from midfill.mlflow_gate import GateSettings, serve
+
+    try:
+        settings = GateSettings.from_env(upstream, anonymous_read)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    serve(settings, host=host, port=port)
+
+
 def _load_component_commands() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

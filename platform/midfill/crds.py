@@ -25,6 +25,7 @@ _KINDS: dict[str, dict[str, Any]] = {
             ("Nodes", "integer", ".spec.parallelism.numNodes"),
             ("Step", "integer", ".status.progress.step"),
             ("Loss", "number", ".status.progress.loss"),
+            ("MFU", "number", ".status.progress.mfu"),
             ("Model version", "string", ".status.registeredModel.version"),
         ],
     },
@@ -81,6 +82,11 @@ def _to_openapi(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if {o.get("type") for o in non_null} == {"integer", "string"}:
             out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
             out.update({k: v for k, v in outer.items() if k in ("description",)})
+            return out
+        if {o.get("type") for o in non_null} == {"boolean", "string"}:
+            # true/false or a keyword (training.compile: auto); the models validate the value.
+            out = {"x-kubernetes-preserve-unknown-fields": True}
+            out.update({k: v for k, v in outer.items() if k in ("description", "default")})
             return out
         assert len(non_null) == 1, f"unsupported union in CRD schema: {schema}"
         out = _to_openapi({**non_null[0], **outer}, defs)

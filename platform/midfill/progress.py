@@ -18,6 +18,8 @@ RESULT_FILE = "result.json"
 # Tag on the MLflow *run* so the operator can find the run of a TrainingRun attempt.
 RUN_TAG_UID = "midfill.training_run_uid"
 RUN_TAG_ATTEMPT = "midfill.attempt"
+# The URI of the newest committed checkpoint, set on the MLflow run with the metric `checkpoint_step`.
+RUN_TAG_CHECKPOINT = "midfill.checkpoint_uri"
 
 
 class ProgressRecord(BaseModel):
@@ -27,6 +29,10 @@ class ProgressRecord(BaseModel):
     total_steps: int | None = None
     loss: float | None = None
     tokens_per_second: float | None = None
+    tokens_per_second_per_device: float | None = None
+    mfu: float | None = Field(
+        default=None, description="Model FLOPs utilisation (0-1); None where the peak is unknown."
+    )
     update_time: str | None = None
     attempt: int | None = None
     checkpoint_uri: str | None = Field(default=None, description="Newest complete checkpoint.")

@@ -309,15 +309,11 @@ class Registry:
         return self.get(name, version=version)
 
     # -- training progress (read by the operator) -----------------------------------------------------
-    def run_progress(self, run_uid: str, *, experiment_name: str | None = None):
-        """Latest metrics `step`, `loss`, `tokens_per_second` of a TrainingRun's newest MLflow run.
-
-        The trainer tags its MLflow run with midfill.progress.RUN_TAG_UID/RUN_TAG_ATTEMPT; the newest
-        run (the latest attempt) wins. Returns a ProgressRecord, or None when no run is found yet.
-        """
+    def _runs_of(self, run_uid: str, experiment_name: str | None, *, extra: str = "", max_results: int = 1):
+        """MLflow runs tagged with a TrainingRun uid, newest first ([] when there are none yet)."""
         from mlflow.exceptions import MlflowException
 
-        from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_UID, ProgressRecord
+        from midfill.progress import RUN_TAG_UID
 
         try:
             if experiment_name is not None:
@@ -326,32 +322,71 @@ class Registry:
             else:
                 ids = [e.experiment_id for e in self.client.search_experiments()]
             if not ids:
-                return None
-            runs = self.client.search_runs(
+                return []
+            return self.client.search_runs(
                 ids,
-                filter_string=f"tags.`{RUN_TAG_UID}` = '{run_uid}'",
+                filter_string=f"tags.`{RUN_TAG_UID}` = '{run_uid}'{extra}",
                 order_by=["attributes.start_time DESC"],
-                max_results=1,
+                max_results=max_results,
             )
         except MlflowException:
-            return None
+            return []
+
+    def run_progress(self, run_uid: str, *, experiment_name: str | None = None):
+        """Where a TrainingRun's newest MLflow run (its latest attempt) stands, as a ProgressRecord.
+
+        The trainer tags its run with midfill.progress.RUN_TAG_UID/RUN_TAG_ATTEMPT, logs `step`, `loss`,
+        `tokens_per_second` (and `step` once when it resumes), and on each committed checkpoint the
+        metric `checkpoint_step` with the tag RUN_TAG_CHECKPOINT (its URI). `update_time` is the newest
+        metric's timestamp, not the run's start. None when no run is found yet.
+        """
+        return self._progress(self._runs_of(run_uid, experiment_name))
+
+    def run_overview(self, run_uid: str, *, experiment_name: str | None = None):
+        """(run_progress, open_attempt_runs) from one search (the operator's timer asks both)."""
+        runs = self._runs_of(run_uid, experiment_name, max_results=100)
+        return self._progress(runs), _open(runs)
+
+    @staticmethod
+    def _progress(runs: list):
+        from midfill.progress import RUN_TAG_ATTEMPT, RUN_TAG_CHECKPOINT, ProgressRecord
+
         if not runs:
             return None
         run = runs[0]
-        metrics = run.data.metrics
+        latest = {m.key: m for m in run.data.to_proto().metrics}  # the latest value of each, with its time
         attempt = run.data.tags.get(RUN_TAG_ATTEMPT)
-        end = run.info.end_time or run.info.start_time
-        import datetime as _dt
-
-        updated = _dt.datetime.fromtimestamp(end / 1000, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if end else None
+        checkpoint = latest.get("checkpoint_step")
+        checkpoint_uri = run.data.tags.get(RUN_TAG_CHECKPOINT)
         return ProgressRecord(
-            step=int(metrics.get("step", 0)),
-            loss=metrics.get("loss"),
-            tokens_per_second=metrics.get("tokens_per_second"),
+            step=int(latest["step"].value) if "step" in latest else 0,
+            loss=latest["loss"].value if "loss" in latest else None,
+            tokens_per_second=latest["tokens_per_second"].value if "tokens_per_second" in latest else None,
+            tokens_per_second_per_device=latest["tokens_per_second_per_device"].value
+            if "tokens_per_second_per_device" in latest
+            else None,
+            mfu=latest["mfu"].value if "mfu" in latest else None,
             attempt=int(attempt) if attempt and attempt.isdigit() else None,
             mlflow_run_id=run.info.run_id,
-            update_time=updated,
+            update_time=_rfc3339(max((m.timestamp for m in latest.values()), default=0)),
+            checkpoint_uri=checkpoint_uri if checkpoint is not None else None,
+            checkpoint_step=int(checkpoint.value) if checkpoint is not None and checkpoint_uri else None,
+            checkpoint_time=_rfc3339(checkpoint.timestamp) if checkpoint is not None else None,
         )
+
+    def open_attempt_runs(self, run_uid: str, *, experiment_name: str | None = None) -> dict[int, str]:
+        """attempt -> MLflow run id of a TrainingRun's runs that are still RUNNING."""
+        return _open(
+            self._runs_of(run_uid, experiment_name, extra=" and attributes.status = 'RUNNING'", max_results=100)
+        )
+
+    def end_run(self, run_id: str, status: str) -> bool:
+        """End an MLflow run as `status` (FAILED, KILLED) if it is still RUNNING; whether it changed it."""
+        run = self.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return False
+        self.client.set_terminated(run_id, status=status)
+        return True
 
     # -- files ------------------------------------------------------------------------------------
     def download(self, info: VersionInfo, dst: str | Path) -> Path:
@@ -369,6 +404,24 @@ class Registry:
         return Path(local)
 
 
+def _open(runs: list) -> dict[int, str]:
+    """attempt -> run id of the RUNNING ones among runs (newest first: the newest run of an attempt wins)."""
+    from midfill.progress import RUN_TAG_ATTEMPT
+
+    out: dict[int, str] = {}
+    for run in runs:
+        attempt = run.data.tags.get(RUN_TAG_ATTEMPT, "")
+        if run.info.status == "RUNNING" and attempt.isdigit():
+            out.setdefault(int(attempt), run.info.run_id)
+    return out
+
+
+def _rfc3339(millis: int | None) -> str | None:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(millis / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if millis else None
+
+
 def metric_tag_key(suite: str, metric: str) -> str:
     """The model-version tag holding an evaluation metric (MLflow tag keys cannot hold '@')."""
     return f"eval.{suite}.{metric.replace('@', '_at_')}"
@@ -384,6 +437,11 @@ def version_metric(info: VersionInfo, key: str) -> float | None:
         return None
 
 
+# A gate metric counts only from an evaluation of at least this many tasks (the `tasks` result every
+# suite records next to its metrics): a `--limit 1` run proves nothing about a model. docs/operator.md.
+MIN_GATE_TASKS = 20
+
+
 def unmet_approval(
     info: VersionInfo,
     *,
@@ -397,10 +455,16 @@ def unmet_approval(
         missing.append(f"alias {required_alias}")
     for key, threshold in sorted((min_metrics or {}).items()):
         value = version_metric(info, key)
+        suite = key.partition("/")[0]
+        tasks = version_metric(info, f"{suite}/tasks")
         if value is None:
             missing.append(
-                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite "
-                f"{key.partition('/')[0]}`)"
+                f"metric {key} >= {threshold:g} (not evaluated: run `midfill eval {info.uri} --suite {suite}`)"
+            )
+        elif tasks is None or tasks < MIN_GATE_TASKS:
+            missing.append(
+                f"metric {key} >= {threshold:g} (evaluated on {tasks or 0:g} tasks; the gate counts runs of at "
+                f"least {MIN_GATE_TASKS}: run `midfill eval {info.uri} --suite {suite}` without a small --limit)"
             )
         elif value < threshold:
             missing.append(f"metric {key} >= {threshold:g} (is {value:g})")

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # every step of the check, serving and training, on a shared CPU
 def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
     env = {
         **os.environ,
@@ -27,6 +28,8 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
         "BENCH_ARGS": (
             "--layers 2 --hidden 64 --heads 4 --requests 32 --rounds 1 --dtypes float32 --baseline-dtypes float32"
         ),
+        "TRAIN_ARGS": "--hidden 64 --heads 4 --layers 2 --seq 64 --micro 2 --steps 2 --warmup 1 --compile false",
+        "INFILL_ARGS": "--dry-run",  # the 125m infill recipe shrunk to the debug geometry, 2 steps, 2 tasks
         "MIDFILL_STATE_DIR": str(tmp_path / "state"),
         "WHEEL_DIRS": "",  # this environment has everything; wheels fetched for a GPU box's Python would not fit it
         "WHEELS": str(tmp_path / "wheels"),
@@ -44,6 +47,16 @@ def test_the_gpu_check_runs_its_steps_and_writes_results(tmp_path):
         static = measured["float32 static"]
         assert static["cost_model"]["static_step_over_floor_32_rows"] > 0
         assert static["rounds"][0]["single_request_latency_over_generate"] > 0
+    for name in ("1b", "1b_eager", "1b_docmask", "7b4_fsdp"):  # training: tokens/s, MFU fields, memory per rank
+        trained = json.loads((tmp_path / f"train_cpu_{name}.json").read_text())
+        assert trained["tokens_per_second_per_device"] > 0 and "mfu" in trained
+        assert trained["host_memory_per_rank"]["peak_gb"] > 0
+    sharded = json.loads((tmp_path / "train_cpu_7b4_fsdp.json").read_text())
+    assert sharded["fsdp_meta_init"] and sharded["world_size"] == 1
+    assert json.loads((tmp_path / "train_cpu_1b_docmask.json").read_text())["document_mask"]
+    infill = json.loads((tmp_path / "infill_recipe_125m.json").read_text())  # trained, then scored by line-em
+    assert infill["dry_run"] and infill["steps_done"] == 2 and infill["line_em"]["tasks"] == 2
+    assert set(infill["line_em"]) >= {"stop_rate", "stop_string_rate", "length_rate", "whitespace_rate"}
     if importlib.util.find_spec("ray") is not None:  # the endpoint joins where Ray Serve is installed
         summary = json.loads((tmp_path / "serve_throughput_cpu.json").read_text())[
             "summary_speedup_vs_fastest_baseline"

@@ -44,7 +44,11 @@ def test_cluster_wide_install_grants_both_lists_in_one_clusterrole(render: Any) 
     role = one(objects, "ClusterRole")
     _assert_same(grants(role["rules"]), grants(NAMESPACED_RULES) | grants(CLUSTER_RULES), "ClusterRole")
     binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     _subjects_are_the_operator(binding)
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     assert one(objects, "ServiceAccount")["metadata"]["name"] == "midfill"
@@ -62,7 +66,9 @@ def test_namespaced_install_grants_namespaced_rules_only_in_watched_namespaces(r
     for namespace in watched:
         _assert_same(grants(roles[namespace]["rules"]), grants(NAMESPACED_RULES), f"Role in {namespace}")
         assert bindings[namespace]["roleRef"] == {
-            "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": roles[namespace]["metadata"]["name"],
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": roles[namespace]["metadata"]["name"],
         }
         _subjects_are_the_operator(bindings[namespace])
 

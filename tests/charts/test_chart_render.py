@@ -84,7 +84,31 @@ def _operator_env(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _mlflow_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    return one(objects, "Deployment", "midfill-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    containers = one(objects, "Deployment", "midfill-mlflow")["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "mlflow")
+
+
+def test_mlflow_runs_behind_the_gate_with_three_credentials(render: Any) -> None:
+    objects = render()
+    pod = one(objects, "Deployment", "midfill-mlflow")["spec"]["template"]["spec"]
+    gate = next(c for c in pod["containers"] if c["name"] == "gate")
+    assert gate["command"] == ["midfill", "mlflow-gate"] and "--port=5000" in gate["args"]
+    assert gate["ports"][0]["containerPort"] == 5000  # the Service's target: MLflow itself is not exposed
+    assert {"--host=127.0.0.1", "--port=5001"} <= set(_mlflow_container(objects)["args"])
+    env = container_env(gate)
+    for role in ("operator", "trainer", "reviewer"):
+        for key in ("username", "password"):
+            ref = env[f"MIDFILL_GATE_{role.upper()}_{key.upper()}"]["secretKeyRef"]
+            assert ref == {"name": f"midfill-mlflow-{role}", "key": key}
+    operator = _operator_env(objects)
+    assert operator["MLFLOW_TRACKING_USERNAME"] == {
+        "secretKeyRef": {"name": "midfill-mlflow-operator", "key": "username"}
+    }
+    assert operator["MIDFILL_TRACKING_SECRET"] == "midfill-mlflow-trainer"  # trainer pods read it in their namespace
+    plain = render(set_values=("mlflow.auth.enabled=false",))
+    containers = one(plain, "Deployment", "midfill-mlflow")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["mlflow"] and "--host=0.0.0.0" in containers[0]["args"]
+    assert "MLFLOW_TRACKING_USERNAME" not in _operator_env(plain)
 
 
 def test_defaults_run_mlflow_on_sqlite_and_a_pvc(render: Any) -> None:
@@ -167,9 +191,24 @@ def test_install_yaml_is_the_fresh_render_of_the_defaults(helm: Path, tmp_path: 
     out = tmp_path / "install.yaml"
     # The same recipe `make manifests` runs, minus its steps that write into the tree.
     proc = subprocess.run(
-        ["make", "--no-print-directory", "-s", "-o", "tools", "-o", "chart-crds", "-o", "chart-rbac", "manifests",
-         f"INSTALL_YAML={out}", f"HELM={helm}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            "make",
+            "--no-print-directory",
+            "-s",
+            "-o",
+            "tools",
+            "-o",
+            "chart-crds",
+            "-o",
+            "chart-rbac",
+            "manifests",
+            f"INSTALL_YAML={out}",
+            f"HELM={helm}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     committed = REPO_ROOT / "manifests" / "install.yaml"

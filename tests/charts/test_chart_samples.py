@@ -33,8 +33,13 @@ def openapi_to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
             out["items"] = openapi_to_jsonschema(value)
         elif key == "additionalProperties":
             out["additionalProperties"] = openapi_to_jsonschema(value) if isinstance(value, dict) else value
-        elif key in ("nullable", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
-                     "exclusiveMinimum", "exclusiveMaximum") or key.startswith("x-kubernetes-"):
+        elif key in (
+            "nullable",
+            "x-kubernetes-int-or-string",
+            "x-kubernetes-preserve-unknown-fields",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+        ) or key.startswith("x-kubernetes-"):
             continue  # handled below
         else:
             out[key] = copy.deepcopy(value)
@@ -126,14 +131,16 @@ def test_the_conversion_accepts_what_the_api_server_accepts() -> None:
 
 
 def test_openapi_conversion_rules() -> None:
-    schema = openapi_to_jsonschema({
-        "type": "object",
-        "properties": {
-            "n": {"type": "integer", "minimum": 0, "exclusiveMinimum": True, "nullable": True},
-            "q": {"x-kubernetes-int-or-string": True},
-            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-    })
+    schema = openapi_to_jsonschema(
+        {
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer", "minimum": 0, "exclusiveMinimum": True, "nullable": True},
+                "q": {"x-kubernetes-int-or-string": True},
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+        }
+    )
     validator = jsonschema.Draft202012Validator(schema)
     assert validator.is_valid({"n": None, "q": "1Gi", "free": {"anything": [1]}})
     assert validator.is_valid({"q": 3})

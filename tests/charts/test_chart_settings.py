@@ -61,10 +61,15 @@ def test_defaults_give_the_images_the_api_defaults_name(render: Any, monkeypatch
 
 
 def test_image_and_checkpoint_values_reach_the_operator(render: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    objects = render(set_values=(
-        "trainer.image.repository=registry.example.com/fim/trainer", "trainer.image.tag=2024.1",
-        "serving.image.tag=0.1.1", "operator.checkpoints.claimName=team-checkpoints", "operator.standalone=true",
-    ))
+    objects = render(
+        set_values=(
+            "trainer.image.repository=registry.example.com/fim/trainer",
+            "trainer.image.tag=2024.1",
+            "serving.image.tag=0.1.1",
+            "operator.checkpoints.claimName=team-checkpoints",
+            "operator.standalone=true",
+        )
+    )
     settings = _settings_from(container_env(_operator_container(objects)), monkeypatch)
     assert settings.trainer_image == "registry.example.com/fim/trainer:2024.1"
     assert settings.serving_image == "ghcr.io/midfill/serving:0.1.1"

@@ -68,6 +68,10 @@ BAD_SPECS = [
         "not a Kubernetes quantity",
     ),
     ("tr", "spec.model.attention", "flash_attention_2", "spec.model.attention", "nvidia.com/gpu"),
+    ("tr", "spec.model.attention", "flex_attention", "spec.model.attention", "nvidia.com/gpu"),
+    ("tr", "spec.training.compile", "sometimes", "spec.training.compile", "use auto"),
+    ("tr", "spec.training.activationCheckpointing", "half", "spec.training.activationCheckpointing", "'full'"),
+    ("tr", "spec.training.peakTflops", 0, "spec.training.peakTflops", "greater than 0"),
     (
         "tr",
         "spec.objective.spanCorruption.maskRatioMin",
@@ -132,6 +136,18 @@ def test_defaults_are_documented_and_applied(repo_root: Path) -> None:
     assert run.spec.objective.infill_format() == "codegen2"
     release = parse_resource(_set(_mr(repo_root), "spec.model", {"registeredModelName": "m"}))
     assert release.spec.model.effective_alias() == "champion"
+
+
+def test_compile_is_auto_by_default_and_still_takes_true_or_false(repo_root: Path) -> None:
+    run = parse_resource(_tr(repo_root))
+    assert run.spec.training.compile == "auto" and run.spec.training.activation_checkpointing == "none"
+    assert run.spec.training.compile_on("cuda") and not run.spec.training.compile_on("cpu")
+    for value, on_cpu in ((True, True), (False, False), ("auto", False)):
+        training = parse_resource(_set(_tr(repo_root), "spec.training.compile", value)).spec.training
+        assert training.compile_on("cpu") is on_cpu and training.compile_on("cuda") is (value is not False)
+        # the CRD takes a YAML bool or the keyword (the models validate which)
+        doc = _set(_tr(repo_root), "spec.training.compile", value)
+        jsonschema.validate(doc, crd_json_schema(build_crd("TrainingRun")))
 
 
 def test_every_field_has_a_description() -> None:

@@ -28,7 +28,7 @@ def test_crd_shape_for_kubectl() -> None:
     assert tr["spec"]["scope"] == "Namespaced" and tr["spec"]["names"]["shortNames"] == ["tr"]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Nodes", "Step", "Loss", "Model version", "Age"]
+    assert columns == ["Phase", "Nodes", "Step", "Loss", "MFU", "Model version", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     parallelism = spec["properties"]["parallelism"]["properties"]
     assert parallelism["numNodes"]["minimum"] == 1 and parallelism["numNodes"]["default"] == 1
@@ -49,7 +49,8 @@ def test_schema_is_structural() -> None:
     """Every node has a type (or is int-or-string / preserve-unknown), as the API server requires."""
 
     def walk(node: dict, path: str) -> None:
-        assert "type" in node or node.get("x-kubernetes-int-or-string"), path
+        untyped_ok = node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
+        assert "type" in node or untyped_ok, path
         assert "$ref" not in node and "anyOf" not in node, path
         for key, sub in node.get("properties", {}).items():
             walk(sub, f"{path}.{key}")

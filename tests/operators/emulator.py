@@ -213,8 +213,11 @@ async def running_operator(tracking_uri: str, **settings: Any) -> AsyncIterator[
 
 
 @pytest.fixture
-def operator(tracking_uri: str) -> Callable[..., contextlib.AbstractAsyncContextManager[None]]:
-    return lambda **settings: running_operator(tracking_uri, **settings)
+def operator(tracking_uri: str, serve_endpoint) -> Callable[..., contextlib.AbstractAsyncContextManager[None]]:
+    """The operator, reading releases' /health from the test's serve_endpoint (tests/operators/serve_endpoint.py)."""
+    return lambda **settings: running_operator(
+        tracking_uri, **{"endpoint_health_url": serve_endpoint.url_template, **settings}
+    )
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 30, what: str = "") -> Any:

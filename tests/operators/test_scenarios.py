@@ -117,7 +117,7 @@ async def test_training_scenario(sc: TrainingScenario, cluster, operator) -> Non
 
 
 @pytest.mark.parametrize("sc", RELEASES, ids=[s.id for s in RELEASES])
-async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking_uri, tmp_path) -> None:
+async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking_uri, tmp_path, serve_endpoint) -> None:
     registry = Registry(tracking_uri)
     for i, _ in enumerate(sc.versions):
         registry.register(name="fim-debug", source=str(tmp_path), run_uid=f"run-{i}")
@@ -127,7 +127,10 @@ async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking
         if rs is None:
             return
         version = rs["metadata"]["annotations"][mr_builders.ANNOTATION_VERSION]
-        app = "RUNNING" if sc.versions[int(version) - 1] == "healthy" else "DEPLOY_FAILED"
+        healthy = sc.versions[int(version) - 1] == "healthy"
+        app = "RUNNING" if healthy else "DEPLOY_FAILED"
+        if healthy:  # the replicas load it and answer /health; a broken one never replaces the old ones
+            serve_endpoint.serve(rs["metadata"]["namespace"], "fim-serve-svc", "fim-debug", version)
         want = {
             "observedGeneration": rs["metadata"]["generation"],
             "activeServiceStatus": {"applicationStatuses": {"infill": {"status": app}}},
@@ -137,7 +140,9 @@ async def test_release_scenario(sc: ReleaseScenario, cluster, operator, tracking
 
     def settled(version: str) -> bool:
         status = _status(cluster, "modelreleases")
-        return status.get("resolvedVersion") == version and status.get("phase") in ("Available", "Degraded")
+        rolling = (condition(status, "Progressing") or ("", ""))[1] == "True"
+        settled_phase = status.get("phase") in ("Available", "Degraded")
+        return status.get("resolvedVersion") == version and settled_phase and not rolling
 
     async with operator(), playing(kuberay):
         await cluster.create(_doc("modelrelease.yaml", sc.spec))

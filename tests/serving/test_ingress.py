@@ -142,9 +142,12 @@ def test_models_health_and_metrics(client, server):
     assert models.data[0].model_extra["max_model_len"] == 256
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok"
+    # Ready means loaded and warmed up; /health names what is served (a local folder: version "local").
+    assert health["ready"] is True and health["version"] == "local" and health["warmup_seconds"] > 0
+    assert health["registered_model"] == models.data[0].model_extra["lineage"]["registered_model"]
     assert health["decode_path"] == "cpu"  # which decode path serves (cuda-graphs / eager on a GPU)
-    # The reloadable settings reach the engine even though Ray delivers them (reconfigure) while
-    # the replica is still loading the model.
+    # The reloadable settings reach the engine: the constructor applies the initial ones, Ray's
+    # reconfigure() right after it the user_config.
     assert health["limits"] == {
         "max_batch_size": 12,
         "max_prefill_tokens": 1024,

@@ -11,7 +11,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_atten
 
 from trainer.evaluate import InfillCase, line_infill_exact_match
 
-CASES = [InfillCase(prefix="def f(x):\n", suffix="    return y\n", middle="    y = x\n")]
+CASES = [InfillCase(prefix="def f(x):\n    ", suffix="\n    return y\n", middle="y = x")]
 
 
 def _half_only(module, query, key, value, attention_mask, **kwargs):
@@ -59,3 +59,22 @@ def test_on_a_gpu_infill_decoding_with_flash_attention_on_fp32_weights(bpe):
     model = _tiny_llama(bpe.get_vocab_size(), "flash_attention_2").to("cuda")
     em = line_infill_exact_match(model, bpe, CASES, max_context=256, device=torch.device("cuda"), bf16=True)
     assert em is not None and 0 <= em <= 1
+
+
+def test_training_infill_cases_are_cut_as_line_em_cuts_them(tmp_path):
+    """Statements inside function bodies, the prefix ending in the indentation (what editors send)."""
+    from trainer.data import Corpus, FileRef
+    from trainer.evaluate import infill_cases
+
+    refs = []
+    for i in range(6):
+        path = tmp_path / f"m{i}.py"
+        path.write_text(f"X = {i}\n\n\ndef f(a):\n    b = a + {i}\n    if b:\n        return b * 2\n    return None\n")
+        refs.append(FileRef(source=0, kind="code", url=str(path), rel=path.name, size=path.stat().st_size))
+    corpus = Corpus(train=[refs[:1]], validation=refs, weights=[1.0])
+    cases = infill_cases(corpus, n=6, seed=0)
+    assert len(cases) == 6
+    for case in cases:
+        assert case.middle in {f"b = a + {i}" for i in range(6)} | {"return b * 2", "return None"}
+        assert case.prefix.endswith("\n    ") or case.prefix.endswith("\n        ")
+        assert case.suffix.startswith("\n")

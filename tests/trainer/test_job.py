@@ -210,3 +210,9 @@ def test_fsdp2_on_two_processes_trains_and_exports(tmp_path):
     assert result.version == "1"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "state" / "runs" / "tiny-fsdp" / "export")
     assert model.config.num_hidden_layers == 2
+    # the same run, longer, in one process: the sharded checkpoint of step 10 resumes at another world size
+    doc["spec"]["training"]["steps"] = 12
+    longer = _trainer(tmp_path, write_run(tmp_path / "run.yaml", doc), uid="uid-fsdp-2", attempt=2)
+    _ok(longer)
+    assert "resumed from" in longer.stderr and "step-00000010" in longer.stderr
+    assert "world size changed since the checkpoint" in longer.stderr

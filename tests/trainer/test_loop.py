@@ -10,7 +10,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from trainer.loop import IGNORE, collate, is_flash, lm_loss, lr_factor, use_bf16
+from trainer.loop import IGNORE, collate, is_flash, is_flex, lm_loss, lr_factor, throughput, use_bf16
 from trainer.objectives import Packed
 
 
@@ -158,3 +158,87 @@ def test_accumulation_skips_ddps_all_reduce_also_when_the_model_is_compiled(tmp_
             assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow  # flex_attention compiles its kernel on first use (~30 s on a CPU)
+def test_block_mask_layout_output_equals_the_4d_mask():
+    """The varlen path for documentMask: flex_attention with a BlockMask of the pieces computes what
+    sdpa computes under the dense (B, 1, T, T) mask (forward only: CPUs have no flex backward)."""
+    cpu = torch.device("cpu")
+    masked = collate(PACKED, pad_id=0, document_mask=True, device=cpu)
+    blocks = collate(PACKED, pad_id=0, document_mask=True, device=cpu, block_mask=True)
+    assert type(blocks["attention_mask"]).__name__ == "BlockMask"
+    assert torch.equal(blocks["position_ids"], masked["position_ids"])
+    with torch.no_grad():
+        model = _tiny_llama("sdpa")
+        dense = model(**{k: v for k, v in masked.items() if k != "labels"}, use_cache=False).logits
+        model.set_attn_implementation("flex_attention")
+        flex = model(**{k: v for k, v in blocks.items() if k != "labels"}, use_cache=False).logits
+    assert torch.allclose(flex, dense, atol=1e-5)
+    assert is_flex("flex_attention") and not is_flex("sdpa")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_flex_attention_trains_like_sdpa_with_the_mask():
+    cuda = torch.device("cuda")
+    masked = collate(PACKED, pad_id=0, document_mask=True, device=cuda)
+    blocks = collate(PACKED, pad_id=0, document_mask=True, device=cuda, block_mask=True)
+    losses, grads = [], []
+    for attn, batch in (("sdpa", masked), ("flex_attention", blocks)):
+        model = _tiny_llama("sdpa").to(cuda).train()
+        model.set_attn_implementation(attn)
+        loss, _ = lm_loss(model, batch, bf16=False)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert torch.allclose(grads[1], grads[0], atol=1e-4)
+
+
+def test_throughput_reports_per_device_and_mfu_only_with_a_peak():
+    out = throughput(4000.0, 2.0, 2, flops_per_token=1e9, peak_tflops=1.0)
+    assert out == {"tokens_per_second": 2000.0, "tokens_per_second_per_device": 1000.0, "mfu": 1.0}
+    assert "mfu" not in throughput(4000.0, 2.0, 2, flops_per_token=1e9, peak_tflops=None)
+    assert throughput(0.0, 2.0, 2, flops_per_token=1e9, peak_tflops=1.0) == {}  # a window of warm-up only
+
+
+class _Rows:
+    """Random token rows of two documents (the loop's data, without a tokenizer)."""
+
+    def __init__(self) -> None:
+        self.g = torch.Generator().manual_seed(3)
+
+    def next(self) -> Packed:
+        return Packed(ids=torch.randint(2, 64, (16,), generator=self.g).tolist(), segments=[1] * 8 + [2] * 8)
+
+
+def test_a_compiled_runs_first_step_is_the_warm_up_left_out_of_tokens_per_second(caplog):
+    from midfill.api.trainingrun import TrainingSpec
+    from trainer.loop import LoopHooks, LoopState, make_optimizer, train
+    from trainer.parallel import Dist
+
+    model = _tiny_llama("sdpa").train()
+    spec = TrainingSpec(seq_length=16, global_batch_tokens=32, micro_batch_size=2, steps=3, log_interval_steps=1)
+    optimizer = make_optimizer(model, spec, torch.device("cpu"))
+    logs: list[dict] = []
+    with caplog.at_level("INFO", logger="trainer.loop"):
+        train(
+            model=model,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+            packer=_Rows(),  # type: ignore[arg-type]
+            spec=spec,
+            state=LoopState(),
+            total_steps=3,
+            accum=1,
+            pad_id=0,
+            document_mask=False,
+            bf16=False,
+            d=Dist(),
+            hooks=LoopHooks(on_log=lambda s, m: logs.append(m), on_eval=lambda s: None, on_checkpoint=lambda s: None),
+            checkpoint_interval=100,
+            compiled=True,  # the loss is compiled; the model is left eager to keep the test short
+        )
+    assert "compile warm-up" in caplog.text
+    assert "tokens_per_second" not in logs[0] and "loss" in logs[0]  # step 1 was the compilation
+    assert logs[1]["tokens_per_second"] > 0 and logs[2]["tokens_per_second_per_device"] > 0

@@ -155,5 +155,18 @@ def test_choose_spans_are_disjoint_sorted_and_nonempty():
         assert 1 <= len(spans) <= k
         assert all(a < b for a, b in spans)
         assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
-    lines = choose_spans(text, k=3, ratio=0.2, single_line_p=1.0, rng=rng)
-    assert all(text[a:b].endswith("\n") and (a == 0 or text[a - 1] == "\n") for a, b in lines)
+
+
+def test_single_line_spans_are_a_lines_code_between_its_indentation_and_its_newline():
+    """The hole an editor asks for with the cursor after the indentation: the prefix keeps the
+    indentation, the suffix starts with the newline."""
+    rng = random.Random(1)
+    text = "".join(f"def f{i}(x):\n    y = x * {i}\n        return y\n\n" for i in range(30))
+    seen = set()
+    for _ in range(50):
+        for a, b in choose_spans(text, k=3, ratio=0.2, single_line_p=1.0, rng=rng):
+            line_start = text.rfind("\n", 0, a) + 1
+            assert text[line_start:a].strip() == "" and text[b] == "\n", repr(text[line_start : b + 1])
+            assert text[a:b] == text[a:b].strip() and text[a:b]
+            seen.add(a - line_start)
+    assert seen == {0, 4, 8}  # every indentation depth, the indentation itself never in the span

@@ -36,3 +36,21 @@ def test_saved_folder_loads_with_autotokenizer(bpe, tmp_path):
     prompt = fim.CODEGEN2.infill_prompt("def f(", ")\n")
     assert auto.convert_ids_to_tokens(auto(prompt)["input_ids"])[-3:] == [fim.EOS, fim.SEP, fim.mask_token(1)]
     toklib.check_specials(toklib.load(str(tmp_path / "tok")), num_mask_tokens=8)
+
+
+def test_a_prompt_ending_in_indentation_ends_on_a_boundary_training_text_has(bpe, code_texts):
+    """An editor's prefix that stops after a line's indentation tokenizes as the start of the same
+    text with the statement: the model continues from a token sequence it was trained on (GPT-2's
+    split glued the last indentation space to the statement's first word instead)."""
+    for text in code_texts:
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            body = line.lstrip()
+            if not body or body == line:
+                continue
+            prefix = "\n".join(lines[:i]) + "\n" + line[: len(line) - len(body)]
+            whole = bpe.encode(prefix + body).ids
+            cut = bpe.encode(prefix).ids
+            assert whole[: len(cut)] == cut, repr(prefix[-40:] + "|" + body)
+    pieces = [piece for piece, _ in bpe.pre_tokenizer.pre_tokenize_str("\n        return x")]
+    assert pieces == ["ĊĠĠĠĠĠĠĠĠ", "return", "Ġx"]  # byte-level symbols: Ċ newline, Ġ space

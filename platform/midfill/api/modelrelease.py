@@ -44,7 +44,7 @@ class ModelRef(ApiModel):
 
 
 # Evaluation metrics a release may require (higher is better); `midfill eval` records them.
-GATE_METRICS = ("pass@1", "exact_match", "stop_rate")
+GATE_METRICS = ("pass@1", "exact_match", "first_line_exact_match", "stop_rate")
 EVAL_SUITES = ("humaneval-single-line", "humaneval-multi-line", "line-em", "left-to-right")
 
 

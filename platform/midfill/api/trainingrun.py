@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from midfill.api.common import (
     API_VERSION,
@@ -113,10 +113,11 @@ class ModelSpec(ApiModel):
         "exported model, or a registry URI models:/<name>/<version> or models:/<name>@<alias>. "
         "Default scratch.",
     )
-    attention: Literal["auto", "flash_attention_2", "sdpa"] = Field(
+    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa"] = Field(
         default="auto",
         description="Attention kernel: auto picks flash_attention_2 when CUDA and flash-attn are "
-        "present and the run trains in bf16, else sdpa. Default auto.",
+        "present and the run trains in bf16, else flex_attention on CUDA with objective.documentMask "
+        "(a block mask of the documents), else sdpa. flex_attention trains on GPUs only. Default auto.",
     )
     composition: CompositionSpec | None = Field(
         default=None,
@@ -208,8 +209,8 @@ class SpanCorruptionObjective(ApiModel):
         default=0.5,
         ge=0,
         le=1,
-        description="Chance a span is snapped to one whole line (teaches a small model to stop with "
-        "<eom> after a line, which editors ask for most). Default 0.5.",
+        description="Chance a span is one line's code, from after its indentation to before its newline "
+        "(the hole an editor asks for most; teaches a small model to end a line with <eom>). Default 0.5.",
     )
 
     @model_validator(mode="after")
@@ -293,7 +294,36 @@ class TrainingSpec(ApiModel):
     log_interval_steps: int = Field(default=10, ge=1, description="Steps between metric logs. Default 10.")
     eval_interval_steps: int = Field(default=200, ge=1, description="Steps between validation runs. Default 200.")
     eval_batches: int = Field(default=8, ge=1, description="Micro-batches per validation run. Default 8.")
-    compile: bool = Field(default=False, description="torch.compile the model. Default false.")
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="torch.compile the model: auto = on CUDA GPUs, off on CPUs (where compiling the "
+        "model rarely pays for its warm-up); true or false to force it. Default auto.",
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="Recompute activations in the backward pass to save memory: none; full = every "
+        "decoder block keeps only its input; selective = every block keeps its matmul outputs and "
+        "recomputes the cheap ops (norms, activations, elementwise). Default none.",
+    )
+    peak_tflops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device at the training precision, for MFU. Default: from "
+        "the device's name (docs/trainer.md lists them); MFU is not reported where it is unknown (CPUs).",
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_value(cls, value: object) -> object:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{value!r} is not allowed; use auto (on for CUDA GPUs, off on CPUs), true or false")
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether the model is compiled on this device type ('cuda', 'cpu')."""
+        return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
 
     @model_validator(mode="after")
     def _length_and_batch(self) -> TrainingSpec:
@@ -460,10 +490,15 @@ class TrainingRunSpec(ApiModel):
                 f"model.architecture.maxPositionEmbeddings: {arch_ctx} is below training.seqLength "
                 f"({self.training.seq_length}); raise it or shorten the sequences"
             )
-        if self.model.attention == "flash_attention_2" and not gpus:
+        if self.model.attention in ("flash_attention_2", "flex_attention") and not gpus:
             raise ValueError(
-                "model.attention: flash_attention_2 needs resources.limits['nvidia.com/gpu'] (none set); "
+                f"model.attention: {self.model.attention} needs resources.limits['nvidia.com/gpu'] (none set); "
                 "use attention: auto to fall back to sdpa on CPUs"
+            )
+        if self.model.composition is not None and self.training.activation_checkpointing != "none":
+            raise ValueError(
+                "training.activationCheckpointing: composed models (model.composition) train without it "
+                "(their parents are mostly frozen); set it to none"
             )
         if self.model.attention == "flash_attention_2" and self.training.precision == "fp32":
             raise ValueError(
@@ -497,7 +532,25 @@ class Progress(ApiModel):
     total_steps: int | None = Field(default=None, description="Steps planned.")
     loss: float | None = Field(default=None, description="Latest training loss (nats/token).")
     tokens_per_second: float | None = Field(default=None, description="Training throughput over all processes.")
+    tokens_per_second_per_device: float | None = Field(
+        default=None, description="Training throughput of one process (GPU)."
+    )
+    mfu: float | None = Field(
+        default=None, description="Model FLOPs utilisation, 0-1 (docs/trainer.md); unset where the peak is unknown."
+    )
     update_time: str | None = Field(default=None, description="When this was reported (RFC 3339).")
+
+
+class AttemptRecord(ApiModel):
+    """One attempt of the run, kept after its Job and ConfigMap are cleaned up: where its logs are."""
+
+    attempt: int = Field(description="Attempt number (1-based).")
+    job_name: str = Field(description="The Job (locally: the torchx app) that ran it, <run>-a<N>.")
+    mlflow_run_id: str | None = Field(default=None, description="The MLflow run it logged to (metrics, logs).")
+    outcome: Literal["Succeeded", "Failed", "Killed"] | None = Field(
+        default=None, description="How it ended: Succeeded, Failed, or Killed (superseded, suspended, deleted)."
+    )
+    reason: str | None = Field(default=None, description="Why it ended (the reason of the run's condition).")
 
 
 class RegisteredModelRef(ApiModel):
@@ -527,6 +580,10 @@ class TrainingRunStatus(ApiModel):
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest complete checkpoint.")
     progress: Progress | None = Field(default=None, description="Step, loss, throughput.")
     registered_model: RegisteredModelRef | None = Field(default=None, description="The registered model version.")
+    attempts: list[AttemptRecord] = Field(
+        default_factory=list,
+        description="Every attempt, oldest first, with its Job name and MLflow run (kept after old Jobs are deleted).",
+    )
     observed_generation: int | None = Field(default=None, description="The spec generation this status reflects.")
 
 

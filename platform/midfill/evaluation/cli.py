@@ -78,10 +78,21 @@ def register(app: typer.Typer) -> None:
                 raise fail(f"MODEL: {model} is neither a models:/ URI nor an export folder (no midfill.json)")
             workers = max(1, min(4, os.cpu_count() or 1))
             if endpoint:
-                infiller = EndpointInfiller(endpoint, api_key=api_key, model=version.name if version else None)
-                result = run_infill_suite(
-                    suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers
+                import openai
+
+                fingerprint = _check_served(endpoint, version, fail)
+                infiller = EndpointInfiller(
+                    endpoint,
+                    api_key=api_key,
+                    model=version.name if version else None,
+                    expect_fingerprint=fingerprint,
                 )
+                try:
+                    result = run_infill_suite(
+                        suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers
+                    )
+                except (openai.APIError, RuntimeError) as exc:  # refused requests, a version change midway
+                    raise fail(f"--endpoint: {exc}") from None
             else:
                 # a composed export's models:/ parents: this registry, downloaded under the state dir
                 result = evaluate_export(
@@ -105,3 +116,24 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"recorded on {version.uri} (MLflow run {run_id})")
         else:
             typer.echo(json.dumps({"suite": suite, "metrics": result.metrics}))
+
+
+def _check_served(endpoint: str, version, fail) -> str | None:
+    """With MODEL a models:/ URI, the endpoint must serve exactly that version (its /health says
+    which): scores are recorded on what was evaluated, never on what an alias points at now.
+    Returns the `<model>/<version>` every answer must carry (None without a registry version)."""
+    from midfill.evaluation.infill import served_version
+
+    if version is None:
+        return None
+    try:
+        name, served = served_version(endpoint)
+    except ValueError as exc:
+        raise fail(f"--endpoint: {exc}") from None
+    if (name, served) != (version.name, version.version):
+        raise fail(
+            f"--endpoint: serves {name} version {served}, but MODEL is {version.name} version {version.version}; "
+            f"evaluate models:/{name}/{served} (what is served), or wait until the release serves "
+            f"version {version.version}"
+        )
+    return f"{name}/{served}"

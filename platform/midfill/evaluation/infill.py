@@ -5,18 +5,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from midfill.evaluation.suites import InfillTask
 from midfill.fim import get_format
 
+# How a middle ended: the model emitted its own end token (<eom>/<|endoftext|>) first; the client
+# cut it at one of its stop strings (e.g. the newline of a single-line hole) before that; or neither
+# happened within max_new_tokens. Only "model" says the model knows where the middle ends.
+EndReason = Literal["model", "stop_string", "length"]
+END_REASONS: tuple[EndReason, ...] = ("model", "stop_string", "length")
+
 
 @dataclass(frozen=True)
 class Completion:
-    """A generated middle and whether the model ended it itself (stop token/string, not length)."""
+    """A generated middle and how it ended."""
 
     text: str
-    stopped: bool
+    end: EndReason
+
+    @property
+    def stopped(self) -> bool:
+        """Ended by the model or a stop string (not by max_new_tokens)."""
+        return self.end != "length"
 
 
 class Infiller(Protocol):
@@ -30,6 +41,13 @@ class Infiller(Protocol):
 def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stop if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def finish(text: str, *, model_ended: bool, stop: list[str]) -> Completion:
+    """The middle `text` (what came before the model's end token, if it emitted one) cut at the
+    first stop string; a stop string found in it came before the model's own end."""
+    text, cut = _cut(text, stop)
+    return Completion(text=text, end="stop_string" if cut else "model" if model_ended else "length")
 
 
 class LocalInfiller:
@@ -115,17 +133,53 @@ class LocalInfiller:
         # The middle ends at the first stop token (excluded), then at the first stop string.
         ended = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
         text = self.tokenizer.decode(row[:ended] if ended is not None else row, skip_special_tokens=False)
-        text, cut = _cut(text, stop)
-        return Completion(text=text, stopped=ended is not None or cut)
+        return finish(text, model_ended=ended is not None, stop=stop)
+
+
+def endpoint_base(url: str) -> str:
+    """The endpoint's base URL (route prefix included) from what a user may pass: with or without /v1."""
+    base = url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def served_version(url: str) -> tuple[str, str]:
+    """(registered model, version) the endpoint's /health says it serves, loaded and warmed up.
+    Raises ValueError naming what is wrong (unreachable, not ready, not a midfill endpoint)."""
+    import httpx
+
+    health_url = endpoint_base(url) + "/health"
+    try:
+        response = httpx.get(health_url, timeout=30)
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError(f"{health_url} did not answer with JSON: {exc}") from None
+    if response.status_code != 200 or body.get("ready") is not True:
+        raise ValueError(f"{health_url} says the endpoint is not ready ({response.status_code}: {body})")
+    name, version = body.get("registered_model"), body.get("version")
+    if not isinstance(name, str) or not isinstance(version, str):
+        raise ValueError(f"{health_url} does not name the served version (registered_model, version)")
+    return name, version
 
 
 class EndpointInfiller:
     """Infilling through a served model's OpenAI completions endpoint (prompt + suffix), as Tabby
-    and scripts call it, with the client-side stop strings."""
+    and scripts call it. The stop strings are applied here, not sent: the server answers
+    finish_reason "stop" for its stop strings and the model's end token alike, and the metrics must
+    tell them apart. With `expect_fingerprint` (`<model>/<version>`), every answer must come from that
+    version (a rollout during the evaluation is an error, not a mix)."""
 
-    def __init__(self, url: str, *, api_key: str | None, model: str | None = None, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None,
+        model: str | None = None,
+        concurrency: int = 8,
+        expect_fingerprint: str | None = None,
+    ) -> None:
         from openai import OpenAI
 
+        self.expect_fingerprint = expect_fingerprint
         self.name = url
         self.client = OpenAI(
             base_url=url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"),
@@ -142,10 +196,14 @@ class EndpointInfiller:
             suffix=task.suffix,
             max_tokens=max_new_tokens,
             temperature=0,
-            stop=stop or None,
         )
+        if self.expect_fingerprint is not None and resp.system_fingerprint != self.expect_fingerprint:
+            raise RuntimeError(
+                f"the endpoint answered with {resp.system_fingerprint}, not {self.expect_fingerprint}: "
+                "it changed versions during the evaluation; run it again once the release has settled"
+            )
         choice = resp.choices[0]
-        return Completion(text=choice.text, stopped=choice.finish_reason == "stop")
+        return finish(choice.text, model_ended=choice.finish_reason == "stop", stop=stop)
 
     def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
         from concurrent.futures import ThreadPoolExecutor

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from midfill.api.modelrelease import EVAL_SUITES as SUITES
 from midfill.datasplit import stdlib_root
-from midfill.evaluation.infill import Infiller
+from midfill.evaluation.infill import Completion, Infiller
 from midfill.evaluation.sandbox import Limits, run_program
 from midfill.evaluation.suites import (
     InfillTask,
@@ -28,7 +28,7 @@ class TaskOutcome:
 
     task_id: str
     completion: str
-    stopped: bool
+    end: str  # model | stop_string | length (midfill.evaluation.infill.EndReason)
     passed: bool
     detail: str = ""
 
@@ -98,17 +98,40 @@ def run_infill_suite(
         middles = [_normalize_middle(c.text, t) for c, t in zip(completions, tasks, strict=True)]
         results = _execute(tasks, middles, workers=workers, limits=limits)
         for task, comp, (ok, detail) in zip(tasks, completions, results, strict=True):
-            outcomes.append(TaskOutcome(task.task_id, comp.text, comp.stopped, ok, detail))
+            outcomes.append(TaskOutcome(task.task_id, comp.text, comp.end, ok, detail))
         metrics = {"pass@1": _mean(o.passed for o in outcomes)}
     else:
         for task, comp in zip(tasks, completions, strict=True):
-            outcomes.append(
-                TaskOutcome(task.task_id, comp.text, comp.stopped, comp.text.strip() == task.reference.strip())
-            )
+            outcomes.append(TaskOutcome(task.task_id, comp.text, comp.end, comp.text.strip() == task.reference.strip()))
         metrics = {"exact_match": _mean(o.passed for o in outcomes)}
-    metrics["stop_rate"] = _mean(o.stopped for o in outcomes)
-    metrics["tasks"] = float(len(outcomes))
+    metrics.update(completion_metrics(tasks, completions))
     return SuiteResult(suite=suite, model=infiller.name, metrics=metrics, tasks=outcomes)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
+
+
+def completion_metrics(tasks: list[InfillTask], completions: list[Completion]) -> dict[str, float]:
+    """How the middles ended and what they hold, for every infill suite.
+
+    stop_rate: share the model ended with its own end token (the number the gate and docs use; a
+    middle cut by a client stop string does not count). stop_string_rate / length_rate: cut by a
+    client stop string / ran to max_new_tokens (the three add up to 1). whitespace_rate: middles
+    that are empty or only whitespace. first_line_exact_match: the first non-blank line of the
+    middle equals the reference's, spaces around it ignored."""
+    pairs = list(zip(tasks, completions, strict=True))
+    ends = [c.end for c in completions]
+    return {
+        "stop_rate": _mean(e == "model" for e in ends),
+        "stop_string_rate": _mean(e == "stop_string" for e in ends),
+        "length_rate": _mean(e == "length" for e in ends),
+        "whitespace_rate": _mean(not c.text.strip() for c in completions),
+        "first_line_exact_match": _mean(
+            bool(_first_line(t.reference)) and _first_line(c.text) == _first_line(t.reference) for t, c in pairs
+        ),
+        "tasks": float(len(pairs)),
+    }
 
 
 def _heldout(files: list[Path] | None, data_dir: Path | None) -> list[Path]:

@@ -9,6 +9,7 @@ ids follow the published form `SingleLineInfilling/HumanEval/<n>/L<i>` and
 
 from __future__ import annotations
 
+import ast
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -95,26 +96,53 @@ def heldout_files(
     return files
 
 
+def body_lines(source: str) -> list[int]:
+    """0-based numbers of the lines that hold exactly one whole statement inside a function body
+    (docstrings and lines shorter than 8 characters left out); [] when the file does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.split("\n")
+    found: set[int] = set()
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(func):
+            if node is func or not isinstance(node, ast.stmt) or node.lineno != node.end_lineno:
+                continue
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                continue  # a docstring or a bare constant
+            text = lines[node.lineno - 1]
+            if text[: node.col_offset].strip() or text[node.end_col_offset :].strip():
+                continue  # shares its line with another statement or a comment
+            if len(text.strip()) >= 8:
+                found.add(node.lineno - 1)
+    return sorted(found)
+
+
 def line_em_tasks(
     files: Iterable[Path], *, limit: int, seed: int = 0, max_context_chars: int = 2000
 ) -> list[InfillTask]:
-    """Single-line holes in real files: a random non-trivial line, with up to max_context_chars of
-    prefix and suffix around it (so prompts fit small models)."""
+    """Single-line holes inside function bodies of real files, cut where an editor's cursor is:
+    the prefix ends with the line's indentation, the middle is the statement, the suffix starts
+    with the line's newline (up to max_context_chars of prefix and suffix, so prompts fit small
+    models)."""
     rng = random.Random(seed)
     candidates: list[tuple[Path, list[str], int]] = []
     for path in files:
         try:
-            lines = path.read_text(encoding="utf-8").split("\n")
+            source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        good = [i for i, line in enumerate(lines) if len(line.strip()) >= 8 and not line.strip().startswith("#")]
-        candidates += [(path, lines, i) for i in good]
+        lines = source.split("\n")
+        candidates += [(path, lines, i) for i in body_lines(source)]
     rng.shuffle(candidates)
     tasks = []
     for path, lines, i in candidates[:limit]:
-        prefix = "".join(line + "\n" for line in lines[:i])[-max_context_chars:]
-        suffix = "".join(line + "\n" for line in lines[i + 1 :])[:max_context_chars]
-        tasks.append(
-            InfillTask(task_id=f"{path.name}:{i + 1}", prefix=prefix, suffix=suffix, reference=lines[i] + "\n")
-        )
+        line = lines[i]
+        indent = line[: len(line) - len(line.lstrip())]
+        prefix = ("".join(text + "\n" for text in lines[:i]) + indent)[-max_context_chars:]
+        suffix = "".join("\n" + text for text in lines[i + 1 :])[:max_context_chars]
+        tasks.append(InfillTask(task_id=f"{path.name}:{i + 1}", prefix=prefix, suffix=suffix, reference=line.strip()))
     return tasks

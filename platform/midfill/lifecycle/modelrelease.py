@@ -2,8 +2,14 @@
 
 Target version: the resolved version once approved (and not just rolled back), else whatever is
 serving. A different target, or a spec edited since the deployment was made, is deployed in place
-(a RayService's serveConfigV2 on a cluster, `serve.run` locally); a version that is not healthy
-within rollout.healthDeadlineSeconds is rolled back to the previous stable version.
+(a RayService's serveConfigV2 on a cluster, `serve.run` locally).
+
+"Available" means served: the platform reports the deployment running for the current spec AND the
+endpoint itself (its /health, fetched by the adapter) reports the target version loaded and warmed
+up. A version that fails to load, or is not served within rollout.healthDeadlineSeconds, is rolled
+back to the stable version (phase Degraded while the rollback rolls, conditions Degraded and
+RolledBack naming why). status.observedGeneration advances only once the edit it names is applied
+(served, refused, or settled as Degraded), never while it is still rolling out.
 """
 
 from __future__ import annotations
@@ -56,6 +62,23 @@ class DeploymentView:
     health: str
     url: str | None = None
     generation: int | None = None  # the release generation the deployment was made from (None: unknown)
+    # What the endpoint's /health says it serves, loaded and warmed up (None: unreachable, loading, other model).
+    served: str | None = None
+    # Why the deployment failed for good (the model failed to load, Serve gave up): no point waiting.
+    failed: str | None = None
+
+
+def served_by(health: Any, *, registered_model: str) -> tuple[str | None, str]:
+    """Read an endpoint's /health answer (the JSON body, or None when unreachable): the version it
+    serves loaded and warmed up (None if none, or another model), and what it said, for messages."""
+    if not isinstance(health, dict):
+        return None, "endpoint /health unreachable"
+    name, version = health.get("registered_model"), health.get("version")
+    if health.get("ready") is not True or not isinstance(version, str):
+        return None, f"endpoint /health: {health.get('status', 'not ready')}"
+    if name != registered_model:
+        return None, f"endpoint serves {name} version {version}, not {registered_model}"
+    return version, f"endpoint serves {name} version {version}"
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,7 @@ class _Machine:
     ) -> None:
         self.spec, self.observed, self.gen = release.spec, observed, generation
         self.status = status
+        self.applied = False  # whether the status now reflects generation `gen` (observedGeneration)
         self.now = fmt_time(observed.now)
         self.plan = Plan(status)
         self.waiting = ""
@@ -143,12 +167,14 @@ class _Machine:
         rejected = _is_true(status, "RolledBack")
         target = res.version if approved and not rejected else (serving or status.stable_version)
         if self.spec.paused:
+            self.applied = True
             self.cond("Progressing", "False", "Paused", "spec.paused is true")
             self.phase(
                 "Paused",
                 f"paused; serving version {serving or 'none'}" + (f", resolved {res.version}" if res.version else ""),
             )
         elif target is None:
+            self.applied = True  # nothing to roll out until a version is approved
             reason = res.error or f"version {res.version} waits for: {', '.join(res.unmet)}"
             self.phase("WaitingForApproval" if res.version or res.awaiting_alias else "Pending", reason)
         elif dep is None:
@@ -170,13 +196,14 @@ class _Machine:
         self.phase("Progressing", message + self.waiting)
 
     def settle(self, target: str, dep: DeploymentView) -> None:
-        """The deployment serves the target: healthy, still within its deadline, or past it."""
+        """The deployment is made for the target: served, still within its deadline, failed, or past it."""
         status = self.status
         status.url = dep.url
-        if dep.healthy:
+        if dep.healthy and dep.served == target:
             if status.stable_version != target:
                 status.previous_stable_version = status.stable_version
                 status.stable_version = target
+            self.applied = True
             self.cond("Available", "True", "Healthy", f"version {target} is serving")
             self.cond("Progressing", "False", "Complete", f"version {target} is serving")
             self.cond("Degraded", "False", "Healthy", "")
@@ -184,21 +211,35 @@ class _Machine:
             return
         deadline = self.spec.rollout.health_deadline_seconds
         started = dep.rollout_start or self.observed.now
-        if (self.observed.now - started).total_seconds() <= deadline:
-            self.phase("Progressing", f"waiting for version {target} to become healthy ({dep.health}){self.waiting}")
+        if dep.failed is None and (self.observed.now - started).total_seconds() <= deadline:
+            self.phase("Progressing", f"waiting for version {target} to be served ({_why(dep, target)}){self.waiting}")
             return
+        if dep.failed is not None:
+            reason, why = "LoadFailed", f"version {target} failed to load: {dep.failed}"
+        else:
+            reason = "HealthDeadlineExceeded"
+            why = f"version {target} not served within {deadline}s ({_why(dep, target)})"
         stable = status.stable_version
         if self.spec.rollout.auto_rollback and stable and stable != target:
-            message = f"version {target} not healthy within {deadline}s ({dep.health}); rolled back to version {stable}"
+            message = f"{why}; rolling back to version {stable}"
             self.plan.actions.append(Deploy(stable))
-            self.cond("RolledBack", "True", "HealthDeadlineExceeded", message)
+            self.cond("RolledBack", "True", reason, f"{why}; rolled back to version {stable}")
+            self.cond("Degraded", "True", reason, message)
             self.cond("Progressing", "True", "RollingBack", message)
-            self.phase("Progressing", message)
+            self.phase("Degraded", message)
             return
-        message = f"version {target} not healthy within {deadline}s ({dep.health})"
-        self.cond("Degraded", "True", "HealthDeadlineExceeded", message)
-        self.cond("Available", "False", "HealthDeadlineExceeded", message)
-        self.phase("Degraded", message)
+        self.applied = True  # nothing to go back to: this is where the edit ends
+        self.cond("Progressing", "False", reason, why)
+        self.cond("Degraded", "True", reason, why)
+        self.cond("Available", "False", reason, why)
+        self.phase("Degraded", why)
+
+
+def _why(dep: DeploymentView, target: str) -> str:
+    """What the platform and the endpoint say, for a status message."""
+    if dep.served is not None and dep.served != target:
+        return f"{dep.health}; the endpoint still serves version {dep.served}"
+    return dep.health
 
 
 def reconcile(
@@ -206,8 +247,8 @@ def reconcile(
 ) -> Plan:
     """Next status and actions. `release` is the parsed resource, or the SpecError its parse raised."""
     status = status.model_copy(deep=True)
-    status.observed_generation = generation
     if isinstance(release, SpecError):
+        status.observed_generation = generation  # refused is applied: nothing will roll out
         message = "invalid spec: " + "; ".join(f"{e.path}: {e.message}" for e in release.errors)
         status.conditions = set_condition(
             status.conditions,
@@ -222,6 +263,8 @@ def reconcile(
         return Plan(status)
     machine = _Machine(release, status, observed, generation)
     machine.step()
+    if machine.applied:
+        machine.plan.status.observed_generation = generation
     return machine.plan
 
 

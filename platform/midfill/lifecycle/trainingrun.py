@@ -15,6 +15,7 @@ from typing import Literal
 
 from midfill.api import SpecError, TrainingRun, set_condition
 from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
+from midfill.lifecycle.attempts import EndRun, PruneAttempt, attempt_name, attempt_record, ended, housekeeping
 from midfill.lifecycle.clock import fmt_time, parse_time
 from midfill.progress import ProgressRecord
 
@@ -24,11 +25,9 @@ SETTLED_PHASES = (*TERMINAL_PHASES, "Suspended")  # nothing runs until the spec 
 # Reasons an attempt can end with (AttemptView.reason) that are not retried.
 NON_RETRYABLE = "NonRetryableExitCode"
 DEADLINE = "DeadlineExceeded"
-
-
-def attempt_name(run_name: str, attempt: int) -> str:
-    """Fixed name of an attempt (a Job on a cluster, a torchx app locally): a retry finds the same one."""
-    return f"{run_name}-a{attempt}"
+# Attempts whose Job and ConfigMap are kept (the newest ones; older ones are deleted, status.attempts
+# keeps their Job name and MLflow run). Operator setting MIDFILL_KEEP_ATTEMPTS.
+KEEP_ATTEMPTS = 3
 
 
 # -- observations -------------------------------------------------------------------------------------
@@ -61,6 +60,10 @@ class Observed:
     jobs: dict[int, AttemptView] = field(default_factory=dict)
     progress: ProgressRecord | None = None
     registered: RegisteredModelRef | None = None
+    # attempt -> id of its MLflow run while that run is still RUNNING (empty when MLflow was not asked).
+    open_runs: dict[int, str] = field(default_factory=dict)
+    # Attempts older than the status' attempt whose children (Job, ConfigMap) still exist.
+    retained: tuple[int, ...] = ()
 
 
 # -- actions -----------------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ class DeleteAttempt:
     name: str
 
 
-Action = StartAttempt | DeleteAttempt
+Action = StartAttempt | DeleteAttempt | EndRun | PruneAttempt
 
 
 @dataclass
@@ -144,6 +147,7 @@ class _Machine:
     # -- transitions -------------------------------------------------------------------------------
     def start(self, attempt: int, *, phase: str, message: str) -> None:
         self.actions.append(StartAttempt(attempt, self.remaining_deadline()))
+        attempt_record(self.status, self.run.metadata.name, attempt)
         self.status.attempt = attempt
         self.status.active_job_name = attempt_name(self.run.metadata.name, attempt)
         self.status.start_time = self.status.start_time or self.now
@@ -163,6 +167,7 @@ class _Machine:
     def attempt_failed(self, attempt: int, reason: str, detail: str) -> None:
         """An attempt died: restart the whole gang (resuming from the newest checkpoint) or give up."""
         policy = self.spec.failure_policy
+        ended(self.status, self.run.metadata.name, attempt, "Failed", reason)
         what = f"attempt {attempt} failed ({reason}{': ' + detail if detail else ''})"
         if reason == NON_RETRYABLE:
             self.fail(reason, f"{what}; not retried: fix the spec and apply again")
@@ -182,6 +187,7 @@ class _Machine:
             )
 
     def succeed(self, attempt: int) -> None:
+        ended(self.status, self.run.metadata.name, attempt, "Succeeded", "JobComplete")
         self.status.completion_time = self.status.completion_time or self.now
         self.status.active_job_name = None
         self.cond("Succeeded", "True", "JobComplete", f"attempt {attempt} completed")
@@ -206,26 +212,49 @@ class _Machine:
             )
 
     def progress(self) -> None:
-        rec = self.observed.progress
-        if rec is None:
+        st, name = self.status, self.run.metadata.name
+        for attempt, run_id in self.observed.open_runs.items():
+            if attempt <= st.attempt:
+                rec = attempt_record(st, name, attempt)
+                rec.mlflow_run_id = rec.mlflow_run_id or run_id
+        report = self.observed.progress
+        if report is None:
             return
-        self.status.progress = Progress(
-            step=rec.step,
-            total_steps=rec.total_steps or self.spec.training.total_steps(),
-            loss=rec.loss,
-            tokens_per_second=rec.tokens_per_second,
-            update_time=rec.update_time,
-        )
-        if rec.checkpoint_uri and rec.checkpoint_step is not None:
-            self.status.last_checkpoint = CheckpointRef(
-                uri=rec.checkpoint_uri, step=rec.checkpoint_step, time=rec.checkpoint_time
+        if report.attempt and report.mlflow_run_id and report.attempt <= st.attempt:
+            attempt_record(st, name, report.attempt).mlflow_run_id = report.mlflow_run_id
+        if report.checkpoint_uri and report.checkpoint_step is not None:
+            st.last_checkpoint = CheckpointRef(
+                uri=report.checkpoint_uri, step=report.checkpoint_step, time=report.checkpoint_time
             )
+        # A new attempt that has logged nothing yet still stands at the checkpoint it resumes from:
+        # the step never drops to 0 between attempts, and a missing value keeps the last one known.
+        resumes_at = st.last_checkpoint.step if st.last_checkpoint and self.spec.checkpoint.resume == "latest" else 0
+        before = st.progress or Progress()
+        st.progress = Progress(
+            step=max(report.step, resumes_at),
+            total_steps=report.total_steps or self.spec.training.total_steps(),
+            loss=report.loss if report.loss is not None else before.loss,
+            tokens_per_second=report.tokens_per_second
+            if report.tokens_per_second is not None
+            else before.tokens_per_second,
+            tokens_per_second_per_device=report.tokens_per_second_per_device
+            if report.tokens_per_second_per_device is not None
+            else before.tokens_per_second_per_device,
+            mfu=report.mfu if report.mfu is not None else before.mfu,
+            update_time=report.update_time or before.update_time,
+        )
 
     def run_active(self, job: AttemptView) -> None:
         """An attempt that exists and has not finished."""
         nodes = self.spec.parallelism.num_nodes
         queue = self.spec.scheduling.queue_name
         if job.suspended:
+            if self.pods_were_ready():
+                # Kueue took the admission back (preemption): the pods are gone, and the startup
+                # timeout must apply again once the Job is re-admitted.
+                message = f"{job.name} was suspended again by Kueue; its pods were removed"
+                self.cond("PodsReady", "False", "Suspended", message)
+                self.cond("Running", "False", "Suspended", message)
             self.cond(
                 "Queued",
                 "True",
@@ -236,8 +265,7 @@ class _Machine:
             return
         if queue:
             self.cond("Queued", "False", "Admitted", f"admitted by Kueue queue {queue!r}")
-        ready_before = any(c.type == "PodsReady" and c.status == "True" for c in self.status.conditions)
-        if ready_before or job.ready >= nodes:
+        if self.pods_were_ready() or job.ready >= nodes:
             self.cond("PodsReady", "True", "AllPodsReady", f"{nodes}/{nodes} nodes of {job.name} ready")
             self.cond("Running", "True", "Training", f"attempt {job.attempt} is training")
             self.cond("Restarting", "False", "Running", "")
@@ -256,6 +284,9 @@ class _Machine:
             "Restarting" if restarting else "Starting",
             self.status.message if restarting else f"attempt {job.attempt}: {job.ready}/{nodes} nodes ready",
         )
+
+    def pods_were_ready(self) -> bool:
+        return any(c.type == "PodsReady" and c.status == "True" for c in self.status.conditions)
 
     def finished(self, attempt: int, job: AttemptView) -> None:
         """The attempt's runtime reported an outcome."""
@@ -291,7 +322,9 @@ class _Machine:
         if self.spec.suspend:
             if live is not None:
                 self.actions.append(DeleteAttempt(live.name))
+                ended(st, self.run.metadata.name, live.attempt, "Killed", "Suspended")
             st.active_job_name = None
+            self.cond("PodsReady", "False", "Suspended", "spec.suspend is true")
             self.cond("Running", "False", "Suspended", "spec.suspend is true")
             self.set_phase("Suspended", "suspended (checkpoints are kept); set spec.suspend: false to resume")
             return
@@ -299,6 +332,7 @@ class _Machine:
         if remaining is not None and remaining <= 0 and st.attempt > 0:
             if live is not None:
                 self.actions.append(DeleteAttempt(live.name))
+                ended(st, self.run.metadata.name, live.attempt, "Failed", DEADLINE)
             self.fail(DEADLINE, f"spec.activeDeadlineSeconds={self.spec.active_deadline_seconds} reached")
             return
         if live is None:
@@ -325,16 +359,33 @@ class _Machine:
 
 
 def reconcile(
-    run: TrainingRun | SpecError, *, status: TrainingRunStatus, observed: Observed, generation: int | None
+    run: TrainingRun | SpecError,
+    *,
+    status: TrainingRunStatus,
+    observed: Observed,
+    generation: int | None,
+    run_name: str = "",
+    keep_attempts: int = KEEP_ATTEMPTS,
 ) -> Plan:
-    """Next status and actions. `run` is the parsed resource, or the SpecError its parse raised."""
+    """Next status and actions. `run` is the parsed resource, or the SpecError its parse raised (then
+    `run_name` names the run for its attempt records)."""
     status = status.model_copy(deep=True)
     now = fmt_time(observed.now)
     if isinstance(run, SpecError):
         message = "invalid spec: " + "; ".join(f"{e.path}: {e.message}" for e in run.errors)
-        actions: list[Action] = [
-            DeleteAttempt(j.name) for j in observed.jobs.values() if j.outcome is None and not j.deleting
-        ]
+        actions: list[Action] = []
+        for j in observed.jobs.values():
+            if j.outcome is None and not j.deleting:
+                actions.append(DeleteAttempt(j.name))
+                ended(status, run_name, j.attempt, "Killed", "InvalidSpec")
+        actions += housekeeping(
+            status,
+            run_name,
+            current=max([status.attempt, *observed.jobs]),
+            open_runs=observed.open_runs,
+            retained=observed.retained,
+            keep=keep_attempts,
+        )
         status.conditions = set_condition(
             status.conditions,
             type="Failed",
@@ -358,7 +409,16 @@ def reconcile(
     machine = _Machine(run, status, observed, generation)
     machine.step()
     machine.status.observed_generation = generation
-    return Plan(machine.status, machine.actions)
+    tidy = housekeeping(
+        machine.status,
+        run.metadata.name,
+        current=current_attempt(machine.status, observed),
+        open_runs=observed.open_runs,
+        retained=observed.retained,
+        keep=keep_attempts,
+    )
+    actions = [*machine.actions, *tidy]
+    return Plan(machine.status, actions)
 
 
 def _reopen(status: TrainingRunStatus, *, reason: str, message: str, generation: int | None, now: str) -> None:
@@ -390,6 +450,9 @@ def interrupted(status: TrainingRunStatus, *, generation: int | None, now: dt.da
     """The process that ran the attempts vanished (local backend: its supervisor was killed or the
     machine restarted) while the run was active: nothing moves until it is applied again."""
     status = status.model_copy(deep=True)
+    for rec in status.attempts:  # its MLflow run is ended FAILED once the run is applied again
+        if rec.attempt == status.attempt and rec.outcome is None:
+            rec.outcome, rec.reason = "Failed", "Interrupted"
     step = status.last_checkpoint.step if status.last_checkpoint else 0
     message = (
         f"attempt {status.attempt} stopped before finishing (its processes are gone); apply the "

@@ -5,13 +5,16 @@ background. The controller owns a private local Ray cluster (like the RayService
 a cluster), started by `ray.init` in a short temp folder with no dashboard and a small object store,
 and Serve's HTTP proxy on 127.0.0.1 at a free port kept in the resource (the URL stays the same when
 the controller is restarted). Every few seconds it resolves the release's alias or version in the
-registry and asks the ModelRelease state machine (`midfill.lifecycle.modelrelease`, the operator's)
-what to serve; a Deploy `serve.run`s the app `serving.app:build_app` — found by its import path, never
-imported here — with `ServeArgs.for_release(...)` pinned to that version. Approval, spec edits,
-rollout.healthDeadlineSeconds and rollback behave as on a cluster. A newer version is rolled out by
-`serve.run` with new args: Serve starts the new replica before it stops the old one, and the old
-one finishes its requests, so none are dropped. Stopping the controller (`midfill delete`) shuts Serve
-and its Ray down; Ray's processes share the controller's fate if it dies.
+registry, reads Serve's application status and the endpoint's own /health (the version it serves,
+loaded and warmed up), and asks the ModelRelease state machine (`midfill.lifecycle.modelrelease`,
+the operator's) what to serve; a Deploy `serve.run`s the app `serving.app:build_app` — found by its
+import path, never imported here — with `ServeArgs.for_release(...)` pinned to that version.
+Approval, spec edits, rollout.healthDeadlineSeconds and rollback behave as on a cluster. A newer
+version is rolled out by `serve.run` with new args: Serve starts the new replica before it stops the
+old one (serving.app's max_surge_percent), and the old one finishes its requests, so none are
+dropped; a new version that fails to load leaves the old replica serving until the controller rolls
+back to it. Stopping the controller (`midfill delete`) shuts Serve and its Ray down; Ray's processes
+share the controller's fate if it dies.
 
 API keys: `spec.auth.apiKeySecretRef {name, key}` maps to the file `<state dir>/secrets/<name>/<key>`
 (named keys stored as digests, midfill.apikeys; mode 0600): a key named `default` is generated on
@@ -51,6 +54,8 @@ POLL_SECONDS = 3.0
 # plenty, leaving room for a rolling swap (old and new replica side by side) and autoscaling. A
 # replica's request is capped at the real cores (it also sets the replica's torch threads).
 LOGICAL_CPUS_MIN = 16
+# The endpoint's own /health answers from memory; a replica that takes longer is as good as not ready.
+ENDPOINT_HEALTH_TIMEOUT_S = 5.0
 
 
 # -- API keys ---------------------------------------------------------------------------------------
@@ -263,28 +268,49 @@ class _Controller:
         self.deployed: DeploymentView | None = None
         self.errors: dict[str, str] = {}  # version -> why its deployment raised
 
-    def health(self) -> tuple[bool, str]:
+    def health(self, release: ModelRelease) -> DeploymentView | None:
+        """The deployment as Serve and the endpoint itself report it: Serve's application status
+        (RUNNING, or DEPLOY_FAILED: Ray gave up starting replicas), and the version the endpoint's
+        /health says it serves, loaded and warmed up."""
         from ray import serve
 
+        dep = self.deployed
+        if dep is None:
+            return None
+        failed = self.errors.get(dep.version or "")
         try:
             app = serve.status().applications.get(self.name)
         except Exception as exc:  # noqa: BLE001 - Serve's controller busy or gone: not healthy, say why
-            return False, f"Serve status unreadable: {exc}"
+            return replace(dep, healthy=False, health=f"Serve status unreadable: {exc}", served=None, failed=failed)
         state = str(getattr(app.status, "value", app.status)) if app else "not deployed"
-        version = self.deployed.version if self.deployed else None
-        message = (app.message if app else "") or self.errors.get(version or "", "")
-        return state == "RUNNING", f"application {self.name}: {state}" + (f": {message}" if message else "")
+        message = (app.message if app else "") or failed or ""
+        if state == "DEPLOY_FAILED" and failed is None:
+            failed = f"Serve: {message or state}"[:500]
+        served, said = lifecycle.served_by(
+            self.endpoint_health(dep.url), registered_model=release.spec.model.registered_model_name
+        )
+        health = f"application {self.name}: {state}" + (f": {message}" if message else "") + f"; {said}"
+        return replace(dep, healthy=state == "RUNNING", health=health, served=served, failed=failed)
+
+    @staticmethod
+    def endpoint_health(url: str | None) -> object:
+        """GET <url>/health (the JSON body), None when it does not answer 200 with JSON."""
+        import httpx
+
+        if not url:
+            return None
+        try:
+            response = httpx.get(f"{url}/health", timeout=ENDPOINT_HEALTH_TIMEOUT_S)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
 
     def observe(self, release: ModelRelease) -> lifecycle.Observed:
         try:
             resolution = lifecycle.resolve(self.registry, release)
         except Exception as exc:  # noqa: BLE001 - MLflow unreadable: keep serving, say why nothing moves
             resolution = lifecycle.Resolution(error=f"MLflow at {self.tracking_uri} not readable: {exc}")
-        dep = self.deployed
-        if dep is not None:
-            healthy, health = self.health()
-            dep = replace(dep, healthy=healthy, health=health)
-        return lifecycle.Observed(now=utcnow(), resolution=resolution, deployment=dep)
+        return lifecycle.Observed(now=utcnow(), resolution=resolution, deployment=self.health(release))
 
     def deploy(self, record: StoredResource, release: ModelRelease, version: str) -> None:
         from ray import serve

@@ -237,6 +237,28 @@ class _Supervisor:
         self.runner = get_runner()
         self.attempts: dict[int, _Attempt] = {}
         self.stop = False
+        self._registry: Registry | None = None
+
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry(self.settings.resolved_tracking_uri())
+        return self._registry
+
+    def open_runs(self, record: StoredResource, run: TrainingRun) -> dict[int, str]:
+        """MLflow runs of this TrainingRun still RUNNING, asked only once some attempt is over."""
+        status = record.status()
+        over = any(r.outcome in ("Failed", "Killed") for r in status.attempts) or any(
+            a.outcome is not None or a.deleting for a in self.attempts.values()
+        )
+        if not over:
+            return {}
+        try:
+            return self.registry().open_attempt_runs(
+                record.resource["metadata"]["uid"], experiment_name=run.spec.registry.experiment_name
+            )
+        except Exception as exc:  # MLflow unreadable: ended on a later pass
+            print(f"MLflow not readable: {exc}", flush=True)
+            return {}
 
     def on_term(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.stop = True
@@ -275,7 +297,12 @@ class _Supervisor:
     def observe(self, record: StoredResource, run: TrainingRun) -> lifecycle.Observed:
         status = record.status()
         jobs = {n: self.view(a, run) for n, a in self.attempts.items()}
-        observed = lifecycle.Observed(now=utcnow(), jobs=jobs, progress=read_progress(self.store.run_folder(self.name)))
+        observed = lifecycle.Observed(
+            now=utcnow(),
+            jobs=jobs,
+            progress=read_progress(self.store.run_folder(self.name)),
+            open_runs=self.open_runs(record, run),
+        )
         if not lifecycle.needs_registry_lookup(status, observed):
             return observed
         result = read_result(self.store.run_folder(self.name))
@@ -286,7 +313,9 @@ class _Supervisor:
                 run.registered_model_name(), record.resource["metadata"]["uid"]
             )
             ref = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri) if found else None
-        return lifecycle.Observed(now=observed.now, jobs=jobs, progress=observed.progress, registered=ref)
+        return lifecycle.Observed(
+            now=observed.now, jobs=jobs, progress=observed.progress, registered=ref, open_runs=observed.open_runs
+        )
 
     def act(self, record: StoredResource, run: TrainingRun, actions: list) -> None:
         for action in actions:
@@ -295,8 +324,18 @@ class _Supervisor:
                     if attempt_name(self.name, att.number) == action.name and att.handle and not att.deleting:
                         self.runner.cancel(att.handle)
                         att.deleting = True
-            else:
+            elif isinstance(action, lifecycle.EndRun):
+                self.end_run(action.run_id, action.status)
+            elif isinstance(action, lifecycle.StartAttempt):
                 self.start(record, run, action.attempt)
+            # PruneAttempt: nothing to delete here (no Jobs or ConfigMaps; the logs of every attempt stay)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        try:
+            if self.registry().end_run(run_id, status):
+                print(f"ended MLflow run {run_id} as {status}", flush=True)
+        except Exception as exc:  # MLflow unreadable: the machine asks again on a later pass
+            print(f"could not end MLflow run {run_id}: {exc}", flush=True)
 
     def start(self, record: StoredResource, run: TrainingRun, number: int) -> None:
         log_dir = self.store.logs_folder() / "trainingruns" / self.name / f"a{number}"
@@ -331,15 +370,29 @@ class _Supervisor:
     def live(self) -> list[_Attempt]:
         return [a for a in self.attempts.values() if a.handle and a.outcome is None and not a.deleting]
 
-    def cancel_all(self) -> None:
-        for att in self.live():
+    def cancel_all(self, record: StoredResource | None) -> None:
+        """Stop the live attempts (`midfill delete`, or this supervisor told to stop): their MLflow runs
+        end KILLED, as the operator ends the run of a Job it deleted."""
+        live = self.live()
+        for att in live:
             self.runner.cancel(att.handle)
+            att.deleting = True
+        if live and record is not None:
+            uid, experiment = record.resource["metadata"]["uid"], typed_training_run(record).spec.registry
+            try:
+                runs = self.registry().open_attempt_runs(uid, experiment_name=experiment.experiment_name)
+            except Exception as exc:
+                print(f"MLflow not readable: {exc}", flush=True)
+                return
+            for att in live:
+                if att.number in runs:
+                    self.end_run(runs[att.number], "KILLED")
 
     def pass_once(self) -> bool:
         """Observe, reconcile, act, write; whether there is more to supervise."""
         record = self.store.get(KIND, self.name)
         if record is None or record.local.stop_requested or self.stop:
-            self.cancel_all()
+            self.cancel_all(record)
             return False
         run = typed_training_run(record)
         plan = lifecycle.reconcile(

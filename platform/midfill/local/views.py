@@ -10,7 +10,7 @@ import yaml
 
 from midfill.local.state import StoredResource
 
-TR_COLUMNS = ("NAME", "PHASE", "NODES", "STEP", "LOSS", "VERSION", "AGE")
+TR_COLUMNS = ("NAME", "PHASE", "NODES", "STEP", "LOSS", "MFU", "VERSION", "AGE")
 MR_COLUMNS = ("NAME", "PHASE", "MODEL", "VERSION", "URL", "AGE")
 
 
@@ -39,6 +39,7 @@ def training_row(record: StoredResource) -> tuple[str, ...]:
     if prog is not None:
         step = f"{prog.step}/{prog.total_steps}" if prog.total_steps else str(prog.step)
     loss = f"{prog.loss:.3f}" if prog is not None and prog.loss is not None else "-"
+    mfu = f"{prog.mfu:.1%}" if prog is not None and prog.mfu is not None else "-"  # unset on CPUs: peak unknown
     version = status.registered_model.version if status.registered_model else "-"
     return (
         record.name,
@@ -46,6 +47,7 @@ def training_row(record: StoredResource) -> tuple[str, ...]:
         nodes,
         step,
         loss,
+        mfu,
         version,
         age(record.resource["metadata"].get("creationTimestamp")),
     )

@@ -7,6 +7,7 @@ import pytest
 from midfill.datasplit import stdlib_root
 from midfill.evaluation.sandbox import Limits, run_program
 from midfill.evaluation.suites import (
+    body_lines,
     heldout_files,
     humaneval_multi_line,
     humaneval_single_line,
@@ -66,5 +67,34 @@ def test_line_em_tasks_come_from_heldout_files() -> None:
     files = heldout_files(stdlib_root())
     assert 20 <= len(files) <= 60  # ~5% of the standard library
     tasks = line_em_tasks(files, limit=10)
-    assert len(tasks) == 10 and all(t.reference.endswith("\n") and "\n" not in t.reference[:-1] for t in tasks)
-    assert tasks == line_em_tasks(files, limit=10)  # deterministic
+    assert len(tasks) == 10 and tasks == line_em_tasks(files, limit=10)  # deterministic
+    for task in tasks:
+        indentation = task.prefix[task.prefix.rfind("\n") + 1 :]
+        assert indentation and not indentation.strip(), task.task_id  # the cursor after the indentation
+        assert task.suffix.startswith("\n") and "\n" not in task.reference and task.reference == task.reference.strip()
+
+
+def test_line_em_holes_are_single_statements_inside_function_bodies() -> None:
+    source = (
+        "import os\n"
+        "TOP_LEVEL_VALUE = 1\n"
+        "class Box:\n"
+        "    attribute = 'class body'\n"
+        "    def method(self, x):\n"
+        '        """A docstring line."""\n'
+        "        total = x + 1\n"
+        "        if total: return total  # one line, two statements\n"
+        "        items = [\n"
+        "            x,\n"
+        "        ]\n"
+        "        for item in items:\n"
+        "            print(item, total)\n"
+        "        x = 1; y = 2\n"
+        "        return None\n"
+        "        z = 3  # trailing comment\n"
+        "def broken(:\n"
+    )
+    assert body_lines(source) == []  # does not parse
+    lines = body_lines(source.rsplit("def broken", 1)[0])
+    got = [source.split("\n")[i].strip() for i in lines]
+    assert got == ["total = x + 1", "print(item, total)", "return None"]

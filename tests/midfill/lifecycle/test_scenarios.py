@@ -79,8 +79,16 @@ def test_release_scenario(sc: ReleaseScenario) -> None:
         for _ in range(ticks):
             now += dt.timedelta(seconds=1)
             if dep is not None:  # the runtime reports health for what it was told to serve
+                # ... and its endpoint reports the version once loaded; a broken one never loads.
                 healthy = sc.versions[int(dep.version) - 1] == "healthy" and now > dep.rollout_start
-                dep = _replace(dep, healthy=healthy, health="RUNNING" if healthy else "DEPLOY_FAILED")
+                broken = sc.versions[int(dep.version) - 1] == "broken" and now > dep.rollout_start
+                dep = _replace(
+                    dep,
+                    healthy=healthy,
+                    health="RUNNING" if healthy else "DEPLOY_FAILED",
+                    served=dep.version if healthy else None,
+                    failed="DEPLOY_FAILED: the model failed to load" if broken else None,
+                )
             plan = mr.reconcile(
                 release, status=status, observed=mr.Observed(now, resolution, dep), generation=generation
             )

@@ -83,7 +83,7 @@ def test_get_describe_and_output_formats(cli, state_dir, existing) -> None:
     table = cli("get", "tr")
     assert table.exit_code == 0
     header, row = table.output.strip().splitlines()
-    assert header.split() == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "VERSION", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "MFU", "VERSION", "AGE"]
     assert row.split()[:2] == ["keep", "Pending"]
     as_json = json.loads(cli("get", "trainingruns", "keep", "-o", "json").output)
     assert as_json["kind"] == "TrainingRun" and as_json["metadata"]["uid"]

@@ -132,11 +132,17 @@ def test_release_scenario(sc: ReleaseScenario, cli, state_dir, tmp_path, write_y
     def settled(version: str, generation: int = 1, phases: tuple[str, ...] = ("Available", "Degraded")):
         record = store.get("ModelRelease", "sc")
         status = record.status() if record else None
+        rolling = status is not None and condition(status.to_wire(), "Progressing") == (
+            "Progressing",
+            "True",
+            "RollingBack",
+        )
         ok = (
             status is not None
             and status.resolved_version == version
             and status.observed_generation == generation
             and status.phase in phases
+            and not rolling
         )
         return ok and status
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from midfill.api import parse_resource
-from midfill.registry import Registry, metric_tag_key
+from midfill.registry import MIN_GATE_TASKS, Registry, metric_tag_key
 from operators.modelrelease.handlers import resolve
 from tests.operators.emulator import eventually
 
@@ -32,8 +32,13 @@ def status(cluster) -> dict:
     return (cluster.get("modelreleases", "fim") or {}).get("status") or {}
 
 
-async def kuberay_reports_running(cluster) -> None:
+async def kuberay_reports_running(cluster, endpoint=None) -> None:
+    """KubeRay reports the app RUNNING; with `endpoint`, the replicas also answer /health with the
+    version the RayService names (loaded and warmed up)."""
     rs = cluster.get("rayservices", "fim")
+    if endpoint is not None:
+        version = rs["metadata"]["annotations"]["midfill.dev/model-version"]
+        endpoint.serve(rs["metadata"]["namespace"], "fim-serve-svc", "fim-debug", version)
     await cluster.patch(
         "rayservices",
         "fim",
@@ -47,7 +52,9 @@ async def kuberay_reports_running(cluster) -> None:
     )
 
 
-async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator, tracking_uri, tmp_path):
+async def test_unapproved_then_approved_versions_roll_in_place(
+    cluster, operator, tracking_uri, tmp_path, serve_endpoint
+):
     registry = Registry(tracking_uri)
     registry.register(name="fim-debug", source=str(tmp_path), run_uid="run-1")
     registry.client.set_registered_model_alias("fim-debug", "champion", "1")  # alias set, review tag missing
@@ -62,7 +69,13 @@ async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator
         rs = await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
         assert served_uri(rs) == "models:/fim-debug/1"
         first_cluster_config, first_uid = rs["spec"]["rayClusterConfig"], rs["metadata"]["uid"]
+        # KubeRay says RUNNING, but no replica answers /health with version 1 yet: not Available.
         await kuberay_reports_running(cluster)
+        hits = serve_endpoint.hits
+        await eventually(lambda: serve_endpoint.hits >= hits + 2, what="the operator reading /health")
+        assert status(cluster).get("phase") == "Progressing" and "stableVersion" not in status(cluster)
+        assert "endpoint /health unreachable" in status(cluster)["message"]
+        await kuberay_reports_running(cluster, serve_endpoint)
         await eventually(lambda: status(cluster).get("phase") == "Available", what="Available")
         assert status(cluster)["stableVersion"] == "1"
         assert status(cluster)["url"].startswith("http://fim-serve-svc.team.svc")
@@ -81,7 +94,7 @@ async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator
             cluster.history("rayservices", "fim")
         )
         assert cluster.names("rayservices") == ["fim"]
-        await kuberay_reports_running(cluster)
+        await kuberay_reports_running(cluster, serve_endpoint)
         await eventually(
             lambda: status(cluster).get("stableVersion") == "2" and status(cluster)["phase"] == "Available"
         )
@@ -91,7 +104,7 @@ async def test_unapproved_then_approved_versions_roll_in_place(cluster, operator
         await eventually(lambda: not cluster.names("rayservices"), what="RayService deleted")
 
 
-async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri, tmp_path):
+async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri, tmp_path, serve_endpoint):
     registry = Registry(tracking_uri)
     for uid in ("a", "b"):
         registry.register(name="fim-debug", source=str(tmp_path), run_uid=uid)
@@ -101,11 +114,13 @@ async def test_unhealthy_version_is_rolled_back(cluster, operator, tracking_uri,
     async with operator():
         await cluster.create(doc)
         await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
-        await kuberay_reports_running(cluster)
+        await kuberay_reports_running(cluster, serve_endpoint)
         await eventually(lambda: status(cluster).get("stableVersion") == "1")
         registry.approve("fim-debug", 2)
         await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/2")
-        # KubeRay never reports version 2 healthy: after the deadline the operator goes back to 1.
+        # KubeRay reports RUNNING for the new spec, but the replicas never report version 2 (the old
+        # ones keep answering with 1): after the deadline the operator goes back to 1.
+        await kuberay_reports_running(cluster)
         await eventually(
             lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/1",
             timeout=40,
@@ -132,6 +147,11 @@ def test_resolve_applies_min_metrics_from_the_version_tags(tmp_path):
         "metric line-em/exact_match >= 0.25 (not evaluated: run `midfill eval models:/fim-debug/1 --suite line-em`)",
     )
     key = metric_tag_key("line-em", "exact_match")
+    registry.client.set_model_version_tag("fim-debug", "1", key, "0.5")
+    registry.client.set_model_version_tag("fim-debug", "1", metric_tag_key("line-em", "tasks"), "1")
+    (few,) = resolve(registry, rel).unmet  # a `--limit 1` result does not count
+    assert f"evaluated on 1 tasks; the gate counts runs of at least {MIN_GATE_TASKS}" in few
+    registry.client.set_model_version_tag("fim-debug", "1", metric_tag_key("line-em", "tasks"), str(MIN_GATE_TASKS))
     registry.client.set_model_version_tag("fim-debug", "1", key, "0.125")
     assert resolve(registry, rel).unmet == ("metric line-em/exact_match >= 0.25 (is 0.125)",)
     registry.client.set_model_version_tag("fim-debug", "1", key, "0.5")
@@ -195,3 +215,116 @@ async def test_pod_template_reaches_the_ray_head_and_workers(cluster, operator, 
         assert pod["spec"]["serviceAccountName"] == "fim-serving" and pod["metadata"]["annotations"] == {"a": "b"}
         assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
         assert pod["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+
+
+def _rolling(condition: dict) -> bool:
+    return (condition["type"], condition["status"]) == ("Progressing", "True")
+
+
+def events_of(cluster, name: str) -> list[dict]:
+    return [
+        obj.raw
+        for (res, _ns, _name), obj in cluster.emulator.objects.items()
+        if res.plural == "events" and not obj.deleted and obj.raw.get("involvedObject", {}).get("name") == name
+    ]
+
+
+async def test_a_version_that_fails_to_load_is_rolled_back_at_once(
+    cluster, operator, tracking_uri, tmp_path, serve_endpoint
+):
+    """DEPLOY_FAILED (Serve gave up: the constructor could not load the weights) is not waited out
+    for healthDeadlineSeconds: Degraded with an Event naming why, then back on the stable version."""
+    registry = Registry(tracking_uri)
+    for uid in ("a", "b"):
+        registry.register(name="fim-debug", source=str(tmp_path), run_uid=uid)
+    registry.approve("fim-debug", 1)
+    doc = release()
+    doc["spec"]["rollout"]["healthDeadlineSeconds"] = 3600
+    async with operator():
+        await cluster.create(doc)
+        await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
+        await kuberay_reports_running(cluster, serve_endpoint)
+        await eventually(
+            lambda: status(cluster).get("stableVersion") == "1" and status(cluster)["phase"] == "Available"
+        )
+        served_generation = status(cluster)["observedGeneration"]
+        registry.approve("fim-debug", 2)
+        await eventually(lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/2")
+        rs = cluster.get("rayservices", "fim")
+        await cluster.patch(
+            "rayservices",
+            "fim",
+            {
+                "status": {
+                    "observedGeneration": rs["metadata"]["generation"],
+                    "activeServiceStatus": {
+                        "applicationStatuses": {
+                            "infill": {
+                                "status": "DEPLOY_FAILED",
+                                "message": "replica constructor failed: SafetensorError: invalid header",
+                            }
+                        }
+                    },
+                }
+            },
+            "status",
+        )
+        await eventually(
+            lambda: served_uri(cluster.get("rayservices", "fim")) == "models:/fim-debug/1",
+            timeout=20,
+            what="rollback to version 1 long before the health deadline",
+        )
+        degraded = await eventually(
+            lambda: next((e for e in events_of(cluster, "fim") if e.get("reason") == "Degraded"), None),
+            what="a Degraded event",
+        )
+        assert degraded["type"] == "Warning" and "version 2 failed to load" in degraded["message"]
+        assert "SafetensorError" in degraded["message"] and "rolling back to version 1" in degraded["message"]
+        await kuberay_reports_running(cluster, serve_endpoint)
+        await eventually(lambda: status(cluster).get("phase") == "Available", what="Available on version 1")
+        conditions = {c["type"]: c for c in status(cluster)["conditions"]}
+        assert (conditions["RolledBack"]["status"], conditions["RolledBack"]["reason"]) == ("True", "LoadFailed")
+        assert status(cluster)["stableVersion"] == "1" and status(cluster)["resolvedVersion"] == "2"
+        assert status(cluster)["observedGeneration"] == served_generation  # no spec edit: same generation
+
+
+async def test_a_spec_edit_is_observed_once_the_endpoint_serves_it(
+    cluster, operator, tracking_uri, tmp_path, serve_endpoint
+):
+    """observedGeneration stays on the old generation while the edit rolls out (Progressing says
+    what), and moves once KubeRay reports the rebuilt RayService running and the replicas answer."""
+    registry = Registry(tracking_uri)
+    registry.register(name="fim-debug", source=str(tmp_path), run_uid="a")
+    registry.approve("fim-debug", 1)
+    async with operator():
+        await cluster.create(release())
+        await eventually(lambda: cluster.get("rayservices", "fim"), what="RayService")
+        await kuberay_reports_running(cluster, serve_endpoint)
+        await eventually(lambda: status(cluster).get("phase") == "Available")
+        generation = cluster.get("modelreleases", "fim")["metadata"]["generation"]
+        assert status(cluster)["observedGeneration"] == generation
+        serve_endpoint.down("team", "fim-serve-svc")  # the edit replaces the replicas: none ready for now
+        await cluster.patch("modelreleases", "fim", {"spec": {"endpoint": {"routePrefix": "/fim"}}})
+        await eventually(
+            lambda: (
+                cluster.get("rayservices", "fim")["metadata"]["annotations"].get("midfill.dev/release-generation")
+                == str(generation + 1)
+            ),
+            what="the RayService rebuilt from the edited spec",
+        )
+        progressing = await eventually(
+            lambda: next((c for c in status(cluster).get("conditions", []) if _rolling(c)), None),
+            what="Progressing",
+        )
+        assert progressing["reason"] == "SpecChanged"
+        hits = serve_endpoint.hits
+        await eventually(lambda: serve_endpoint.hits >= hits + 2, what="the operator reading /health")
+        assert status(cluster)["observedGeneration"] == generation  # not applied yet
+        await kuberay_reports_running(cluster, serve_endpoint)
+        await eventually(
+            lambda: (
+                status(cluster).get("observedGeneration") == generation + 1 and status(cluster)["phase"] == "Available"
+            ),
+            what="the edit observed",
+        )
+        assert status(cluster)["url"].endswith(":8000/fim")

@@ -72,7 +72,7 @@ def test_pods_run_torchrun_with_the_gang_environment(big_run):
     settings = OperatorSettings(tracking_uri="http://mlflow:5000")
     job = builders.build_job(big_run, attempt=2, settings=settings)
     c, e = container(job), env(job)
-    assert c["command"] == ["torchrun"]
+    assert c["command"] == ["python", "-m", "trainer.launch"]  # torchrun, keeping the trainer's exit 78
     assert c["args"] == [
         "-m",
         "trainer",
@@ -210,3 +210,19 @@ def test_multi_node_needs_shared_checkpoint_storage(big_run, uri, claim, mount, 
         assert "spec.checkpoint.uri" in problem and "spec.podTemplate.volumes" in problem and "claimName" in problem
     big_run.spec.parallelism.num_nodes = 1
     assert builders.shared_storage_problem(big_run, OperatorSettings(checkpoint_claim_name=claim)) is None
+
+
+def test_trainer_pods_get_the_trainers_mlflow_credentials_from_the_named_secret(big_run):
+    job = builders.build_job(big_run, attempt=1, settings=OperatorSettings(tracking_secret="midfill-mlflow-trainer"))
+    for c in job["spec"]["template"]["spec"]["initContainers"] + job["spec"]["template"]["spec"]["containers"]:
+        env = {e["name"]: e.get("valueFrom") for e in c["env"]}
+        assert env["MLFLOW_TRACKING_USERNAME"] == {
+            "secretKeyRef": {"name": "midfill-mlflow-trainer", "key": "username"}
+        }
+        assert env["MLFLOW_TRACKING_PASSWORD"] == {
+            "secretKeyRef": {"name": "midfill-mlflow-trainer", "key": "password"}
+        }
+    plain = builders.build_job(big_run, attempt=1, settings=OperatorSettings())
+    assert "MLFLOW_TRACKING_USERNAME" not in {
+        e["name"] for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]
+    }

@@ -16,6 +16,7 @@ from midfill.registry import Registry
 from tests.operators.emulator import eventually
 
 SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "trainingrun-debug.yaml"
+SAMPLE_STEPS = yaml.safe_load(SAMPLE.read_text())["spec"]["training"]["steps"]
 
 
 def training_run(name: str = "fim") -> dict:
@@ -71,7 +72,7 @@ async def test_attempts_restart_succeed_register_and_cleanup(cluster, operator, 
             ),
             what="progress and Running",
         )
-        assert run["status"]["progress"]["loss"] == 3.5 and run["status"]["progress"]["totalSteps"] == 300
+        assert run["status"]["progress"]["loss"] == 3.5 and run["status"]["progress"]["totalSteps"] == SAMPLE_STEPS
         assert condition(run, "PodsReady")["status"] == "True"
 
         # Attempt 1 dies (a node went away): attempt 2 resumes the whole gang from the same checkpoints.
