@@ -49,7 +49,9 @@ class MlflowServer:
         ]
         with open(self.log, "a") as log:
             # Its own session: kill() reaches the server and its workers, nothing else.
-            self.proc = subprocess.Popen(cmd, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.healthy():

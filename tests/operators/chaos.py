@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -26,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
+from operators.modelrelease.builders import ANNOTATION_VERSION
 from operators.trainingrun.builders import LABEL_ATTEMPT, LABEL_RUN
 from tests.mlflow_server import free_port
 from tests.operators.emulator import Cluster
+from tests.operators.serve_endpoint import ServeEndpoints
 
 SAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "samples"
 # What each attempt of a run does, and how the run must end: (script, phase, reason or None).
@@ -75,7 +79,7 @@ def model_release(run: str) -> dict[str, Any]:
 class OperatorProcess:
     """`midfill operator` as its own process group, killed with SIGKILL (no shutdown handlers run)."""
 
-    def __init__(self, kubeconfig: Path, tracking_uri: str, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, tracking_uri: str, log: Path, *, health_url: str) -> None:
         self.env = {
             k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
         }
@@ -85,6 +89,7 @@ class OperatorProcess:
             "MIDFILL_STANDALONE": "true",
             "MIDFILL_RESYNC_SECONDS": "1",
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+            "MIDFILL_ENDPOINT_HEALTH_URL": health_url,
         }
         self.log, self.proc, self.starts = log, None, 0
 
@@ -129,6 +134,8 @@ class World:
         self.jobs_seen: dict[str, float] = {}  # Job name -> when it was first seen running
         self.finished: set[str] = set()
         self.approved: set[str] = set()
+        self.hiccups = 0  # world actions that timed out and were tried again
+        self.endpoints = ServeEndpoints()  # the replicas' /health: serves what KubeRay made RUNNING
 
     async def step(self) -> None:
         await self._jobs()
@@ -153,9 +160,8 @@ class World:
             what = script[attempt - 1] if attempt <= len(script) else "crash"  # verdict() counts it
             if what == "succeed":  # the trainer's last act: register the export, once per run uid
                 uid = job["metadata"]["ownerReferences"][0]["uid"]
-                await loop.run_in_executor(
-                    None, lambda: self.registry.register(name=run, source=f"s3://chaos/{run}", run_uid=uid)
-                )
+                register = functools.partial(self.registry.register, name=run, source=f"s3://chaos/{run}", run_uid=uid)
+                await loop.run_in_executor(None, register)
             await self.cluster.patch("jobs", name, {"status": _final_status(what, name)}, "status")
             self.finished.add(name)
 
@@ -165,7 +171,8 @@ class World:
             status = (self.cluster.get("trainingruns", run) or {}).get("status") or {}
             if run not in self.approved and (status.get("registeredModel") or {}).get("version"):
                 await loop.run_in_executor(None, lambda run=run: self.registry.approve(run, 1))
-                await self.cluster.create(model_release(run))
+                if self.cluster.get("modelreleases", f"rel-{run}") is None:  # a timed-out create may have landed
+                    await self.cluster.create(model_release(run))
                 self.approved.add(run)
             rs = self.cluster.get("rayservices", f"rel-{run}")
             if rs is not None:
@@ -175,6 +182,8 @@ class World:
                 }
                 if {k: (rs.get("status") or {}).get(k) for k in want} != want:
                     await self.cluster.patch("rayservices", f"rel-{run}", {"status": want}, "status")
+                version = rs["metadata"]["annotations"][ANNOTATION_VERSION]
+                self.endpoints.serve(rs["metadata"]["namespace"], f"rel-{run}-serve-svc", run, version)
 
 
 def _final_status(what: str, job: str) -> dict[str, Any]:
@@ -182,7 +191,10 @@ def _final_status(what: str, job: str) -> dict[str, Any]:
         return {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True", "reason": "Completed"}]}
     if what == "exit78":
         message = f"Container trainer for pod team/{job}-0-x failed with exit code 78 matching FailJob rule at index 0"
-        return {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": message}]}
+        return {
+            "failed": 1,
+            "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": message}],
+        }
     return {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
 
 
@@ -268,10 +280,17 @@ async def play(cluster: Cluster, world: World, plan: Plan, *, timeout: float, wa
     created = 0
     while time.monotonic() < deadline:
         if created < len(names):
-            for name in names[created : created + per_wave]:
-                await cluster.create(training_run(name, plan.runs[name]))
-            created += per_wave
-        await world.step()
+            try:
+                for name in names[created : created + per_wave]:
+                    if cluster.get("trainingruns", name) is None:  # a timed-out create may have landed
+                        await cluster.create(training_run(name, plan.runs[name]))
+                created += per_wave
+            except (TimeoutError, aiohttp.ClientError):
+                world.hiccups += 1
+        try:
+            await world.step()
+        except (TimeoutError, aiohttp.ClientError):  # a loaded machine: the world tries again next round
+            world.hiccups += 1
         if created >= len(names) and settled(cluster, plan):
             return True
         await asyncio.sleep(0.3 if created >= len(names) else 2.0)

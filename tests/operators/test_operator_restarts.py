@@ -20,11 +20,14 @@ async def test_operator_killed_at_random_keeps_every_lifecycle_whole(tmp_path) -
     plan = Plan.draw(runs=6, releases=2, rng=rng)
     with MlflowServer(tmp_path / "mlflow") as mlflow:
         async with emulated_cluster(tmp_path) as (cluster, kubeconfig):
-            op = OperatorProcess(kubeconfig, mlflow.uri, tmp_path / "operator.log")
             world = World(cluster, mlflow.uri, plan)
-            async with killing(op, rng, after_ready=(0.2, 4), kills=4) as kills:
-                done = await play(cluster, world, plan, timeout=420, waves=2)
-            op.kill()
+            op = OperatorProcess(
+                kubeconfig, mlflow.uri, tmp_path / "operator.log", health_url=world.endpoints.url_template
+            )
+            with world.endpoints.running():
+                async with killing(op, rng, after_ready=(0.2, 4), kills=4) as kills:
+                    done = await play(cluster, world, plan, timeout=420, waves=2)
+                op.kill()
             result = verdict(cluster, plan, world.registry)
     assert len(kills) >= 3, f"too few kills to mean anything: {kills}"  # the run settled before the kills ended
     assert done, f"not settled: {result}; log tail: {(tmp_path / 'operator.log').read_text()[-3000:]}"
