@@ -51,6 +51,8 @@ def _registry(tracking_uri: str | None):
     def make():
         from midfill.registry import Registry  # imports mlflow: seconds, so only when first needed
 
-        return Registry(tracking_uri)
+        # One try per call: a handler must not sit in MLflow's outage while Jobs and RayServices wait;
+        # the resync timer asks again, and the status says MLflow is what the resource waits for.
+        return Registry(tracking_uri, retry_seconds=0)
 
     return make

@@ -7,9 +7,13 @@ TrainingRun, whatever retries happen) is decided in one place.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 # Tags midfill puts on model versions.
 TAG_RUN_NAME = "midfill.training_run"
@@ -20,10 +24,45 @@ REVIEW_TAG = "review"
 REVIEW_APPROVED = "approved"
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+# How long a call waits for an unreachable MLflow before giving up (doubling pauses, at most 30 s
+# apart). Long enough to ride out a tracking-server restart or a rolling upgrade.
+DEFAULT_RETRY_SECONDS = 300.0
+_MAX_PAUSE_S = 30.0
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR")
+
+log = logging.getLogger("midfill.registry")
+T = TypeVar("T")
 
 
 class RegistryError(RuntimeError):
     """A registry lookup that cannot be satisfied (unknown model, alias or version)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """MLflow could not be reached (or answered with a server error) for as long as the caller waits."""
+
+
+def _is_missing(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in _NOT_FOUND
+
+
+def is_transient(exc: Exception) -> bool:
+    """Whether trying again later can help: the server was unreachable, overloaded or failed inside.
+
+    MLflow turns a refused connection into an MlflowException with INTERNAL_ERROR (HTTP 500) after its
+    own retries; a local SQLite store raises SQLAlchemy errors (e.g. "database is locked"). Answers
+    that describe the request (not found, already exists, invalid, forbidden) are final.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, RegistryUnavailable):
+        return True
+    if isinstance(exc, RegistryError):
+        return False
+    if isinstance(exc, MlflowException):
+        return exc.error_code in _TRANSIENT_CODES or exc.get_http_status_code() >= 500
+    return isinstance(exc, OSError | ConnectionError) or type(exc).__module__.startswith(("sqlalchemy", "requests"))
 
 
 @dataclass(frozen=True)
@@ -41,6 +80,11 @@ class VersionInfo:
     def uri(self) -> str:
         """models:/<name>/<version>"""
         return f"models:/{self.name}/{self.version}"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -76,9 +120,38 @@ def _info(mv) -> VersionInfo:
 class Registry:
     """A thin, typed wrapper over MlflowClient for the operations midfill needs."""
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, *, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+        """`retry_seconds`: how long each call keeps retrying an unreachable MLflow before raising
+        RegistryUnavailable; 0 tries once (callers that retry on their own, like the operator's timer)."""
         self.tracking_uri = tracking_uri
+        self.retry_seconds = retry_seconds
         self.client = _client(tracking_uri)
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, tried again with doubling pauses while MLflow is unavailable, each wait logged."""
+        deadline = time.monotonic() + self.retry_seconds
+        pause, tries = 1.0, 1
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise RegistryUnavailable(
+                        f"MLflow at {self.tracking_uri or 'the default tracking URI'} unavailable while {what} "
+                        f"({tries} tries over {self.retry_seconds:g} s): {_first_line(exc)}"
+                    ) from exc
+                log.warning(
+                    "waiting for MLflow at %s while %s (try %d failed: %s); retrying in %.0f s",
+                    self.tracking_uri,
+                    what,
+                    tries,
+                    _first_line(exc),
+                    pause,
+                )
+                time.sleep(pause)
+                pause, tries = min(pause * 2, _MAX_PAUSE_S), tries + 1
 
     # -- experiments ------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
@@ -100,16 +173,22 @@ class Registry:
             return exp.experiment_id
 
     # -- registration ---------------------------------------------------------------------------
-    def find_by_run_uid(self, name: str, run_uid: str) -> VersionInfo | None:
-        """The version a TrainingRun (by uid) already registered, if any."""
+    def _versions_of_run(self, name: str, run_uid: str) -> list:
+        """Every version tagged with this TrainingRun uid, oldest first (MLflow's raw objects)."""
         from mlflow.exceptions import MlflowException
 
         try:
             found = self.client.search_model_versions(f"name='{name}' and tags.`{TAG_RUN_UID}`='{run_uid}'")
-        except MlflowException:
-            return None
-        versions = sorted(found, key=lambda mv: int(mv.version))
-        return _info(versions[0]) if versions else None
+        except MlflowException as exc:
+            if _is_missing(exc):
+                return []
+            raise  # unreachable is not "none registered": that answer would register a duplicate
+        return sorted(found, key=lambda mv: int(mv.version))
+
+    def find_by_run_uid(self, name: str, run_uid: str) -> VersionInfo | None:
+        """The version a TrainingRun (by uid) already registered, if any."""
+        found = self._retrying(f"looking up the version of run {run_uid}", lambda: self._versions_of_run(name, run_uid))
+        return _info(found[0]) if found else None
 
     def register(
         self,
@@ -124,41 +203,71 @@ class Registry:
         """Register `source` as a version of `name`, once per TrainingRun uid.
 
         Returns (version, created). A retry after a crash finds the version by its run-uid tag and
-        returns it instead of creating a second one.
+        returns it instead of creating a second one. While MLflow is unreachable the calls are retried.
+        A create whose answer was lost can land twice (MLflow's HTTP client retries POSTs too), so the
+        uid's versions are read back every time and all but the first are deleted: calling this again
+        always converges on one version.
         """
+        created = self.find_by_run_uid(name, run_uid) is None
+        if created:
+            self._retrying(f"creating registered model {name!r}", lambda: self._ensure_model(name))
+            all_tags = {**(tags or {}), TAG_RUN_UID: run_uid}
+
+            def create() -> None:
+                if not self._versions_of_run(name, run_uid):  # an earlier try may have landed
+                    self.client.create_model_version(
+                        name, source=source, run_id=run_id, tags=all_tags, description=description
+                    )
+
+            self._retrying(f"registering a version of {name!r} for run {run_uid}", create)
+        first = self._retrying(f"checking {name!r} for duplicate versions", lambda: self._keep_first(name, run_uid))
+        return first, created
+
+    def _ensure_model(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        existing = self.find_by_run_uid(name, run_uid)
-        if existing is not None:
-            return existing, False
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:
-            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc).lower():
                 raise
-        all_tags = {**(tags or {}), TAG_RUN_UID: run_uid}
-        mv = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags=all_tags, description=description
-        )
-        return _info(mv), True
+
+    def _keep_first(self, name: str, run_uid: str) -> VersionInfo:
+        """The run's first version; later copies of the same registration are deleted."""
+        first, *extra = self._versions_of_run(name, run_uid)
+        for mv in extra:
+            log.warning(
+                "deleting version %s of %r: a duplicate of version %s for run %s", mv.version, name, first.version, run_uid
+            )
+            self.client.delete_model_version(name, mv.version)
+        return _info(first)
 
     # -- lookup -----------------------------------------------------------------------------------
     def get(self, name: str, *, version: str | int | None = None, alias: str | None = None) -> VersionInfo:
-        """Resolve a version number or an alias; RegistryError saying what is missing otherwise."""
+        """Resolve a version number or an alias: RegistryError saying what is missing, or
+        RegistryUnavailable when MLflow cannot be asked."""
+        assert (version is None) != (alias is None), "give exactly one of version and alias"
+        what = f"version {version}" if version is not None else f"alias {alias!r}"
+        return self._retrying(f"resolving {what} of {name!r}", lambda: self._get_once(name, version, alias))
+
+    def _get_once(self, name: str, version: str | int | None, alias: str | None) -> VersionInfo:
         from mlflow.exceptions import MlflowException
 
-        assert (version is None) != (alias is None), "give exactly one of version and alias"
         try:
             self.client.get_registered_model(name)
-        except MlflowException:
-            raise RegistryError(f"registered model {name!r} does not exist") from None
+        except MlflowException as exc:
+            if _is_missing(exc):
+                raise RegistryError(f"registered model {name!r} does not exist") from None
+            raise
         try:
             mv = (
                 self.client.get_model_version(name, str(version))
                 if version is not None
                 else self.client.get_model_version_by_alias(name, alias)
             )
-        except MlflowException:
+        except MlflowException as exc:
+            if is_transient(exc):
+                raise
             what = f"version {version}" if version is not None else f"alias {alias!r}"
             raise RegistryError(f"registered model {name!r} has no {what}") from None
         return _info(mv)
@@ -172,10 +281,15 @@ class Registry:
         """All versions of a model, oldest first ([] if the model does not exist)."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            found = self.client.search_model_versions(f"name='{name}'")
-        except MlflowException:
-            return []
+        def search() -> list:
+            try:
+                return list(self.client.search_model_versions(f"name='{name}'"))
+            except MlflowException as exc:
+                if _is_missing(exc):
+                    return []
+                raise
+
+        found = self._retrying(f"listing the versions of {name!r}", search)
         return sorted((_info(mv) for mv in found), key=lambda v: int(v.version))
 
     # -- review -----------------------------------------------------------------------------------
@@ -184,10 +298,14 @@ class Registry:
     ) -> VersionInfo:
         """What a reviewer does in the MLflow UI: tag review=approved and point the alias at it."""
         self.get(name, version=version)
-        self.client.set_model_version_tag(name, str(version), REVIEW_TAG, REVIEW_APPROVED)
-        if reviewer:
-            self.client.set_model_version_tag(name, str(version), "reviewer", reviewer)
-        self.client.set_registered_model_alias(name, alias, str(version))
+
+        def tag_and_alias() -> None:  # each write is idempotent, so the whole is safe to repeat
+            self.client.set_model_version_tag(name, str(version), REVIEW_TAG, REVIEW_APPROVED)
+            if reviewer:
+                self.client.set_model_version_tag(name, str(version), "reviewer", reviewer)
+            self.client.set_registered_model_alias(name, alias, str(version))
+
+        self._retrying(f"approving version {version} of {name!r}", tag_and_alias)
         return self.get(name, version=version)
 
     # -- training progress (read by the operator) -----------------------------------------------------
@@ -277,8 +395,11 @@ class Registry:
 
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri
+        local = self._retrying(
+            f"downloading {info.uri}",
+            lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.tracking_uri
+            ),
         )
         return Path(local)
 

@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import os
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,18 @@ class Emulator(kmock.KubernetesEmulator):
 
     _rv = itertools.count(1)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Successful creates per (plural, name): a name created twice means an object was recreated.
+        self.creates: Counter[tuple[str, str]] = Counter()
+
     async def _handle(self, request):  # type: ignore[override]
+        response = await self._stamp_and_handle(request)
+        if request.resource is not None and request.action == kmock.action.CREATE and response.status < 300:
+            self.creates[request.resource.plural, (request.data.get("metadata") or {}).get("name", "")] += 1
+        return response
+
+    async def _stamp_and_handle(self, request):
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -132,10 +144,9 @@ class Cluster:
             assert resp.status == 200, await resp.text()
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
-    import kubernetes.config.kube_config as kube_config
-
+@contextlib.asynccontextmanager
+async def emulated_cluster(folder: Path) -> AsyncIterator[tuple[Cluster, Path]]:
+    """The emulator serving RESOURCES over HTTP, and a kubeconfig file (in `folder`) that points at it."""
     async with Emulator() as emulator, kmock.Server(emulator) as server:
         for res, (kind, namespaced) in RESOURCES.items():
             emulator.resources[res] = kmock.ResourceInfo(
@@ -144,13 +155,21 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
                 verbs={"get", "list", "watch", "create", "patch", "delete"},
                 subresources={"status"} if "." in res.split("/")[0] or res.startswith("batch") else set(),
             )
-        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig = folder / "kubeconfig"
         kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"
             f"clusters: [{{name: emu, cluster: {{server: '{server.url}'}}}}]\n"
             "users: [{name: emu, user: {token: test}}]\n"
             "contexts: [{name: emu, context: {cluster: emu, user: emu}}]\n"
         )
+        yield Cluster(emulator, server), kubeconfig
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    import kubernetes.config.kube_config as kube_config
+
+    async with emulated_cluster(tmp_path) as (cluster, kubeconfig):
         # Only the emulator, whatever this process runs in: kopf's login and operators.kube try the
         # in-cluster service account first (found through KUBERNETES_SERVICE_HOST), then KUBECONFIG,
         # which the kubernetes client also reads at import time into its default location.
@@ -158,7 +177,7 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
             monkeypatch.delenv(var, raising=False)
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        yield Cluster(emulator, server)
+        yield cluster
 
 
 @pytest.fixture

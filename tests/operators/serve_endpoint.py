@@ -4,6 +4,7 @@ GET /<namespace>/<service><route_prefix>/health with what each test says the rep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -35,6 +36,17 @@ class ServeEndpoints:
     def down(self, namespace: str, service: str) -> None:
         self.reports.pop((namespace, service), None)
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ServeEndpoints]:
+        """Answer requests on a thread for the duration."""
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         endpoints = self
 
@@ -58,11 +70,5 @@ class ServeEndpoints:
 
 @pytest.fixture
 def serve_endpoint() -> Iterator[ServeEndpoints]:
-    endpoints = ServeEndpoints()
-    thread = threading.Thread(target=endpoints.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with ServeEndpoints().running() as endpoints:
         yield endpoints
-    finally:
-        endpoints.server.shutdown()
-        endpoints.server.server_close()
