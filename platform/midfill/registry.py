@@ -237,7 +237,8 @@ class Registry:
         first, *extra = self._versions_of_run(name, run_uid)
         for mv in extra:
             log.warning(
-                "deleting version %s of %r: a duplicate of version %s for run %s", mv.version, name, first.version, run_uid
+                "deleting version %s of %r: a duplicate of version %s for run %s",
+                *(mv.version, name, first.version, run_uid),
             )
             self.client.delete_model_version(name, mv.version)
         return _info(first)
