@@ -175,8 +175,8 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
         heldout = tmp_path / "heldout"  # short files: the tiny model's context is 256 tokens
         heldout.mkdir()
         (heldout / "a.py").write_text(  # two statements inside a function body: line-em's two holes
-        "def f(x):\n    y = x + 1\n    return y\n\n\nvalue = f(41)\nprint(value)\n"
-    )
+            "def f(x):\n    y = x + 1\n    return y\n\n\nvalue = f(41)\nprint(value)\n"
+        )
         scored = _eval(
             *("models:/fim-debug/1", "--suite", "line-em", "--limit", "2", "--max-new-tokens", "8"),
             *("--data", str(heldout), "--endpoint", final.url),
