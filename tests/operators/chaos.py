@@ -267,8 +267,11 @@ async def killing(
         yield done
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            op.kill()  # never leave an operator behind, whatever ended the run
 
 
 async def play(cluster: Cluster, world: World, plan: Plan, *, timeout: float, waves: int = 1) -> bool:
