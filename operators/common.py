@@ -8,7 +8,7 @@ only when it changed, with one event per phase change).
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import weakref
 from typing import Any, TypeVar, cast
 
 import kopf
@@ -22,8 +22,26 @@ from operators.kube import Kube, Res, status_patch
 S = TypeVar("S", bound=BaseModel)
 
 # One lock per object: concurrent triggers (a watch event, the timer, a child's event) queue up and
-# each re-reads the object, so none acts on a stale status.
-locks: defaultdict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+# each re-reads the object, so none acts on a stale status. Locks are kept per event loop: an asyncio
+# lock belongs to the loop it was first awaited in, and an operator restarted in the same process
+# (a new loop) must not find a lock its cancelled predecessor left held.
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str, str], asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def object_lock(kind: str, namespace: str, name: str) -> asyncio.Lock:
+    """The lock that serialises syncs of one object within the running operator."""
+    per_loop = _locks.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault((kind, namespace, name), asyncio.Lock())
+
+
+def forget_lock(kind: str, namespace: str, name: str) -> None:
+    """Drop a deleted object's lock (names are reused; the dict must not grow forever)."""
+    try:
+        _locks.get(asyncio.get_running_loop(), {}).pop((kind, namespace, name), None)
+    except RuntimeError:  # no running loop: nothing of ours to forget
+        pass
 
 
 def split_body(body: dict[str, Any], status_model: type[S]) -> tuple[Any, S, dict[str, Any]]:

@@ -130,7 +130,7 @@ async def act(
 
 async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger) -> None:
     kube: Kube = memo.kube
-    async with common.locks[("mr", namespace, name)]:
+    async with common.object_lock("mr", namespace, name):
         body = await kube.get(MODELRELEASES, namespace, name)
         if body is None:  # gone: its RayService must not outlive it, even if the DELETED event was missed
             await _delete_rayservices_of(kube, namespace, name, owner_uid=None, logger=logger)
@@ -180,7 +180,7 @@ async def release_deleted(
     if type != "DELETED":
         return
     await _delete_rayservices_of(memo.kube, namespace, name, owner_uid=body["metadata"].get("uid"), logger=logger)
-    common.locks.pop(("mr", namespace, name), None)
+    common.forget_lock("mr", namespace, name)
 
 
 async def _delete_rayservices_of(

@@ -211,7 +211,7 @@ def refuse_unshared(run: TrainingRun | SpecError, settings: OperatorSettings) ->
 async def sync(memo: Any, namespace: str, name: str, logger: kopf.Logger, *, read_progress: bool = False) -> None:
     """Bring one TrainingRun's children and status in line with its spec (idempotent)."""
     kube: Kube = memo.kube
-    async with common.locks[("tr", namespace, name)]:
+    async with common.object_lock("tr", namespace, name):
         body = await kube.get(TRAININGRUNS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -269,7 +269,7 @@ async def trainingrun_deleted(
     if type != "DELETED":
         return
     await cleanup(memo.kube, namespace=namespace, name=name, uid=body["metadata"].get("uid"), logger=logger)
-    common.locks.pop(("tr", namespace, name), None)
+    common.forget_lock("tr", namespace, name)
 
 
 async def cleanup(kube: Kube, *, namespace: str, name: str, uid: str | None, logger: kopf.Logger) -> None:
