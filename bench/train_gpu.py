@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from midfill import memory
 from midfill.api.trainingrun import Architecture, ModelSpec, TrainingSpec
 from trainer import flops, loop, parallel, weights
 from trainer.model import build_model, is_on_meta, num_params
@@ -51,6 +52,16 @@ class RandomDocuments:
 
 def peak_host_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes
+
+
+def memory_estimate_gb(recipe, args: argparse.Namespace, world_size: int, *, bf16: bool, cuda: bool) -> float:
+    """What `midfill validate` would predict for this run (midfill.memory), beside the measured peak."""
+    layout = memory.Layout(
+        vocab_size=VOCAB, fsdp=args.fsdp, world_size=world_size, nproc_per_node=world_size,
+        tokens_per_micro_batch=args.seq * args.micro, activation_checkpointing=args.activation_checkpointing,
+        fp32=not bf16, on_gpu=cuda,
+    )  # fmt: skip
+    return memory.estimate_for(recipe, layout).per_gpu / 1e9
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -130,6 +141,9 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": time.perf_counter() - start,
         "host_memory_per_rank": {**host, "peak_gb": peak_host_gb()},
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
+        "estimated_gpu_memory_gb": memory_estimate_gb(
+            recipe, args, d.world_size, bf16=bf16, cuda=d.device.type == "cuda"
+        ),
     }
     parallel.teardown()
     return result

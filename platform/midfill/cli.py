@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -57,8 +57,15 @@ def crds(
 @app.command()
 def validate(
     file: Annotated[Path, typer.Option("-f", "--file", help="YAML file with TrainingRun/ModelRelease documents.")],
+    gpu_memory_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-memory-gb", min=1, help="GPU memory of the node pool (default: read from nodePool.nodeSelector)."
+        ),
+    ] = None,
 ) -> None:
-    """Check resources against the API; one line per invalid field (exit 1), else a summary."""
+    """Check resources against the API; one line per invalid field (exit 1), else a summary and, for
+    each TrainingRun, its estimated memory per GPU with a warning when it will not fit."""
     from midfill.api import SpecError, load_file
 
     try:
@@ -70,6 +77,38 @@ def validate(
         raise typer.Exit(1) from None
     names = ", ".join(f"{r.kind}/{r.metadata.name}" for r in resources)
     typer.echo(f"{file}: valid ({names})")
+    for resource in resources:
+        if resource.kind == "TrainingRun":
+            _print_memory_estimate(resource, gpu_memory_gb)
+
+
+def _print_memory_estimate(run: Any, gpu_memory_gb: float | None) -> None:
+    """The run's estimated memory per GPU and per node, with a warning for what will not fit."""
+    from midfill import memory
+
+    est = memory.estimate(run.spec)
+    if est is None:
+        typer.echo(f"TrainingRun/{run.metadata.name}: composed run; memory follows from its parent models")
+        return
+    p, t = run.spec.parallelism, run.spec.training
+    layout = (
+        f"{p.strategy} over {p.world_size()} processes, {t.micro_batch_size} x {t.seq_length} tokens per micro-batch"
+    )
+    typer.echo(f"TrainingRun/{run.metadata.name} memory estimate ({layout}):")
+    typer.echo(est.summary())
+    pool = memory.pool_gpu_memory(run.spec.node_pool)
+    gpu_gib = gpu_memory_gb if gpu_memory_gb is not None else pool[0] if pool else None
+    if gpu_memory_gb is not None:
+        typer.echo(f"  GPU memory            {gpu_memory_gb:.0f} GiB (--gpu-memory-gb)")
+    elif pool:
+        typer.echo(f"  GPU memory            {pool[0]:.0f} GiB (nodePool.nodeSelector {pool[1]})")
+    elif run.spec.resources.gpus():
+        typer.echo(
+            "  GPU memory            unknown: pass --gpu-memory-gb, or select the pool by a label that names "
+            f"the GPU ({', '.join(memory.GPU_LABELS)})"
+        )
+    for warning in memory.warnings(run.spec, est, gpu_gib=gpu_gib):
+        typer.echo(f"warning: TrainingRun/{run.metadata.name}: {warning}", err=True)
 
 
 @app.command("mlflow-gate")

@@ -23,7 +23,25 @@ def test_version() -> None:
 def test_validate_accepts_the_7b_sample(repo_root: Path) -> None:
     out = run("validate", "-f", str(repo_root / "manifests/samples/trainingrun-7b-flash.yaml"))
     assert out.returncode == 0, out.stderr
-    assert "valid (TrainingRun/fim-7b)" in out.stdout and out.stdout.count("\n") == 1
+    assert out.stdout.startswith(f"{repo_root}/manifests/samples/trainingrun-7b-flash.yaml: valid (TrainingRun/fim-7b)")
+    # ...with its memory per GPU against the pool's H100s (80 GiB, from the GKE accelerator label)
+    assert "memory estimate (fsdp over 32 processes" in out.stdout
+    assert "GPU memory            80 GiB (nodePool.nodeSelector cloud.google.com/gke-accelerator)" in out.stdout
+    assert "warning" not in out.stderr
+
+
+def test_validate_warns_when_a_run_will_not_fit_its_gpus(repo_root: Path, tmp_path: Path) -> None:
+    doc = yaml.safe_load((repo_root / "manifests/samples/trainingrun-7b-flash.yaml").read_text())
+    doc["spec"]["parallelism"]["strategy"] = "ddp"  # every GPU holds the whole 7B model and its AdamW state
+    doc["spec"]["resources"]["limits"]["memory"] = "16Gi"
+    out = run("validate", "-f", str(_write(tmp_path, doc)))
+    assert out.returncode == 0, out.stderr  # a warning, not a refusal: the estimate may be off
+    assert "exceeds the node pool's 80 GiB; try parallelism.strategy: fsdp" in out.stderr
+    assert "raise resources.limits.memory" in out.stderr
+    fits = run(
+        "validate", "-f", str(repo_root / "manifests/samples/trainingrun-7b-flash.yaml"), "--gpu-memory-gb", "40"
+    )
+    assert "exceeds the node pool's 40 GiB; try training.activationCheckpointing: full" in fits.stderr
 
 
 def _write(tmp_path: Path, doc: dict) -> Path:
