@@ -313,12 +313,7 @@ class TrainingParts:
 def _training_parts(p: Prepared, model: torch.nn.Module, d: parallel.Dist) -> TrainingParts:
     spec, t = p.run.spec, p.run.spec.training
     optimizer = loop.make_optimizer(model, t, d.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: loop.lr_factor(
-            s, warmup=t.warmup_steps, total=p.total_steps, schedule=t.schedule, floor=t.min_learning_rate_ratio
-        ),
-    )
+    scheduler = loop.make_scheduler(optimizer, t, total_steps=p.total_steps)
     stream = DocumentStream(p.corpus.train, p.corpus.weights, seed=t.seed, rank=d.rank, world_size=d.world_size)
     num_masks = spec.tokenizer.num_mask_tokens
     packer = Packer(stream, p.tok, spec.objective, seq_length=t.seq_length, num_mask_tokens=num_masks, seed=t.seed)
