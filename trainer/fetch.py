@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 __all__ = ["COMPLETE", "fetch_init", "fetch_once", "is_complete"]
 
 
-def fetch_once(dst: Path, fetch: Callable[[Path], None], d: Dist, *, source: str, poll_s: float = 2.0) -> Path:
+def fetch_once(dst: Path, fetch: Callable[[Path], object], d: Dist, *, source: str, poll_s: float = 2.0) -> Path:
     """`fetch(folder)` fills a fresh folder with the files of `source`; returns `dst` once complete."""
     if d.local_rank == 0:
         fetch_into(dst, fetch, source=source)  # scratch-then-rename, shared with serving and composition
