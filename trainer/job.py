@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from midfill.api import TrainingRun
+from midfill.api.trainingrun import TrainingSpec
 from midfill.progress import ProgressRecord
 from midfill.registry import Registry
 from trainer import checkpoint, composed_job, evaluate, export, fetch, flops, loop, parallel, preflight, weights
@@ -71,15 +72,7 @@ def prepare(
                 f"training.seqLength: {spec.training.seq_length} exceeds the {recipe.name} recipe's context "
                 f"({recipe.max_position_embeddings}); shorten it or set model.architecture.maxPositionEmbeddings"
             )
-        seqs_per_step = spec.training.global_batch_tokens // spec.training.seq_length
-        per_rank = seqs_per_step // world
-        if seqs_per_step % world or per_rank % spec.training.micro_batch_size:
-            unit = spec.training.seq_length * spec.training.micro_batch_size * world
-            raise ValueError(
-                f"training.globalBatchTokens: {spec.training.global_batch_tokens} must be a multiple of "
-                f"seqLength x microBatchSize x processes = {unit} (e.g. "
-                f"{max(1, seqs_per_step * spec.training.seq_length // unit) * unit})"
-            )
+        per_rank = _sequences_per_rank(spec.training, world)
         corpus = Corpus.from_spec(spec.data)
         if spec.model.composition is not None:
             composed_job.check_spec(run)
@@ -116,6 +109,21 @@ def prepare(
         total_steps=spec.training.total_steps(),
         composed=composed,
     )
+
+
+def _sequences_per_rank(t: TrainingSpec, world: int) -> int:
+    """Sequences each process trains on per optimizer step; the global batch must split evenly
+    into micro-batches over the processes (ValueError naming the field otherwise)."""
+    seqs_per_step = t.global_batch_tokens // t.seq_length
+    per_rank = seqs_per_step // world
+    if seqs_per_step % world or per_rank % t.micro_batch_size:
+        unit = t.seq_length * t.micro_batch_size * world
+        raise ValueError(
+            f"training.globalBatchTokens: {t.global_batch_tokens} must be a multiple of "
+            f"seqLength x microBatchSize x processes = {unit} (e.g. "
+            f"{max(1, seqs_per_step * t.seq_length // unit) * unit})"
+        )
+    return per_rank
 
 
 def _tokenizer(

@@ -326,7 +326,9 @@ def train(
     input and mask the labels it reads).
     compiled: the model is torch.compiled; the loss is then compiled too, and the first step (the
     compilation) is timed apart: logged as the warm-up and left out of tokens/s.
-    flops_per_token, peak_tflops: for the `mfu` metric (trainer.flops); left out without a peak."""
+    flops_per_token, peak_tflops: for the `mfu` metric (trainer.flops); left out without a peak.
+
+    Long only in its signature (every knob keyword-only and named); the steps are the helpers above."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     bar = _progress_bar(total_steps, state.step) if show_bar and d.is_main else None
