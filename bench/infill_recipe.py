@@ -56,17 +56,21 @@ def load_run(path: Path, *, dry_run: bool, steps: int | None) -> TrainingRun:
     return TrainingRun.model_validate(doc)
 
 
+def train_tokenizer(run: TrainingRun, corpus: Corpus):
+    """(BPE, its Hugging Face tokenizer) trained on the run's training files, as the trainer's rank 0 does."""
+    spec = run.spec.tokenizer
+    texts = (text for files in corpus.train for f in files if (text := read_text(f)))
+    bpe = toklib.train_bpe(
+        toklib.take_bytes(texts, spec.train_bytes), vocab_size=spec.vocab_size, num_mask_tokens=spec.num_mask_tokens
+    )
+    return bpe, toklib.to_hf(bpe, num_mask_tokens=spec.num_mask_tokens)
+
+
 def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict:
     spec, t = run.spec, run.spec.training
     started = time.monotonic()
     corpus = Corpus.from_spec(spec.data)
-    texts = (text for files in corpus.train for f in files if (text := read_text(f)))
-    bpe = toklib.train_bpe(
-        toklib.take_bytes(texts, spec.tokenizer.train_bytes),
-        vocab_size=spec.tokenizer.vocab_size,
-        num_mask_tokens=spec.tokenizer.num_mask_tokens,
-    )
-    tok = toklib.to_hf(bpe, num_mask_tokens=spec.tokenizer.num_mask_tokens)
+    bpe, tok = train_tokenizer(run, corpus)
     bf16 = loop.use_bf16(t.precision, device)
     recipe = get_recipe(spec.model.recipe).with_overrides(spec.model.architecture)
     model, attn = build_model(
