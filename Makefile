@@ -17,7 +17,7 @@ K8S_TOOLS := $(VENV)/.k8s-tools
 
 help:
 	@echo "make test   - create/refresh .venv and run the test suite (what CI runs)"
-	@echo "make lint   - ruff (lint + format check) and mypy on the light core and the operator (CI runs it)"
+	@echo "make lint   - ruff (lint + format check) and mypy on the light core, the operator and part of serving/trainer (CI runs it)"
 	@echo "make format - ruff format + the safe ruff fixes, in place"
 	@echo "make demo   - create/refresh .venv, then train, approve, serve and query a model locally"
 	@echo "make crds   - regenerate manifests/crds/ from midfill.api"

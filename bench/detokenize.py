@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_throughput import corpus
-from serving_exports import build_export  # put on sys.path by serve_throughput
+from serve_common import corpus
+from serving_exports import build_export  # put on sys.path by serve_common
 from transformers import AutoTokenizer
 
 from serving.detokenize import IncrementalDetokenizer
@@ -97,7 +97,7 @@ def main() -> None:
         "tokenizer": {
             "kind": "byte-level BPE",
             "vocab": tokenizer.vocab_size,
-            "trained_on": "stdlib sources (serve_throughput.corpus)",
+            "trained_on": "stdlib sources (serve_common.corpus)",
         },
         "rows": opts.rows,
         "repeats_best_of": opts.repeats,

@@ -2,7 +2,7 @@
 what the prepared GPU check runs for the `125m` variant of the debug recipe (no MLflow, registry or
 torchrun there, so the trainer's own pieces are driven directly: the trained tokenizer, packing,
 `trainer.loop.train`; the scoring is midfill.evaluation's `line-em`, greedy, on the run's held-out
-files, through the same `finish` the product's infillers use).
+files, through its ModelInfiller, the in-memory half of what `midfill eval` uses).
 
     python bench/infill_recipe.py --run manifests/samples/trainingrun-125m-gpu.yaml --device cuda \\
         --max-seconds 300 --out bench/results/gpu/infill_recipe_125m.json
@@ -25,9 +25,8 @@ import yaml
 
 from midfill import fim
 from midfill.api import TrainingRun
-from midfill.evaluation.infill import Completion, finish
+from midfill.evaluation.infill import ModelInfiller
 from midfill.evaluation.runner import run_infill_suite
-from midfill.evaluation.suites import InfillTask
 from trainer import loop
 from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
@@ -47,50 +46,6 @@ class OutOfTime(Exception):
     """The time budget ran out between two optimizer steps."""
 
 
-class ModelInfiller:
-    """Greedy infilling with an in-memory model in left-padded batches (LocalInfiller without the
-    export folder): the CodeGen2 prompt, stop at <eom>/<|endoftext|>, then the client's stop strings."""
-
-    name = "in-process"
-
-    def __init__(self, model, tok, *, device: torch.device, max_context: int, bf16: bool) -> None:
-        self.model, self.tok, self.device, self.max_context, self.bf16 = model, tok, device, max_context, bf16
-        self.stop_ids = [tok.convert_tokens_to_ids(t) for t in fim.CODEGEN2.stop_tokens]
-
-    def _encode(self, task: InfillTask, budget: int) -> list[int]:
-        prefix, suffix = task.prefix, task.suffix
-        while True:
-            ids = self.tok(fim.CODEGEN2.infill_prompt(prefix, suffix), add_special_tokens=False)["input_ids"]
-            if len(ids) <= budget or (not prefix and not suffix):
-                return ids[-budget:]
-            prefix, suffix = prefix[len(prefix) // 4 :], suffix[: len(suffix) * 3 // 4]
-
-    @torch.no_grad()
-    def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
-        self.model.eval()
-        pad = self.tok.pad_token_id
-        out: list[Completion] = []
-        for start in range(0, len(tasks), 16):
-            batch = [self._encode(t, self.max_context - max_new_tokens) for t in tasks[start : start + 16]]
-            width = max(len(ids) for ids in batch)
-            ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=self.device)
-            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                gen = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=pad,
-                )[:, width:].tolist()
-            for row in gen:
-                ended = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
-                text = self.tok.decode(row[:ended] if ended is not None else row, skip_special_tokens=False)
-                out.append(finish(text, model_ended=ended is not None, stop=stop))
-        return out
-
-
 def load_run(path: Path, *, dry_run: bool, steps: int | None) -> TrainingRun:
     doc = yaml.safe_load(path.read_text())
     if dry_run:
@@ -101,17 +56,21 @@ def load_run(path: Path, *, dry_run: bool, steps: int | None) -> TrainingRun:
     return TrainingRun.model_validate(doc)
 
 
+def train_tokenizer(run: TrainingRun, corpus: Corpus):
+    """(BPE, its Hugging Face tokenizer) trained on the run's training files, as the trainer's rank 0 does."""
+    spec = run.spec.tokenizer
+    texts = (text for files in corpus.train for f in files if (text := read_text(f)))
+    bpe = toklib.train_bpe(
+        toklib.take_bytes(texts, spec.train_bytes), vocab_size=spec.vocab_size, num_mask_tokens=spec.num_mask_tokens
+    )
+    return bpe, toklib.to_hf(bpe, num_mask_tokens=spec.num_mask_tokens)
+
+
 def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict:
     spec, t = run.spec, run.spec.training
     started = time.monotonic()
     corpus = Corpus.from_spec(spec.data)
-    texts = (text for files in corpus.train for f in files if (text := read_text(f)))
-    bpe = toklib.train_bpe(
-        toklib.take_bytes(texts, spec.tokenizer.train_bytes),
-        vocab_size=spec.tokenizer.vocab_size,
-        num_mask_tokens=spec.tokenizer.num_mask_tokens,
-    )
-    tok = toklib.to_hf(bpe, num_mask_tokens=spec.tokenizer.num_mask_tokens)
+    bpe, tok = train_tokenizer(run, corpus)
     bf16 = loop.use_bf16(t.precision, device)
     recipe = get_recipe(spec.model.recipe).with_overrides(spec.model.architecture)
     model, attn = build_model(
@@ -126,12 +85,7 @@ def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict
     )
     model.to(device)
     optimizer = loop.make_optimizer(model, t, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: loop.lr_factor(
-            s, warmup=t.warmup_steps, total=t.steps, schedule=t.schedule, floor=t.min_learning_rate_ratio
-        ),
-    )
+    scheduler = loop.make_scheduler(optimizer, t, total_steps=t.steps)
     stream = DocumentStream(corpus.train, corpus.weights, seed=t.seed, rank=0, world_size=1)
     packer = Packer(
         stream,
@@ -209,7 +163,14 @@ def main() -> None:
     trained = train(run, device, max_seconds=args.max_seconds)
     held_out = [Path(f.url) for f in trained["corpus"].validation if f.kind == "code"]
     infiller = ModelInfiller(
-        trained["model"], trained["tok"], device=device, max_context=run.spec.training.seq_length, bf16=trained["bf16"]
+        trained["model"],
+        trained["tok"],
+        fim_format=fim.CODEGEN2,
+        max_context=run.spec.training.seq_length,
+        stop_tokens=list(fim.CODEGEN2.stop_tokens),
+        batch_size=16,
+        device=str(device),
+        bf16=trained["bf16"],
     )
     tasks = 2 if args.dry_run else args.tasks
     started = time.monotonic()

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from serve_throughput import corpus, load_baseline_model, on_fresh_thread, summary
-from serving_exports import build_export  # put on sys.path by serve_throughput
+from serve_common import corpus, load_baseline_model, on_fresh_thread, summary
+from serving_exports import build_export  # put on sys.path by serve_common
 from transformers import AutoTokenizer
 
 from midfill.export import read_metadata
@@ -144,7 +144,7 @@ def main() -> None:
     # This VM's speed drifts by up to 2x within minutes: every configuration runs in each of
     # `rounds` interleaved rounds and keeps its best run (as timeit keeps the minimum). The baseline
     # is the faster of float32 and bfloat16 `generate`; each round's engine is closed before the
-    # next baselines run (serve_throughput.on_fresh_thread says why).
+    # next baselines run (serve_common.on_fresh_thread says why).
     best: dict[str, dict] = {}
 
     def keep(name: str, res: dict) -> None:

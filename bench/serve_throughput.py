@@ -29,30 +29,23 @@ import json
 import os
 import platform as _stdlib_platform  # noqa: F401  (the stdlib one; we have no package of that name)
 import statistics
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "serving"))
+import httpx
+import torch
+from serve_common import ROOT, corpus, hardware, load_baseline_model, on_fresh_thread, summary
+from serve_costs import bounds, cost_model
 
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from ray_helpers import local_serve  # noqa: E402
-from serving_exports import build_export  # noqa: E402
-
-from midfill.hardware import cpu_has_native_bf16  # noqa: E402
+# isort: split
+# On sys.path through serve_common (tests/serving).
+from ray_helpers import local_serve
+from serving_exports import build_export
 
 PROMPT_TOKENS, SUFFIX_TOKENS, NEW_TOKENS = 430, 110, 32
-
-
-def corpus(n_files: int = 120) -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 8000)[:n_files]
-    return [p.read_text(errors="replace") for p in files]
 
 
 def make_requests(tokenizer, texts: list[str], n: int) -> list[tuple[str, str]]:
@@ -69,22 +62,6 @@ def make_requests(tokenizer, texts: list[str], n: int) -> list[tuple[str, str]]:
         if len(out) == n:
             return out
     raise RuntimeError("not enough long files for the requests")
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
-def summary(latencies: list[float], tokens: int, wall: float) -> dict:
-    return {
-        "requests": len(latencies),
-        "generated_tokens": tokens,
-        "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 1),
-        "p50_latency_s": round(statistics.median(latencies), 3),
-        "p95_latency_s": round(pct(latencies, 0.95), 3),
-    }
 
 
 def baseline(model, tokenizer, prompts: list[str], stop_ids: list[int]) -> tuple[dict, list[list[int]]]:
@@ -172,147 +149,6 @@ async def endpoint(url: str, pairs: list[tuple[str, str]], concurrency: int) -> 
     result["errors"] = errors
     result["cached_prompt_tokens"] = cached  # the prompts are distinct: the prefix cache should not help
     return result, texts
-
-
-def cost_model(engine, prompts: list[str]) -> dict:
-    """What one request costs the engine's forward passes: prefill per prompt (alone and in a group
-    of 4) and one decode step at 1, 8 and 32 rows. These bound what batching can reach (docs)."""
-    from transformers import DynamicCache
-
-    from serving.kv_slots import DecodeBatchCache
-
-    model, ids, device = engine.model, [engine.encode(p) for p in prompts], engine.device
-    width = max(len(i) for i in ids[:32])
-    batch = torch.tensor([[0] * (width - len(i)) + i for i in ids[:32]], device=device)
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids[:32]], device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn, repeat: int = 5) -> float:
-        """The fastest of `repeat` runs: the cost itself, without this VM's interference."""
-        fn()
-        best = float("inf")
-        for _ in range(repeat):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    def prefill(rows: int):
-        cache = DynamicCache(config=model.config)
-        model(
-            input_ids=batch[:rows],
-            attention_mask=mask[:rows],
-            position_ids=(mask[:rows].cumsum(1) - 1).clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return cache
-
-    out = {}
-    with torch.inference_mode():
-        first = torch.tensor([ids[0]], device=device)
-        out["prefill_ms_per_prompt_alone"] = round(
-            1000 * timed(lambda: model(input_ids=first, use_cache=False, logits_to_keep=1)), 1
-        )
-        out["prefill_ms_per_prompt_group_of_4"] = round(1000 * timed(lambda: prefill(4)) / 4, 1)
-        for rows in (1, 8, 32):
-            kv = DecodeBatchCache(engine.max_context)
-            kv.add(prefill(rows), mask[:rows])
-            positions = mask[:rows].sum(1)[:, None]
-            nxt = torch.ones(rows, 1, dtype=torch.long, device=device)
-
-            def step(kv=kv, nxt=nxt, positions=positions):
-                m = kv.begin_step()
-                model(input_ids=nxt, attention_mask=m, position_ids=positions, past_key_values=kv.cache, use_cache=True)
-                kv.end_step()
-
-            out[f"decode_step_ms_{rows}_rows"] = round(1000 * timed(step, repeat=16), 1)
-        if getattr(engine, "_static", None) is not None:
-            out.update(static_step_costs(engine, prefill, ids, timed))
-    return out
-
-
-def static_step_costs(engine, prefill, ids: list[list[int]], timed) -> dict:
-    """The static path's step at 1, 8 and 32 rows (a graph replay on a GPU, launch to ids on the host)
-    and its ratio to the weight-read floor: the time to read every weight once at the device's copy
-    bandwidth, which a decode step cannot beat."""
-    from serving.requests import SamplingParams
-
-    static, out = engine._static, {}
-    for rows in (r for r in (1, 8, 32) if r <= static.capacity):
-        static.clear()
-        lengths = [len(i) for i in ids[:rows]]
-        static.add(prefill(rows), lengths, [1] * rows, [SamplingParams(max_tokens=1)] * rows, [0] * rows)
-        out[f"static_step_ms_{rows}_rows"] = round(1000 * timed(lambda: static.ids(static.launch()), repeat=16), 3)
-    static.clear()
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    floor = weight_bytes / copy_bandwidth(engine.device)
-    out["weight_bytes"] = weight_bytes
-    out["weight_read_floor_ms"] = round(1000 * floor, 3)
-    out["graphs"] = static.graphs_active
-    for key in [k for k in out if k.startswith("static_step_ms_")]:
-        out[key.replace("static_step_ms_", "static_step_over_floor_")] = round(out[key] / (1000 * floor), 2)
-    return out
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second the device moves in a large copy (read + write), the best of a few."""
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = float("inf")
-    for _ in range(5):
-        sync()
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() / best
-
-
-def bounds(costs: dict, new_tokens: int) -> dict:
-    """What the cost model allows. Sequential: a prefill plus new_tokens - 1 single-row steps per
-    request. Batched at c rows: a grouped prefill plus new_tokens steps shared by c rows. With c
-    clients in a closed loop, each request's latency is at least c times the work per request
-    (Little's law: c = throughput x latency), however the work is scheduled."""
-    sequential = costs["prefill_ms_per_prompt_alone"] + (new_tokens - 1) * costs["decode_step_ms_1_rows"]
-    per_request = {
-        c: costs["prefill_ms_per_prompt_group_of_4"] + new_tokens * costs[f"decode_step_ms_{c}_rows"] / c
-        for c in (8, 32)
-    }
-    return {
-        "sequential_request_ms": round(sequential, 1),
-        "throughput_ceiling_vs_sequential_at_32": round(sequential / per_request[32], 2),
-        "latency_floor_at_8_over_sequential": round(8 * per_request[8] / sequential, 2),
-    }
-
-
-def on_fresh_thread(fn, *args, **kwargs):
-    """Run fn on a new thread and return its result. Every torch computation of this script goes
-    through here or through the engine's own thread, so at most one thread that has run torch ops is
-    alive at a time: libgomp gives each such thread its own OpenMP pool, and once the pools hold more
-    threads than there are cores it stops spinning and wakes its workers through the kernel for
-    every op. Measured on 2 cores: small ops 3x slower in every thread while a second torch thread
-    is alive (even idle) -- that alone halved the in-process engine and inflated the cost model's
-    decode steps 2-4x in earlier versions of this benchmark. A Ray replica has only the engine's
-    thread (the loading thread exits), so this is the condition the endpoint runs in."""
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # re-raised in the caller
-            out["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 BASELINE_REQUESTS = 16  # per round: enough for a stable tokens/s, short enough to interleave
@@ -420,39 +256,6 @@ def measure_endpoint(
     return {"rounds": rounds}
 
 
-def load_baseline_model(export: Path, dtype: str, device: str):
-    """The model as a transformers user loads it: default (sdpa) attention, on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    return (
-        AutoModelForCausalLM.from_pretrained(str(export), dtype=getattr(torch, dtype), attn_implementation="sdpa")
-        .to(device)
-        .eval()
-    )
-
-
-def hardware(device: str) -> dict:
-    """What the numbers were taken on: they change between machines (and between this VM's sessions)."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
-    out = {
-        "device": device,
-        "cpu_model": cpu,
-        "cpus": os.cpu_count(),
-        "cpu_has_native_bf16": cpu_has_native_bf16(),
-        "torch": torch.__version__,
-    }
-    if device == "cuda":
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
 def median_over_rounds(rounds: list[dict], key: str) -> dict:
     """Per run: the median, min and max of `key` over the rounds."""
     out = {}
@@ -462,7 +265,7 @@ def median_over_rounds(rounds: list[dict], key: str) -> dict:
     return out
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of baselines and measurements")
@@ -487,20 +290,36 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/serve_throughput[_cuda].json")
     opts = ap.parse_args()
-    dtypes, parts = opts.dtypes.split(","), set(opts.parts.split(","))
-    if not parts or parts - {"engine", "endpoint"}:
+    opts.dtype_list, opts.part_set = opts.dtypes.split(","), set(opts.parts.split(","))
+    if not opts.part_set or opts.part_set - {"engine", "endpoint"}:
         ap.error(f"--parts: expected engine, endpoint or engine,endpoint (got {opts.parts!r})")
     if opts.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
     suffix = "" if opts.device == "cpu" else f"_{opts.device}"
     opts.out = opts.out or ROOT / "bench" / "results" / f"serve_throughput{suffix}.json"
+    return opts
 
+
+@dataclass
+class Workload:
+    """The model every part measures and the requests they send."""
+
+    work: Path
+    export: Path
+    tokenizer: object
+    stop_ids: list[int]
+    pairs: list[tuple[str, str]]  # (prefix, suffix), for the endpoint
+    prompts: list[str]  # the same requests as infill prompts, for the engine and the baselines
+    prompt_lens: list[int]
+
+
+def prepare(opts: argparse.Namespace) -> Workload:
+    """Build the random-init export (on a fresh thread) and cut the requests from stdlib files."""
     from transformers import AutoTokenizer
 
     from midfill.export import read_metadata
     from midfill.fim import get_format
 
-    torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="mfbench"))
     export = on_fresh_thread(
         build_export,
@@ -519,52 +338,22 @@ def main() -> None:
     prompts = [fim.infill_prompt(p, s) for p, s in pairs]
     prompt_lens = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
     print(f"{len(prompts)} requests, prompt tokens mean {statistics.mean(prompt_lens):.0f}", flush=True)
+    return Workload(work, export, tokenizer, stop_ids, pairs, prompts, prompt_lens)
 
-    base_models = {
-        dtype: on_fresh_thread(load_baseline_model, export, dtype, opts.device)
-        for dtype in opts.baseline_dtypes.split(",")
-    }
+
+def full_baselines(base_models: dict, load: Workload) -> tuple[dict, dict]:
+    """Sequential generate over all requests in every baseline dtype, and its texts (what the
+    endpoint's greedy answers are compared with)."""
     full_baseline, expected = {}, {}
     for dtype, model in base_models.items():
-        full_baseline[dtype], ids = on_fresh_thread(baseline, model, tokenizer, prompts, stop_ids)
-        expected[dtype] = [tokenizer.decode([t for t in out if t not in stop_ids]) for out in ids]
+        full_baseline[dtype], ids = on_fresh_thread(baseline, model, load.tokenizer, load.prompts, load.stop_ids)
+        expected[dtype] = [load.tokenizer.decode([t for t in out if t not in load.stop_ids]) for out in ids]
         print(f"baseline {dtype}, all requests", full_baseline[dtype], flush=True)
+    return full_baseline, expected
 
-    results = {
-        "model": {
-            "layers": opts.layers,
-            "hidden": opts.hidden,
-            "heads": opts.heads,
-            "vocab": tokenizer.vocab_size,
-            "init": "random",
-            "max_context": 512,
-        },
-        "requests": len(prompts),
-        "prompt_tokens_mean": round(statistics.mean(prompt_lens)),
-        "new_tokens": NEW_TOKENS,
-        **hardware(opts.device),
-        "torch_threads": 2,
-        "rounds": opts.rounds,
-        "baseline_requests_per_round": BASELINE_REQUESTS,
-        "baseline_sequential_generate_all_requests": full_baseline,
-        "engine_in_process": {},
-        "endpoint": {},
-    }
-    if "endpoint" in parts:
-        from serving.settings import ServingSettings  # pydantic-settings: not on every GPU image
 
-        results["endpoint_default_dtype"] = ServingSettings(serve_device=opts.device).device_and_dtype()[1]
-    paths = opts.decode_paths.split(",")
-    for dtype in dtypes if "engine" in parts else ():
-        for path in paths:  # keyed by dtype alone for the device's default path, as before
-            key = dtype if path == "auto" else f"{dtype} {path}"
-            results["engine_in_process"][key] = measure_engine(
-                export, dtype, prompts, opts, base_models, tokenizer, stop_ids, path
-            )
-    for dtype in dtypes if "endpoint" in parts else ():
-        results["endpoint"][dtype] = measure_endpoint(
-            export, dtype, pairs, prompts, opts, base_models, tokenizer, stop_ids, expected[dtype], work
-        )
+def speedup_summary(results: dict) -> dict:
+    """Medians over rounds of every run's speedup (and the endpoint's latency ratio)."""
     summary_ = {}
     for kind in ("engine_in_process", "endpoint"):
         for dtype, measured in results[kind].items():
@@ -576,7 +365,55 @@ def main() -> None:
             "min": min(values),
             "max": max(values),
         }
-    results["summary_speedup_vs_fastest_baseline"] = summary_
+    return summary_
+
+
+def main() -> None:
+    opts = parse_options()
+    torch.set_num_threads(2)
+    load = prepare(opts)
+    tokenizer, prompts, stop_ids = load.tokenizer, load.prompts, load.stop_ids
+    base_models = {
+        dtype: on_fresh_thread(load_baseline_model, load.export, dtype, opts.device)
+        for dtype in opts.baseline_dtypes.split(",")
+    }
+    full_baseline, expected = full_baselines(base_models, load)
+    results = {
+        "model": {
+            "layers": opts.layers,
+            "hidden": opts.hidden,
+            "heads": opts.heads,
+            "vocab": tokenizer.vocab_size,
+            "init": "random",
+            "max_context": 512,
+        },
+        "requests": len(prompts),
+        "prompt_tokens_mean": round(statistics.mean(load.prompt_lens)),
+        "new_tokens": NEW_TOKENS,
+        **hardware(opts.device),
+        "torch_threads": 2,
+        "rounds": opts.rounds,
+        "baseline_requests_per_round": BASELINE_REQUESTS,
+        "baseline_sequential_generate_all_requests": full_baseline,
+        "engine_in_process": {},
+        "endpoint": {},
+    }
+    if "endpoint" in opts.part_set:
+        from serving.settings import ServingSettings  # pydantic-settings: not on every GPU image
+
+        results["endpoint_default_dtype"] = ServingSettings(serve_device=opts.device).device_and_dtype()[1]
+    paths = opts.decode_paths.split(",")
+    for dtype in opts.dtype_list if "engine" in opts.part_set else ():
+        for path in paths:  # keyed by dtype alone for the device's default path, as before
+            key = dtype if path == "auto" else f"{dtype} {path}"
+            results["engine_in_process"][key] = measure_engine(
+                load.export, dtype, prompts, opts, base_models, tokenizer, stop_ids, path
+            )
+    for dtype in opts.dtype_list if "endpoint" in opts.part_set else ():
+        results["endpoint"][dtype] = measure_endpoint(
+            load.export, dtype, load.pairs, prompts, opts, base_models, tokenizer, stop_ids, expected[dtype], load.work
+        )
+    results["summary_speedup_vs_fastest_baseline"] = summary_ = speedup_summary(results)
     print("summary", json.dumps(summary_, indent=1), flush=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(results, indent=2) + "\n")

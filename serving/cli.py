@@ -7,9 +7,12 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from midfill.serve_args import ServeArgs
 
 
 def register(app: typer.Typer) -> None:
@@ -63,7 +66,11 @@ def serve(
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
+    _run_until_interrupted(args, host=host, port=port, fail=fail)
 
+
+def _run_until_interrupted(args: ServeArgs, *, host: str, port: int, fail) -> None:
+    """A private local Ray with Serve on host:port running the app, until Ctrl-C; then all of it stops."""
     import ray
     from ray import serve as ray_serve
 
@@ -74,7 +81,7 @@ def serve(
         address="local",
         _temp_dir=temp_dir,
         include_dashboard=False,
-        num_cpus=max(2, int(num_cpus) + 1),
+        num_cpus=max(2, int(args.num_cpus) + 1),
         log_to_driver=False,
     )
     try:
@@ -83,15 +90,7 @@ def serve(
             ray_serve.run(build_app(args), name="midfill", route_prefix="/")
         except Exception as exc:  # a bad model URI surfaces here, from the replica's constructor
             raise fail(f"the endpoint did not start: {exc}") from None
-        url = f"http://{host}:{port}"
-        key = "$MIDFILL_API_KEY" if api_key_file else "none"
-        typer.echo(f"midfill: serving {model} at {url}/v1 (Ctrl-C to stop)")
-        typer.echo(
-            f"try:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' "
-            f'-H "Authorization: Bearer {key}" \\\n'
-            """    -d '{"prompt": "def add(a, b):\\n    ", "suffix": "\\n    return c\\n",\n"""
-            """         "max_tokens": 32, "temperature": 0}'"""
-        )
+        _print_how_to_try(args, url=f"http://{host}:{port}")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -100,6 +99,17 @@ def serve(
         ray_serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _print_how_to_try(args: ServeArgs, *, url: str) -> None:
+    key = "$MIDFILL_API_KEY" if args.api_keys_file else "none"
+    typer.echo(f"midfill: serving {args.model_uri} at {url}/v1 (Ctrl-C to stop)")
+    typer.echo(
+        f"try:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' "
+        f'-H "Authorization: Bearer {key}" \\\n'
+        """    -d '{"prompt": "def add(a, b):\\n    ", "suffix": "\\n    return c\\n",\n"""
+        """         "max_tokens": 32, "temperature": 0}'"""
+    )
 
 
 def complete(

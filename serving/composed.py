@@ -13,14 +13,49 @@ cancellation and sampling are the plain engine's.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 # The parent resolver is the core's, shared with `midfill eval`, so both load the same composition;
 # these names stay importable from here for the engine.
 from midfill.composition.parents import is_composed, load_composed_export, parent_loader
-from serving.engine import Engine, _Seq
+from midfill.export import ExportMetadata
+from serving.engine import Engine
+from serving.sequence import _Seq
 
-__all__ = ["ComposedEngine", "is_composed", "load_composed_export", "parent_loader"]
+__all__ = ["ComposedEngine", "is_composed", "load_composed_export", "load_engine", "parent_loader"]
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(
+    path: str | Path,
+    tokenizer,
+    metadata: ExportMetadata,
+    *,
+    dtype: str,
+    device: str,
+    tracking_uri: str | None,
+    cache_dir: Path | None,
+    **kwargs,
+) -> ComposedEngine:
+    """`Engine.from_export` for a composed export: the parents by reference -- models:/ ones from
+    `tracking_uri` into `cache_dir` (default: the serving settings') -- on the CPU for now."""
+    from serving.settings import ServingSettings, cpu_dtype  # pydantic-settings: only when one is served
+
+    if torch.device(device).type != "cpu":
+        # Served on the CPU for now, so a GPU's dtype (float16 on older GPUs) may be one this CPU
+        # only emulates, far slower than its own: take what `auto` means on the CPU.
+        log.warning("composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype)
+        dtype = cpu_dtype()
+    if cache_dir is None or tracking_uri is None:
+        settings = ServingSettings()
+        cache_dir = cache_dir or settings.model_cache()
+        tracking_uri = tracking_uri or settings.resolved_tracking_uri()
+    model = load_composed_export(path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype))
+    return ComposedEngine(model, tokenizer, metadata, **kwargs)
 
 
 class ComposedEngine(Engine):

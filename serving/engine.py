@@ -26,10 +26,8 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,44 +41,12 @@ from serving.kv_slots import DecodeBatchCache
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
 from serving.requests import Completion, PromptTooLong, SamplingParams, StepOutput, gathering
+from serving.sampling import sample_rows
+from serving.sequence import RequestHandle, _Seq
 from serving.static_decode import Launched, StaticBatch, request_seed, sample_first, supports
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Seq:
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_output: Callable[[StepOutput], None]
-    stops: StopChecker
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    seed: int  # the static path's sampling seed (the request's, or a random one)
-    cancelled: bool = False
-    done: bool = False
-    stop_token: bool = False
-    cached_tokens: int = 0  # prompt tokens whose keys/values were reused (serving.prefix_cache)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def out_ids(self) -> list[int]:
-        return self.detokenizer.ids
-
-
-class RequestHandle:
-    """Lets the caller stop a request; the engine drops it before its next step."""
-
-    def __init__(self, seq: _Seq) -> None:
-        self._seq = seq
-
-    def cancel(self) -> None:
-        self._seq.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._seq.done
 
 
 class Engine:
@@ -176,29 +142,14 @@ class Engine:
         """Load an export folder (midfill.export contract) onto `device` (serving.settings.resolve_device).
         A composed export (composition.json) loads its parents by reference -- models:/ ones from
         `tracking_uri` into `cache_dir` (default: the serving settings') -- and is served by
-        `serving.composed.ComposedEngine`, on the CPU for now."""
+        `serving.composed.ComposedEngine` (serving.composed.load_engine), on the CPU for now."""
         meta = read_metadata(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         from serving import composed
 
         if composed.is_composed(path):
-            from serving.settings import ServingSettings, cpu_dtype
-
-            if torch.device(device).type != "cpu":
-                # Served on the CPU for now, so a GPU's dtype (float16 on older GPUs) may be one this CPU
-                # only emulates, far slower than its own: take what `auto` means on the CPU.
-                log.warning(
-                    "composed export on %s: served on the CPU for now, in %s instead of %s", device, cpu_dtype(), dtype
-                )
-                dtype = cpu_dtype()
-            if cache_dir is None or tracking_uri is None:
-                settings = ServingSettings()
-                cache_dir = cache_dir or settings.model_cache()
-                tracking_uri = tracking_uri or settings.resolved_tracking_uri()
-            model = composed.load_composed_export(
-                path, tracking_uri=tracking_uri, cache_dir=cache_dir, dtype=getattr(torch, dtype)
-            )
-            return composed.ComposedEngine(model, tokenizer, meta, **kwargs)
+            where = {"tracking_uri": tracking_uri, "cache_dir": cache_dir}
+            return composed.load_engine(path, tokenizer, meta, dtype=dtype, device=device, **where, **kwargs)
         # On a CPU, serving.attention beats torch's fused kernel for decode steps and low-precision prompts.
         attn = attention.register() if torch.device(device).type == "cpu" else "sdpa"
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), attn_implementation=attn)
@@ -421,21 +372,7 @@ class Engine:
         self._retire(finished, reason=None)
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        """Greedy rows take the argmax; sampled rows use temperature and top-p with their own generator."""
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature <= 0:
-                continue
-            # On the CPU: the request's generator lives there, and one row is cheap to move.
-            probs = torch.softmax(logits[i].cpu() / p.temperature, dim=-1)
-            if p.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-        return tokens
+        return sample_rows(logits, [(seq.params, seq.generator) for seq in seqs])
 
     def _accept(self, seq: _Seq, token: int) -> bool:
         """Record one generated token; emit text; True if the request is now finished."""

@@ -80,6 +80,7 @@ def gathering(on_end: Callable[[Completion], None]) -> Callable[[StepOutput], No
         text.append(out.text)
         ids.extend(out.token_ids)
         if out.finished:
+            assert out.finish_reason is not None, "a finished step names its finish reason"
             on_end(
                 Completion(
                     "".join(text),

@@ -8,6 +8,7 @@ would be another kernel launch plus a transfer. Here the randomness is a counter
 once. A request's draws therefore depend only on its own seed and on how far it got -- not on which
 other requests share its steps -- so a seeded request gives the same tokens alone or in any batch,
 and the whole thing can be captured in a CUDA graph.
+(`sample_rows`, at the end, is that host sampler: the dynamic path's and the composed engine's.)
 
 The draw is the exponential race ("Gumbel-max"): argmax(p_i / E_i) with E_i ~ Exp(1) picks index i
 with probability p_i, the same distribution as multinomial(p) in one pass.
@@ -16,6 +17,8 @@ with probability p_i, the same distribution as multinomial(p) in one pass.
 from __future__ import annotations
 
 import torch
+
+from serving.requests import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers below 2**31, so that a 32-bit value times one of them fits a signed 64-bit integer:
@@ -62,3 +65,21 @@ def sample(
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     race = probs.masked_fill(keep.logical_not(), 0.0) / -torch.log(uniforms(keys, counters, logits.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator | None]]) -> list[int]:
+    """The dynamic path's sampler, on the host: one token per row of `logits` (B, vocab). Greedy rows
+    take the argmax; sampled rows use temperature and top-p with the request's own generator."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, (params, generator) in enumerate(rows):
+        if params.temperature <= 0:
+            continue
+        # On the CPU: the request's generator lives there, and one row is cheap to move.
+        probs = torch.softmax(logits[i].cpu() / params.temperature, dim=-1)
+        if params.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
+    return tokens

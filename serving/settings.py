@@ -58,7 +58,7 @@ class ServingSettings(CoreSettings):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("MIDFILL_SERVE_DEVICE=cuda but no CUDA GPU is visible to this replica (num_gpus: 0?)")
-        dtype = self.serve_dtype
+        dtype: str = self.serve_dtype
         if dtype == "auto" and device == "cuda":
             # GPUs before Ampere (T4, V100) only emulate bfloat16; float16 is native there (as vLLM picks).
             dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"

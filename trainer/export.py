@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def register(
     *,
     registry: Registry,
     tracker: Tracker,
-    export: callable,
+    export: Callable[[], Path],
     uid: str,
     attempt: int,
     data_hash: str,

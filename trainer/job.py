@@ -7,7 +7,7 @@ Read top-down: `run_job` is the whole story; the steps live in their own modules
 from __future__ import annotations
 
 import logging
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +15,18 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from midfill.api import TrainingRun, now_rfc3339
-from midfill.progress import PROGRESS_FILE, RUN_TAG_CHECKPOINT, ProgressRecord, write_json_atomic
+from midfill.api import TrainingRun
+from midfill.api.trainingrun import TrainingSpec
+from midfill.progress import ProgressRecord
 from midfill.registry import Registry
-from trainer import checkpoint, composed_job, evaluate, export, flops, loop, parallel, preflight, weights
+from trainer import checkpoint, composed_job, evaluate, export, fetch, flops, loop, parallel, preflight, weights
 from trainer import tokenizer as toklib
 from trainer.data import Corpus, DocumentStream, read_text
-from trainer.fetch import fetch_once
 from trainer.model import build_model, is_on_meta, num_params
 from trainer.objectives import Packer
 from trainer.post_eval import run_post_registration_eval
 from trainer.recipes import Recipe, get_recipe
+from trainer.reporting import Reporter
 from trainer.settings import RunPaths, TrainerSettings, default_run_uid
 from trainer.tracking import Tracker, flatten
 
@@ -71,15 +72,7 @@ def prepare(
                 f"training.seqLength: {spec.training.seq_length} exceeds the {recipe.name} recipe's context "
                 f"({recipe.max_position_embeddings}); shorten it or set model.architecture.maxPositionEmbeddings"
             )
-        seqs_per_step = spec.training.global_batch_tokens // spec.training.seq_length
-        per_rank = seqs_per_step // world
-        if seqs_per_step % world or per_rank % spec.training.micro_batch_size:
-            unit = spec.training.seq_length * spec.training.micro_batch_size * world
-            raise ValueError(
-                f"training.globalBatchTokens: {spec.training.global_batch_tokens} must be a multiple of "
-                f"seqLength x microBatchSize x processes = {unit} (e.g. "
-                f"{max(1, seqs_per_step * spec.training.seq_length // unit) * unit})"
-            )
+        per_rank = _sequences_per_rank(spec.training, world)
         corpus = Corpus.from_spec(spec.data)
         if spec.model.composition is not None:
             composed_job.check_spec(run)
@@ -91,12 +84,12 @@ def prepare(
         composed = None
         if spec.model.composition is not None:
             parents = composed_job.fetch_parents(
-                spec.model.composition, settings, lambda uri, field: _fetch_init(uri, settings, d, field=field)
+                spec.model.composition, settings, lambda uri, field: fetch.fetch_init(uri, settings, d, field=field)
             )
             composed = composed_job.setup(spec.model.composition, parents, seq_length=spec.training.seq_length)
             init_dir = composed.tokenizer_dir  # the parents' tokenizer: both read the same tokens
         else:
-            init_dir = _fetch_init(spec.model.init, settings, d)
+            init_dir = fetch.fetch_init(spec.model.init, settings, d)
         hf_tok = _tokenizer(run, corpus, init_dir, RunPaths.for_run(run, settings), d)
         if composed is not None:
             composed_job.check_tokenizer(composed, hf_tok)
@@ -118,30 +111,19 @@ def prepare(
     )
 
 
-def _fetch_init(init: str, settings: TrainerSettings, d: parallel.Dist, *, field: str = "model.init") -> Path | None:
-    if init == "scratch":
-        return None
-    if init.startswith("models:/"):
-        registry = Registry(settings.resolved_tracking_uri())
-        info = registry.resolve_uri(init)
-        dst = Path(tempfile.gettempdir()) / f"midfill-init-{info.name}-{info.version}"
-        fetch_once(dst, lambda folder: registry.download(info, folder), d, source=init)
-        found = next(dst.rglob("config.json"), None)
-        if found is None:
-            raise ValueError(f"{field}: {init} has no config.json; it is not a Hugging Face export")
-        return found.parent
-    if "://" in init and not init.startswith("file://"):
-        import fsspec
-
-        dst = Path(tempfile.gettempdir()) / ("midfill-init-" + init.replace("/", "_").replace(":", "_"))
-        fs, root = fsspec.core.url_to_fs(init)
-        return fetch_once(
-            dst, lambda folder: fs.get(root.rstrip("/") + "/", str(folder), recursive=True), d, source=init
+def _sequences_per_rank(t: TrainingSpec, world: int) -> int:
+    """Sequences each process trains on per optimizer step; the global batch must split evenly
+    into micro-batches over the processes (ValueError naming the field otherwise)."""
+    seqs_per_step = t.global_batch_tokens // t.seq_length
+    per_rank = seqs_per_step // world
+    if seqs_per_step % world or per_rank % t.micro_batch_size:
+        unit = t.seq_length * t.micro_batch_size * world
+        raise ValueError(
+            f"training.globalBatchTokens: {t.global_batch_tokens} must be a multiple of "
+            f"seqLength x microBatchSize x processes = {unit} (e.g. "
+            f"{max(1, seqs_per_step * t.seq_length // unit) * unit})"
         )
-    path = Path(init.removeprefix("file://"))
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{field}: {init} is not an exported model folder (no config.json)")
-    return path
+    return per_rank
 
 
 def _tokenizer(
@@ -169,15 +151,63 @@ def _tokenizer(
 
 def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> None:
     p = prepare(run, settings, d)
-    spec = run.spec
-    torch.manual_seed(spec.training.seed)
+    spec, t = run.spec, run.spec.training
+    torch.manual_seed(t.seed)
+    tracker = _start_tracker(p, settings, d)
+    bf16 = loop.use_bf16(t.precision, d.device)  # decides the attention too: FlashAttention is bf16-only
+    model, attn = _build_model(p, bf16=bf16)
+    # Composed models (two parents, some frozen) have no single formula: no MFU for them.
+    flops_token = None if p.composed else flops.flops_per_token(model, seq_length=t.seq_length)
+    _log_setup(p, tracker, model, attn=attn, bf16=bf16, d=d, flops_token=flops_token)
+    model = _place_model(p, model, bf16=bf16, d=d)
+    parts = _training_parts(p, model, d)
+    reporter = Reporter(
+        tracker,
+        ProgressRecord(total_steps=p.total_steps, attempt=p.attempt, mlflow_run_id=tracker.run_id),
+        run_dir=p.paths.run_dir,
+        is_main=d.is_main,
+    )
+    _resume(p, parts, model, reporter, d)
+    on_eval = _evaluator(p, model, tracker, attn=attn, bf16=bf16, d=d)
+
+    if parts.state.step < p.total_steps:
+        loop.train(
+            model=model,
+            optimizer=parts.optimizer,
+            scheduler=parts.scheduler,
+            packer=parts.packer,
+            spec=t,
+            state=parts.state,
+            total_steps=p.total_steps,
+            accum=p.accum,
+            pad_id=p.hf_tok.pad_token_id,
+            document_mask=spec.objective.document_mask,
+            bf16=bf16,
+            d=d,
+            flat=loop.is_flash(attn),  # packed documents reach FlashAttention as one row (loop.collate)
+            block_mask=loop.is_flex(attn),  # and flex_attention as a BlockMask of the documents
+            hooks=loop.LoopHooks(
+                on_log=reporter.on_log, on_eval=on_eval, on_checkpoint=_checkpointer(parts, model, reporter, d)
+            ),
+            checkpoint_interval=spec.checkpoint.interval_steps,
+            show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(),
+            compiled=t.compile_on(d.device.type),
+            flops_per_token=flops_token,
+            peak_tflops=flops.peak_tflops(d.device, bf16=bf16, override=t.peak_tflops),
+            prepare_batch=_prepare_batch(p, model),
+        )
+    on_eval(parts.state.step)
+    _finish(p, model=model, tracker=tracker, settings=settings, d=d, step=parts.state.step)
+
+
+def _start_tracker(p: Prepared, settings: TrainerSettings, d: parallel.Dist) -> Tracker:
+    """The attempt's MLflow run (rank 0 only; the other ranks get a disabled tracker)."""
+    run, uri = p.run, settings.resolved_tracking_uri()
     tracker = Tracker(
         enabled=d.is_main,
-        tracking_uri=settings.resolved_tracking_uri(),
-        experiment=spec.registry.experiment_name,
-        artifact_root=None
-        if settings.resolved_tracking_uri().startswith(("http", "databricks"))
-        else settings.artifact_root(),
+        tracking_uri=uri,
+        experiment=run.spec.registry.experiment_name,
+        artifact_root=None if uri.startswith(("http", "databricks")) else settings.artifact_root(),
     )
     tracker.start(
         run_name=f"{run.metadata.name}-a{p.attempt}",
@@ -185,44 +215,54 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         attempt=p.attempt,
         tags={"midfill.training_run": run.metadata.name},
     )
+    return tracker
 
-    eos, pad = p.hf_tok.eos_token_id, p.hf_tok.pad_token_id
-    bf16 = loop.use_bf16(spec.training.precision, d.device)  # decides the attention too: FlashAttention is bf16-only
+
+def _build_model(p: Prepared, *, bf16: bool) -> tuple[torch.nn.Module, str]:
+    """(model, attention implementation): the composed bridge over its parents, or one model from
+    the recipe; activation checkpointing applied. A geometry that does not fit the parents or an
+    attention the run cannot use is a ConfigError (the message names the field)."""
+    spec = p.run.spec
+    common = {
+        "vocab_size": len(p.hf_tok),
+        "eos_id": p.hf_tok.eos_token_id,
+        "pad_id": p.hf_tok.pad_token_id,
+        "seed": spec.training.seed,
+        "bf16": bf16,
+    }
     try:
         if p.composed is not None:
             model, attn = composed_job.build(
-                p.composed,
-                attention=spec.model.attention,
-                seq_length=spec.training.seq_length,
-                vocab_size=len(p.hf_tok),
-                eos_id=eos,
-                pad_id=pad,
-                seed=spec.training.seed,
-                bf16=bf16,
+                p.composed, attention=spec.model.attention, seq_length=spec.training.seq_length, **common
             )
         else:
             model, attn = build_model(
                 spec.model,
                 p.recipe,
                 init_dir=p.init_dir,
-                vocab_size=len(p.hf_tok),
-                eos_id=eos,
-                pad_id=pad,
-                seed=spec.training.seed,
-                bf16=bf16,
                 on_meta=spec.parallelism.strategy == "fsdp",  # materialised shard by shard after wrapping
                 document_mask=spec.objective.document_mask,
+                **common,
             )
         parallel.checkpoint_activations(model, spec.training.activation_checkpointing)
-    except (
-        ValueError
-    ) as exc:  # geometry that does not fit the parents, attention the run cannot use; the message names the field
+    except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    return model, attn
+
+
+def _log_setup(
+    p: Prepared,
+    tracker: Tracker,
+    model: torch.nn.Module,
+    *,
+    attn: str,
+    bf16: bool,
+    d: parallel.Dist,
+    flops_token: float | None,
+) -> None:
+    """The run's parameters to MLflow and one log line on the model."""
+    spec = p.run.spec
     trainable = sum(t.numel() for t in {id(t): t for t in model.parameters() if t.requires_grad}.values())
-    flat = loop.is_flash(attn)  # packed documents reach FlashAttention as one row (loop.collate)
-    block_mask = loop.is_flex(attn)  # and flex_attention as a BlockMask of the documents
-    # Composed models (two parents, some frozen) have no single formula: no MFU for them.
-    flops_token = None if p.composed else flops.flops_per_token(model, seq_length=spec.training.seq_length)
     tracker.log_params(
         {
             **flatten(spec.to_wire(), "spec."),
@@ -248,6 +288,11 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         bf16,
         p.accum,
     )
+
+
+def _place_model(p: Prepared, model: torch.nn.Module, *, bf16: bool, d: parallel.Dist) -> torch.nn.Module:
+    """Wrap for the strategy (DDP/FSDP), materialise weights built on the meta device, compile."""
+    spec = p.run.spec
     model = parallel.wrap(model, strategy=spec.parallelism.strategy, d=d, mixed_bf16=bf16 and d.device.type == "cuda")
     if is_on_meta(model):
         rss = weights.host_rss_bytes()
@@ -257,52 +302,101 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             rss / 1e9,
             weights.host_rss_bytes() / 1e9,
         )
-    compiled = spec.training.compile_on(d.device.type)
-    if compiled:
+    if spec.training.compile_on(d.device.type):
         model = torch.compile(model)
-    optimizer = loop.make_optimizer(model, spec.training, d.device)
-    t = spec.training
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: loop.lr_factor(
-            s, warmup=t.warmup_steps, total=p.total_steps, schedule=t.schedule, floor=t.min_learning_rate_ratio
-        ),
-    )
+    return model
+
+
+@dataclass
+class TrainingParts:
+    """What the loop steps and the checkpoints save: optimizer, schedule, data packer, position."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    packer: Packer
+    ckpts: checkpoint.CheckpointManager
+    state: loop.LoopState
+
+
+def _training_parts(p: Prepared, model: torch.nn.Module, d: parallel.Dist) -> TrainingParts:
+    spec, t = p.run.spec, p.run.spec.training
+    optimizer = loop.make_optimizer(model, t, d.device)
+    scheduler = loop.make_scheduler(optimizer, t, total_steps=p.total_steps)
     stream = DocumentStream(p.corpus.train, p.corpus.weights, seed=t.seed, rank=d.rank, world_size=d.world_size)
     num_masks = spec.tokenizer.num_mask_tokens
     packer = Packer(stream, p.tok, spec.objective, seq_length=t.seq_length, num_mask_tokens=num_masks, seed=t.seed)
-    state = loop.LoopState()
     ckpts = checkpoint.CheckpointManager(
         p.paths.checkpoint_dir, keep_last=spec.checkpoint.keep_last, d=d, trainable_only=p.composed is not None
     )
-    prepare_batch = parallel.unwrap(model).prepare_batch if p.composed is not None else None
-    progress = ProgressRecord(total_steps=p.total_steps, attempt=p.attempt, mlflow_run_id=tracker.run_id)
+    return TrainingParts(optimizer, scheduler, packer, ckpts, loop.LoopState())
+
+
+def _resume(p: Prepared, parts: TrainingParts, model: torch.nn.Module, reporter: Reporter, d: parallel.Dist) -> None:
+    """Load spec.checkpoint.resume (latest, none or a URI) into the parts and report it at once,
+    not at the first log interval. The data order is restored only at the same world size."""
     try:
-        resume = ckpts.resolve(spec.checkpoint.resume)
+        resume = parts.ckpts.resolve(p.run.spec.checkpoint.resume)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if resume is not None:
-        extra, rank_state = ckpts.load(
-            resume, model=model, optimizer=optimizer, extra={"scheduler": scheduler.state_dict(), "step": 0}
-        )
-        scheduler.load_state_dict(extra["scheduler"])
-        state.step = int(extra["step"])
-        if rank_state is not None and rank_state.get("world_size") == d.world_size:
-            packer.load_state_dict(rank_state["packer"])
-            torch.set_rng_state(rank_state["torch_rng"])
-        else:
-            log.warning("world size changed since the checkpoint: the data order restarts (weights are restored)")
-        progress = progress.model_copy(
-            update={"step": state.step, "checkpoint_uri": resume.uri, "checkpoint_step": resume.step}
-        )
-        log.info("resumed from %s (step %d)", resume.uri, state.step)
+    if resume is None:
+        return
+    extra, rank_state = parts.ckpts.load(
+        resume, model=model, optimizer=parts.optimizer, extra={"scheduler": parts.scheduler.state_dict(), "step": 0}
+    )
+    parts.scheduler.load_state_dict(extra["scheduler"])
+    parts.state.step = int(extra["step"])
+    if rank_state is not None and rank_state.get("world_size") == d.world_size:
+        parts.packer.load_state_dict(rank_state["packer"])
+        torch.set_rng_state(rank_state["torch_rng"])
+    else:
+        log.warning("world size changed since the checkpoint: the data order restarts (weights are restored)")
+    reporter.progress = reporter.progress.model_copy(
+        update={"step": parts.state.step, "checkpoint_uri": resume.uri, "checkpoint_step": resume.step}
+    )
+    log.info("resumed from %s (step %d)", resume.uri, parts.state.step)
+    reporter.checkpoint(resume.step, resume.uri, current_step=parts.state.step)
 
+
+def _checkpointer(
+    parts: TrainingParts, model: torch.nn.Module, reporter: Reporter, d: parallel.Dist
+) -> Callable[[int], None]:
+    """The loop's checkpoint hook: save model, optimizer, schedule and this rank's data position, then report it."""
+
+    def on_checkpoint(step: int) -> None:
+        rank_state = {
+            "packer": parts.packer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "world_size": d.world_size,
+        }
+        info = parts.ckpts.save(
+            step,
+            model=model,
+            optimizer=parts.optimizer,
+            extra={"scheduler": parts.scheduler.state_dict(), "step": step},
+            rank_state=rank_state,
+        )
+        reporter.checkpoint(step, info.uri, current_step=parts.state.step)
+
+    return on_checkpoint
+
+
+def _prepare_batch(p: Prepared, model: torch.nn.Module):
+    """A composed model's own batch preparation (its encoder input), or None."""
+    return parallel.unwrap(model).prepare_batch if p.composed is not None else None
+
+
+def _evaluator(
+    p: Prepared, model: torch.nn.Module, tracker: Tracker, *, attn: str, bf16: bool, d: parallel.Dist
+) -> Callable[[int], None]:
+    """The loop's eval hook: validation loss over fixed batches and, for a codegen2 model, the exact
+    match of INFILL_CASES held-out line infills; both to MLflow."""
+    spec, t = p.run.spec, p.run.spec.training
     val_batches = evaluate.validation_batches(
         p.corpus,
         p.tok,
         spec.objective,
         seq_length=t.seq_length,
-        num_mask_tokens=num_masks,
+        num_mask_tokens=spec.tokenizer.num_mask_tokens,
         micro_batch=t.micro_batch_size,
         batches=t.eval_batches,
         d=d,
@@ -314,45 +408,19 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         else []
     )
     max_context = p.composed.max_context if p.composed else p.recipe.max_position_embeddings
-
-    def write_progress(**update) -> None:
-        nonlocal progress
-        progress = progress.model_copy(update={**update, "update_time": now_rfc3339()})
-        if d.is_main:
-            write_json_atomic(p.paths.run_dir / PROGRESS_FILE, progress)
-
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        tracker.log_metrics(metrics, step=step)
-        write_progress(
-            step=step,
-            loss=metrics["loss"],
-            tokens_per_second=metrics.get("tokens_per_second"),
-            tokens_per_second_per_device=metrics.get("tokens_per_second_per_device"),
-            mfu=metrics.get("mfu"),
-        )
-        mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a (peak unknown: training.peakTflops)"
-        log.info(
-            "step %d/%d loss %.4f lr %.2e tok/s %.0f (%.0f per device) MFU %s",
-            step,
-            p.total_steps,
-            metrics["loss"],
-            metrics["lr"],
-            metrics.get("tokens_per_second", float("nan")),
-            metrics.get("tokens_per_second_per_device", float("nan")),
-            mfu,
-        )
+    prepare_batch = _prepare_batch(p, model)
 
     def on_eval(step: int) -> None:
         metrics = {}
         val = evaluate.validation_loss(
             model,
             val_batches,
-            pad_id=pad,
+            pad_id=p.hf_tok.pad_token_id,
             document_mask=spec.objective.document_mask,
             bf16=bf16,
             d=d,
-            flat=flat,
-            block_mask=block_mask,
+            flat=loop.is_flash(attn),
+            block_mask=loop.is_flex(attn),
             prepare_batch=prepare_batch,
         )
         if val is not None:
@@ -365,52 +433,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
         tracker.log_metrics(metrics, step=step)
         log.info("step %d eval %s", step, metrics)
 
-    def report_checkpoint(step: int, uri: str) -> None:
-        """Where the newest committed checkpoint is: progress.json and the MLflow run (the operator reads it)."""
-        tracker.set_tags({RUN_TAG_CHECKPOINT: uri})
-        tracker.log_metrics({"checkpoint_step": step, "step": state.step}, step=state.step)
-        write_progress(step=state.step, checkpoint_uri=uri, checkpoint_step=step, checkpoint_time=now_rfc3339())
-
-    if resume is not None:  # report the resumed step now, not at the first log interval
-        report_checkpoint(resume.step, resume.uri)
-
-    def on_checkpoint(step: int) -> None:
-        rank_state = {"packer": packer.state_dict(), "torch_rng": torch.get_rng_state(), "world_size": d.world_size}
-        info = ckpts.save(
-            step,
-            model=model,
-            optimizer=optimizer,
-            extra={"scheduler": scheduler.state_dict(), "step": step},
-            rank_state=rank_state,
-        )
-        report_checkpoint(step, info.uri)
-
-    if state.step < p.total_steps:
-        loop.train(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            packer=packer,
-            spec=t,
-            state=state,
-            total_steps=p.total_steps,
-            accum=p.accum,
-            pad_id=pad,
-            document_mask=spec.objective.document_mask,
-            bf16=bf16,
-            d=d,
-            flat=flat,
-            block_mask=block_mask,
-            hooks=loop.LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint),
-            checkpoint_interval=spec.checkpoint.interval_steps,
-            show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(),
-            compiled=compiled,
-            flops_per_token=flops_token,
-            peak_tflops=flops.peak_tflops(d.device, bf16=bf16, override=t.peak_tflops),
-            prepare_batch=prepare_batch,
-        )
-    on_eval(state.step)
-    _finish(p, model=model, tracker=tracker, settings=settings, d=d, step=state.step)
+    return on_eval
 
 
 def _finish(

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,22 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return floor + (1 - floor) * shape
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, spec: TrainingSpec, *, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The spec's learning rate schedule over `total_steps` (warmup, then `lr_factor`'s decay)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s,
+            warmup=spec.warmup_steps,
+            total=total_steps,
+            schedule=spec.schedule,
+            floor=spec.min_learning_rate_ratio,
+        ),
+    )
 
 
 def make_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
@@ -201,6 +217,84 @@ def _no_sync(model: torch.nn.Module, last: bool):
     return contextlib.nullcontext()
 
 
+def _progress_bar(total_steps: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _next_sequences(packer: Packer, n: int) -> list[Packed]:
+    seqs = [s for s in (packer.next() for _ in range(n)) if s is not None]
+    if len(seqs) < n:
+        raise AssertionError("the training stream is endless; it cannot run out")
+    return seqs
+
+
+@dataclass
+class _Window:
+    """Loss, tokens and steps since the last log; the loss stays on the device until then."""
+
+    loss: torch.Tensor
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def metrics(
+        self,
+        step: int,
+        grad_norm: torch.Tensor,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        accum: int,
+        d: Dist,
+        flops_per_token: float | None,
+        peak: float | None,
+    ) -> dict[str, float]:
+        """The log interval's metrics, summed over the processes (a collective: every rank calls it)."""
+        elapsed = time.perf_counter() - self.start
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_total, tokens_total = all_reduce_sum([float(self.loss), float(self.tokens)], d)
+        return {
+            "loss": loss_total / (self.steps * accum * d.world_size),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "step": float(step),
+            **throughput(tokens_total, elapsed, d.world_size, flops_per_token, peak),
+        }
+
+
+def _accumulate(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    last: bool,
+    accum: int,
+    bf16: bool,
+    compiled: bool,
+    window: _Window,
+) -> None:
+    """Forward and backward one micro-batch; gradients sync across processes on the last one only."""
+    if hasattr(model, "set_requires_gradient_sync") and last:
+        model.set_requires_gradient_sync(True)
+    with _no_sync(model, last):
+        loss_sum, n = lm_loss(model, batch, bf16=bf16, compiled=compiled)
+        (loss_sum / n.clamp(min=1) / accum).backward()
+    window.loss += (loss_sum.detach() / n.clamp(min=1)).double()
+    window.tokens += batch["input_ids"].numel()
+
+
+def _clip_gradients(params: list[torch.nn.Parameter], grad_clip: float) -> torch.Tensor:
+    """The global grad norm, clipped to grad_clip (0 = measured only)."""
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def train(
     *,
     model: torch.nn.Module,
@@ -232,75 +326,51 @@ def train(
     input and mask the labels it reads).
     compiled: the model is torch.compiled; the loss is then compiled too, and the first step (the
     compilation) is timed apart: logged as the warm-up and left out of tokens/s.
-    flops_per_token, peak_tflops: for the `mfu` metric (trainer.flops); left out without a peak."""
+    flops_per_token, peak_tflops: for the `mfu` metric (trainer.flops); left out without a peak.
+
+    Long only in its signature (every knob keyword-only and named); the steps are the helpers above."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = None
-    if show_bar and d.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    window_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # on the device: no sync per micro-step
-    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    bar = _progress_bar(total_steps, state.step) if show_bar and d.is_main else None
+    make_batch = functools.partial(
+        collate, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
+    )
+    window = _Window(torch.zeros((), dtype=torch.float64, device=d.device))  # on the device: no sync per micro-step
     grad_norm = torch.zeros(())
     warming_up = compiled  # the first step of this process compiles the model (and the loss)
     while state.step < total_steps:
         for micro in range(accum):
-            seqs = [packer.next() for _ in range(spec.micro_batch_size)]
-            if any(s is None for s in seqs):
-                raise AssertionError("the training stream is endless; it cannot run out")
-            batch = collate(
-                seqs, pad_id=pad_id, document_mask=document_mask, device=d.device, flat=flat, block_mask=block_mask
-            )
+            batch = make_batch(_next_sequences(packer, spec.micro_batch_size))
             if prepare_batch is not None:
                 batch = prepare_batch(batch)
-            last = micro == accum - 1
-            if hasattr(model, "set_requires_gradient_sync") and last:
-                model.set_requires_gradient_sync(True)
-            with _no_sync(model, last):
-                loss_sum, n = lm_loss(model, batch, bf16=bf16, compiled=compiled)
-                (loss_sum / n.clamp(min=1) / accum).backward()
-            window_loss += (loss_sum.detach() / n.clamp(min=1)).double()
-            window_tokens += batch["input_ids"].numel()
-        if spec.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            _accumulate(model, batch, last=micro == accum - 1, accum=accum, bf16=bf16, compiled=compiled, window=window)
+        grad_norm = _clip_gradients(params, spec.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        window_steps += 1
+        window.steps += 1
         if bar is not None:
             bar.update(1)
         if warming_up:  # the compiled step: its time is the warm-up, not throughput
             warming_up = False
-            float(window_loss)  # waits for the step to finish
-            log.info("compile warm-up: %.1f s (first step, left out of tokens/s)", time.perf_counter() - window_start)
-            window_tokens, window_start = 0, time.perf_counter()
+            float(window.loss)  # waits for the step to finish
+            log.info("compile warm-up: %.1f s (first step, left out of tokens/s)", time.perf_counter() - window.start)
+            window.tokens, window.start = 0, time.perf_counter()
         if state.step % spec.log_interval_steps == 0 or state.step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            loss_total, tokens_total = all_reduce_sum([float(window_loss), float(window_tokens)], d)
-            metrics = {
-                "loss": loss_total / (window_steps * accum * d.world_size),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "step": float(state.step),
-                **throughput(tokens_total, elapsed, d.world_size, flops_per_token, peak_tflops),
-            }
+            metrics = window.metrics(
+                state.step, grad_norm, scheduler, accum=accum, d=d, flops_per_token=flops_per_token, peak=peak_tflops
+            )
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics.get('tokens_per_second', 0):.0f}")
             hooks.on_log(state.step, metrics)
-            window_loss.zero_()
-            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+            window.reset()
         if state.step % spec.eval_interval_steps == 0 and state.step < total_steps:
             hooks.on_eval(state.step)
             model.train()
-            window_start = time.perf_counter()
+            window.start = time.perf_counter()
         if state.step % checkpoint_interval == 0 or state.step == total_steps:
             hooks.on_checkpoint(state.step)
-            window_start = time.perf_counter()
+            window.start = time.perf_counter()
     if bar is not None:
         bar.close()

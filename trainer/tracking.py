@@ -82,6 +82,10 @@ class Tracker:
         self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
         return self.run_id
 
+    def _active_run(self) -> str:
+        assert self.run_id is not None, "Tracker.start() comes before any logging"
+        return self.run_id
+
     def log_params(self, params: dict[str, str]) -> None:
         if not self.enabled:
             return
@@ -91,7 +95,7 @@ class Tracker:
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):
             try:
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+                self.client.log_batch(self._active_run(), params=items[i : i + 100])
             except MlflowException as exc:  # a reused run keeps its first values
                 log.warning("could not log params: %s", str(exc).splitlines()[0])
 
@@ -103,20 +107,20 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self._active_run(), metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.enabled or not tags:
             return
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_batch(self._active_run(), tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> str | None:
         """Upload a folder; returns its artifact URI (the registered version's source)."""
         if not self.enabled:
             return None
-        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        self.client.log_artifacts(self._active_run(), local_dir, artifact_path)
         return f"{self.artifact_uri}/{artifact_path}"
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -188,7 +188,38 @@ def build_job(
     nodes = spec.parallelism.num_nodes
     queue = spec.scheduling.queue_name
     image = settings.trainer_image if spec.image == DEFAULT_TRAINER_IMAGE else spec.image
-    resources = {k: v for k, v in spec.resources.to_wire().items() if v}
+    container = _trainer_container(run, attempt=attempt, settings=settings, image=image)
+    volumes = _volumes(name)
+    if settings.checkpoint_claim_name and not spec.checkpoint.uri:
+        container["volumeMounts"].append({"name": "checkpoints", "mountPath": settings.checkpoint_mount_path})
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.checkpoint_claim_name}})
+    check = _check_container(container, image=image)
+    pod_spec = _pod_spec(run, containers=[container], init_containers=[check], volumes=volumes)
+    pod_meta: dict[str, Any] = {"labels": labels(run, attempt)}
+    spec.pod_template.apply(pod_spec, pod_meta, containers=[check, container])
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": _pod_failure_rules(run)},
+        # Kueue admits the whole gang at once by un-suspending the Job (no half-scheduled gangs).
+        "suspend": bool(queue),
+        "template": {"metadata": pod_meta, "spec": pod_spec},
+    }
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(run, name, attempt, {QUEUE_LABEL: queue} if queue else None),
+        "spec": job_spec,
+    }
+
+
+def _trainer_container(run: TrainingRun, *, attempt: int, settings: OperatorSettings, image: str) -> dict[str, Any]:
+    """The container that runs torchrun (through trainer.launch) on one node."""
+    resources = {k: v for k, v in run.spec.resources.to_wire().items() if v}
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
@@ -215,48 +246,63 @@ def build_job(
     }
     if resources:
         container["resources"] = resources
-    volumes: list[dict[str, Any]] = [
+    return container
+
+
+def _volumes(name: str) -> list[dict[str, Any]]:
+    return [
         {"name": "config", "configMap": {"name": name}},
         # NCCL and the data loader workers exchange tensors through /dev/shm; the default 64 Mi is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "work", "emptyDir": {}},
     ]
-    if settings.checkpoint_claim_name and not spec.checkpoint.uri:
-        container["volumeMounts"].append({"name": "checkpoints", "mountPath": settings.checkpoint_mount_path})
-        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": settings.checkpoint_claim_name}})
 
-    # The checks that need no model run first, once per pod and without torchrun, in an init container
-    # (a 78 there never costs a rendezvous); the launcher covers what only the workers can find.
-    check = {
+
+def _check_container(trainer: dict[str, Any], *, image: str) -> dict[str, Any]:
+    """The checks that need no model run first, once per pod and without torchrun, in an init container
+    (a 78 there never costs a rendezvous); the launcher covers what only the workers can find."""
+    return {
         "name": CHECK_CONTAINER,
         "image": image,
         "command": ["python"],
         "args": ["-m", "trainer", "--check", "--run-file", f"{CONFIG_DIR}/{RUN_FILE}"],
-        "env": container["env"],
-        "volumeMounts": [m for m in container["volumeMounts"] if m["name"] != "dshm"],
+        "env": trainer["env"],
+        "volumeMounts": [m for m in trainer["volumeMounts"] if m["name"] != "dshm"],
     }
+
+
+def _pod_spec(
+    run: TrainingRun,
+    *,
+    containers: list[dict[str, Any]],
+    init_containers: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The trainer pod's spec: the headless Service's subdomain, the node pool, the priority class."""
     pod_spec: dict[str, Any] = {
         "subdomain": run.metadata.name,
         "restartPolicy": "Never",
-        "initContainers": [check],
-        "containers": [container],
+        "initContainers": init_containers,
+        "containers": containers,
         "volumes": volumes,
     }
-    pool = spec.node_pool
+    pool = run.spec.node_pool
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in pool.tolerations]
     if pool.affinity:
         pod_spec["affinity"] = pool.affinity
-    if spec.scheduling.priority_class_name:
-        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    pod_meta: dict[str, Any] = {"labels": labels(run, attempt)}
-    spec.pod_template.apply(pod_spec, pod_meta, containers=[check, container])
+    if run.spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = run.spec.scheduling.priority_class_name
+    return pod_spec
 
+
+def _pod_failure_rules(run: TrainingRun) -> list[dict[str, Any]]:
+    """Non-retryable exit codes fail the Job at once; a disruption (preemption, eviction) is not a failure."""
     rules: list[dict[str, Any]] = []
     # Exit code 0 may not appear in an In rule; a zero exit is a success anyway.
-    codes = sorted({c for c in spec.failure_policy.non_retryable_exit_codes if c != 0})
+    codes = sorted({c for c in run.spec.failure_policy.non_retryable_exit_codes if c != 0})
     if codes:
         for container_name in (CHECK_CONTAINER, CONTAINER):
             rules.append(
@@ -267,25 +313,7 @@ def build_job(
             )
     # A preempted or evicted pod is not the trainer's fault: do not count it as a failure.
     rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
-
-    job_spec: dict[str, Any] = {
-        "completionMode": "Indexed",
-        "completions": nodes,
-        "parallelism": nodes,
-        "backoffLimit": 0,
-        "podFailurePolicy": {"rules": rules},
-        # Kueue admits the whole gang at once by un-suspending the Job (no half-scheduled gangs).
-        "suspend": bool(queue),
-        "template": {"metadata": pod_meta, "spec": pod_spec},
-    }
-    if active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(run, name, attempt, {QUEUE_LABEL: queue} if queue else None),
-        "spec": job_spec,
-    }
+    return rules
 
 
 def build_attempt(

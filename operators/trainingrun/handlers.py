@@ -95,21 +95,7 @@ async def observe(
 ) -> Observed:
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
-    jobs = {}
-    attempt = max(status.attempt, 1)
-    while True:  # the status' attempt, and any newer one created just before a crash
-        raw = await kube.get(JOBS, namespace, builders.job_name(name, attempt))
-        if raw is None:
-            if attempt > status.attempt:
-                break
-        else:
-            owners = common.owner_uids(raw)
-            view = job_view(raw)
-            if view is not None and (uid in owners or not owners):
-                jobs[attempt] = view
-            elif view is not None and not view.deleting:  # left over from a deleted run of the same name
-                await kube.delete(JOBS, namespace, view.name)
-        attempt += 1
+    jobs = await _attempt_jobs(kube, namespace, name, uid, since=status.attempt)
     # Only attempts old enough to be pruned are looked for (no list calls while there are few).
     retained = await retained_attempts(
         kube, namespace, name, uid, below=status.attempt - memo.settings.keep_attempts + 1
@@ -144,6 +130,29 @@ async def observe(
     return Observed(
         now=observed.now, jobs=jobs, progress=progress, registered=registered, open_runs=open_runs, retained=retained
     )
+
+
+async def _attempt_jobs(
+    kube: Kube, namespace: str, name: str, uid: str | None, *, since: int
+) -> dict[int, AttemptView]:
+    """The run's Jobs by attempt: the status' attempt (`since`), and any newer one created just before
+    a crash. A Job of that name owned by another run (a deleted one of the same name) is deleted."""
+    jobs = {}
+    attempt = max(since, 1)
+    while True:
+        raw = await kube.get(JOBS, namespace, builders.job_name(name, attempt))
+        if raw is None:
+            if attempt > since:
+                break
+        else:
+            owners = common.owner_uids(raw)
+            view = job_view(raw)
+            if view is not None and (uid in owners or not owners):
+                jobs[attempt] = view
+            elif view is not None and not view.deleting:  # left over from a deleted run of the same name
+                await kube.delete(JOBS, namespace, view.name)
+        attempt += 1
+    return jobs
 
 
 def _attempt_ending(run: TrainingRun | SpecError, jobs: dict[int, AttemptView]) -> bool:

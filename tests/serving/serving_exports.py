@@ -104,3 +104,49 @@ def tiny_llama(vocab_size: int, *, max_positions: int = 256):
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def build_composed_export(
+    folder: Path,
+    *,
+    mode: str,
+    anchor: Path,
+    augment: Path,
+    bridge_std: float | None,
+    stop_tokens: list[str] | None = None,
+):
+    """A composed export (midfill.composition) of `mode` over the anchor registered as models:/anchor/1
+    (its export folder `anchor`) and the local augmenting export `augment`, with the tokenizer both
+    share; returns (folder, the composed model in eval mode). bridge_std gives the bridge's output
+    projections random weights N(0, bridge_std) (a fresh bridge adds exactly zero, so the
+    composition would compute its anchor and hide a broken bridge); None keeps them fresh."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from midfill.api.trainingrun import CompositionSpec
+    from midfill.composition import build_composed_model, save_composed
+    from midfill.export import read_metadata
+
+    spec = CompositionSpec.model_validate(
+        {"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment), "layerSpacing": 1}
+    )
+    model = build_composed_model(
+        spec, LlamaForCausalLM.from_pretrained(anchor), LlamaForCausalLM.from_pretrained(augment)
+    )
+    if bridge_std is not None:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad and name.endswith("o_proj.weight"):
+                    p.normal_(0, bridge_std)
+    folder = save_composed(model, folder)
+    for f in anchor.iterdir():  # the tokenizer both parents share
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    update: dict = {"recipe": f"composition:{mode}", "composition": {"mode": mode}}
+    if stop_tokens is not None:
+        update["stop_tokens"] = stop_tokens
+    write_metadata(folder, read_metadata(anchor).model_copy(update=update))
+    return folder, model.eval()

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import threading
 
 import pytest
 import torch
 from engine_watch import wait_idle
-from serving_exports import build_export
-from transformers import LlamaForCausalLM
+from serving_exports import build_composed_export, build_export
 
-from midfill.api.trainingrun import CompositionSpec
-from midfill.composition import build_composed_model, greedy_generate, save_composed
-from midfill.export import read_metadata, write_metadata
+from midfill.composition import greedy_generate
 from midfill.registry import Registry
 from serving.engine import Engine, SamplingParams
 
@@ -29,26 +25,7 @@ def _composed_export(root, tiny_export, *, mode: str, uri: str):
     augment_dir = build_export(root / "augment", hidden=32, layers=2, heads=4, max_context=256, seed=1)
     if not Registry(uri).versions("anchor"):
         Registry(uri).register(name="anchor", source=str(tiny_export), run_uid="uid-anchor")
-    spec = CompositionSpec.model_validate(
-        {"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment_dir), "layerSpacing": 1}
-    )
-    model = build_composed_model(
-        spec, LlamaForCausalLM.from_pretrained(tiny_export), LlamaForCausalLM.from_pretrained(augment_dir)
-    )
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and name.endswith("o_proj.weight"):
-                p.normal_(0, 0.5)
-    folder = save_composed(model, root / mode)
-    for f in tiny_export.iterdir():  # the tokenizer both parents share
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    meta = read_metadata(tiny_export).model_copy(
-        update={"recipe": f"composition:{mode}", "composition": {"mode": mode}}
-    )
-    write_metadata(folder, meta)
-    return folder, model.eval()
+    return build_composed_export(root / mode, mode=mode, anchor=tiny_export, augment=augment_dir, bridge_std=0.5)
 
 
 @pytest.fixture(scope="module", params=["calm", "codet5p"])

@@ -257,17 +257,7 @@ def test_on_a_gpu_batched_greedy_equals_generate(tiny_export):
         prompts = _prompts(eng)
         results = _run_concurrently(eng, prompts, SamplingParams(max_tokens=16))
         for ids, result in zip(prompts, results, strict=True):
-            expected = eng.model.generate(
-                torch.tensor([ids], device="cuda"),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
-                max_new_tokens=16,
-                do_sample=False,
-                eos_token_id=sorted(eng.stop_token_ids),
-                pad_token_id=eng.tokenizer.pad_token_id,
-            )[0, len(ids) :].tolist()
-            while expected and expected[-1] in eng.stop_token_ids:
-                expected.pop()
-            assert result.token_ids == expected
+            assert result.token_ids == _reference(eng.model, eng, ids, 16)
         sampled = eng.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=1))
         assert sampled.completion_tokens >= 1
     finally:

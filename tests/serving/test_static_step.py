@@ -8,7 +8,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 from greedy import greedy_reference as _reference
 from transformers import AutoModelForCausalLM
 
@@ -193,17 +192,7 @@ def test_on_a_gpu_the_graphs_replay_and_greedy_equals_generate(tiny_export):
         lengths = [20, 6, 20, 12, 3, 16]
         results = _concurrently(eng, [(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, lengths, strict=True)])
         for ids, n, result in zip(prompts, lengths, results, strict=True):
-            expected = eng.model.generate(
-                torch.tensor([ids], device="cuda"),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=sorted(eng.stop_token_ids),
-                pad_token_id=eng.tokenizer.pad_token_id,
-            )[0, len(ids) :].tolist()
-            while expected and expected[-1] in eng.stop_token_ids:
-                expected.pop()
-            assert result.token_ids == expected
+            assert result.token_ids == _reference(eng.model, eng, ids, n)
         seeded = [
             eng.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=5)) for _ in range(2)
         ]

@@ -199,6 +199,25 @@ def test_invalid_config_exits_78_with_one_line_naming_the_field(tmp_path, capsys
     assert "data.sources[0].uri" in capsys.readouterr().err
 
 
+def test_a_global_batch_that_does_not_split_over_the_processes_exits_78(tmp_path, capsys, monkeypatch):
+    """3 sequences per step cannot split into micro-batches of 2 on one process, nor over 2 processes
+    (the API checks only the multiple of seqLength); --check counts the spec's planned processes."""
+    from trainer.__main__ import main
+
+    monkeypatch.setenv("MIDFILL_STATE_DIR", str(tmp_path / "state"))
+    uneven = tiny_run("uneven", globalBatchTokens=192, microBatchSize=2)
+    assert main(["--run", str(write_run(tmp_path / "uneven.yaml", uneven)), "--check"]) == EXIT_CODE_INVALID_CONFIG
+    assert "training.globalBatchTokens: 192 must be a multiple of seqLength x microBatchSize x processes = 128" in (
+        capsys.readouterr().err
+    )
+    two = tiny_run("two", globalBatchTokens=256, microBatchSize=4)
+    two["spec"]["parallelism"] = {"numNodes": 2}
+    assert main(["--run", str(write_run(tmp_path / "two.yaml", two)), "--check"]) == EXIT_CODE_INVALID_CONFIG
+    assert "processes = 512" in capsys.readouterr().err
+    two["spec"]["training"]["globalBatchTokens"] = 512
+    assert main(["--run", str(write_run(tmp_path / "two.yaml", two)), "--check"]) == 0
+
+
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM

@@ -1,265 +1,79 @@
-"""The TrainingRun custom resource: "train this recipe on this data with these GPUs"."""
+"""The TrainingRun custom resource: "train this recipe on this data with these GPUs".
+
+The spec's parts live beside it and are importable from here too: what is trained
+(midfill.api.trainingrun_model), what it learns from (midfill.api.trainingrun_data) and the status
+(midfill.api.trainingrun_status). This module holds how it trains (optimisation, parallelism,
+scheduling, failures, checkpoints, registration, evaluation) and the resource itself.
+"""
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from midfill.api.common import (
-    API_VERSION,
-    ApiModel,
-    Condition,
-    NodePool,
-    ObjectMeta,
-    ResourceRequirements,
-)
+from midfill.api.common import API_VERSION, ApiModel, NodePool, ObjectMeta, ResourceRequirements
 from midfill.api.pods import PodTemplate
+from midfill.api.trainingrun_data import (
+    CausalLMObjective,
+    DataSource,
+    DataSpec,
+    FimObjective,
+    ObjectiveSpec,
+    SpanCorruptionObjective,
+)
+from midfill.api.trainingrun_model import (
+    MODELS_URI,
+    RECIPE_NAMES,
+    Architecture,
+    CompositionSpec,
+    ModelSpec,
+    TokenizerSpec,
+)
+from midfill.api.trainingrun_status import (
+    AttemptRecord,
+    CheckpointRef,
+    Progress,
+    RegisteredModelRef,
+    TrainingRunPhase,
+    TrainingRunStatus,
+)
 
-# Model sizes the trainer knows (trainer/recipes.py defines each; a test keeps the two in step).
-RECIPE_NAMES = ("debug", "125m", "350m", "1b", "3.7b", "7b")
+__all__ = [
+    "DEFAULT_TRAINER_IMAGE",
+    "EXIT_CODE_INVALID_CONFIG",
+    "MODELS_URI",
+    "RECIPE_NAMES",
+    "Architecture",
+    "AttemptRecord",
+    "CausalLMObjective",
+    "CheckpointRef",
+    "CheckpointSpec",
+    "CompositionSpec",
+    "DataSource",
+    "DataSpec",
+    "EvaluationSpec",
+    "FailurePolicy",
+    "FimObjective",
+    "ModelSpec",
+    "ObjectiveSpec",
+    "ParallelismSpec",
+    "Progress",
+    "RegisteredModelRef",
+    "RegistrySpec",
+    "SchedulingSpec",
+    "SpanCorruptionObjective",
+    "TokenizerSpec",
+    "TrainingRun",
+    "TrainingRunPhase",
+    "TrainingRunSpec",
+    "TrainingRunStatus",
+    "TrainingSpec",
+]
+
 # Exit code the trainer uses for a configuration it cannot run (sysexits EX_CONFIG): retrying it
 # cannot help, so it is non-retryable by default.
 EXIT_CODE_INVALID_CONFIG = 78
-MODELS_URI = re.compile(r"^models:/[^/@]+(/\d+|@[\w.-]+)$")
-
-
-class Architecture(ApiModel):
-    """Overrides of the recipe's geometry (Llama-style decoder). Unset fields keep the recipe's value."""
-
-    hidden_size: int | None = Field(default=None, ge=8, description="Model width (d_model).")
-    num_layers: int | None = Field(default=None, ge=1, description="Number of decoder layers.")
-    num_heads: int | None = Field(default=None, ge=1, description="Attention heads.")
-    num_kv_heads: int | None = Field(default=None, ge=1, description="Key/value heads (grouped-query attention).")
-    intermediate_size: int | None = Field(default=None, ge=8, description="MLP inner width.")
-    max_position_embeddings: int | None = Field(
-        default=None, ge=16, description="Longest context the model supports (>= training.seqLength)."
-    )
-    rope_theta: float | None = Field(default=None, gt=0, description="RoPE base frequency.")
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> Architecture:
-        if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
-            raise ValueError(f"hiddenSize: {self.hidden_size} must be divisible by numHeads ({self.num_heads})")
-        if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
-            raise ValueError(f"numKvHeads: numHeads ({self.num_heads}) must be divisible by it ({self.num_kv_heads})")
-        return self
-
-
-class CompositionSpec(ApiModel):
-    """Compose two frozen models through a trainable bridge (docs/research.md sections 4 and 5).
-
-    calm: anchor and augmenting model both frozen; cross-attention from anchor layer states to
-    projected augmenting layer states at evenly spaced layer pairs (Bansal et al., 2024).
-    codet5p: the augmenting model runs as a bidirectional encoder; cross-attention is added to the
-    top decoder layers of the frozen anchor (Wang et al., 2023).
-    """
-
-    mode: Literal["calm", "codet5p"] = Field(description="calm or codet5p.")
-    anchor: str = Field(
-        min_length=1,
-        description="The large frozen model: a recipe name, an export path/URI, or models:/<name>/<version|@alias>.",
-    )
-    augment: str = Field(
-        min_length=1,
-        description="The small model (augmenting model or encoder): recipe name, export path/URI or models:/ URI.",
-    )
-    num_heads: int | None = Field(
-        default=None, ge=1, description="Heads of each bridge cross-attention. Default: the anchor's head count."
-    )
-    layer_spacing: int = Field(
-        default=4,
-        ge=1,
-        description="calm: compose every k-th augmenting layer with an evenly spaced anchor layer. Default 4.",
-    )
-    num_composition_layers: int | None = Field(
-        default=None, ge=1, description="calm: number of layer pairs. Default: augmenting layers / layerSpacing."
-    )
-    cross_attention_layers: int = Field(
-        default=1,
-        ge=1,
-        description="codet5p: how many top anchor layers get cross-attention. Default 1 (as in CodeT5+).",
-    )
-    encoder_trainable: bool = Field(
-        default=True, description="codet5p: train the encoder too (CodeT5+ does). Default true."
-    )
-
-    @model_validator(mode="after")
-    def _uris(self) -> CompositionSpec:
-        for name in ("anchor", "augment"):
-            value = getattr(self, name)
-            if value.startswith("models:") and not MODELS_URI.match(value):
-                raise ValueError(
-                    f"{name}: {value!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>"
-                )
-        return self
-
-
-class ModelSpec(ApiModel):
-    """What to train."""
-
-    recipe: Literal["debug", "125m", "350m", "1b", "3.7b", "7b"] = Field(
-        default="debug",
-        description="Named model size from trainer/recipes.py: debug (seconds per step on a CPU), "
-        "125m, 350m, 1b, 3.7b, 7b (CodeGen2.5-like geometry). Default debug.",
-    )
-    architecture: Architecture = Field(
-        default_factory=Architecture, description="Per-field overrides of the recipe's geometry."
-    )
-    init: str = Field(
-        default="scratch",
-        description="Initial weights: 'scratch' (random init), a local path or fsspec URI of an "
-        "exported model, or a registry URI models:/<name>/<version> or models:/<name>@<alias>. "
-        "Default scratch.",
-    )
-    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa"] = Field(
-        default="auto",
-        description="Attention kernel: auto picks flash_attention_2 when CUDA and flash-attn are "
-        "present and the run trains in bf16, else flex_attention on CUDA with objective.documentMask "
-        "(a block mask of the documents), else sdpa. flex_attention trains on GPUs only. Default auto.",
-    )
-    composition: CompositionSpec | None = Field(
-        default=None,
-        description="Train only a bridge between two frozen models (calm or codet5p) instead of one "
-        "model; recipe/architecture/init are then ignored. Default: none.",
-    )
-
-    @model_validator(mode="after")
-    def _init_form(self) -> ModelSpec:
-        if self.init.startswith("models:") and not MODELS_URI.match(self.init):
-            raise ValueError(
-                f"init: {self.init!r} is not a registry URI; use models:/<name>/<version> or models:/<name>@<alias>"
-            )
-        return self
-
-
-class TokenizerSpec(ApiModel):
-    """Tokenizer: train a byte-level BPE on the training data, or load one."""
-
-    path: str | None = Field(
-        default=None,
-        description="Load a tokenizer (tokenizer.json or a Hugging Face folder) from this path/URI. "
-        "Default: train one on the training data.",
-    )
-    vocab_size: int = Field(
-        default=8192, ge=512, le=262144, description="BPE vocabulary size when training. Default 8192."
-    )
-    num_mask_tokens: int = Field(
-        default=8, ge=1, le=64, description="How many <mask_N> sentinels (N = 1..this) to reserve. Default 8."
-    )
-    train_bytes: int = Field(
-        default=32_000_000, ge=1_000_000, description="Bytes of training text the BPE learns from. Default 32 MB."
-    )
-
-
-class DataSource(ApiModel):
-    """One input: files matched by a path, glob or fsspec URI."""
-
-    uri: str = Field(
-        min_length=1,
-        description="A local path or glob (src/**/*.py), an fsspec URI (s3://bucket/code/*.py), or "
-        "stdlib:// for the Python standard library sources (a real corpus on every machine).",
-    )
-    kind: Literal["code", "text"] = Field(default="code", description="code or text (natural language). Default code.")
-    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight among sources. Default 1.")
-    include: list[str] = Field(
-        default_factory=list, description="Filename globs to keep (e.g. ['*.py']). Default: all files."
-    )
-    exclude: list[str] = Field(
-        default_factory=list, description="Path globs to drop (e.g. ['*/tests/*']). Default: none."
-    )
-
-
-class DataSpec(ApiModel):
-    """Training data."""
-
-    sources: list[DataSource] = Field(min_length=1, description="At least one source.")
-    validation_fraction: float = Field(
-        default=0.05,
-        ge=0,
-        le=0.5,
-        description="Share of files held out for validation, chosen by a hash of each file's path "
-        "(deterministic across runs and ranks). Default 0.05.",
-    )
-    max_file_bytes: int = Field(
-        default=1_000_000, ge=1, description="Skip files larger than this (generated or minified code). Default 1 MB."
-    )
-
-
-class CausalLMObjective(ApiModel):
-    """Plain left-to-right language modelling."""
-
-    weight: float = Field(default=0.5, ge=0, description="Share of sequences trained causally. Default 0.5.")
-
-
-class SpanCorruptionObjective(ApiModel):
-    """CodeGen2 within-file span corruption: <mask_i> in place, <sep>, then <mask_i> span <eom> each."""
-
-    weight: float = Field(default=0.5, ge=0, description="Share of sequences span-corrupted. Default 0.5.")
-    mask_ratio_min: float = Field(
-        default=0.05,
-        gt=0,
-        lt=1,
-        description="Low end of U(min, max) for the masked share of a file's tokens. Default 0.05.",
-    )
-    mask_ratio_max: float = Field(default=0.5, gt=0, lt=1, description="High end of the masked share. Default 0.5.")
-    max_spans: int = Field(default=3, ge=1, description="Spans per file are drawn from U{1..maxSpans}. Default 3.")
-    single_line_probability: float = Field(
-        default=0.5,
-        ge=0,
-        le=1,
-        description="Chance a span is one line's code, from after its indentation to before its newline "
-        "(the hole an editor asks for most; teaches a small model to end a line with <eom>). Default 0.5.",
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> SpanCorruptionObjective:
-        if self.mask_ratio_min > self.mask_ratio_max:
-            raise ValueError(f"maskRatioMin: {self.mask_ratio_min} must be <= maskRatioMax ({self.mask_ratio_max})")
-        return self
-
-
-class FimObjective(ApiModel):
-    """StarCoder-style fill-in-the-middle (<fim_prefix>/<fim_suffix>/<fim_middle>)."""
-
-    weight: float = Field(default=0.0, ge=0, description="Share of sequences in FIM form. Default 0 (off).")
-    spm_rate: float = Field(
-        default=0.5, ge=0, le=1, description="Share of FIM examples in SPM order (rest PSM). Default 0.5."
-    )
-
-
-class ObjectiveSpec(ApiModel):
-    """The training mixture; weights are normalised to sum to 1."""
-
-    causal_lm: CausalLMObjective = Field(
-        default_factory=CausalLMObjective, alias="causalLM", description="Causal LM share."
-    )
-    span_corruption: SpanCorruptionObjective = Field(
-        default_factory=SpanCorruptionObjective, description="CodeGen2 span corruption share and knobs."
-    )
-    fim: FimObjective = Field(default_factory=FimObjective, description="StarCoder FIM share and knobs.")
-    document_mask: bool = Field(
-        default=False,
-        description="Mask attention across document boundaries inside a packed sequence. Default false.",
-    )
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> ObjectiveSpec:
-        if self.causal_lm.weight + self.span_corruption.weight + self.fim.weight <= 0:
-            raise ValueError(
-                "causalLM.weight: the objective weights are all 0; give causalLM, spanCorruption or fim a "
-                "positive weight"
-            )
-        return self
-
-    def infill_format(self) -> str | None:
-        """The infill format the trained model will speak ('codegen2', 'starcoder') or None."""
-        if self.span_corruption.weight > 0:
-            return "codegen2"
-        if self.fim.weight > 0:
-            return "starcoder"
-        return None
 
 
 class TrainingSpec(ApiModel):
@@ -512,79 +326,6 @@ class TrainingRunSpec(ApiModel):
                 f"raise tokenizer.numMaskTokens (now {self.tokenizer.num_mask_tokens})"
             )
         return self
-
-
-TrainingRunPhase = Literal["Pending", "Queued", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
-
-
-class CheckpointRef(ApiModel):
-    """The newest complete checkpoint."""
-
-    uri: str = Field(description="Where it is.")
-    step: int = Field(description="Optimizer step it holds.")
-    time: str | None = Field(default=None, description="When it was written (RFC 3339).")
-
-
-class Progress(ApiModel):
-    """Latest training progress reported by rank 0."""
-
-    step: int = Field(default=0, description="Optimizer steps done.")
-    total_steps: int | None = Field(default=None, description="Steps planned.")
-    loss: float | None = Field(default=None, description="Latest training loss (nats/token).")
-    tokens_per_second: float | None = Field(default=None, description="Training throughput over all processes.")
-    tokens_per_second_per_device: float | None = Field(
-        default=None, description="Training throughput of one process (GPU)."
-    )
-    mfu: float | None = Field(
-        default=None, description="Model FLOPs utilisation, 0-1 (docs/trainer.md); unset where the peak is unknown."
-    )
-    update_time: str | None = Field(default=None, description="When this was reported (RFC 3339).")
-
-
-class AttemptRecord(ApiModel):
-    """One attempt of the run, kept after its Job and ConfigMap are cleaned up: where its logs are."""
-
-    attempt: int = Field(description="Attempt number (1-based).")
-    job_name: str = Field(description="The Job (locally: the torchx app) that ran it, <run>-a<N>.")
-    mlflow_run_id: str | None = Field(default=None, description="The MLflow run it logged to (metrics, logs).")
-    outcome: Literal["Succeeded", "Failed", "Killed"] | None = Field(
-        default=None, description="How it ended: Succeeded, Failed, or Killed (superseded, suspended, deleted)."
-    )
-    reason: str | None = Field(default=None, description="Why it ended (the reason of the run's condition).")
-
-
-class RegisteredModelRef(ApiModel):
-    """The model version this run registered."""
-
-    name: str = Field(description="Registered model name.")
-    version: str = Field(description="Model version.")
-    uri: str = Field(description="models:/<name>/<version>")
-
-
-class TrainingRunStatus(ApiModel):
-    """Observed state of a TrainingRun (written by the operator or the local backend)."""
-
-    phase: TrainingRunPhase = Field(
-        default="Pending", description="Pending, Queued, Starting, Running, Restarting, Suspended, Succeeded or Failed."
-    )
-    message: str | None = Field(default=None, description="One line on what is happening or went wrong.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        description="Queued, PodsReady, Running, Restarting, Succeeded, Failed, ModelRegistered.",
-    )
-    attempt: int = Field(default=0, description="Current attempt (1-based; 0 before the first).")
-    restart_count: int = Field(default=0, description="Failed attempts restarted so far.")
-    active_job_name: str | None = Field(default=None, description="The Job running the current attempt.")
-    start_time: str | None = Field(default=None, description="When the first attempt started.")
-    completion_time: str | None = Field(default=None, description="When the run succeeded or failed.")
-    last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest complete checkpoint.")
-    progress: Progress | None = Field(default=None, description="Step, loss, throughput.")
-    registered_model: RegisteredModelRef | None = Field(default=None, description="The registered model version.")
-    attempts: list[AttemptRecord] = Field(
-        default_factory=list,
-        description="Every attempt, oldest first, with its Job name and MLflow run (kept after old Jobs are deleted).",
-    )
-    observed_generation: int | None = Field(default=None, description="The spec generation this status reflects.")
 
 
 class TrainingRun(ApiModel):

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -54,9 +54,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run an evaluation suite and print its metrics (and record them on the model version)."""
         from midfill.cli import fail
-        from midfill.evaluation.infill import EndpointInfiller
-        from midfill.evaluation.runner import evaluate_export, record_on_version, run_infill_suite
-        from midfill.registry import Registry, RegistryError
+        from midfill.evaluation.runner import evaluate_export
         from midfill.settings import CoreSettings
 
         if suite not in EVAL_SUITES:
@@ -64,58 +62,71 @@ def register(app: typer.Typer) -> None:
         if suite == "left-to-right" and endpoint:
             raise fail("--endpoint: left-to-right needs the model's weights (token losses); drop --endpoint")
         tracking_uri = CoreSettings().resolved_tracking_uri()
-        version = None
+        workers = max(1, min(4, os.cpu_count() or 1))
+        run = {"limit": limit, "data_dir": data_dir, "max_new_tokens": max_new_tokens, "workers": workers}
         with tempfile.TemporaryDirectory(prefix="midfill-eval-") as tmp:
-            model_dir = Path(model)
-            if model.startswith("models:/"):
-                try:
-                    registry = Registry(tracking_uri)
-                    version = registry.resolve_uri(model)
-                    model_dir = registry.download(version, tmp) if not endpoint else model_dir
-                except (RegistryError, ValueError) as exc:
-                    raise fail(f"MODEL: {exc}") from None
-            elif not endpoint and not (model_dir / "midfill.json").is_file():
-                raise fail(f"MODEL: {model} is neither a models:/ URI nor an export folder (no midfill.json)")
-            workers = max(1, min(4, os.cpu_count() or 1))
+            model_dir, version = _resolve_model(model, tracking_uri=tracking_uri, endpoint=endpoint, tmp=tmp, fail=fail)
             if endpoint:
-                import openai
-
-                fingerprint = _check_served(endpoint, version, fail)
-                infiller = EndpointInfiller(
-                    endpoint,
-                    api_key=api_key,
-                    model=version.name if version else None,
-                    expect_fingerprint=fingerprint,
-                )
-                try:
-                    result = run_infill_suite(
-                        suite, infiller, limit=limit, data_dir=data_dir, max_new_tokens=max_new_tokens, workers=workers
-                    )
-                except (openai.APIError, RuntimeError) as exc:  # refused requests, a version change midway
-                    raise fail(f"--endpoint: {exc}") from None
+                result = _through_endpoint(suite, endpoint, api_key=api_key, version=version, fail=fail, **run)
             else:
                 # a composed export's models:/ parents: this registry, downloaded under the state dir
-                result = evaluate_export(
-                    suite,
-                    model_dir,
-                    limit=limit,
-                    max_new_tokens=max_new_tokens,
-                    data_dir=data_dir,
-                    workers=workers,
-                    tracking_uri=tracking_uri,
-                )
-        for name, value in result.metrics.items():
-            typer.echo(f"{suite}/{name}: {value:.4g}")
-        if output:
-            output.write_text(result.to_json())
-            typer.echo(f"per-task results: {output}")
-        if record if record is not None else version is not None:
-            if version is None:
-                raise fail("--record needs MODEL as a models:/ URI (the version to write results on)")
-            run_id = record_on_version(result, tracking_uri=tracking_uri, name=version.name, version=version.version)
-            typer.echo(f"recorded on {version.uri} (MLflow run {run_id})")
-        else:
-            typer.echo(json.dumps({"suite": suite, "metrics": result.metrics}))
+                result = evaluate_export(suite, model_dir, tracking_uri=tracking_uri, **run)
+        _report(
+            result, suite=suite, output=output, record=record, version=version, tracking_uri=tracking_uri, fail=fail
+        )
+
+
+def _resolve_model(model: str, *, tracking_uri: str, endpoint: str | None, tmp: str, fail) -> tuple[Path, Any]:
+    """(export folder, registry version or None) of MODEL: a models:/ URI is resolved (and, unless
+    an endpoint serves it, downloaded into `tmp`); a folder must be an export."""
+    from midfill.registry import Registry, RegistryError
+
+    model_dir, version = Path(model), None
+    if model.startswith("models:/"):
+        try:
+            registry = Registry(tracking_uri)
+            version = registry.resolve_uri(model)
+            model_dir = registry.download(version, tmp) if not endpoint else model_dir
+        except (RegistryError, ValueError) as exc:
+            raise fail(f"MODEL: {exc}") from None
+    elif not endpoint and not (model_dir / "midfill.json").is_file():
+        raise fail(f"MODEL: {model} is neither a models:/ URI nor an export folder (no midfill.json)")
+    return model_dir, version
+
+
+def _through_endpoint(suite: str, endpoint: str, *, api_key: str | None, version, fail, **run):
+    """The suite through a served endpoint, which must serve `version` when MODEL named one."""
+    import openai
+
+    from midfill.evaluation.infill import EndpointInfiller
+    from midfill.evaluation.runner import run_infill_suite
+
+    fingerprint = _check_served(endpoint, version, fail)
+    infiller = EndpointInfiller(
+        endpoint, api_key=api_key, model=version.name if version else None, expect_fingerprint=fingerprint
+    )
+    try:
+        return run_infill_suite(suite, infiller, **run)
+    except (openai.APIError, RuntimeError) as exc:  # refused requests, a version change midway
+        raise fail(f"--endpoint: {exc}") from None
+
+
+def _report(result, *, suite: str, output: Path | None, record: bool | None, version, tracking_uri: str, fail) -> None:
+    """Print the metrics; write the per-task JSON; record on the version (by default for a models:/ MODEL)."""
+    from midfill.evaluation.runner import record_on_version
+
+    for name, value in result.metrics.items():
+        typer.echo(f"{suite}/{name}: {value:.4g}")
+    if output:
+        output.write_text(result.to_json())
+        typer.echo(f"per-task results: {output}")
+    if record if record is not None else version is not None:
+        if version is None:
+            raise fail("--record needs MODEL as a models:/ URI (the version to write results on)")
+        run_id = record_on_version(result, tracking_uri=tracking_uri, name=version.name, version=version.version)
+        typer.echo(f"recorded on {version.uri} (MLflow run {run_id})")
+    else:
+        typer.echo(json.dumps({"suite": suite, "metrics": result.metrics}))
 
 
 def _check_served(endpoint: str, version, fail) -> str | None:

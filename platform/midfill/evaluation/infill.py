@@ -1,5 +1,5 @@
-"""Getting middles from a model: in-process from an export folder, or through a served endpoint
-with the same template and stop handling editor clients use."""
+"""Getting middles from a model: in-process (a model in memory, or loaded from an export folder), or
+through a served endpoint with the same template and stop handling editor clients use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from midfill.evaluation.suites import InfillTask
-from midfill.fim import get_format
+from midfill.fim import FimFormat, get_format
 
 # How a middle ended: the model emitted its own end token (<eom>/<|endoftext|>) first; the client
 # cut it at one of its stop strings (e.g. the newline of a single-line hole) before that; or neither
@@ -50,36 +50,33 @@ def finish(text: str, *, model_ended: bool, stop: list[str]) -> Completion:
     return Completion(text=text, end="stop_string" if cut else "model" if model_ended else "length")
 
 
-class LocalInfiller:
-    """Greedy infilling with the exported model in this process: a plain model in left-padded
-    batches (transformers generate), a composed export (composition.json) one prompt at a time with
-    its own composed cache, as serving decodes it (midfill.evaluation.models). `tracking_uri` and
-    `cache_dir` say where a composition's `models:/` parents come from and are downloaded to."""
+class ModelInfiller:
+    """Greedy infilling with a model in memory: a plain model in left-padded batches (transformers
+    generate), a composed model (`composed`) one prompt at a time with its own composed cache, as
+    serving decodes it (midfill.evaluation.models). The middle ends at the first of `stop_tokens`
+    the tokenizer knows, then at the client's stop strings (`finish`). On `device`, under bf16
+    autocast with `bf16`."""
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model,
+        tokenizer,
         *,
+        fim_format: FimFormat,
+        max_context: int,
+        stop_tokens: list[str],
         batch_size: int = 8,
-        fim_format: str | None = None,
-        tracking_uri: str | None = None,
-        cache_dir: Path | None = None,
+        composed: bool = False,
+        device: str = "cpu",
+        bf16: bool = False,
+        name: str = "in-process",
     ) -> None:
-        from midfill.evaluation.models import load_export
-
-        self.name = str(model_dir)
-        self.loaded = load_export(model_dir, tracking_uri=tracking_uri, cache_dir=cache_dir)
-        self.meta = self.loaded.meta
-        self.format = get_format(fim_format or self.meta.fim_format)
-        self.tokenizer = self.loaded.tokenizer
+        self.name = name
+        self.model, self.tokenizer, self.format = model.eval(), tokenizer, fim_format
         self.tokenizer.padding_side = "left"
-        self.model = self.loaded.model
-        self.batch_size = batch_size
-        self.max_context = self.meta.max_context
-        stops = [*self.format.stop_tokens, *self.meta.stop_tokens]
-        self.stop_ids = sorted(
-            {self.tokenizer.convert_tokens_to_ids(t) for t in stops if t in self.tokenizer.get_vocab()}
-        )
+        self.max_context, self.batch_size, self.composed = max_context, batch_size, composed
+        self.device, self.bf16 = device, bf16
+        self.stop_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in stop_tokens if t in tokenizer.get_vocab()})
 
     def _encode(self, task: InfillTask, budget: int) -> list[int]:
         # Keep the prompt within the context: trim the far ends of prefix and suffix, never the hole.
@@ -92,7 +89,7 @@ class LocalInfiller:
 
     def infill(self, tasks: list[InfillTask], *, max_new_tokens: int, stop: list[str]) -> list[Completion]:
         budget = self.max_context - max_new_tokens
-        if self.loaded.composed:
+        if self.composed:
             from midfill.evaluation.models import composed_greedy
 
             rows = [
@@ -116,9 +113,10 @@ class LocalInfiller:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         batch = [self._encode(t, budget) for t in tasks]
         width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        with torch.inference_mode():
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.inference_mode(), autocast:
             gen = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -134,6 +132,37 @@ class LocalInfiller:
         ended = next((k for k, tok in enumerate(row) if tok in self.stop_ids), None)
         text = self.tokenizer.decode(row[:ended] if ended is not None else row, skip_special_tokens=False)
         return finish(text, model_ended=ended is not None, stop=stop)
+
+
+class LocalInfiller(ModelInfiller):
+    """A ModelInfiller over an exported model loaded in this process (plain or composed: its
+    composition.json). `tracking_uri` and `cache_dir` say where a composition's `models:/` parents
+    come from and are downloaded to."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        batch_size: int = 8,
+        fim_format: str | None = None,
+        tracking_uri: str | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        from midfill.evaluation.models import load_export
+
+        self.loaded = load_export(model_dir, tracking_uri=tracking_uri, cache_dir=cache_dir)
+        self.meta = self.loaded.meta
+        fmt = get_format(fim_format or self.meta.fim_format)
+        super().__init__(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            fim_format=fmt,
+            max_context=self.meta.max_context,
+            stop_tokens=[*fmt.stop_tokens, *self.meta.stop_tokens],
+            batch_size=batch_size,
+            composed=self.loaded.composed,
+            name=str(model_dir),
+        )
 
 
 def endpoint_base(url: str) -> str:

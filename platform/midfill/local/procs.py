@@ -41,6 +41,19 @@ def python_module_args(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def spawn_backend(
+    command: str, *, name: str, state_dir: Path, tracking_uri: str, log_file: Path, cwd: Path | None = None
+) -> tuple[int, float]:
+    """Start a local backend process, `python -m midfill.local COMMAND --state-dir DIR --name NAME`,
+    detached, with the state dir and MLflow tracking URI in its environment; (pid, create_time)."""
+    return spawn_detached(
+        python_module_args("midfill.local", command, "--state-dir", str(state_dir), "--name", name),
+        log_file=log_file,
+        env={**os.environ, "MIDFILL_STATE_DIR": str(state_dir), "MIDFILL_TRACKING_URI": tracking_uri},
+        cwd=cwd,
+    )
+
+
 def _create_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()

@@ -138,16 +138,12 @@ def start_controller(store: StateStore, settings: CoreSettings, name: str, *, cw
         rec.local.stop_requested = False
         _write(rec, lifecycle.endpoint_starting(rec.status(), message="starting the local Ray Serve controller"))
         rec.add_event("ControllerStarting", f"local Ray Serve controller starting (log {rec.local.supervisor_log})")
-        pid, ctime = procs.spawn_detached(
-            procs.python_module_args(
-                "midfill.local", "control-release", "--state-dir", str(store.state_dir), "--name", name
-            ),
+        pid, ctime = procs.spawn_backend(
+            "control-release",
+            name=name,
+            state_dir=store.state_dir,
+            tracking_uri=settings.resolved_tracking_uri(),
             log_file=logs / "controller.log",
-            env={
-                **os.environ,
-                "MIDFILL_STATE_DIR": str(store.state_dir),
-                "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri(),
-            },
             cwd=cwd,
         )
         rec.local.supervisor_pid, rec.local.supervisor_create_time = pid, ctime

@@ -178,16 +178,12 @@ def start_attempt(store: StateStore, settings: CoreSettings, name: str, *, cwd: 
         rec.local.log_file = None
         rec.local.child_pgids = []
         rec.local.stop_requested = False
-        pid, ctime = procs.spawn_detached(
-            procs.python_module_args(
-                "midfill.local", "supervise-training", "--state-dir", str(store.state_dir), "--name", name
-            ),
+        pid, ctime = procs.spawn_backend(
+            "supervise-training",
+            name=name,
+            state_dir=store.state_dir,
+            tracking_uri=settings.resolved_tracking_uri(),
             log_file=logs / "supervisor.log",
-            env={
-                **os.environ,
-                "MIDFILL_STATE_DIR": str(store.state_dir),
-                "MIDFILL_TRACKING_URI": settings.resolved_tracking_uri(),
-            },
             cwd=cwd,
         )
         rec.local.supervisor_pid, rec.local.supervisor_create_time = pid, ctime

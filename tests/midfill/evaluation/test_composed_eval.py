@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer
 
-from midfill.api.trainingrun import CompositionSpec
-from midfill.composition import build_composed_model, greedy_generate, save_composed
+from midfill.composition import greedy_generate
 from midfill.evaluation.infill import LocalInfiller
 from midfill.evaluation.models import windows
 from midfill.evaluation.runner import evaluate_export, run_left_to_right
@@ -24,7 +23,7 @@ from midfill.export import read_metadata, write_metadata
 from midfill.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "serving"))
-from serving_exports import build_export
+from serving_exports import build_composed_export, build_export
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,28 +72,14 @@ def _export(parents, mode: str, *, bridge: bool, name: str, stop_tokens: list[st
     random weights (a fresh bridge adds exactly zero, so the composition computes its anchor; larger
     weights drown these random parents and every prompt decodes to one repeated token)."""
     root, _, anchor, augment, _ = parents
-    spec = CompositionSpec.model_validate(
-        {"mode": mode, "anchor": "models:/anchor/1", "augment": str(augment), "layerSpacing": 1}
+    return build_composed_export(
+        root / name,
+        mode=mode,
+        anchor=anchor,
+        augment=augment,
+        bridge_std=0.005 if bridge else None,
+        stop_tokens=stop_tokens,
     )
-    model = build_composed_model(
-        spec, LlamaForCausalLM.from_pretrained(anchor), LlamaForCausalLM.from_pretrained(augment)
-    )
-    if bridge:
-        torch.manual_seed(3)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.requires_grad and pname.endswith("o_proj.weight"):
-                    p.normal_(0, 0.005)
-    folder = save_composed(model, root / name)
-    for f in anchor.iterdir():  # the tokenizer both parents share
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    meta = read_metadata(anchor)
-    update = {"recipe": f"composition:{mode}", "composition": {"mode": mode}}
-    if stop_tokens is not None:
-        update["stop_tokens"] = stop_tokens
-    write_metadata(folder, meta.model_copy(update=update))
-    return folder, model.eval()
 
 
 @pytest.fixture(scope="module", params=["calm", "codet5p"])

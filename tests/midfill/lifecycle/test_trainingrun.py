@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from midfill.api import SpecError, load_file, parse_resource
-from midfill.api.trainingrun import Condition, TrainingRunStatus
+from midfill.api import Condition, SpecError, TrainingRunStatus, load_file, parse_resource
 from midfill.lifecycle.trainingrun import AttemptView, DeleteAttempt, Observed, StartAttempt, needs_resync, reconcile
 from midfill.progress import ProgressRecord
 

@@ -21,19 +21,9 @@ import pytest
 from midfill.local.state import StateStore
 from midfill.registry import Registry
 from tests.midfill.lifecycle.scenarios import condition
+from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a private Ray Serve and three model loads on a small machine
-
-
-def _wait(check, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +110,7 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
 
     try:
         cli("apply", "-f", str(write_yaml(tmp_path / "rel.yaml", doc)))
-        available = _wait(
+        available = wait_until(
             lambda: (s := status()) and s.phase == "Available" and s,
             timeout=300,
             what="version 1 Available",
@@ -130,15 +120,15 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
         assert (health["ready"], health["registered_model"], health["version"]) == (True, "fim-debug", "1")
 
         with Clients(available.url) as clients:
-            _wait(lambda: len(clients.answers) >= 3, timeout=120, what="the clients' first answers")
+            wait_until(lambda: len(clients.answers) >= 3, timeout=120, what="the clients' first answers")
             registry.approve("fim-debug", 2)
-            _wait(
+            wait_until(
                 lambda: (s := status()) and "rolling version 1 -> 2" in (s.message or ""),
                 timeout=120,
                 what="version 2 rolling out",
             )
             during_attempt = len(clients.answers)
-            _wait(
+            wait_until(
                 lambda: (s := status()) and condition(s.to_wire(), "RolledBack") is not None,
                 timeout=420,
                 what="the rollback decided",
@@ -146,7 +136,7 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
             # Version 1 kept answering while version 2 was being loaded (and failing), not only after
             # the rollback brought a replica of version 1 back.
             assert len(clients.answers) > during_attempt
-            _wait(
+            wait_until(
                 lambda: (
                     (s := status())
                     and s.resolved_version == "2"

@@ -16,19 +16,9 @@ import pytest
 from midfill.local.state import StateStore
 from midfill.registry import Registry
 from tests.midfill.lifecycle.scenarios import RELEASES, TRAINING, ReleaseScenario, TrainingScenario, condition, merge
+from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # real torchrun and Ray Serve processes on a small machine
-
-
-def _wait(check, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 def _killpg(pgid: int) -> None:
@@ -49,7 +39,7 @@ def test_training_scenario(sc: TrainingScenario, cli, state_dir, tmp_path, tiny_
         cli("apply", "-f", str(write_yaml(tmp_path / "run.yaml", doc)))
         killed: set[int] = set()
         while True:
-            record = _wait(lambda: store.get("TrainingRun", "sc"), timeout=5, what="the run")
+            record = wait_until(lambda: store.get("TrainingRun", "sc"), timeout=5, what="the run")
             status = record.status()
             if status.phase in ("Succeeded", "Failed"):
                 break
@@ -65,7 +55,7 @@ def test_training_scenario(sc: TrainingScenario, cli, state_dir, tmp_path, tiny_
                     _killpg(pgid)
                 killed.add(attempt)
             time.sleep(0.5)
-        record = _wait(
+        record = wait_until(
             lambda: (r := store.get("TrainingRun", "sc")) and not _alive(r) and r,
             timeout=60,
             what="the supervisor to exit",
@@ -154,7 +144,7 @@ def test_release_scenario(sc: ReleaseScenario, cli, state_dir, tmp_path, write_y
             # A version before the last is the healthy one others roll back to: wait until it serves (a
             # slow first start on a busy machine may pass the deadline first, then recover).
             last = n == len(sc.approve) - 1
-            _wait(
+            wait_until(
                 lambda version=version, last=last: settled(version, phases=(sc.phase,) if last else ("Available",)),
                 timeout=240,
                 what=f"version {version} settled",
@@ -163,7 +153,7 @@ def test_release_scenario(sc: ReleaseScenario, cli, state_dir, tmp_path, write_y
         if sc.edit:
             cli("apply", "-f", str(write_yaml(tmp_path / "rel.yaml", _release(merge(sc.spec, sc.edit)))))
             generation = 2
-            _wait(lambda: settled(sc.serving, generation), timeout=240, what="the edited spec deployed")
+            wait_until(lambda: settled(sc.serving, generation), timeout=240, what="the edited spec deployed")
             events = [e.reason for e in store.get("ModelRelease", "sc").events]
             assert events.count("Deploying") == 2  # the same version, deployed again for the edit
         status = store.get("ModelRelease", "sc").status()

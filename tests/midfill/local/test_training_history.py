@@ -12,7 +12,8 @@ import pytest
 from midfill.local.state import StateStore
 from midfill.registry import Registry
 from midfill.settings import CoreSettings
-from tests.midfill.local.test_scenarios import _alive, _killpg, _wait
+from tests.midfill.local.test_scenarios import _alive, _killpg
+from tests.midfill.local.waiting import wait_until
 
 
 def _runs(state_dir, uid: str) -> dict[int, object]:
@@ -32,7 +33,7 @@ def test_restart_keeps_progress_and_history_and_ends_the_mlflow_runs(cli, state_
     store = StateStore(state_dir)
     try:
         cli("apply", "-f", str(path))
-        record = _wait(
+        record = wait_until(
             lambda: (
                 (r := store.get("TrainingRun", "hist")).status().last_checkpoint is not None
                 and r.status().phase == "Running"
@@ -58,7 +59,7 @@ def test_restart_keeps_progress_and_history_and_ends_the_mlflow_runs(cli, state_
                 break
             time.sleep(0.3)
         assert floor is not None and lowest is not None and lowest >= floor, (floor, lowest)
-        runs = _wait(
+        runs = wait_until(
             lambda: (r := _runs(state_dir, uid)).get(1) and r[1].info.status == "FAILED" and r,
             timeout=30,
             what="attempt 1's MLflow run ended FAILED",
@@ -71,9 +72,9 @@ def test_restart_keeps_progress_and_history_and_ends_the_mlflow_runs(cli, state_
         # Suspending stops attempt 2: its run is ended KILLED, not left RUNNING.
         doc["spec"]["suspend"] = True
         cli("apply", "-f", str(write_yaml(path, doc)))
-        _wait(lambda: store.get("TrainingRun", "hist").status().phase == "Suspended", timeout=60, what="Suspended")
-        _wait(lambda: _runs(state_dir, uid)[2].info.status == "KILLED", timeout=60, what="attempt 2's run KILLED")
-        _wait(lambda: not _alive(store.get("TrainingRun", "hist")), timeout=60, what="the supervisor to exit")
+        wait_until(lambda: store.get("TrainingRun", "hist").status().phase == "Suspended", timeout=60, what="Suspended")
+        wait_until(lambda: _runs(state_dir, uid)[2].info.status == "KILLED", timeout=60, what="attempt 2's run KILLED")
+        wait_until(lambda: not _alive(store.get("TrainingRun", "hist")), timeout=60, what="the supervisor to exit")
     finally:
         cli("delete", "tr", "hist")
 
