@@ -63,6 +63,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {
         None,
     ),
     "sample": ("the sample as committed (manifests/samples/trainingrun-debug.yaml)", "tree", {"sample": True}, None),
+    "fim-heavy": (
+        "the sample with 80% of pieces span-corrupted (causalLM 0.2): more <eom> decisions per step",
+        "tree",
+        {"sample": True, "objective": {"causalLM": {"weight": 0.2}, "spanCorruption": {"weight": 0.8}}},
+        None,
+    ),
 }
 
 
@@ -80,6 +86,8 @@ def spec_for(row: str, *, steps: int | None, state: Path) -> dict[str, Any]:
     if not over.get("sample"):
         spec = merge(spec, merge(BEFORE, over))
         spec["objective"] = merge(BEFORE["objective"], over.get("objective", {}))
+    else:  # the committed sample, with this row's changes on top
+        spec = merge(spec, {k: v for k, v in over.items() if k != "sample"})
     if steps:
         spec["training"]["steps"] = steps
         spec["training"]["warmupSteps"] = max(1, steps // 10)
