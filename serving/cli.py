@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -45,7 +46,7 @@ def serve(
 ) -> None:
     """Serve a model locally on Ray Serve (OpenAI /v1/completions) until Ctrl-C."""
     from midfill.cli import fail
-    from midfill.serve_args import ServeArgs
+    from midfill.serve_args import PROXY_ENV, ServeArgs
 
     if no_auth == (api_key_file is not None):
         raise fail("give exactly one of --api-key-file F and --no-auth")
@@ -77,6 +78,7 @@ def _run_until_interrupted(args: ServeArgs, *, host: str, port: int, fail) -> No
     from serving.app import build_app
 
     temp_dir = tempfile.mkdtemp(prefix="mfserve", dir="/tmp")  # our own cluster, never a leftover one
+    os.environ.update(PROXY_ENV)  # Ray's processes inherit it: the proxy's replica-lost answers
     ray.init(
         address="local",
         _temp_dir=temp_dir,

@@ -13,7 +13,7 @@ import yaml
 
 from midfill.api import API_VERSION, ModelRelease
 from midfill.api.modelrelease import DEFAULT_SERVING_IMAGE
-from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
+from midfill.serve_args import KEY_SETTINGS, PROXY_ENV, RELOADABLE, ServeArgs
 from operators.settings import OperatorSettings
 
 APP_NAME = "infill"
@@ -89,8 +89,11 @@ def _container(
         container["resources"] = resources
     if ports:
         container["ports"] = ports
+    # Every node runs a Serve proxy: each loads the replica-lost answers (midfill.serve_args.PROXY_ENV).
+    env = [{"name": name, "value": value} for name, value in PROXY_ENV.items()]
     if settings.tracking_uri:
-        container["env"] = [{"name": "MIDFILL_TRACKING_URI", "value": settings.tracking_uri}]
+        env.append({"name": "MIDFILL_TRACKING_URI", "value": settings.tracking_uri})
+    container["env"] = env
     if release.spec.auth.api_key_secret_ref:
         container["volumeMounts"] = [{"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True}]
     return container

@@ -27,6 +27,11 @@ RELOADABLE = (
 )
 # Reloadable, yet also needed when a replica starts, so they stay in the init args too.
 KEY_SETTINGS = ("api_keys_file", "api_keys_env", "auth_disabled")
+# The environment of every Ray process of an endpoint (`midfill serve`, the local backend, a
+# RayService's pods): Ray's HTTP proxy loads serving.proxy's middleware, which answers a request
+# whose replica died under it with a retryable 503 (or a final error event on a stream) instead of
+# Ray's bare 500 or a cut stream.
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy:middlewares"}
 
 
 class ServeArgs(BaseModel):

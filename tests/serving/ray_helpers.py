@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -9,6 +10,8 @@ import time
 from contextlib import contextmanager
 
 import httpx
+
+from midfill.serve_args import PROXY_ENV
 
 
 def free_port() -> int:
@@ -24,6 +27,7 @@ def local_serve(app, *, num_cpus: int = 2, health_timeout_s: float = 180):
     from ray import serve
 
     temp_dir = tempfile.mkdtemp(prefix="mfray", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    os.environ.update(PROXY_ENV)  # as `midfill serve` starts Ray: the proxy's replica-lost answers
     port = free_port()
     ray.init(
         _temp_dir=temp_dir,

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from midfill.api import ModelRelease, SpecError, set_condition
 from midfill.api.modelrelease import ModelReleaseStatus
 from midfill.lifecycle.clock import fmt_time
-from midfill.registry import RegistryError, approval_reason, unmet_approval
+from midfill.registry import RegistryError, RegistryUnavailable, approval_reason, unmet_approval
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class Resolution:
     error: str | None = None
     unmet: tuple[str, ...] = ()
     awaiting_alias: bool = False  # the model exists but no version carries the alias yet
+    # MLflow did not answer (down, or a server error): the answer is unknown, not "not found";
+    # the next pass asks again, and whatever serves keeps serving meanwhile.
+    unavailable: bool = False
 
 
 def resolve(registry: Any, release: ModelRelease) -> Resolution:
@@ -39,6 +42,8 @@ def resolve(registry: Any, release: ModelRelease) -> Resolution:
     ref, approval = release.spec.model, release.spec.approval
     try:
         info = registry.get(ref.registered_model_name, version=ref.version, alias=ref.effective_alias())
+    except RegistryUnavailable as exc:
+        return Resolution(error=f"waiting for the model registry: {exc}", unavailable=True)
     except RegistryError as exc:
         alias = ref.version is None and "has no alias" in str(exc)
         hint = f"; approve a version: midfill approve {ref.registered_model_name} --version N" if alias else ""
@@ -138,6 +143,10 @@ class _Machine:
         spec, res, status = self.spec, self.observed.resolution, self.status
         alias = spec.model.effective_alias()
         what = f"alias {alias!r}" if alias else f"version {spec.model.version}"
+        if res.unavailable:
+            self.cond("ModelResolved", "Unknown", "RegistryUnavailable", res.error or "")
+            self.waiting = f"; {res.error}"
+            return False
         if res.error is not None or res.version is None:
             self.cond("ModelResolved", "False", "NotFound", res.error or f"{what} does not resolve")
             return False

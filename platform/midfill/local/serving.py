@@ -44,7 +44,7 @@ from midfill.lifecycle.modelrelease import DeploymentView
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_model_release
 from midfill.registry import Registry, VersionInfo
-from midfill.serve_args import ServeArgs
+from midfill.serve_args import PROXY_ENV, ServeArgs
 from midfill.settings import CoreSettings
 
 KIND = "ModelRelease"
@@ -190,6 +190,7 @@ def control(state_dir: Path, name: str) -> int:
         return 0
     port = _port_from_url(record.resource.get("status", {}).get("url")) or free_port()
     cpus = os.cpu_count() or 1
+    os.environ.update(PROXY_ENV)  # Ray's processes inherit it: the proxy's replica-lost answers
     ray.init(
         _temp_dir=_ray_temp_dir(store.state_dir, name),
         include_dashboard=False,

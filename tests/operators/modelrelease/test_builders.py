@@ -101,7 +101,10 @@ def test_pod_template_reaches_the_ray_head_and_worker_pods():
         assert pod["metadata"]["labels"][builders.LABEL_RELEASE] == "fim-7b"
         (c,) = pod["spec"]["containers"]
         assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials", "optional": True}}]
-        assert {e["name"] for e in c["env"]} == {"MIDFILL_TRACKING_URI", "AWS_REGION"}
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert set(env) == {"MIDFILL_TRACKING_URI", "AWS_REGION", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"}
+        # Every node's Serve proxy answers a lost replica with a retryable 503 (serving.proxy).
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serving.proxy:middlewares"
         assert {m["name"] for m in c["volumeMounts"]} == {"api-keys", "ca-bundle"}
         assert {v["name"] for v in pod["spec"]["volumes"]} == {"api-keys", "ca-bundle"}
     validate(rs)
