@@ -46,7 +46,7 @@ def serve(
 ) -> None:
     """Serve a model locally on Ray Serve (OpenAI /v1/completions) until Ctrl-C."""
     from midfill.cli import fail
-    from midfill.serve_args import PROXY_ENV, ServeArgs
+    from midfill.serve_args import ServeArgs
 
     if no_auth == (api_key_file is not None):
         raise fail("give exactly one of --api-key-file F and --no-auth")
@@ -75,6 +75,7 @@ def _run_until_interrupted(args: ServeArgs, *, host: str, port: int, fail) -> No
     import ray
     from ray import serve as ray_serve
 
+    from midfill.serve_args import PROXY_ENV
     from serving.app import build_app
 
     temp_dir = tempfile.mkdtemp(prefix="mfserve", dir="/tmp")  # our own cluster, never a leftover one
