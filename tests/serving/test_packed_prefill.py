@@ -125,13 +125,16 @@ def test_flash_varlen_attends_as_the_per_prompt_fallback():
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 4, True
     flash, _ = packed_attention(module, q, *kv, None, scaling=0.125, packed_prompts=pack)
-    fallback, _ = packed_attention(module, q.float(), kv[0].float(), kv[1].float(), None, scaling=0.125, packed_prompts=pack)
+    fallback, _ = packed_attention(
+        module, q.float(), kv[0].float(), kv[1].float(), None, scaling=0.125, packed_prompts=pack
+    )
     torch.testing.assert_close(flash.float(), fallback, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
 def test_on_a_gpu_a_half_precision_pack_matches_each_prompt_alone():
-    """The engine's GPU setting (bfloat16, sdpa): FlashAttention's varlen kernel where installed, else sdpa per prompt."""
+    """The engine's GPU setting (bfloat16, sdpa): FlashAttention's varlen kernel where installed,
+    else sdpa per prompt."""
     model = tiny_llama(VOCAB).to("cuda", torch.bfloat16)
     model.set_attn_implementation("sdpa")
     batch = StaticBatch(model, capacity=4, context=128, graphs=False)
