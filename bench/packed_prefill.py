@@ -123,6 +123,8 @@ def measure(export: Path, dtype: str, prompts: list[list[int]], rounds: int) -> 
             "prompt_tokens_per_s": round(real / statistics.median(runs)),
         }
     out["packed_over_before"] = round(out["packed"]["median_s"] / out["left_padded_then_copied"]["median_s"], 3)
+    pairs = zip(seconds["packed"], seconds["left_padded_then_copied"], strict=True)
+    out["packed_over_before_per_round"] = [round(p / b, 3) for p, b in pairs]
     return out
 
 

@@ -355,17 +355,20 @@ class Engine:
 
     def _admissions(self) -> list[_Seq]:
         """The waiting requests to prefill together this step: as many as fit the free rows and
-        `max_prefill_tokens` (padded to the longest prompt), and always at least one."""
+        `max_prefill_tokens` (the forward's tokens: padded to the longest prompt, or packed on the
+        static path), and always at least one."""
         group: list[_Seq] = []
-        longest = 0
+        longest = packed = 0
         # The static path's buffers were sized at load: a larger max_batch_size set later waits for a reload.
         limit = min(self.max_batch_size, self._static.capacity) if self._static else self.max_batch_size
         while self._waiting and len(self._running) + len(group) < limit:
-            longest_with = max(longest, len(self._waiting[0].prompt_ids))
-            if group and longest_with * (len(group) + 1) > self.max_prefill_tokens:
+            n = len(self._waiting[0].prompt_ids)
+            longest_with = max(longest, n)
+            tokens = packed + n if self._packed is not None else longest_with * (len(group) + 1)
+            if group and tokens > self.max_prefill_tokens:
                 break
             group.append(self._waiting.popleft())
-            longest = longest_with
+            longest, packed = longest_with, packed + n
         return group
 
     def _admit(self, group: list[_Seq]) -> None:

@@ -116,7 +116,9 @@ def packed_attention(
     """transformers' attention contract over a pack: query (1, heads, T, dim), key/value (1, kv heads,
     K, dim) -> (1, T, heads, dim), each prompt attending causally to its own keys only."""
     pack = packed_prompts
-    if query.is_cuda and query.dtype in FLASH_DTYPES and flash_available():
+    # What the kernel call below covers; anything else (soft-capping, attention sinks) goes per prompt.
+    plain = dropout == 0 and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+    if plain and query.is_cuda and query.dtype in FLASH_DTYPES and flash_available():
         return _flash_varlen(query, key, value, pack, scaling), None
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     q_at = k_at = 0

@@ -11,7 +11,7 @@ from serving_exports import tiny_llama  # tests/serving, on sys.path through con
 from transformers import DynamicCache
 
 from serving import attention
-from serving.packed_prefill import NAME, Pack, PackedPrefiller, packed_attention, register
+from serving.packed_prefill import NAME, Pack, PackedPrefiller, packed_attention
 from serving.prefix_cache import PrefixCache
 from serving.requests import SamplingParams
 from serving.static_decode import StaticBatch
@@ -99,7 +99,8 @@ def test_the_engine_static_path_runs_packed_prefill(tiny_export):
     eng = Engine.from_export(tiny_export, max_batch_size=4, decode_path="static")
     try:
         assert isinstance(eng._packed, PackedPrefiller)
-        assert eng.model.config._attn_implementation == attention.NAME  # switched back after each pack
+        eng.generate(eng.encode("def f(x):\n    return"), SamplingParams(max_tokens=2))
+        assert eng.model.config._attn_implementation == attention.NAME  # switched back after the pack
     finally:
         eng.close()
     dynamic = Engine.from_export(tiny_export, max_batch_size=4, decode_path="dynamic")
@@ -109,26 +110,48 @@ def test_the_engine_static_path_runs_packed_prefill(tiny_export):
         dynamic.close()
 
 
-@pytest.mark.gpu
-def test_flash_varlen_attends_as_the_per_prompt_fallback():
-    pytest.importorskip("flash_attn")
+def _random_pack(device: str, dtype: torch.dtype):
+    """A pack of 4 prompts (one reusing a prefix: fewer queries than keys), 8 query heads over 2 key/value heads."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    register()
     torch.manual_seed(0)
-    lengths, reused = [37, 1, 200, 64], [0, 0, 0, 40]  # the last one reuses a prefix: fewer queries than keys
-    dev, dtype = "cuda", torch.bfloat16
-    pack = Pack.build(lengths, reused, first_row=0, device=dev, base_attention=sdpa_attention_forward)
-    t, k = sum(pack.query_lengths), sum(lengths)
-    q = torch.randn(1, 8, t, 64, device=dev, dtype=dtype)
-    kv = [torch.randn(1, 2, k, 64, device=dev, dtype=dtype) for _ in range(2)]
+    pack = Pack.build(
+        [37, 1, 200, 64], [0, 0, 0, 40], first_row=0, device=device, base_attention=sdpa_attention_forward
+    )
+    t, k = sum(pack.query_lengths), sum(pack.key_lengths)
+    q = torch.randn(1, 8, t, 64, device=device, dtype=dtype)
+    key, value = (torch.randn(1, 2, k, 64, device=device, dtype=dtype) for _ in range(2))
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 4, True
-    flash, _ = packed_attention(module, q, *kv, None, scaling=0.125, packed_prompts=pack)
-    fallback, _ = packed_attention(
-        module, q.float(), kv[0].float(), kv[1].float(), None, scaling=0.125, packed_prompts=pack
-    )
-    torch.testing.assert_close(flash.float(), fallback, atol=2e-2, rtol=2e-2)
+    return module, q, key, value, pack
+
+
+def _by_hand(q, key, value, pack: Pack) -> torch.Tensor:
+    """Softmax attention written out, prompt by prompt, queries aligned to the last keys."""
+    out, q_at, k_at = [], 0, 0
+    for nq, nk in zip(pack.query_lengths, pack.key_lengths, strict=True):
+        qq = q[0, :, q_at : q_at + nq].float()
+        kk, vv = (x[0, :, k_at : k_at + nk].float().repeat_interleave(4, 0) for x in (key, value))
+        scores = (qq @ kk.transpose(-1, -2) * 0.125).masked_fill(
+            ~torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq), float("-inf")
+        )
+        out.append((scores.softmax(-1) @ vv).transpose(0, 1))
+        q_at, k_at = q_at + nq, k_at + nk
+    return torch.cat(out)[None]
+
+
+def test_the_per_prompt_fallback_attends_within_each_prompt():
+    module, q, key, value, pack = _random_pack("cpu", torch.float32)
+    out, _ = packed_attention(module, q, key, value, None, scaling=0.125, packed_prompts=pack)
+    torch.testing.assert_close(out, _by_hand(q, key, value, pack))
+
+
+@pytest.mark.gpu
+def test_flash_varlen_attends_within_each_prompt():
+    pytest.importorskip("flash_attn")
+    module, q, key, value, pack = _random_pack("cuda", torch.bfloat16)
+    out, _ = packed_attention(module, q, key, value, None, scaling=0.125, packed_prompts=pack)
+    torch.testing.assert_close(out.float(), _by_hand(q, key, value, pack), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
