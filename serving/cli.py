@@ -37,7 +37,10 @@ def serve(
     name: Annotated[str | None, typer.Option("--name", help="Model name reported by /v1/models.")] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together.")] = 16,
     max_prefill_tokens: Annotated[
-        int, typer.Option("--max-prefill-tokens", help="Padded prompt tokens prefilled together per step.")
+        int,
+        typer.Option(
+            "--max-prefill-tokens", help="Prompt tokens prefilled together per step (padded on the dynamic path)."
+        ),
     ] = 2048,
     prefix_cache_tokens: Annotated[
         int, typer.Option("--prefix-cache-tokens", help="Recent prompt tokens kept for reuse (0 disables).")

@@ -38,12 +38,13 @@ from midfill.fim import FimFormat, get_format
 from serving import attention
 from serving.detokenize import IncrementalDetokenizer
 from serving.kv_slots import DecodeBatchCache
+from serving.packed_prefill import PackedPrefiller
 from serving.prefill import Prefiller
 from serving.prefix_cache import PrefixCache
 from serving.requests import Completion, PromptTooLong, SamplingParams, StepOutput, gathering
 from serving.sampling import sample_rows
 from serving.sequence import RequestHandle, _Seq
-from serving.static_decode import Launched, StaticBatch, request_seed, sample_first, supports
+from serving.static_decode import Launched, StaticBatch, request_seed, supports
 from serving.stops import StopChecker
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Engine:
         self._closed = False
         self.steps = 0
         self._static = self._static_batch(decode_path)
+        self._packed = PackedPrefiller(self._static, self.prefix_cache) if self._static is not None else None
         self._pending: tuple[Launched, list[_Seq]] | None = None  # the static step in flight, and its rows
         self._thread = threading.Thread(target=self._loop, name="midfill-engine", daemon=True)
         self._thread.start()
@@ -304,39 +306,47 @@ class Engine:
 
     def _admissions(self) -> list[_Seq]:
         """The waiting requests to prefill together this step: as many as fit the free rows and
-        `max_prefill_tokens` (padded to the longest prompt), and always at least one."""
+        `max_prefill_tokens` (the forward's tokens: padded to the longest prompt, or packed on the
+        static path), and always at least one."""
         group: list[_Seq] = []
-        longest = 0
+        longest = packed = 0
         # The static path's buffers were sized at load: a larger max_batch_size set later waits for a reload.
         limit = min(self.max_batch_size, self._static.capacity) if self._static else self.max_batch_size
         while self._waiting and len(self._running) + len(group) < limit:
-            longest_with = max(longest, len(self._waiting[0].prompt_ids))
-            if group and longest_with * (len(group) + 1) > self.max_prefill_tokens:
+            n = len(self._waiting[0].prompt_ids)
+            longest_with = max(longest, n)
+            tokens = packed + n if self._packed is not None else longest_with * (len(group) + 1)
+            if group and tokens > self.max_prefill_tokens:
                 break
             group.append(self._waiting.popleft())
-            longest = longest_with
+            longest, packed = longest_with, packed + n
         return group
 
     def _admit(self, group: list[_Seq]) -> None:
-        """Prefill the group (serving.prefill) and move its keys/values into the decode batch."""
+        """Prefill the group and put its keys/values into the decode batch: packed, straight into the
+        static path's buffers (serving.packed_prefill), or left-padded, then copied (serving.prefill)."""
+        if self._packed is not None:
+            seeds = [s.seed for s in group]
+            cached, tokens = self._packed.run([s.prompt_ids for s in group], [s.params for s in group], seeds)
+            self._joined(group, cached, tokens)
+            return
         for indices, done in self._prefiller.run([s.prompt_ids for s in group]):
             seqs = [group[i] for i in indices]
-            for seq, cached in zip(seqs, done.cached_tokens, strict=True):
-                seq.cached_tokens = cached
-            if self._static is not None:
-                lengths, seeds = [len(s.prompt_ids) for s in seqs], [s.seed for s in seqs]
-                tokens = sample_first(done.logits, lengths, [s.params for s in seqs], seeds)
-                self._static.add(done.cache, lengths, tokens, [s.params for s in seqs], seeds)
-            else:
-                tokens = self._sample(done.logits, seqs)
-                if self._kv is None:
-                    self._kv = DecodeBatchCache(self.max_context)
-                self._kv.add(done.cache, done.mask)
-                self._positions = torch.cat([self._positions, done.mask.sum(dim=1)])
-                self._next = torch.cat([self._next, torch.tensor(tokens, device=self.device)])
-            self._running.extend(seqs)
-            finished = [seq for seq, token in zip(seqs, tokens, strict=True) if self._accept(seq, token)]
-            self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
+            tokens = self._sample(done.logits, seqs)
+            if self._kv is None:
+                self._kv = DecodeBatchCache(self.max_context)
+            self._kv.add(done.cache, done.mask)
+            self._positions = torch.cat([self._positions, done.mask.sum(dim=1)])
+            self._next = torch.cat([self._next, torch.tensor(tokens, device=self.device)])
+            self._joined(seqs, done.cached_tokens, tokens)
+
+    def _joined(self, seqs: list[_Seq], cached_tokens: list[int], tokens: list[int]) -> None:
+        """Requests whose rows were just added: their reused prompt tokens and first generated token."""
+        for seq, cached in zip(seqs, cached_tokens, strict=True):
+            seq.cached_tokens = cached
+        self._running.extend(seqs)
+        finished = [seq for seq, token in zip(seqs, tokens, strict=True) if self._accept(seq, token)]
+        self._retire(finished, reason=None)  # the first token already ended them (a stop, or max_tokens=1)
 
     def _decode(self) -> None:
         if self._static is not None:

@@ -79,6 +79,13 @@ class PrefixCache:
     def store(self, ids: list[int], cache: DynamicCache, *, row: int = 0, start: int = 0) -> None:
         """Keep the keys/values of prompt `ids`: row `row` of a prefill cache, its tokens from column
         `start` (after the row's left padding)."""
+        layers = cache.layers
+        self.store_layers(ids, [la.keys for la in layers], [la.values for la in layers], row=row, start=start)
+
+    def store_layers(
+        self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], *, row: int, start: int
+    ) -> None:
+        """As `store`, from per-layer (rows, heads, columns, head_dim) buffers (the static decode path's)."""
         t = len(ids)
         if self.max_tokens <= 0 or t < self.min_tokens or t > self.max_tokens:
             self._evict_to(self.max_tokens)
@@ -88,9 +95,9 @@ class PrefixCache:
         for key in [k for k, e in self._entries.items() if len(e.ids) <= t and torch.equal(e.ids, new[: len(e.ids)])]:
             self.tokens -= len(self._entries.pop(key).ids)
         self._evict_to(self.max_tokens - t)
-        keys = [layer.keys[row : row + 1, :, start : start + t].clone() for layer in cache.layers]
-        values = [layer.values[row : row + 1, :, start : start + t].clone() for layer in cache.layers]
-        self._entries[self._next_key] = _Entry(new, keys, values)
+        kept_keys = [k[row : row + 1, :, start : start + t].clone() for k in keys]
+        kept_values = [v[row : row + 1, :, start : start + t].clone() for v in values]
+        self._entries[self._next_key] = _Entry(new, kept_keys, kept_values)
         self._next_key += 1
         self.tokens += t
 

@@ -18,8 +18,8 @@ shape into a CUDA graph at load and replayed with one launch:
 - Inputs live in device tensors (tokens, positions, sampling parameters); the mask is computed inside
   the step from the positions. The step samples (serving.sampling) and writes the sampled ids into
   the next step's token input on the device, so the host only reads them back (one small copy).
-- Rows join (their prefilled keys/values are copied into the next free row) and leave (the last row
-  moves into the gap) between steps, as on the dynamic path.
+- Rows join (serving.packed_prefill writes their prompts' keys/values straight into the next free
+  rows) and leave (the last row moves into the gap) between steps, as on the dynamic path.
 
 On a CPU the same step runs eagerly (that is how it is tested against transformers' generate); the
 engine keeps the dynamic path there by default, whose width follows the rows exactly (faster on a CPU,
@@ -122,12 +122,12 @@ class StaticBatch:
             self.model(
                 input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=probe, use_cache=True
             )
-        self._keys, self._values = [], []
+        self.key_buffers, self.value_buffers = [], []
         for layer in probe.layers:
             _, heads, _, dim = layer.keys.shape
             shape = (self.capacity, heads, self.context, dim)
-            self._keys.append(layer.keys.new_zeros(shape))
-            self._values.append(layer.values.new_zeros(shape))
+            self.key_buffers.append(layer.keys.new_zeros(shape))
+            self.value_buffers.append(layer.values.new_zeros(shape))
         n, dev = self.capacity, self.device
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)  # where each row's next token goes
@@ -136,14 +136,14 @@ class StaticBatch:
         self.keys = torch.zeros(n, dtype=torch.long, device=dev)  # sampling.seed_keys per row
         self._columns = torch.arange(self.context, device=dev)
         self.cache = DynamicCache()
-        self.cache.layers = [_RowLayer(self, i) for i in range(len(self._keys))]
+        self.cache.layers = [_RowLayer(self, i) for i in range(len(self.key_buffers))]
         self.cache.layer_class_to_replicate = None
         self._host_ids = [torch.zeros(n, dtype=torch.long, pin_memory=dev.type == "cuda") for _ in range(2)]
 
     def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = self._shape
         where = self.positions[:batch].view(batch, 1, 1, 1).expand(batch, keys.shape[1], 1, keys.shape[3])
-        k, v = self._keys[layer][:batch], self._values[layer][:batch]
+        k, v = self.key_buffers[layer][:batch], self.value_buffers[layer][:batch]
         k.scatter_(2, where, keys)
         v.scatter_(2, where, values)
         return k[:, :, :width], v[:, :, :width]
@@ -231,23 +231,20 @@ class StaticBatch:
     def free(self) -> int:
         return self.capacity - self.rows
 
-    def add(
-        self, prefilled: DynamicCache, lengths: list[int], first: list[int], params: list, seeds: list[int]
-    ) -> None:
-        """Append prefilled rows: `prefilled` holds (g, H, t, D) per layer, each row's `lengths[j]`
-        prompt tokens right-aligned (left padding); `first[j]` is the token sampled from its prompt;
-        `params[j]` its SamplingParams, `seeds[j]` its seed (request_seed)."""
-        g = len(lengths)
-        if g > self.free:
-            raise RuntimeError(f"{g} rows do not fit the static batch ({self.free} free of {self.capacity})")
-        for j, n in enumerate(lengths):
+    def check_fits(self, lengths: list[int]) -> None:
+        """Raise unless prompts of these lengths fit as new rows (free rows, a row's columns)."""
+        if len(lengths) > self.free:
+            raise RuntimeError(f"{len(lengths)} rows do not fit the static batch ({self.free} free of {self.capacity})")
+        for n in lengths:
             if n >= self.context:
                 raise ValueError(f"a prompt of {n} tokens does not fit the buffer ({self.context} tokens a row)")
-            row = self.rows + j
-            for layer, source in enumerate(prefilled.layers):
-                t = source.keys.shape[2]
-                self._keys[layer][row, :, :n] = source.keys[j, :, t - n :]
-                self._values[layer][row, :, :n] = source.values[j, :, t - n :]
+
+    def admit(self, lengths: list[int], first: list[int], params: list, seeds: list[int]) -> None:
+        """Append rows whose prompts' keys/values are already in the next free rows, columns
+        0..lengths[j]-1 (serving.packed_prefill writes them there); `first[j]` is the token sampled
+        from prompt j, `params[j]` its SamplingParams, `seeds[j]` its seed (request_seed)."""
+        self.check_fits(lengths)
+        g = len(lengths)
         rows = slice(self.rows, self.rows + g)
         dev = self.device
         self.tokens[rows] = torch.tensor(first, device=dev)
@@ -265,7 +262,7 @@ class StaticBatch:
             last = self.rows - 1
             if i != last:
                 n = self._lengths[last]
-                for buf in (*self._keys, *self._values):
+                for buf in (*self.key_buffers, *self.value_buffers):
                     buf[i, :, :n] = buf[last, :, :n]
                 for vec in (self.tokens, self.positions, self.temperature, self.top_p, self.keys):
                     vec[i] = vec[last]

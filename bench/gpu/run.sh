@@ -6,11 +6,13 @@
 # ONLY=infill-125m and the others with ONLY="gpu-tests serve-throughput-100m serve-throughput-1b"):
 #   1. installs the wheels of bench/gpu/fetch_wheels.sh from .whl/ into a private folder;
 #   2. runs the `gpu`-marked tests (batched greedy on CUDA == transformers' generate, on both decode
-#      paths, the static one from CUDA graphs; bf16 only on GPUs with native bf16; FlashAttention's
+#      paths, the static one from CUDA graphs; bf16 only on GPUs with native bf16; the static path's
+#      packed prefill in bf16, and FlashAttention's varlen kernel against it and FlashAttention's
 #      packed-document loss, where flash-attn is installed);
 #   3. runs bench/serve_throughput.py on the GPU in bfloat16, engine in-process vs sequential `generate`
-#      on the same GPU, static decode path vs dynamic: a ~100M model (12 layers, hidden 768) and a ~1B
-#      one (16 layers, hidden 2048) -- step ms at 1/8/32 rows and over the weight-read floor, c32
+#      on the same GPU, static decode path (its packed prefill: flash_attn_varlen_func where flash-attn
+#      is installed -- environment.txt says -- else sdpa per prompt) vs dynamic: a ~100M model (12
+#      layers, hidden 768) and a ~1B one (16 layers, hidden 2048) -- step ms at 1/8/32 rows and over the weight-read floor, c32
 #      tokens/s, a lone request's latency over generate's (docs/benchmarks.md, "GPU decode path");
 #   4. bench/train_gpu.py: training tokens/s, MFU, peak GPU and host memory (1b default/eager/documentMask,
 #      7b geometry with 4 layers under FSDP2 from the meta device); run alone with ONLY="train-..." (below);
@@ -82,7 +84,8 @@ fi
 # skip where flash-attn is missing, as on the image). -p no:cacheprovider: the tree may be thrown
 # away; the config warnings are pytest-asyncio's options, unknown where it is not installed.
 step gpu-tests 75 $PY -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning -m gpu \
-  tests/serving/test_engine.py tests/serving/test_static_step.py tests/trainer/test_loop.py tests/trainer/test_evaluate.py
+  tests/serving/test_engine.py tests/serving/test_static_step.py tests/serving/test_packed_prefill.py \
+  tests/trainer/test_loop.py tests/trainer/test_evaluate.py
 # The issue's workload: 32 requests of ~430 prompt tokens, 32 new tokens, bfloat16; both decode paths
 # in the same run, so the static one is compared with today's on the same machine.
 DECODE="--parts engine --rounds 1 --requests 32 --dtypes bfloat16 --baseline-dtypes bfloat16 --decode-paths static,dynamic"

@@ -51,7 +51,11 @@ class ServeArgs(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1)
     fim_format: Literal["codegen2", "starcoder"] | None = None
     max_batch_size: int = Field(default=16, ge=1)
-    max_prefill_tokens: int = Field(default=2048, ge=1, description="Padded prompt tokens prefilled together per step.")
+    max_prefill_tokens: int = Field(
+        default=2048,
+        ge=1,
+        description="Prompt tokens prefilled together per step (padded to the longest on the dynamic path).",
+    )
     prefix_cache_tokens: int = Field(
         default=8192, ge=0, description="Recent prompt tokens kept for reuse (0 disables)."
     )
