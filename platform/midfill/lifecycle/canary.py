@@ -11,8 +11,12 @@ reads the live numbers the endpoint counted per version since the split was set 
   the phase change to Degraded is the Warning event. The version is not tried again until another
   version resolves (as an InPlace rollback).
 - within the thresholds for stepSeconds with minRequests canary requests: the next step; after the
-  last (100%) step the canary is promoted: the stable deployment is rolled to its version in place
-  and, once the endpoint serves it, it is the stable version.
+  last (100%) step the canary is promoted: the stable deployment is rolled to its version while the
+  canary keeps 100% of the traffic; once the stable slot serves it, the canary deployment is removed
+  and the version is the stable one.
+
+Routing is monotone in the weight (a key goes to the canary when its bucket is below the weight), so
+an editor once on the canary stays on it through every later step and the promotion.
 """
 
 from __future__ import annotations
@@ -178,9 +182,26 @@ def _advance(machine: _Machine, current: CanaryStatus, where: str) -> None:
             f"{current.verdict}: canary version {current.version} takes {current.weight}%",
         )
         return
+    # The stable slot is rolled to the canary's version while the canary keeps 100%: no editor goes
+    # back to the old version; the canary's deployment is removed once the stable slot serves it.
     current.state = "Promoted"
     current.verdict = f"all {len(steps)} steps passed: promoted"
-    machine.deploy(current.version, "CanaryPromoted", f"{where}: {current.verdict}; rolling it into the stable slot")
+    machine.deploy_canary(
+        current.version, current, "CanaryPromoted", f"{where}: {current.verdict}; rolling it into the stable slot"
+    )
+
+
+def handover(machine: _Machine, target: str, dep: DeploymentView) -> bool:
+    """A promoted canary still holds 100% while the stable slot loads its version: remove the canary
+    once the stable slot serves it, else wait for it there (or roll back past the deadline, as any
+    new version). False when the deployment is not in that handover."""
+    if dep.canary is None or dep.canary != target or dep.version != target:
+        return False
+    if dep.healthy and dep.served == target:
+        machine.deploy(target, "CanaryHandedOver", f"version {target} serves from the stable slot; removing the canary")
+    else:
+        machine.settle(target, dep)
+    return True
 
 
 def _roll_back(machine: _Machine, current: CanaryStatus, reason: str, why: str) -> None:

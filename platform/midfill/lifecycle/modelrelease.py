@@ -192,6 +192,8 @@ class _Machine:
             self.deploy(target, "Deploying", f"deploying version {target}")
         elif canary_rollout.wanted(self, target, dep):
             canary_rollout.step(self, target, dep)
+        elif canary_rollout.handover(self, target, dep):
+            pass
         elif serving != target:
             self.deploy(target, "Updating", f"rolling version {serving} -> {target} in place")
         elif dep.canary is not None:

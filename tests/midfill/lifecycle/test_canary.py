@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,14 +115,28 @@ def test_a_step_with_too_few_canary_requests_is_held_past_its_time():
 
 def test_the_last_step_passed_promotes_the_canary_then_it_becomes_stable():
     plan = run(release(), status(running(step=2, weight=100, held=61)), dep("3", 100))
-    assert plan.actions == [Deploy("3", router=True)]
+    # The stable slot rolls to 3 while the canary keeps 100%: no editor goes back to 2.
+    assert plan.actions == [Deploy("3", canary="3", weight=100, router=True)]
     assert plan.status.canary is not None and plan.status.canary.state == "Promoted"
     assert conditions(plan)["Progressing"].reason == "CanaryPromoted"
-    # The stable slot now serves 3 (no canary): it is the stable version, 2 the previous one.
-    promoted = DeploymentView(
-        version="3", rollout_start=NOW, healthy=True, health="ok", url="http://x:8000", served="3"
+    handing = DeploymentView(
+        version="3",
+        rollout_start=NOW,
+        healthy=True,
+        health="ok",
+        url="http://x:8000",
+        served="2",
+        canary="3",
+        canary_weight=100,
     )
-    done = run(release(), plan.status, promoted)
+    waiting = run(release(), plan.status, handing)
+    assert waiting.actions == [] and waiting.status.phase == "Progressing" and waiting.status.stable_version == "2"
+    handed = run(release(), waiting.status, replace(handing, served="3"))
+    assert handed.actions == [Deploy("3", router=True)]  # the stable slot serves 3: the canary goes
+    assert conditions(handed)["Progressing"].reason == "CanaryHandedOver"
+    # The stable slot now serves 3 (no canary): it is the stable version, 2 the previous one.
+    promoted = replace(handing, served="3", canary=None, canary_weight=0)
+    done = run(release(), handed.status, promoted)
     assert done.actions == [] and done.status.phase == "Available"
     assert (done.status.stable_version, done.status.previous_stable_version) == ("3", "2")
 
