@@ -78,8 +78,9 @@ def build_serve_config(
     in_both = (*KEY_SETTINGS, "max_queued_requests")
     init_args = {key: value for key, value in args.items() if key not in RELOADABLE or key in in_both}
     # The canary's weight goes to the router's user_config only: a step reconfigures the router,
-    # never the model replicas.
-    init_args.pop(ROUTER_SETTINGS[2], None)
+    # never the model replicas. Without the router (InPlace) the args are those of before canaries.
+    for key in ROUTER_SETTINGS if not args["router"] else ("canary_weight",):
+        init_args.pop(key, None)
     deployments: list[dict[str, Any]] = [{"name": DEPLOYMENT_NAME, "user_config": user_config}]
     if args["router"]:
         if canary:

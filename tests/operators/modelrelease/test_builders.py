@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from midfill.api import load_file
-from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
+from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ROUTER_SETTINGS, ServeArgs
 from operators.modelrelease import builders
 from operators.settings import OperatorSettings
 from tests.operators.validation import validate
@@ -38,7 +38,7 @@ def test_serve_config_runs_the_app_with_release_args():
     assert app["args"] == {
         k: v
         for k, v in expected.items()
-        if (k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")) and k != "canary_weight"
+        if (k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")) and k not in ROUTER_SETTINGS
     }
     (deployment,) = app["deployments"]
     assert deployment["name"] == "InfillServer"
