@@ -64,6 +64,8 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
     return options
 
 
+# The router only forwards: a fraction of a CPU (it must fit beside the model replicas' requests).
+ROUTER_CPUS = 0.25
 # The deployment names in a canary application (serving.canary): the router is the ingress.
 STABLE_DEPLOYMENT, CANARY_DEPLOYMENT, ROUTER_DEPLOYMENT = "InfillServer", "InfillCanary", "CanaryRouter"
 
@@ -83,6 +85,21 @@ def canary_args(args: ServeArgs) -> ServeArgs:
     return args.model_copy(update={"model_uri": args.canary_model_uri, "min_replicas": 1})
 
 
+def router_options(args: ServeArgs) -> dict[str, Any]:
+    """The canary router's options: one small replica that admits whatever both model deployments
+    together admit (Ray's default of 5 ongoing requests would throttle the whole endpoint)."""
+    model = deployment_options(args)
+    return {
+        "num_replicas": 1,
+        "max_ongoing_requests": 2 * model["max_ongoing_requests"] * args.max_replicas,
+        "max_queued_requests": model["max_queued_requests"],
+        "ray_actor_options": {"num_cpus": ROUTER_CPUS},
+        "user_config": {"weight": args.canary_weight},
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+        "max_surge_percent": MAX_SURGE_PERCENT,
+    }
+
+
 def build_app(args: ServeArgs | dict[str, Any]) -> Application:
     """The application for these args (a ServeArgs or a dict of its fields)."""
     parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
@@ -91,5 +108,5 @@ def build_app(args: ServeArgs | dict[str, Any]) -> Application:
     stable = _model_deployment(parsed, STABLE_DEPLOYMENT, ingress=False)
     canary_uri = parsed.canary_model_uri
     canary = _model_deployment(canary_args(parsed), CANARY_DEPLOYMENT, ingress=False) if canary_uri else None
-    router = CanaryRouter.options(name=ROUTER_DEPLOYMENT, user_config={"weight": parsed.canary_weight})
+    router = CanaryRouter.options(name=ROUTER_DEPLOYMENT, **router_options(parsed))
     return router.bind(stable, canary)

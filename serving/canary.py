@@ -155,11 +155,15 @@ class CanaryRouter:
                 media_type=head["media_type"],
             )
         chunks, report = [], {"status": head["status"]}
-        async for item in stream:
-            if isinstance(item, dict):
-                report = {**report, **item["report"]}
-            else:
-                chunks.append(item)
+        try:
+            async for item in stream:
+                if isinstance(item, dict):
+                    report = {**report, **item["report"]}
+                else:
+                    chunks.append(item)
+        except Exception as exc:  # noqa: BLE001 - the replica failed mid-answer
+            self._record(slot, version, start, {"status": 503})
+            return JSONResponse(error_body(f"{slot} deployment failed: {exc}"[:300], type_="server_error"), 503)
         self._record(slot, version, start, report)
         return Response(b"".join(chunks), status_code=head["status"], headers=headers, media_type=head["media_type"])
 
@@ -171,6 +175,9 @@ class CanaryRouter:
                     report.update(item["report"])
                 else:
                     yield item
+        except Exception:
+            report["status"] = 503  # the replica failed mid-stream: the client sees the stream cut
+            raise
         finally:
             self._record(slot, version, start, report)
 

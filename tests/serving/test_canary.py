@@ -124,3 +124,12 @@ def test_the_observed_canary_share_is_the_weight_and_each_user_stays_on_one_vers
     assert counted["2"]["mean_completion_tokens"] is not None
     refused = httpx.post(f"{server}/v1/completions", json={"prompt": "x"}, headers={"x-api-key": "wrong"})
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_router_admits_what_both_model_deployments_admit():
+    from serving.app import deployment_options, router_options
+
+    args = ServeArgs(model_uri="x", auth_disabled=True, max_replicas=3, router=True, canary_weight=10)
+    options = router_options(args)
+    assert options["max_ongoing_requests"] == 2 * 3 * deployment_options(args)["max_ongoing_requests"]
+    assert options["num_replicas"] == 1 and options["user_config"] == {"weight": 10}
