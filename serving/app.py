@@ -95,8 +95,11 @@ def router_options(args: ServeArgs) -> dict[str, Any]:
         "max_queued_requests": model["max_queued_requests"],
         "ray_actor_options": {"num_cpus": ROUTER_CPUS},
         "user_config": {"weight": args.canary_weight},
+        # Streams through a replaced router finish on it. No max_surge here (unlike the models): an old
+        # router kept serving beside its replacement would still route to a canary deployment that
+        # the new config removed, and those requests would wait for replicas that never come; the
+        # proxy holds requests for the moment between the old router and the new one instead.
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
-        "max_surge_percent": MAX_SURGE_PERCENT,
     }
 
 

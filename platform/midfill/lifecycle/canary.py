@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Deploy:
+    """Serve `version` with the current spec: create the deployment, or update it in place. With
+    strategy Canary the endpoint is a router, and `canary` (if any) serves beside it at `weight`%."""
+
+    version: str
+    canary: str | None = None
+    weight: int = 0
+    router: bool = False  # strategy Canary: the app routes between a stable and a canary slot
+
+
+@dataclass(frozen=True)
 class Split:
     """What the endpoint says about its traffic split: the canary it routes to, at which weight,
     whether the canary's replicas are loaded, and each version's numbers since the split was set."""
@@ -135,11 +146,12 @@ def _judge(machine: _Machine, current: CanaryStatus, dep: DeploymentView) -> Non
     if split is None or split.canary != version or not split.canary_ready or split.weight != current.weight:
         started = dep.rollout_start or now
         if dep.failed is not None:
-            _roll_back(machine, current, "LoadFailed", f"canary version {version} failed to load: {dep.failed}")
+            _roll_back(machine, current, dep, "LoadFailed", f"canary version {version} failed to load: {dep.failed}")
         elif (now - started).total_seconds() > rollout.health_deadline_seconds:
             _roll_back(
                 machine,
                 current,
+                dep,
                 "HealthDeadlineExceeded",
                 f"canary version {version} not served at {current.weight}% within "
                 f"{rollout.health_deadline_seconds}s ({dep.health})",
@@ -152,7 +164,7 @@ def _judge(machine: _Machine, current: CanaryStatus, dep: DeploymentView) -> Non
     current.stable_numbers = split.numbers.get(stable or "")
     broken = breach(spec, numbers)
     if broken is not None:
-        _roll_back(machine, current, "CanaryThresholdBreached", f"canary version {version}: {broken}")
+        _roll_back(machine, current, dep, "CanaryThresholdBreached", f"canary version {version}: {broken}")
         return
     held = (now - (parse_time(current.step_started) or now)).total_seconds()
     where = f"canary version {version} at {current.weight}% beside {stable}"
@@ -198,19 +210,39 @@ def handover(machine: _Machine, target: str, dep: DeploymentView) -> bool:
     if dep.canary is None or dep.canary != target or dep.version != target:
         return False
     if dep.healthy and dep.served == target:
-        machine.deploy(target, "CanaryHandedOver", f"version {target} serves from the stable slot; removing the canary")
+        remove(machine, target, dep, "CanaryHandedOver", f"version {target} serves from the stable slot")
     else:
         machine.settle(target, dep)
     return True
 
 
-def _roll_back(machine: _Machine, current: CanaryStatus, reason: str, why: str) -> None:
+def remove(machine: _Machine, stable: str, dep: DeploymentView, reason: str, why: str) -> None:
+    """Take the canary's deployment away in two steps: weight 0 first, and only once the endpoint
+    reports it routes nothing there, the deployment itself (a request the router already sent to a
+    deployment being removed would wait for replicas that never come)."""
+    assert dep.canary is not None
+    if dep.canary_weight != 0:
+        machine.plan.actions.append(Deploy(stable, canary=dep.canary, weight=0, router=True))
+        machine.cond("Progressing", "True", reason, f"{why}; canary version {dep.canary} goes to 0%")
+        machine.phase(
+            machine.status.phase if machine.status.phase == "Degraded" else "Progressing",
+            f"{why}; canary version {dep.canary} goes to 0%",
+        )
+    elif dep.split is not None and dep.split.weight != 0:
+        machine.phase(machine.status.phase, f"{why}; waiting for the router to send nothing to version {dep.canary}")
+    else:
+        machine.deploy(stable, reason, f"{why}; removing canary version {dep.canary}")
+
+
+def _roll_back(machine: _Machine, current: CanaryStatus, dep: DeploymentView, reason: str, why: str) -> None:
     """The canary goes to 0%: its deployment is removed, the stable version takes all traffic."""
     stable = machine.status.stable_version
     assert stable is not None
+    deployed = dep.canary == current.version
     current.state, current.weight, current.verdict = "RolledBack", 0, why
     message = f"{why}; canary rolled back to 0%, version {stable} serves 100%"
-    machine.plan.actions.append(machine.deploy_action(stable))
+    # Weight 0 first (the canary's deployment goes once the router sends nothing there: `remove`).
+    machine.plan.actions.append(Deploy(stable, canary=current.version if deployed else None, weight=0, router=True))
     machine.cond("RolledBack", "True", reason, message)
     machine.cond("Degraded", "True", reason, message)
     machine.cond("Progressing", "True", "RollingBack", message)

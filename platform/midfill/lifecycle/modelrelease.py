@@ -21,7 +21,7 @@ from typing import Any, Literal
 from midfill.api import ModelRelease, SpecError, set_condition
 from midfill.api.modelrelease import CanaryStatus, ModelReleaseStatus
 from midfill.lifecycle import canary as canary_rollout
-from midfill.lifecycle.canary import Split
+from midfill.lifecycle.canary import Deploy, Split
 from midfill.lifecycle.clock import fmt_time
 from midfill.registry import RegistryError, approval_reason, unmet_approval
 
@@ -93,17 +93,6 @@ class Observed:
     now: dt.datetime
     resolution: Resolution
     deployment: DeploymentView | None = None
-
-
-@dataclass(frozen=True)
-class Deploy:
-    """Serve `version` with the current spec: create the deployment, or update it in place. With
-    strategy Canary the endpoint is a router, and `canary` (if any) serves beside it at `weight`%."""
-
-    version: str
-    canary: str | None = None
-    weight: int = 0
-    router: bool = False  # strategy Canary: the app routes between a stable and a canary slot
 
 
 Action = Deploy
@@ -197,7 +186,7 @@ class _Machine:
         elif serving != target:
             self.deploy(target, "Updating", f"rolling version {serving} -> {target} in place")
         elif dep.canary is not None:
-            self.deploy(target, "CanaryRemoved", f"removing canary version {dep.canary}; {target} serves 100%")
+            canary_rollout.remove(self, target, dep, "CanaryRemoved", f"version {target} serves 100%")
         elif dep.generation is not None and self.gen is not None and dep.generation != self.gen:
             self.deploy(
                 target,

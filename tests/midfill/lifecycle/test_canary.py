@@ -131,8 +131,11 @@ def test_the_last_step_passed_promotes_the_canary_then_it_becomes_stable():
     )
     waiting = run(release(), plan.status, handing)
     assert waiting.actions == [] and waiting.status.phase == "Progressing" and waiting.status.stable_version == "2"
-    handed = run(release(), waiting.status, replace(handing, served="3"))
-    assert handed.actions == [Deploy("3", router=True)]  # the stable slot serves 3: the canary goes
+    draining = run(release(), waiting.status, replace(handing, served="3"))
+    assert draining.actions == [Deploy("3", canary="3", weight=0, router=True)]  # the stable slot serves 3
+    router_at_zero = replace(handing, served="3", canary_weight=0, split=Split(canary="3", weight=0))
+    handed = run(release(), draining.status, router_at_zero)
+    assert handed.actions == [Deploy("3", router=True)]  # the router sends nothing to the canary: it goes
     assert conditions(handed)["Progressing"].reason == "CanaryHandedOver"
     # The stable slot now serves 3 (no canary): it is the stable version, 2 the previous one.
     promoted = replace(handing, served="3", canary=None, canary_weight=0)
@@ -150,14 +153,17 @@ def test_the_last_step_passed_promotes_the_canary_then_it_becomes_stable():
 )
 def test_a_breach_rolls_the_canary_back_to_zero_naming_the_number(canary_numbers, words):
     plan = run(release(), status(running(held=10)), dep("3", 10, canary_numbers=canary_numbers))
-    assert plan.actions == [Deploy("2", router=True)]  # the canary's deployment goes, 2 takes 100%
+    assert plan.actions == [Deploy("2", canary="3", weight=0, router=True)]  # 0% first, 2 takes 100%
     canary = plan.status.canary
     assert canary is not None and (canary.state, canary.weight) == ("RolledBack", 0)
     assert plan.status.phase == "Degraded" and words in (plan.status.message or "")
     rolled = conditions(plan)["RolledBack"]
     assert (rolled.status, rolled.reason) == ("True", "CanaryThresholdBreached") and words in rolled.message
+    # Once the router sends nothing to 3, its deployment goes.
+    zero = run(release(), plan.status, dep("3", 0))
+    assert zero.actions == [Deploy("2", router=True)]
     # The stable version serves alone again: Available, the canary version is not retried.
-    back = run(release(), plan.status, dep())
+    back = run(release(), zero.status, dep())
     assert back.actions == [] and back.status.phase == "Available" and back.status.stable_version == "2"
     assert conditions(back)["RolledBack"].status == "True"
 
@@ -173,7 +179,7 @@ def test_own_stop_rate_and_completion_length_thresholds():
 
 def test_a_canary_that_fails_to_load_rolls_back_at_once():
     plan = run(release(), status(running()), dep("3", 10, ready=False, failed="bad header"))
-    assert plan.actions == [Deploy("2", router=True)]
+    assert plan.actions == [Deploy("2", canary="3", weight=0, router=True)]
     assert conditions(plan)["RolledBack"].reason == "LoadFailed"
 
 
@@ -181,7 +187,7 @@ def test_a_canary_not_served_within_the_deadline_rolls_back_and_waits_before():
     waiting = run(release(), status(running()), dep("3", 10, ready=False, age=30))
     assert waiting.actions == [] and waiting.status.phase == "Progressing"
     late = run(release(), status(running()), dep("3", 10, ready=False, age=601))
-    assert late.actions == [Deploy("2", router=True)]
+    assert late.actions == [Deploy("2", canary="3", weight=0, router=True)]
     assert conditions(late)["RolledBack"].reason == "HealthDeadlineExceeded"
 
 
@@ -204,7 +210,10 @@ def test_another_version_replaces_a_running_canary():
 
 def test_a_stale_canary_is_removed_when_the_target_is_the_stable_version():
     plan = run(release(), status(), dep("3", 10), res=Resolution(version="2"))
-    assert plan.actions == [Deploy("2", router=True)]
+    assert plan.actions == [Deploy("2", canary="3", weight=0, router=True)]
+    waiting = run(release(), status(), dep("3", 0, served_weight=10), res=Resolution(version="2"))
+    assert waiting.actions == []  # the router still routes 10% there: wait
+    assert run(release(), status(), dep("3", 0), res=Resolution(version="2")).actions == [Deploy("2", router=True)]
 
 
 def test_in_place_keeps_rolling_the_whole_version():

@@ -110,7 +110,7 @@ async def test_a_healthy_canary_walks_every_step_then_becomes_stable(
             timeout=60,
             what="version 2 promoted",
         )
-        assert weights == [20, 60, 100]
+        assert weights == [20, 60, 100, 0]  # 0% before the canary's deployment goes
         rs = cluster.get("rayservices", "fim")
         assert (
             served_uri(rs) == "models:/fim-debug/2" and rs["metadata"]["annotations"][builders.ANNOTATION_CANARY] == ""
@@ -148,5 +148,5 @@ async def test_a_breaching_canary_returns_to_zero_and_the_stable_version_keeps_s
         )
         assert served_uri(rs) == "models:/fim-debug/1"
         await eventually(lambda: status(cluster).get("phase") == "Available", what="Available on version 1")
-        assert weights == [20] and status(cluster)["stableVersion"] == "1"
+        assert weights == [20, 0] and status(cluster)["stableVersion"] == "1"
         assert (status(cluster)["canary"]["state"], status(cluster)["canary"]["weight"]) == ("RolledBack", 0)
