@@ -18,8 +18,9 @@ from typing import Any
 
 from ray.serve import Application
 
-from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
-from serving.ingress import InfillServer
+from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ROUTER_SETTINGS, ServeArgs
+from serving.canary import CanaryRouter
+from serving.ingress import InfillModel, InfillServer
 
 # Routes that are not generation (health, metrics, models) must still reach a full replica.
 CONTROL_HEADROOM = 8
@@ -63,10 +64,52 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
     return options
 
 
+# The router only forwards: a fraction of a CPU (it must fit beside the model replicas' requests).
+ROUTER_CPUS = 0.25
+# The deployment names in a canary application (serving.canary): the router is the ingress.
+STABLE_DEPLOYMENT, CANARY_DEPLOYMENT, ROUTER_DEPLOYMENT = "InfillServer", "InfillCanary", "CanaryRouter"
+
+
+def _model_deployment(args: ServeArgs, name: str, *, ingress: bool = True) -> Application:
+    # Reloadable settings travel in user_config only, so a change to them leaves the init args
+    # (and therefore the replicas) untouched; the router's settings never reach a model replica.
+    init_args = args.model_dump(exclude=(set(RELOADABLE) - set(KEY_SETTINGS)) | set(ROUTER_SETTINGS))
+    deployment = InfillServer if ingress else InfillModel
+    return deployment.options(name=name, **deployment_options(args)).bind(init_args)
+
+
+def canary_args(args: ServeArgs) -> ServeArgs:
+    """The canary deployment's args: the canary's model, autoscaled from 1 up to the release's
+    maxReplicas (so a canary costs at least one and at most maxReplicas extra replicas)."""
+    assert args.canary_model_uri is not None
+    return args.model_copy(update={"model_uri": args.canary_model_uri, "min_replicas": 1})
+
+
+def router_options(args: ServeArgs) -> dict[str, Any]:
+    """The canary router's options: one small replica that admits whatever both model deployments
+    together admit (Ray's default of 5 ongoing requests would throttle the whole endpoint)."""
+    model = deployment_options(args)
+    return {
+        "num_replicas": 1,
+        "max_ongoing_requests": 2 * model["max_ongoing_requests"] * args.max_replicas,
+        "max_queued_requests": model["max_queued_requests"],
+        "ray_actor_options": {"num_cpus": ROUTER_CPUS},
+        "user_config": {"weight": args.canary_weight},
+        # Streams through a replaced router finish on it. No max_surge here (unlike the models): an old
+        # router kept serving beside its replacement would still route to a canary deployment that
+        # the new config removed, and those requests would wait for replicas that never come; the
+        # proxy holds requests for the moment between the old router and the new one instead.
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+    }
+
+
 def build_app(args: ServeArgs | dict[str, Any]) -> Application:
     """The application for these args (a ServeArgs or a dict of its fields)."""
     parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    # Reloadable settings travel in user_config only, so a change to them leaves the init args
-    # (and therefore the replicas) untouched.
-    init_args = parsed.model_dump(exclude=set(RELOADABLE) - set(KEY_SETTINGS))
-    return InfillServer.options(**deployment_options(parsed)).bind(init_args)
+    if not parsed.router:
+        return _model_deployment(parsed, STABLE_DEPLOYMENT)
+    stable = _model_deployment(parsed, STABLE_DEPLOYMENT, ingress=False)
+    canary_uri = parsed.canary_model_uri
+    canary = _model_deployment(canary_args(parsed), CANARY_DEPLOYMENT, ingress=False) if canary_uri else None
+    router = CanaryRouter.options(name=ROUTER_DEPLOYMENT, **router_options(parsed))
+    return router.bind(stable, canary)

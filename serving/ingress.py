@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from ray import serve
 
@@ -37,6 +37,7 @@ from serving.auth import KeyStore, key_from_headers
 from serving.engine import Engine
 from serving.lineage import from_folder, from_version
 from serving.loading import locate
+from serving.metrics import Metrics
 from serving.protocol import (
     MAX_BODY_BYTES,
     ApiError,
@@ -108,46 +109,15 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+async def _given(body: bytes) -> bytes:
+    return body
+
+
 def _sse_event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-class Metrics:
-    """Prometheus metrics of one replica (its own registry: several replicas may share a process in tests)."""
-
-    def __init__(self, engine_stats) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "midfill_requests",
-            "Completion requests by HTTP status and mode.",
-            ["status", "mode"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "midfill_request_latency_seconds",
-            "End-to-end completion latency.",
-            ["stream"],
-            registry=self.registry,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
-        )
-        self.prompt_tokens = Counter("midfill_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
-        self.generated_tokens = Counter("midfill_generated_tokens", "Tokens generated.", registry=self.registry)
-        self.cached_prompt_tokens = Counter(
-            "midfill_prompt_tokens_cached",
-            "Prompt tokens whose keys/values were reused (prefix cache).",
-            registry=self.registry,
-        )
-        Gauge("midfill_queue_depth", "Requests waiting for a batch slot.", registry=self.registry).set_function(
-            lambda: engine_stats()["waiting"]
-        )
-        Gauge("midfill_running_requests", "Requests in the decode batch.", registry=self.registry).set_function(
-            lambda: engine_stats()["running"]
-        )
-
-
-@serve.deployment(name="InfillServer")
-@serve.ingress(api)
-class InfillServer:
+class InfillReplica:
     """A replica: one loaded model behind the OpenAI completions API."""
 
     def __init__(self, args: dict[str, Any]) -> None:
@@ -244,10 +214,10 @@ class InfillServer:
             self.engine.close()
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> NamedKey:
-        key = self.keys.identify(key_from_headers(request.headers))
+    def _authorize(self, headers) -> NamedKey:
+        key = self.keys.identify(key_from_headers(headers))
         if key is None:
-            missing = key_from_headers(request.headers) is None
+            missing = key_from_headers(headers) is None
             raise ApiError(
                 401,
                 "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
@@ -262,8 +232,8 @@ class InfillServer:
             raise ApiError(503, "engine stopped; retry shortly", code="engine_stopped", headers={"Retry-After": "5"})
         return self.engine
 
-    async def _parse(self, request: Request) -> CompletionRequest:
-        data = parse_body(await _read_body(request))
+    def _parse(self, body: bytes) -> CompletionRequest:
+        data = parse_body(body)
         try:
             req = CompletionRequest.model_validate(data)
         except ValidationError as exc:
@@ -338,25 +308,28 @@ class InfillServer:
     async def health(self) -> JSONResponse:
         """What this replica serves: the registry version (name + version), and whether it is ready
         (loaded and warmed up, which every answering replica is, and its engine still running)."""
+        code, body = self.health_info()
+        return JSONResponse(body, status_code=code)
+
+    def health_info(self) -> tuple[int, dict[str, Any]]:
+        """/health's status code and body (also called through a handle by the canary router)."""
         served = {"registered_model": self.lineage.registered_model, "version": self.lineage.version}
         if self.engine is None or not self.engine.alive:
-            return JSONResponse({"status": "engine stopped", "ready": False, **served}, status_code=503)
-        return JSONResponse(
-            {
-                "status": "ok",
-                "ready": True,
-                **served,
-                "model": self.model_name,
-                "source": self.args.model_uri,
-                "warmup_seconds": round(self.warmup_seconds, 3),
-                "started": self.created,
-                "replica": self.replica_id,
-                **self.engine.stats(),
-                "decode_steps": self.engine.steps,
-                "limits": self._effective_limits(),
-                "decode_path": self.engine.decode_path,
-            }
-        )
+            return 503, {"status": "engine stopped", "ready": False, **served}
+        return 200, {
+            "status": "ok",
+            "ready": True,
+            **served,
+            "model": self.model_name,
+            "source": self.args.model_uri,
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            "started": self.created,
+            "replica": self.replica_id,
+            **self.engine.stats(),
+            "decode_steps": self.engine.steps,
+            "limits": self._effective_limits(),
+            "decode_path": self.engine.decode_path,
+        }
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
@@ -364,18 +337,48 @@ class InfillServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
-        self._authorize(request)
-        engine = await self._ready_engine()
+        code, body = await self.models_info(request.headers)
+        return JSONResponse(body, status_code=code, headers=self.lineage.headers())
+
+    async def models_info(self, headers) -> tuple[int, dict[str, Any]]:
+        """/v1/models' status code and body (also called through a handle by the canary router)."""
+        try:
+            self._authorize(headers)
+            engine = await self._ready_engine()
+        except ApiError as exc:
+            return exc.status, exc.body()
         body = models_body(name=self.model_name, max_model_len=engine.max_context, created=self.created)
         body["data"][0].update(version=self.lineage.version, lineage=self.lineage.as_dict())
-        return JSONResponse(body, headers=self.lineage.headers())
+        return 200, body
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        start, mode, key = time.monotonic(), "-", None
+        return await self._answer(request.headers, _read_body(request), time.monotonic())
+
+    async def forward(self, headers: dict[str, str], body: bytes):
+        """/v1/completions for the canary router (serving.canary), through a streaming handle: the
+        response's status and headers (a dict), its body (bytes or SSE text chunks), then
+        {"report": ...}: how the request ended (status, finish_reason, completion_tokens)."""
+        report: dict[str, Any] = {}
         try:
-            key = self._authorize(request)
-            req = await self._parse(request)
+            response = await self._answer(headers, _given(body), time.monotonic(), report)
+        except ApiError as exc:
+            report["status"] = exc.status
+            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        yield {"status": response.status_code, "headers": dict(response.headers), "media_type": response.media_type}
+        if isinstance(response, StreamingResponse):
+            async for chunk in response.body_iterator:
+                yield chunk
+        else:
+            yield bytes(response.body)
+        yield {"report": report}
+
+    async def _answer(self, headers, body, start: float, report: dict[str, Any] | None = None) -> Response:
+        """A completion for the request `headers` + `body` (an awaitable of its bytes)."""
+        mode, key = "-", None
+        try:
+            key = self._authorize(headers)
+            req = self._parse(await body)
             self.usage.admit(key)
             self._admit()
             engine = await self._ready_engine()
@@ -390,20 +393,20 @@ class InfillServer:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(engine, ids, params, include_usage, start, mode, key),
+                self._sse(engine, ids, params, include_usage, start, mode, key, report),
                 media_type="text/event-stream",
                 headers=self.lineage.headers(),
             )
         try:
             return JSONResponse(
-                await self._complete(engine, ids, params, start, mode, key), headers=self.lineage.headers()
+                await self._complete(engine, ids, params, start, mode, key, report), headers=self.lineage.headers()
             )
         finally:
             self.inflight -= 1
 
-    async def _complete(self, engine: Engine, ids, params, start: float, mode: str, key: NamedKey) -> dict:
+    async def _complete(self, engine: Engine, ids, params, start: float, mode: str, key: NamedKey, report=None) -> dict:
         result = await engine.complete(ids, params)  # one wake-up per request, not one per token
-        self._count(result, start, mode, key, stream="false")
+        self._count(result, start, mode, key, stream="false", report=report)
         if result.finish_reason == "error":
             raise ApiError(500, result.error or "generation failed", code="generation_failed")
         return self.lineage.stamp(
@@ -416,7 +419,9 @@ class InfillServer:
             )
         )
 
-    async def _sse(self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str, key: NamedKey):
+    async def _sse(
+        self, engine: Engine, ids, params, include_usage: bool, start: float, mode: str, key: NamedKey, report=None
+    ):
         id_, created, last = completion_id(), int(time.time()), None
         try:
             async for out in engine.stream(ids, params):
@@ -455,13 +460,21 @@ class InfillServer:
             # Runs on normal end and when the client disconnects (the generator is closed, which
             # closes engine.stream and cancels the request there).
             self.inflight -= 1
-            self._count(last, start, mode, key, stream="true", finished=last is not None and last.finished)
+            finished = last is not None and last.finished
+            self._count(last, start, mode, key, stream="true", finished=finished, report=report)
 
-    def _count(self, last, start: float, mode: str, key: NamedKey, *, stream: str, finished: bool = True) -> None:
+    def _count(
+        self, last, start: float, mode: str, key: NamedKey, *, stream: str, finished: bool = True, report=None
+    ) -> None:
         """last: the request's Completion, or its last StepOutput (None, or not `finished`, when the
-        client left first: then it counts as cancelled, with the tokens generated until then)."""
+        client left first: then it counts as cancelled, with the tokens generated until then).
+        `report` (the canary router's request) gets how it ended."""
         reason = last.finish_reason if last is not None and finished else "cancelled"
         status = {"error": "500", "cancelled": "499"}.get(reason, "200")
+        if report is not None:
+            report.update(
+                status=int(status), finish_reason=reason, completion_tokens=last.completion_tokens if last else 0
+            )
         self.metrics.requests.labels(status=status, mode=mode).inc()
         self.metrics.latency.labels(stream=stream).observe(time.monotonic() - start)
         if last is not None:
@@ -474,3 +487,14 @@ class InfillServer:
             completion=last.completion_tokens if last else 0,
             cached=last.cached_tokens if last else 0,
         )
+
+
+@serve.deployment(name="InfillServer")
+@serve.ingress(api)
+class InfillServer(InfillReplica):
+    """The replica with its own HTTP routes: the application's ingress (strategy InPlace, `midfill serve`)."""
+
+
+# The same replica behind the canary router (serving.canary), called through handles: Ray Serve
+# allows one FastAPI ingress per application, and there the router is it.
+InfillModel = serve.deployment(name="InfillServer")(InfillReplica)

@@ -13,7 +13,7 @@ import yaml
 
 from midfill.api import API_VERSION, ModelRelease
 from midfill.api.modelrelease import DEFAULT_SERVING_IMAGE
-from midfill.serve_args import KEY_SETTINGS, PROXY_ENV, RELOADABLE, ServeArgs
+from midfill.serve_args import KEY_SETTINGS, PROXY_ENV, RELOADABLE, ROUTER_SETTINGS, ServeArgs
 from operators.settings import OperatorSettings
 
 APP_NAME = "infill"
@@ -22,9 +22,14 @@ SERVE_PORT = 8000
 RAY_VERSION = "2.60.0"
 API_KEYS_DIR = "/etc/midfill/api-keys"
 DEPLOYMENT_NAME = "InfillServer"  # serving.ingress.InfillServer's deployment name
+# strategy Canary (serving.app, serving.canary): the canary's model deployment and the router in front.
+CANARY_DEPLOYMENT_NAME, ROUTER_DEPLOYMENT_NAME = "InfillCanary", "CanaryRouter"
 LABEL_RELEASE = "midfill.dev/model-release"
 ANNOTATION_VERSION = "midfill.dev/model-version"
 ANNOTATION_ROLLOUT_START = "midfill.dev/rollout-start"
+# strategy Canary: the canary version beside the stable one ("" when none) and its weight (percent).
+ANNOTATION_CANARY = "midfill.dev/canary-version"
+ANNOTATION_CANARY_WEIGHT = "midfill.dev/canary-weight"
 # The ModelRelease generation the RayService was built from: a spec edit (a higher generation) is
 # redeployed even when the version stays.
 ANNOTATION_GENERATION = "midfill.dev/release-generation"
@@ -41,19 +46,30 @@ def model_uri(release: ModelRelease, version: str | None) -> str:
     return f"models:/{name}/{version}"
 
 
-def serve_args(release: ModelRelease, *, version: str | None, settings: OperatorSettings) -> dict[str, Any]:
+def serve_args(
+    release: ModelRelease, *, version: str | None, settings: OperatorSettings, canary: str | None = None
+) -> dict[str, Any]:
     ref = release.spec.auth.api_key_secret_ref
     return ServeArgs.for_release(
         release,
         model_uri=model_uri(release, version),
         tracking_uri=settings.tracking_uri,
         api_keys_file=f"{API_KEYS_DIR}/{ref.key}" if ref else None,
+        canary_model_uri=model_uri(release, canary) if canary else None,
     ).model_dump(mode="json")
 
 
-def build_serve_config(release: ModelRelease, *, version: str | None, settings: OperatorSettings) -> str:
-    """The Ray Serve config (YAML text, as KubeRay's serveConfigV2 takes it)."""
-    args = serve_args(release, version=version, settings=settings)
+def build_serve_config(
+    release: ModelRelease,
+    *,
+    version: str | None,
+    settings: OperatorSettings,
+    canary: str | None = None,
+    weight: int = 0,
+) -> str:
+    """The Ray Serve config (YAML text, as KubeRay's serveConfigV2 takes it). With strategy Canary
+    the app is the canary router: `canary` (if any) serves beside `version` at `weight` percent."""
+    args = serve_args(release, version=version, settings=settings, canary=canary)
     # Limits go in the deployment's user_config only: Ray hashes the app's args into its code
     # version, so a limit left in the args would replace every replica instead of reconfiguring it.
     # The key file settings stay in both (the replica reads them at start and on reconfigure), and
@@ -61,6 +77,15 @@ def build_serve_config(release: ModelRelease, *, version: str | None, settings: 
     user_config = {key: args[key] for key in RELOADABLE}
     in_both = (*KEY_SETTINGS, "max_queued_requests")
     init_args = {key: value for key, value in args.items() if key not in RELOADABLE or key in in_both}
+    # The canary's weight goes to the router's user_config only: a step reconfigures the router,
+    # never the model replicas. Without the router (InPlace) the args are those of before canaries.
+    for key in ROUTER_SETTINGS if not args["router"] else ("canary_weight",):
+        init_args.pop(key, None)
+    deployments: list[dict[str, Any]] = [{"name": DEPLOYMENT_NAME, "user_config": user_config}]
+    if args["router"]:
+        if canary:
+            deployments.append({"name": CANARY_DEPLOYMENT_NAME, "user_config": user_config})
+        deployments.append({"name": ROUTER_DEPLOYMENT_NAME, "user_config": {"weight": weight if canary else 0}})
     config = {
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
         "applications": [
@@ -69,7 +94,7 @@ def build_serve_config(release: ModelRelease, *, version: str | None, settings: 
                 "import_path": IMPORT_PATH,
                 "route_prefix": release.spec.endpoint.route_prefix,
                 "args": init_args,
-                "deployments": [{"name": DEPLOYMENT_NAME, "user_config": user_config}],
+                "deployments": deployments,
             }
         ],
     }
@@ -137,6 +162,8 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
     template.apply(head_pod, head_meta, containers=head_pod["containers"])
     template.apply(worker_pod, worker_meta, containers=worker_pod["containers"])
     auto = spec.autoscaling
+    # A canary's replicas (1 up to maxReplicas, serving.app) run beside the stable ones.
+    most = auto.max_replicas * (2 if spec.rollout.strategy == "Canary" else 1)
     return {
         "rayVersion": RAY_VERSION,
         # Ray's autoscaler adds worker pods as Serve adds replicas (one replica per worker pod).
@@ -150,7 +177,7 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
                 "groupName": "replicas",
                 "replicas": auto.min_replicas,
                 "minReplicas": auto.min_replicas,
-                "maxReplicas": auto.max_replicas,
+                "maxReplicas": most,
                 "rayStartParams": {},
                 "template": {"metadata": worker_meta, "spec": worker_pod},
             }
@@ -158,11 +185,24 @@ def build_cluster_config(release: ModelRelease, *, settings: OperatorSettings) -
     }
 
 
+def _canary_annotations(release: ModelRelease, canary: str | None, weight: int) -> dict[str, str]:
+    if release.spec.rollout.strategy != "Canary":
+        return {}
+    return {ANNOTATION_CANARY: canary or "", ANNOTATION_CANARY_WEIGHT: str(weight if canary else 0)}
+
+
 def build_rayservice(
-    release: ModelRelease, *, version: str | None, settings: OperatorSettings, rollout_start: str | None = None
+    release: ModelRelease,
+    *,
+    version: str | None,
+    settings: OperatorSettings,
+    rollout_start: str | None = None,
+    canary: str | None = None,
+    weight: int = 0,
 ) -> dict[str, Any]:
-    """The whole RayService for serving `version` (None: unresolved, for `midfill render` only)."""
-    annotations = {}
+    """The whole RayService for serving `version` (None: unresolved, for `midfill render` only),
+    with `canary` beside it at `weight` percent (strategy Canary)."""
+    annotations = _canary_annotations(release, canary, weight)
     if release.metadata.generation is not None:
         annotations[ANNOTATION_GENERATION] = str(release.metadata.generation)
     if version is not None:
@@ -192,22 +232,33 @@ def build_rayservice(
         "kind": "RayService",
         "metadata": meta,
         "spec": {
-            "serveConfigV2": build_serve_config(release, version=version, settings=settings),
+            "serveConfigV2": build_serve_config(
+                release, version=version, settings=settings, canary=canary, weight=weight
+            ),
             "rayClusterConfig": build_cluster_config(release, settings=settings),
         },
     }
 
 
 def version_patch(
-    release: ModelRelease, *, version: str, settings: OperatorSettings, rollout_start: str, spec_changed: bool = False
+    release: ModelRelease,
+    *,
+    version: str,
+    settings: OperatorSettings,
+    rollout_start: str,
+    spec_changed: bool = False,
+    canary: str | None = None,
+    weight: int = 0,
 ) -> dict[str, Any]:
     """The in-place update to another version: serveConfigV2 and our annotations, nothing else, unless
     the release's spec changed since the RayService was built: then the cluster config follows too
     (KubeRay then starts the new cluster beside the old one and switches when it is ready)."""
     annotations = {ANNOTATION_VERSION: version, ANNOTATION_ROLLOUT_START: rollout_start}
+    annotations.update(_canary_annotations(release, canary, weight))
     if release.metadata.generation is not None:
         annotations[ANNOTATION_GENERATION] = str(release.metadata.generation)
-    spec: dict[str, Any] = {"serveConfigV2": build_serve_config(release, version=version, settings=settings)}
+    config = build_serve_config(release, version=version, settings=settings, canary=canary, weight=weight)
+    spec: dict[str, Any] = {"serveConfigV2": config}
     if spec_changed:
         spec["rayClusterConfig"] = build_cluster_config(release, settings=settings)
     return {"metadata": {"annotations": annotations}, "spec": spec}

@@ -13,6 +13,7 @@ import kopf
 
 from midfill.api import GROUP, VERSION, ModelRelease
 from midfill.api.modelrelease import ModelReleaseStatus
+from midfill.lifecycle.canary import split_from_health
 from midfill.lifecycle.clock import fmt_time, parse_time, utcnow
 from midfill.lifecycle.modelrelease import (
     Deploy,
@@ -50,6 +51,7 @@ def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None, he
         text += f": {app['message']}"
     served, said = (None, "") if release is None else served_by(health, registered_model=_model(release))
     built_from = annotations.get(builders.ANNOTATION_GENERATION)
+    weight = annotations.get(builders.ANNOTATION_CANARY_WEIGHT, "0")
     return DeploymentView(
         version=annotations.get(builders.ANNOTATION_VERSION),
         rollout_start=parse_time(annotations.get(builders.ANNOTATION_ROLLOUT_START)),
@@ -60,6 +62,9 @@ def rayservice_view(obj: dict[str, Any], release: ModelRelease | None = None, he
         served=served,
         # Serve gave up starting the replicas (constructor failed: bad weights, OOM) for this spec.
         failed=text if app_status == "DEPLOY_FAILED" and current else None,
+        canary=annotations.get(builders.ANNOTATION_CANARY) or None,
+        canary_weight=int(weight) if weight.isdigit() else 0,
+        split=split_from_health(health),
     )
 
 
@@ -113,17 +118,31 @@ async def act(
         assert isinstance(action, Deploy)
         dep = observed.deployment
         if dep is None:
-            obj = builders.build_rayservice(release, version=action.version, settings=settings, rollout_start=now)
+            obj = builders.build_rayservice(
+                release,
+                version=action.version,
+                settings=settings,
+                rollout_start=now,
+                canary=action.canary,
+                weight=action.weight,
+            )
             await kube.create(RAYSERVICES, namespace, obj)
             logger.info(f"created RayService {name} serving version {action.version}")
             continue
         spec_changed = dep.generation is not None and dep.generation != release.metadata.generation
         patch = builders.version_patch(
-            release, version=action.version, settings=settings, rollout_start=now, spec_changed=spec_changed
+            release,
+            version=action.version,
+            settings=settings,
+            rollout_start=now,
+            spec_changed=spec_changed,
+            canary=action.canary,
+            weight=action.weight,
         )
         await kube.patch(RAYSERVICES, namespace, name, patch)
+        split = f" with canary version {action.canary} at {action.weight}%" if action.canary else ""
         logger.info(
-            f"RayService {name}: now serves version {action.version}"
+            f"RayService {name}: now serves version {action.version}{split}"
             + (" with the edited spec" if spec_changed else "")
         )
 

@@ -32,6 +32,9 @@ KEY_SETTINGS = ("api_keys_file", "api_keys_env", "auth_disabled")
 # whose replica died under it with a retryable 503 (or a final error event on a stream) instead of
 # Ray's bare 500 or a cut stream.
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy:middlewares"}
+# The canary router's settings (serving.canary): the model replicas never see them, and the weight
+# travels in the router's user_config only, so a new step reconfigures the router and nothing else.
+ROUTER_SETTINGS = ("router", "canary_model_uri", "canary_weight")
 
 
 class ServeArgs(BaseModel):
@@ -79,11 +82,19 @@ class ServeArgs(BaseModel):
         default=None, description="Environment variable holding keys (comma or newline separated)."
     )
     auth_disabled: bool = Field(default=False, description="Serve without auth (must be explicit).")
+    # Canary (spec.rollout.strategy: Canary): a router in front of a stable and a canary deployment.
+    router: bool = Field(
+        default=False, description="Serve through the canary router (stable + optional canary deployment)."
+    )
+    canary_model_uri: str | None = Field(default=None, description="The canary's model (router only).")
+    canary_weight: int = Field(default=0, ge=0, le=100, description="Percent of traffic to the canary.")
 
     @model_validator(mode="after")
     def _auth_explicit(self) -> ServeArgs:
         if not self.auth_disabled and not (self.api_keys_file or self.api_keys_env):
             raise ValueError("auth: give api_keys_file or api_keys_env, or set auth_disabled: true")
+        if self.canary_model_uri is not None and not self.router:
+            raise ValueError("canary_model_uri: a canary needs router: true")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
         return self
@@ -97,6 +108,8 @@ class ServeArgs(BaseModel):
         tracking_uri: str | None,
         api_keys_file: str | None = None,
         api_keys_env: str | None = None,
+        canary_model_uri: str | None = None,
+        canary_weight: int = 0,
     ) -> ServeArgs:
         """Args for serving `model_uri` as a ModelRelease asks (one mapping, used by both backends)."""
         spec = release.spec
@@ -125,6 +138,9 @@ class ServeArgs(BaseModel):
             api_keys_file=api_keys_file,
             api_keys_env=api_keys_env,
             auth_disabled=spec.auth.disabled,
+            router=spec.rollout.strategy == "Canary",
+            canary_model_uri=canary_model_uri,
+            canary_weight=canary_weight,
         )
 
 

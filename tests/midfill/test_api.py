@@ -86,7 +86,9 @@ BAD_SPECS = [
     ("mr", "spec.autoscaling.minReplicas", 5, "spec.autoscaling.minReplicas", "<= maxReplicas"),
     ("mr", "spec.auth", {}, "spec.auth", "auth.disabled: true"),
     ("mr", "spec.rollout.canarySteps", [50, 10], "spec.rollout.canarySteps", "increasing"),
-    ("mr", "spec.rollout.strategy", "Canary", "spec.rollout.strategy", "not implemented yet; use InPlace"),
+    ("mr", "spec.rollout.canarySteps", [], "spec.rollout.canarySteps", "ending at 100"),
+    ("mr", "spec.rollout.canary.maxErrorRate", 2, "spec.rollout.canary.maxErrorRate", "less than or equal to 1"),
+    ("mr", "spec.rollout.canary.stepSeconds", 0, "spec.rollout.canary.stepSeconds", "greater than or equal to 1"),
     ("mr", "spec.serving.maxNewTokens", 0, "spec.serving.maxNewTokens", "greater than or equal to 1"),
 ]
 

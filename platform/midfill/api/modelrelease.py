@@ -188,19 +188,51 @@ class AuthSpec(ApiModel):
         return self
 
 
+class CanarySpec(ApiModel):
+    """How a canary is judged at each step, on the live numbers of the replicas serving it."""
+
+    step_seconds: int = Field(
+        default=300, ge=1, description="How long each canary step is held before it may advance. Default 300."
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        description="Canary requests a step needs before it is judged (fewer: the step is held). Default 20.",
+    )
+    max_error_rate: float = Field(
+        default=0.02, ge=0, le=1, description="Most server errors (5xx) per canary request. Default 0.02."
+    )
+    max_p95_latency_ms: float | None = Field(
+        default=None, gt=0, description="Highest 95th-percentile request latency of the canary. Default: unchecked."
+    )
+    min_own_stop_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Fewest completions that end on their own (finish_reason stop, not the token limit). "
+        "Default: unchecked.",
+    )
+    max_mean_completion_tokens: float | None = Field(
+        default=None, gt=0, description="Longest mean completion (tokens) of the canary. Default: unchecked."
+    )
+
+
 class RolloutSpec(ApiModel):
     """How a newly approved version replaces the serving one."""
 
     strategy: Literal["InPlace", "Canary"] = Field(
         default="InPlace",
         description="InPlace swaps the model inside the running cluster (no second cluster, no 2x GPUs), "
-        "with automatic rollback. Canary (traffic in steps) is reserved: not implemented yet, so it is "
-        "refused rather than silently rolled in place. Default InPlace.",
+        "with automatic rollback. Canary serves the new version beside the stable one on the steps of "
+        "canarySteps (sticky per API key or `user`), judged on live numbers (rollout.canary), promoted at "
+        "100% or rolled back to 0% on a breach; its replicas come from the autoscaling bounds. Default InPlace.",
     )
     canary_steps: list[int] = Field(
         default_factory=lambda: [10, 50, 100],
-        description="Canary traffic percentages, increasing, ending at 100 (for strategy Canary, reserved). "
-        "Default [10, 50, 100].",
+        description="Canary traffic percentages, increasing, ending at 100 (strategy Canary). Default [10, 50, 100].",
+    )
+    canary: CanarySpec = Field(
+        default_factory=CanarySpec, description="Hold time and thresholds of each canary step (strategy Canary)."
     )
     auto_rollback: bool = Field(
         default=True,
@@ -212,13 +244,8 @@ class RolloutSpec(ApiModel):
 
     @model_validator(mode="after")
     def _steps(self) -> RolloutSpec:
-        if self.strategy == "Canary":
-            raise ValueError(
-                "strategy: Canary is not implemented yet; use InPlace (the new version replaces the old one "
-                "in the running cluster and is rolled back if it is not healthy within healthDeadlineSeconds)"
-            )
         steps = self.canary_steps
-        if any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or (steps and steps[-1] != 100):
+        if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
             raise ValueError(
                 f"canarySteps: {steps} must be increasing percentages in 1..100 ending at 100, e.g. [10, 50, 100]"
             )
@@ -254,6 +281,34 @@ class ModelReleaseSpec(ApiModel):
 ModelReleasePhase = Literal["Pending", "WaitingForApproval", "Progressing", "Available", "Degraded", "Paused", "Failed"]
 
 
+class CanaryNumbers(ApiModel):
+    """One version's live numbers, as the endpoint counted them since the current split was set."""
+
+    requests: int = Field(default=0, ge=0, description="Completion requests answered.")
+    errors: int = Field(default=0, ge=0, description="Requests answered with a server error (5xx).")
+    error_rate: float | None = Field(default=None, description="errors / requests.")
+    p95_latency_ms: float | None = Field(default=None, description="95th-percentile request latency.")
+    own_stop_rate: float | None = Field(
+        default=None, description="Completions that ended on their own (finish_reason stop)."
+    )
+    mean_completion_tokens: float | None = Field(default=None, description="Mean completion length in tokens.")
+
+
+class CanaryStatus(ApiModel):
+    """Where the canary stands: version, step, weight, and the numbers it was last judged on."""
+
+    version: str = Field(description="The version on canary.")
+    state: Literal["Running", "Promoted", "RolledBack"] = Field(
+        default="Running", description="Running (taking steps), Promoted (became stable) or RolledBack (0%)."
+    )
+    step: int = Field(default=0, ge=0, description="Index of the current step in spec.rollout.canarySteps.")
+    weight: int = Field(default=0, ge=0, le=100, description="Percent of traffic routed to the canary now.")
+    step_started: str | None = Field(default=None, description="When the current step began (RFC 3339).")
+    canary_numbers: CanaryNumbers | None = Field(default=None, description="The canary's last judged numbers.")
+    stable_numbers: CanaryNumbers | None = Field(default=None, description="The stable version's numbers then.")
+    verdict: str | None = Field(default=None, description="The last judgement, naming the number that decided it.")
+
+
 class ModelReleaseStatus(ApiModel):
     """Observed state of a ModelRelease."""
 
@@ -272,6 +327,7 @@ class ModelReleaseStatus(ApiModel):
         default=None, description="Version served before the stable one (rollback target)."
     )
     url: str | None = Field(default=None, description="Base URL of the OpenAI-compatible endpoint.")
+    canary: CanaryStatus | None = Field(default=None, description="The canary rollout (strategy Canary).")
     observed_generation: int | None = Field(default=None, description="The spec generation this status reflects.")
 
 

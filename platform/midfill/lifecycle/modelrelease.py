@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from midfill.api import ModelRelease, SpecError, set_condition
-from midfill.api.modelrelease import ModelReleaseStatus
+from midfill.api.modelrelease import CanaryStatus, ModelReleaseStatus
+from midfill.lifecycle import canary as canary_rollout
+from midfill.lifecycle.canary import Deploy, Split
 from midfill.lifecycle.clock import fmt_time
 from midfill.registry import RegistryError, RegistryUnavailable, approval_reason, unmet_approval
 
@@ -71,6 +73,11 @@ class DeploymentView:
     served: str | None = None
     # Why the deployment failed for good (the model failed to load, Serve gave up): no point waiting.
     failed: str | None = None
+    # Strategy Canary: the canary version deployed beside `version` and its weight (percent), and
+    # the split the endpoint itself reports (canary loaded, weight, numbers per version).
+    canary: str | None = None
+    canary_weight: int = 0
+    split: Split | None = None
 
 
 def served_by(health: Any, *, registered_model: str) -> tuple[str | None, str]:
@@ -91,13 +98,6 @@ class Observed:
     now: dt.datetime
     resolution: Resolution
     deployment: DeploymentView | None = None
-
-
-@dataclass(frozen=True)
-class Deploy:
-    """Serve `version` with the current spec: create the deployment, or update it in place."""
-
-    version: str
 
 
 Action = Deploy
@@ -188,8 +188,14 @@ class _Machine:
             self.phase("WaitingForApproval" if res.version or res.awaiting_alias else "Pending", reason)
         elif dep is None:
             self.deploy(target, "Deploying", f"deploying version {target}")
+        elif canary_rollout.wanted(self, target, dep):
+            canary_rollout.step(self, target, dep)
+        elif canary_rollout.handover(self, target, dep):
+            pass
         elif serving != target:
             self.deploy(target, "Updating", f"rolling version {serving} -> {target} in place")
+        elif dep.canary is not None:
+            canary_rollout.remove(self, target, dep, "CanaryRemoved", f"version {target} serves 100%")
         elif dep.generation is not None and self.gen is not None and dep.generation != self.gen:
             self.deploy(
                 target,
@@ -199,8 +205,19 @@ class _Machine:
         else:
             self.settle(target, dep)
 
+    def deploy_action(self, version: str, current: CanaryStatus | None = None) -> Deploy:
+        router = self.spec.rollout.strategy == "Canary"
+        if current is None:
+            return Deploy(version, router=router)
+        return Deploy(version, canary=current.version, weight=current.weight, router=router)
+
+    def deploy_canary(self, stable: str, current: CanaryStatus, reason: str, message: str) -> None:
+        self.plan.actions.append(self.deploy_action(stable, current))
+        self.cond("Progressing", "True", reason, message)
+        self.phase("Progressing", message + self.waiting)
+
     def deploy(self, version: str, reason: str, message: str) -> None:
-        self.plan.actions.append(Deploy(version))
+        self.plan.actions.append(self.deploy_action(version))
         self.cond("Progressing", "True", reason, message)
         self.phase("Progressing", message + self.waiting)
 
@@ -231,7 +248,7 @@ class _Machine:
         stable = status.stable_version
         if self.spec.rollout.auto_rollback and stable and stable != target:
             message = f"{why}; rolling back to version {stable}"
-            self.plan.actions.append(Deploy(stable))
+            self.plan.actions.append(self.deploy_action(stable))
             self.cond("RolledBack", "True", reason, f"{why}; rolled back to version {stable}")
             self.cond("Degraded", "True", reason, message)
             self.cond("Progressing", "True", "RollingBack", message)

@@ -38,9 +38,10 @@ from pathlib import Path
 from midfill.api import ModelRelease
 from midfill.api.modelrelease import ModelReleaseStatus
 from midfill.lifecycle import modelrelease as lifecycle
+from midfill.lifecycle.canary import split_from_health
 from midfill.lifecycle.clock import utcnow
 from midfill.lifecycle.events import phase_event
-from midfill.lifecycle.modelrelease import DeploymentView
+from midfill.lifecycle.modelrelease import Deploy, DeploymentView
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_model_release
 from midfill.registry import Registry, VersionInfo
@@ -167,9 +168,25 @@ def _ray_temp_dir(state_dir: Path, name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"mfray-{digest}")
 
 
-def local_serve_args(release: ModelRelease, *, version: VersionInfo, tracking_uri: str, keys: str | None) -> ServeArgs:
-    """ServeArgs for the release pinned to one version, with CPU requests fitted to this machine."""
-    args = ServeArgs.for_release(release, model_uri=version.uri, tracking_uri=tracking_uri, api_keys_file=keys)
+def local_serve_args(
+    release: ModelRelease,
+    *,
+    version: VersionInfo,
+    tracking_uri: str,
+    keys: str | None,
+    canary: VersionInfo | None = None,
+    weight: int = 0,
+) -> ServeArgs:
+    """ServeArgs for the release pinned to one version (and, strategy Canary, a canary beside it at
+    `weight` percent), with CPU requests fitted to this machine."""
+    args = ServeArgs.for_release(
+        release,
+        model_uri=version.uri,
+        tracking_uri=tracking_uri,
+        api_keys_file=keys,
+        canary_model_uri=canary.uri if canary else None,
+        canary_weight=weight if canary else 0,
+    )
     cpus = float(os.cpu_count() or 1)
     return args.model_copy(update={"num_cpus": min(args.num_cpus, cpus), "num_gpus": 0.0})
 
@@ -263,7 +280,7 @@ class _Controller:
         self.registry = Registry(self.tracking_uri)
         self.build_app = import_attr(APP_IMPORT_PATH)
         self.deployed: DeploymentView | None = None
-        self.errors: dict[str, str] = {}  # version -> why its deployment raised
+        self.errors: dict[str, str] = {}  # deployment (version, canary, weight) -> why its serve.run raised
 
     def health(self, release: ModelRelease) -> DeploymentView | None:
         """The deployment as Serve and the endpoint itself report it: Serve's application status
@@ -274,7 +291,7 @@ class _Controller:
         dep = self.deployed
         if dep is None:
             return None
-        failed = self.errors.get(dep.version or "")
+        failed = self.errors.get(_deployment_key(dep.version, dep.canary, dep.canary_weight))
         try:
             app = serve.status().applications.get(self.name)
         except Exception as exc:  # noqa: BLE001 - Serve's controller busy or gone: not healthy, say why
@@ -283,11 +300,17 @@ class _Controller:
         message = (app.message if app else "") or failed or ""
         if state == "DEPLOY_FAILED" and failed is None:
             failed = f"Serve: {message or state}"[:500]
-        served, said = lifecycle.served_by(
-            self.endpoint_health(dep.url), registered_model=release.spec.model.registered_model_name
-        )
+        answer = self.endpoint_health(dep.url)
+        served, said = lifecycle.served_by(answer, registered_model=release.spec.model.registered_model_name)
         health = f"application {self.name}: {state}" + (f": {message}" if message else "") + f"; {said}"
-        return replace(dep, healthy=state == "RUNNING", health=health, served=served, failed=failed)
+        return replace(
+            dep,
+            healthy=state == "RUNNING",
+            health=health,
+            served=served,
+            failed=failed,
+            split=split_from_health(answer),
+        )
 
     @staticmethod
     def endpoint_health(url: str | None) -> object:
@@ -309,30 +332,45 @@ class _Controller:
             resolution = lifecycle.Resolution(error=f"MLflow at {self.tracking_uri} not readable: {exc}")
         return lifecycle.Observed(now=utcnow(), resolution=resolution, deployment=self.health(release))
 
-    def deploy(self, record: StoredResource, release: ModelRelease, version: str) -> None:
+    def deploy(self, record: StoredResource, release: ModelRelease, action: Deploy) -> None:
         from ray import serve
 
-        info = self.registry.get(release.spec.model.registered_model_name, version=version)
-        args = local_serve_args(release, version=info, tracking_uri=self.tracking_uri, keys=record.local.api_keys_file)
+        model = release.spec.model.registered_model_name
+        info = self.registry.get(model, version=action.version)
+        canary = self.registry.get(model, version=action.canary) if action.canary else None
+        args = local_serve_args(
+            release,
+            version=info,
+            tracking_uri=self.tracking_uri,
+            keys=record.local.api_keys_file,
+            canary=canary,
+            weight=action.weight,
+        )
         url = f"http://127.0.0.1:{self.port}{release.spec.endpoint.route_prefix.rstrip('/')}"
-        self.errors.pop(version, None)
+        key = _deployment_key(action.version, action.canary, action.weight)
+        self.errors.pop(key, None)
 
         def run() -> None:
             try:
                 serve.run(self.build_app(args), name=self.name, route_prefix=args.route_prefix)
             except Exception as exc:  # noqa: BLE001 - a bad version must not take the controller down
-                self.errors[version] = f"{type(exc).__name__}: {exc}"[:500]
+                self.errors[key] = f"{type(exc).__name__}: {exc}"[:500]
 
-        threading.Thread(target=run, name=f"deploy-{version}", daemon=True).start()
+        threading.Thread(target=run, name=f"deploy-{key}", daemon=True).start()
         self.deployed = DeploymentView(
-            version=version,
+            version=action.version,
             rollout_start=utcnow(),
             healthy=False,
             health="deploying",
             url=url,
             generation=record.resource["metadata"]["generation"],
+            canary=action.canary,
+            canary_weight=action.weight if action.canary else 0,
         )
-        self.store.update(KIND, self.name, lambda rec: rec.add_event("Deploying", f"serve.run {info.uri} at {url}"))
+        split = f" with canary {canary.uri} at {action.weight}%" if canary else ""
+        self.store.update(
+            KIND, self.name, lambda rec: rec.add_event("Deploying", f"serve.run {info.uri}{split} at {url}")
+        )
 
     def pass_once(self) -> bool:
         """One observe/reconcile/act/write pass; False once the release is deleted."""
@@ -347,9 +385,13 @@ class _Controller:
             generation=record.resource["metadata"]["generation"],
         )
         for action in plan.actions:
-            self.deploy(record, release, action.version)
+            self.deploy(record, release, action)
         self.store.update(KIND, self.name, lambda rec: _write(rec, plan.status))
         return True
+
+
+def _deployment_key(version: str | None, canary: str | None, weight: int) -> str:
+    return f"{version}+{canary}@{weight}" if canary else str(version)
 
 
 def wait_available(store: StateStore, name: str, *, timeout: float, poll: float = 1.0) -> ModelReleaseStatus:

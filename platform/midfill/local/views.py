@@ -139,7 +139,40 @@ def _spec_summary(record: StoredResource) -> list[tuple[str, str]]:
             else f"Secret {ref['name']}/{ref.get('key', 'api-keys')} -> {record.local.api_keys_file or '-'}",
         ),
         ("Route prefix", spec.get("endpoint", {}).get("routePrefix", "/")),
+        ("Rollout", _rollout_summary(spec.get("rollout", {}))),
     ]
+
+
+def _rollout_summary(rollout: dict) -> str:
+    if rollout.get("strategy", "InPlace") != "Canary":
+        return "InPlace"
+    judged = ", ".join(f"{k} {v}" for k, v in rollout.get("canary", {}).items())
+    steps = "/".join(f"{w}%" for w in rollout.get("canarySteps", [10, 50, 100]))
+    return f"Canary {steps}" + (f" ({judged})" if judged else "")
+
+
+def canary_lines(canary: dict, stable: str | None) -> list[str]:
+    """The split and the numbers each version was last judged on (status.canary, wire form)."""
+    weight, state = canary.get("weight", 0), canary.get("state", "Running")
+    split = f"version {canary['version']} {weight}% / version {stable or '-'} {100 - weight}%"
+    if state == "Promoted":
+        split = f"version {canary['version']} promoted: it takes 100% as the stable version"
+    lines = [
+        "Canary:",
+        f"  {'Split:':<14}{split}",
+        f"  {'State:':<14}{state}, step {canary.get('step', 0) + 1} since {canary.get('stepStarted', '-')}",
+        f"  {'Verdict:':<14}{canary.get('verdict') or '-'}",
+    ]
+    rows = []
+    for role, version, key in (("canary", canary["version"], "canaryNumbers"), ("stable", stable, "stableNumbers")):
+        n = canary.get(key)
+        if n:
+            values = ("errorRate", "p95LatencyMs", "ownStopRate", "meanCompletionTokens")
+            rows.append((role, version or "-", str(n.get("requests", 0)), *(str(n.get(k, "-")) for k in values)))
+    if rows:
+        columns = ("ROLE", "VERSION", "REQUESTS", "ERROR RATE", "P95 MS", "OWN STOP", "MEAN TOKENS")
+        lines += ["  " + line for line in table(columns, rows).splitlines()]
+    return lines
 
 
 def evaluation_rows(tags: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -191,11 +224,14 @@ def describe(
     lines.append("Status:")
     wire = status.to_wire()
     conditions = wire.pop("conditions", [])
+    canary = wire.pop("canary", None)
     for key, value in wire.items():
         text = value if not isinstance(value, dict) else ", ".join(f"{k}={v}" for k, v in value.items())
         lines.append(f"  {key + ':':<24}{text}")
     if record.local.log_file or record.local.supervisor_log:
         lines.append(f"  {'logs:':<24}{record.local.log_file or record.local.supervisor_log}")
+    if canary:
+        lines += canary_lines(canary, getattr(status, "stable_version", None))
     lines.append("Conditions:")
     if conditions:
         rows = [

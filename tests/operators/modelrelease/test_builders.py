@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from midfill.api import load_file
-from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ServeArgs
+from midfill.serve_args import KEY_SETTINGS, RELOADABLE, ROUTER_SETTINGS, ServeArgs
 from operators.modelrelease import builders
 from operators.settings import OperatorSettings
 from tests.operators.validation import validate
@@ -36,7 +36,9 @@ def test_serve_config_runs_the_app_with_release_args():
         api_keys_file="/etc/midfill/api-keys/api-keys",
     ).model_dump(mode="json")
     assert app["args"] == {
-        k: v for k, v in expected.items() if k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")
+        k: v
+        for k, v in expected.items()
+        if (k not in RELOADABLE or k in (*KEY_SETTINGS, "max_queued_requests")) and k not in ROUTER_SETTINGS
     }
     (deployment,) = app["deployments"]
     assert deployment["name"] == "InfillServer"
@@ -120,3 +122,28 @@ def test_a_limit_edit_changes_only_the_user_config():
     assert after["args"] == before["args"]
     assert after["deployments"][0]["user_config"]["max_new_tokens"] == 64
     assert after["deployments"][0]["user_config"]["max_batch_size"] == 4
+
+
+def test_a_canary_serves_beside_the_stable_version_and_its_weight_reconfigures_only_the_router():
+    rel = release()
+    rel.spec.rollout.strategy = "Canary"
+    rs = builders.build_rayservice(rel, version="2", settings=SETTINGS, canary="3", weight=25)
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["model_uri"] == "models:/fim-debug/2" and app["args"]["router"] is True
+    assert app["args"]["canary_model_uri"] == "models:/fim-debug/3" and "canary_weight" not in app["args"]
+    names = [d["name"] for d in app["deployments"]]
+    assert names == ["InfillServer", "InfillCanary", "CanaryRouter"]
+    assert app["deployments"][2]["user_config"] == {"weight": 25}
+    annotations = rs["metadata"]["annotations"]
+    assert (annotations["midfill.dev/canary-version"], annotations["midfill.dev/canary-weight"]) == ("3", "25")
+    # The canary's replicas come from the autoscaling bounds: room for maxReplicas more worker pods.
+    assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 2 * 4
+    # The next step changes the router's user_config and nothing in the args.
+    patch = builders.version_patch(rel, version="2", settings=SETTINGS, rollout_start="t", canary="3", weight=50)
+    (next_app,) = yaml.safe_load(patch["spec"]["serveConfigV2"])["applications"]
+    assert next_app["args"] == app["args"] and next_app["deployments"][2]["user_config"] == {"weight": 50}
+    # No canary: the router alone in front of the stable deployment, the annotation emptied (not removed).
+    alone = builders.version_patch(rel, version="3", settings=SETTINGS, rollout_start="t")
+    (alone_app,) = yaml.safe_load(alone["spec"]["serveConfigV2"])["applications"]
+    assert [d["name"] for d in alone_app["deployments"]] == ["InfillServer", "CanaryRouter"]
+    assert alone["metadata"]["annotations"]["midfill.dev/canary-version"] == ""
