@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from midfill.api import ModelRelease, SpecError, set_condition
 from midfill.api.modelrelease import CanaryStatus, ModelReleaseStatus
 from midfill.lifecycle import canary as canary_rollout
 from midfill.lifecycle.canary import Deploy, Split
 from midfill.lifecycle.clock import fmt_time
+from midfill.lifecycle.stamping import ConditionStamper
 from midfill.registry import RegistryError, RegistryUnavailable, approval_reason, unmet_approval
 
 
@@ -113,7 +114,7 @@ def _is_true(status: ModelReleaseStatus, type: str) -> bool:
     return any(c.type == type and c.status == "True" for c in status.conditions)
 
 
-class _Machine:
+class _Machine(ConditionStamper[ModelReleaseStatus]):
     def __init__(
         self, release: ModelRelease, status: ModelReleaseStatus, observed: Observed, generation: int | None
     ) -> None:
@@ -123,17 +124,6 @@ class _Machine:
         self.now = fmt_time(observed.now)
         self.plan = Plan(status)
         self.waiting = ""
-
-    def cond(self, type: str, value: Literal["True", "False", "Unknown"], reason: str, message: str = "") -> None:
-        self.status.conditions = set_condition(
-            self.status.conditions,
-            type=type,
-            status=value,
-            reason=reason,
-            message=message,
-            observed_generation=self.gen,
-            now=self.now,
-        )
 
     def phase(self, name: str, message: str) -> None:
         self.status.phase, self.status.message = name, message  # type: ignore[assignment]

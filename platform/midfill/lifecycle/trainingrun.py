@@ -17,6 +17,7 @@ from midfill.api import SpecError, TrainingRun, set_condition
 from midfill.api.trainingrun import CheckpointRef, Progress, RegisteredModelRef, TrainingRunStatus
 from midfill.lifecycle.attempts import EndRun, PruneAttempt, attempt_name, attempt_record, ended, housekeeping
 from midfill.lifecycle.clock import fmt_time, parse_time
+from midfill.lifecycle.stamping import ConditionStamper
 from midfill.progress import ProgressRecord
 
 ACTIVE_PHASES = ("Pending", "Queued", "Starting", "Running", "Restarting", "Suspended")
@@ -113,23 +114,12 @@ def needs_resync(status: dict | None) -> bool:
 
 
 # -- the state machine ---------------------------------------------------------------------------------
-class _Machine:
+class _Machine(ConditionStamper[TrainingRunStatus]):
     def __init__(self, run: TrainingRun, status: TrainingRunStatus, observed: Observed, generation: int | None) -> None:
         self.run, self.spec, self.observed, self.gen = run, run.spec, observed, generation
         self.status = status
         self.now = fmt_time(observed.now)
         self.actions: list[Action] = []
-
-    def cond(self, type: str, status: Literal["True", "False", "Unknown"], reason: str, message: str = "") -> None:
-        self.status.conditions = set_condition(
-            self.status.conditions,
-            type=type,
-            status=status,
-            reason=reason,
-            message=message,
-            observed_generation=self.gen,
-            now=self.now,
-        )
 
     def set_phase(self, phase: str, message: str | None) -> None:
         self.status.phase = phase  # type: ignore[assignment]
