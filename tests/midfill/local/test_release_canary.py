@@ -18,19 +18,9 @@ import pytest
 from midfill.local.state import StateStore
 from midfill.registry import Registry
 from tests.midfill.lifecycle.scenarios import condition
+from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a private Ray Serve and several model loads on a small machine
-
-
-def _wait(check, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 class Editors:
@@ -108,10 +98,12 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
 
     try:
         cli("apply", "-f", str(write_yaml(tmp_path / "rel.yaml", _release())))
-        available = _wait(lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="1 Available")
+        available = wait_until(
+            lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="1 Available"
+        )
         assert available.stable_version == "1"
         with Editors(available.url) as editors:
-            _wait(lambda: len(editors.answers) >= 3, timeout=120, what="the editors' first answers")
+            wait_until(lambda: len(editors.answers) >= 3, timeout=120, what="the editors' first answers")
             registry.approve("fim-debug", 2)
             weights = set()
 
@@ -121,7 +113,7 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
                     weights.add(s.canary.weight)
                 return s and s.stable_version == "2" and s.phase == "Available" and s
 
-            done = _wait(promoted, timeout=600, what="version 2 promoted")
+            done = wait_until(promoted, timeout=600, what="version 2 promoted")
             assert done.previous_stable_version == "1" and done.canary is not None
             assert done.canary.state == "Promoted" and {30, 100} <= weights
             assert done.canary.canary_numbers is not None and done.canary.canary_numbers.requests >= 5
@@ -136,13 +128,13 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
 
             # A threshold no real request meets: version 3's canary breaches at its first step.
             cli("apply", "-f", str(write_yaml(tmp_path / "rel.yaml", _release(maxP95LatencyMs=1))))
-            _wait(
+            wait_until(
                 lambda: (s := status()) and s.phase == "Available" and s.observed_generation == 2,
                 timeout=300,
                 what="the edited spec served",
             )
             registry.approve("fim-debug", 3)
-            _wait(
+            wait_until(
                 lambda: (
                     (s := status())
                     and condition(s.to_wire(), "RolledBack") == ("RolledBack", "True", "CanaryThresholdBreached")
@@ -150,7 +142,9 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
                 timeout=420,
                 what="version 3's canary rolled back",
             )
-            back = _wait(lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="2 serves alone")
+            back = wait_until(
+                lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="2 serves alone"
+            )
             after = len(editors.answers)
             time.sleep(4)
             later = {version for _, version, _ in editors.answers[after:]}

@@ -19,6 +19,7 @@ import pytest
 
 from midfill.local.state import StateStore
 from midfill.registry import Registry
+from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a private Ray Serve, two model loads, 32 clients on a small machine
 
@@ -65,15 +66,6 @@ class Load:
             thread.join(timeout=150)
 
 
-def _wait(check, *, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory) -> tuple[Path, Path]:
     from tests.serving.serving_exports import build_export
@@ -113,21 +105,23 @@ def test_a_swap_under_32_clients_fails_nothing_and_then_answers_only_from_versio
 
     try:
         cli("apply", "-f", str(write_yaml(tmp_path / "rel.yaml", doc)))
-        available = _wait(
+        available = wait_until(
             lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="version 1 Available", poll=0.5
         )
         with Load(available.url) as load:
-            _wait(lambda: len(load.answers) >= CLIENTS, timeout=120, what="the clients' first answers")
+            wait_until(lambda: len(load.answers) >= CLIENTS, timeout=120, poll=0.1, what="the clients' first answers")
             registry.approve("fim-swap", 2)
-            _wait(
+            wait_until(
                 lambda: (s := status()) and s.phase == "Available" and s.stable_version == "2",
                 timeout=420,
+                poll=0.1,
                 what="the swap to version 2 reported complete",
             )
             reported = time.monotonic()
-            _wait(
+            wait_until(
                 lambda: sum(a.started > reported for a in load.answers) >= 4 * CLIENTS,
                 timeout=120,
+                poll=0.1,
                 what="answers to requests sent after the swap was reported",
             )
     finally:

@@ -10,8 +10,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Call `check` every half second until it returns something truthy, and return that; past
+def wait_until(check: Callable[[], T], *, timeout: float, what: str, poll: float = 0.5) -> T:
+    """Call `check` every `poll` seconds until it returns something truthy, and return that; past
     `timeout` seconds fail, naming `what` and the last value seen."""
     deadline = time.monotonic() + timeout
     last = None
@@ -19,5 +19,5 @@ def wait_until(check: Callable[[], T], *, timeout: float, what: str) -> T:
         last = check()
         if last:
             return last
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
