@@ -25,8 +25,9 @@ IMAGE_SOURCES = {
     "trainer": ["trainer"],
     "serving": ["serving"],
 }
-# Modules an image gets from its base image rather than from its own pip install.
-FROM_BASE = {"trainer": {"torch"}, "serving": {"ray"}}
+# Modules an image gets from its base image rather than from its own pip install, or (serving's
+# flash_attn) imports its code makes only where the module is installed (importlib.util.find_spec).
+FROM_BASE = {"trainer": {"torch"}, "serving": {"ray", "flash_attn"}}
 # import name -> distribution name, where they differ.
 DIST = {"yaml": "pyyaml", "pydantic_settings": "pydantic-settings", "prometheus_client": "prometheus-client",
         "mlflow": "mlflow-skinny", "flash_attn": "flash-attn", "ray": "ray[serve]"}
