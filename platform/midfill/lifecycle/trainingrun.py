@@ -297,8 +297,7 @@ class _Machine(ConditionStamper[TrainingRunStatus]):
         job = self.observed.jobs.get(attempt)
         live = job if job is not None and not job.deleting else None
         if attempt > st.attempt:  # found an attempt the status does not know about (crash after create)
-            st.attempt, st.active_job_name = attempt, attempt_name(self.run.metadata.name, attempt)
-            st.start_time = st.start_time or self.now
+            self.adopt(attempt)
 
         if st.phase == "Succeeded":
             self.registration()
@@ -329,6 +328,21 @@ class _Machine(ConditionStamper[TrainingRunStatus]):
             self.no_live_attempt(attempt)
             return
         self.run_active(live)
+
+    def adopt(self, attempt: int) -> None:
+        """Take on an attempt that was started just before a crash, before the status recorded it.
+
+        Started from an active phase, it was a restart (its predecessor failed) and counts against
+        failurePolicy.maxRestarts, or every crash in that window would refill the budget; started
+        from Suspended or Pending, it was a resume, which does not count."""
+        st, name = self.status, self.run.metadata.name
+        if st.attempt > 0 and st.phase not in ("Suspended", "Pending"):
+            before = self.observed.jobs.get(st.attempt)
+            ended(st, name, st.attempt, "Failed", (before.reason if before else "") or "AttemptFailed")
+            st.restart_count += attempt - st.attempt
+        attempt_record(st, name, attempt)
+        st.attempt, st.active_job_name = attempt, attempt_name(name, attempt)
+        st.start_time = st.start_time or self.now
 
     def no_live_attempt(self, attempt: int) -> None:
         st = self.status

@@ -266,3 +266,25 @@ def test_unchanged_world_gives_unchanged_status():
         generation=1,
     )
     assert later.status == first.status and later.actions == []
+
+
+def test_a_restart_whose_status_was_lost_still_counts_against_the_budget():
+    """A crash between starting attempt 2 (a restart) and writing the status leaves status at attempt 1
+    with no restart counted. Adopting attempt 2 must count that restart, or attempt 2's failure
+    would start an attempt 3 beyond failurePolicy.maxRestarts (found by the operator chaos test)."""
+    lost = status(phase="Running", conditions=[cond("PodsReady", "True", "AllPodsReady")])
+    r = run(failure_policy__max_restarts=1)
+    adopted = reconcile(
+        r, status=lost, observed=Observed(now=NOW, jobs={1: job(**FAILED), 2: job(2, ready=1)}), generation=1
+    )
+    assert adopted.status.attempt == 2 and adopted.status.restart_count == 1 and adopted.actions == []
+    assert adopted.status.attempts[0].outcome == "Failed"
+    failed = reconcile(r, status=adopted.status, observed=Observed(now=NOW, jobs={2: job(2, **FAILED)}), generation=1)
+    assert failed.status.phase == "Failed" and not any(isinstance(a, StartAttempt) for a in failed.actions)
+    assert next(c for c in failed.status.conditions if c.type == "Failed").reason == "MaxRestartsExceeded"
+
+
+def test_an_attempt_started_by_a_resume_whose_status_was_lost_is_not_a_restart():
+    suspended = status(phase="Suspended")
+    adopted = reconcile(run(), status=suspended, observed=Observed(now=NOW, jobs={2: job(2)}), generation=1)
+    assert adopted.status.attempt == 2 and adopted.status.restart_count == 0
