@@ -11,6 +11,11 @@ process of an endpoint is started with) and turns those into answers a client ca
 - an event stream cut short: a last `data: {"error": ...}` event (what OpenAI's clients raise as an
   APIError), then a clean end, with no `[DONE]`.
 
+Ray's proxy also answers some requests itself, in plain text: 408 (Ray's request timeout), 429 (its
+queue is full, with `Retry-After`) and 503 (the deployment is unavailable). Those get the same
+OpenAI-shaped body, Ray's words kept in the message, status and `Retry-After` unchanged, so every
+error a client of the endpoint can see parses the same way.
+
 Every answer the replica did give, errors included, passes through untouched. Serve replaces the
 dead replica; requests that arrive meanwhile wait in Ray's queue for it.
 """
@@ -37,6 +42,20 @@ def middlewares() -> list[Middleware]:
     return [Middleware(ReplicaLostMiddleware)]
 
 
+# Ray's own plain-text answers: status -> (OpenAI error type, code, what a client should do).
+RAY_ANSWERS = {
+    408: ("timeout", "request_timeout", "the endpoint's request timeout passed; retry, or ask for fewer tokens"),
+    429: ("rate_limit_error", "queue_full", "the endpoint's queue is full; retry after the Retry-After seconds"),
+    503: ("service_unavailable", "deployment_unavailable", "no replica can take the request now; retry shortly"),
+}
+
+
+def _ray_answer_body(status: int, said: bytes) -> bytes:
+    type_, code, advice = RAY_ANSWERS[status]
+    text = said.decode("utf-8", "replace").strip()[:300]
+    return json.dumps(error_body(f"{text}: {advice}" if text else advice, type_=type_, code=code)).encode()
+
+
 def _lost_body() -> dict[str, Any]:
     return error_body(LOST, type_="service_unavailable", code="replica_lost")
 
@@ -52,14 +71,24 @@ class ReplicaLostMiddleware:
             await self.app(scope, receive, send)
             return
         seen = {"started": False, "finished": False, "event_stream": False}
+        held: dict[str, Any] = {}  # a plain-text answer of Ray's own, rewritten once its body is complete
 
         async def watching_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["started"] = True
                 headers = dict(message.get("headers") or [])
-                seen["event_stream"] = headers.get(b"content-type", b"").startswith(b"text/event-stream")
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                seen["finished"] = True
+                content_type = headers.get(b"content-type", b"")
+                seen["event_stream"] = content_type.startswith(b"text/event-stream")
+                if message["status"] in RAY_ANSWERS and not content_type.startswith(b"application/json"):
+                    held.update(start=message, body=b"")
+                    return
+            elif message["type"] == "http.response.body":
+                seen["finished"] = not message.get("more_body", False)
+                if held:
+                    held["body"] += message.get("body", b"")
+                    if seen["finished"]:
+                        await self._rewritten(send, held["start"], held["body"])
+                    return
             await send(message)
 
         try:
@@ -68,9 +97,19 @@ class ReplicaLostMiddleware:
             log.exception("midfill: the proxy raised while forwarding %s", scope.get("path"))
         if not seen["started"]:
             await self._unavailable(send)
+        elif held and not seen["finished"]:  # Ray's own answer, its body cut short: still answer it whole
+            await self._rewritten(send, held["start"], held["body"])
         elif seen["event_stream"] and not seen["finished"]:
             event = f"data: {json.dumps(_lost_body())}\n\n".encode()
             await send({"type": "http.response.body", "body": event, "more_body": False})
+
+    @staticmethod
+    async def _rewritten(send: Send, start: Message, said: bytes) -> None:
+        body = _ray_answer_body(start["status"], said)
+        kept = [(k, v) for k, v in start.get("headers") or [] if k.lower() == b"retry-after"]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *kept]
+        await send({"type": "http.response.start", "status": start["status"], "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     @staticmethod
     async def _unavailable(send: Send) -> None:

@@ -55,3 +55,27 @@ def test_a_cut_event_stream_ends_with_an_error_event():
 def test_an_answer_passes_through_untouched():
     start, body = _run(_answered)
     assert start["status"] == 429 and body["body"] == b'{"error": {}}'
+
+
+def _ray_says(status: int, text: bytes, extra: list | None = None):
+    """Ray's proxy answering by itself (its request timeout, its full queue): plain text."""
+
+    async def app(scope, receive, send) -> None:
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), *(extra or [])]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": text, "more_body": False})
+
+    return app
+
+
+def test_rays_own_plain_text_answers_become_openai_shaped_with_status_and_retry_after_kept():
+    start, body = _run(_ray_says(408, b"Request abc timed out after 30.0s."))
+    assert start["status"] == 408 and (b"content-type", b"application/json") in start["headers"]
+    error = json.loads(body["body"])["error"]
+    assert error["code"] == "request_timeout" and "timed out after 30.0s" in error["message"]
+    start, body = _run(_ray_says(429, b"Request dropped due to backpressure", [(b"retry-after", b"2")]))
+    assert start["status"] == 429 and (b"retry-after", b"2") in start["headers"]
+    assert json.loads(body["body"])["error"]["type"] == "rate_limit_error"
+    start, body = _run(_ray_says(503, b"Deployment 'infill' is unavailable"))
+    assert start["status"] == 503 and json.loads(body["body"])["error"]["code"] == "deployment_unavailable"
+    assert int(dict(start["headers"])[b"content-length"]) == len(body["body"])
