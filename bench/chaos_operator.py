@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.mlflow_server import MlflowServer  # noqa: E402
-from tests.operators.chaos import OperatorProcess, Plan, World, killing, play, verdict  # noqa: E402
+from tests.operators.chaos import OperatorProcess, Plan, ProgressLog, World, killing, play, verdict  # noqa: E402
 from tests.operators.emulator import emulated_cluster  # noqa: E402
 
 
@@ -40,7 +40,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
             op = OperatorProcess(kubeconfig, mlflow.uri, work / "operator.log", health_url=world.endpoints.url_template)
             with world.endpoints.running():
                 async with killing(op, rng, after_ready=(0.2, 4), kills=args.kills) as kills:
-                    settled = await play(cluster, world, plan, timeout=args.timeout, waves=args.waves)
+                    settled = await play(
+                        cluster, world, plan, timeout=args.timeout, waves=args.waves, log=ProgressLog(world)
+                    )
                 op.kill()
             result = verdict(cluster, plan, world.registry)
     return {

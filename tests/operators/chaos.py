@@ -274,7 +274,46 @@ async def killing(
             op.kill()  # never leave an operator behind, whatever ended the run
 
 
-async def play(cluster: Cluster, world: World, plan: Plan, *, timeout: float, waves: int = 1) -> bool:
+class ProgressLog:
+    """A line every `every` seconds while the world plays: the phases so far, the slowest world round
+    since the last line, and how long MLflow takes to answer one search. A stalled harness (slow
+    rounds, MLflow quick) and an overloaded MLflow (both slow) read differently."""
+
+    def __init__(self, world: World, every: float = 30.0, out: Any = None) -> None:
+        self.world, self.every, self.out = world, every, out or sys.stderr
+        self.t0 = self.last = time.monotonic()
+        self.slowest_round = 0.0
+
+    async def tick(self, round_seconds: float) -> None:
+        self.slowest_round = max(self.slowest_round, round_seconds)
+        if time.monotonic() - self.last < self.every:
+            return
+        probe_start = time.monotonic()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.world.registry.versions, "chaos-probe")
+            mlflow = f"{time.monotonic() - probe_start:.2f}s"
+        except Exception as exc:  # noqa: BLE001 - a probe that fails is itself the news
+            mlflow = f"failed ({type(exc).__name__})"
+        cluster = self.world.cluster
+        runs = Counter(
+            ((cluster.get("trainingruns", n) or {}).get("status") or {}).get("phase") for n in self.world.plan.runs
+        )
+        releases = Counter(
+            ((cluster.get("modelreleases", f"rel-{r}") or {}).get("status") or {}).get("phase")
+            for r in self.world.plan.releases
+        )
+        print(
+            f"[chaos {time.monotonic() - self.t0:6.0f}s] runs {dict(runs)} releases {dict(releases)} "
+            f"slowest world round {self.slowest_round:.1f}s, mlflow search {mlflow}, retried {self.world.hiccups}",
+            file=self.out,
+            flush=True,
+        )
+        self.last, self.slowest_round = time.monotonic(), 0.0
+
+
+async def play(
+    cluster: Cluster, world: World, plan: Plan, *, timeout: float, waves: int = 1, log: ProgressLog | None = None
+) -> bool:
     """Create the runs (in `waves` spread over time, so kills land in every phase), play the world
     until everything settled or `timeout`; whether it settled."""
     names = list(plan.runs)
@@ -282,6 +321,7 @@ async def play(cluster: Cluster, world: World, plan: Plan, *, timeout: float, wa
     deadline = time.monotonic() + timeout
     created = 0
     while time.monotonic() < deadline:
+        round_start = time.monotonic()
         if created < len(names):
             try:
                 for name in names[created : created + per_wave]:
@@ -296,5 +336,7 @@ async def play(cluster: Cluster, world: World, plan: Plan, *, timeout: float, wa
             world.hiccups += 1
         if created >= len(names) and settled(cluster, plan):
             return True
+        if log is not None:
+            await log.tick(time.monotonic() - round_start)
         await asyncio.sleep(0.3 if created >= len(names) else 2.0)
     return False
