@@ -27,6 +27,9 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<al
 # How long a call waits for an unreachable MLflow before giving up (doubling pauses, at most 30 s
 # apart). Long enough to ride out a tracking-server restart or a rolling upgrade.
 DEFAULT_RETRY_SECONDS = 300.0
+# For control loops (the local supervisors) that ask again on their next pass: a short wait rides out
+# a locked SQLite file, while deadlines, health checks and rollbacks keep being evaluated in an outage.
+LOOP_RETRY_SECONDS = 10.0
 _MAX_PAUSE_S = 30.0
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 _TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR")

@@ -44,7 +44,7 @@ from midfill.lifecycle.events import phase_event
 from midfill.lifecycle.modelrelease import Deploy, DeploymentView
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_model_release
-from midfill.registry import Registry, VersionInfo
+from midfill.registry import LOOP_RETRY_SECONDS, Registry, VersionInfo
 from midfill.serve_args import PROXY_ENV, ServeArgs
 from midfill.settings import CoreSettings
 
@@ -277,7 +277,7 @@ class _Controller:
 
         self.store, self.name, self.port = store, name, port
         self.tracking_uri = CoreSettings(state_dir=store.state_dir).resolved_tracking_uri()
-        self.registry = Registry(self.tracking_uri)
+        self.registry = Registry(self.tracking_uri, retry_seconds=LOOP_RETRY_SECONDS)
         self.build_app = import_attr(APP_IMPORT_PATH)
         self.deployed: DeploymentView | None = None
         self.errors: dict[str, str] = {}  # deployment (version, canary, weight) -> why its serve.run raised

@@ -36,7 +36,7 @@ from midfill.lifecycle.trainingrun import attempt_name
 from midfill.local import procs
 from midfill.local.state import StateStore, StoredResource, typed_training_run
 from midfill.progress import read_progress, read_result
-from midfill.registry import Registry
+from midfill.registry import LOOP_RETRY_SECONDS, Registry
 from midfill.settings import CoreSettings
 
 KIND = "TrainingRun"
@@ -237,7 +237,7 @@ class _Supervisor:
 
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = Registry(self.settings.resolved_tracking_uri())
+            self._registry = Registry(self.settings.resolved_tracking_uri(), retry_seconds=LOOP_RETRY_SECONDS)
         return self._registry
 
     def open_runs(self, record: StoredResource, run: TrainingRun) -> dict[int, str]:
@@ -305,9 +305,11 @@ class _Supervisor:
         if result is not None:
             ref = RegisteredModelRef(name=result.registered_model_name, version=result.version, uri=result.uri)
         else:  # no result.json (crashed after registering): the registry knows the run's uid
-            found = Registry(self.settings.resolved_tracking_uri()).find_by_run_uid(
-                run.registered_model_name(), record.resource["metadata"]["uid"]
-            )
+            try:
+                found = self.registry().find_by_run_uid(run.registered_model_name(), record.resource["metadata"]["uid"])
+            except Exception as exc:  # MLflow unreadable: the status says the version is not found yet
+                print(f"MLflow not readable: {exc}", flush=True)
+                found = None
             ref = RegisteredModelRef(name=found.name, version=found.version, uri=found.uri) if found else None
         return lifecycle.Observed(
             now=observed.now, jobs=jobs, progress=observed.progress, registered=ref, open_runs=observed.open_runs
