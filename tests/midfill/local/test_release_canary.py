@@ -9,56 +9,17 @@ during the whole run, and every answer names the version that produced it.
 
 from __future__ import annotations
 
-import threading
 import time
 
-import httpx
 import pytest
 
 from midfill.local.state import StateStore
 from midfill.registry import Registry
 from tests.midfill.lifecycle.scenarios import condition
+from tests.midfill.local.load import Load
 from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a private Ray Serve and several model loads on a small machine
-
-
-class Editors:
-    """Threads posting completions in a loop, each as a few editors (`user`); every answer's status
-    and served version."""
-
-    def __init__(self, url: str, n: int = 3, users_per_thread: int = 8) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.answers: list[tuple[int, str | None, str]] = []
-        self.errors: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._loop, args=([f"ed-{t}-{u}" for u in range(users_per_thread)],), daemon=True)
-            for t in range(n)
-        ]
-
-    def _loop(self, users: list[str]) -> None:
-        body = {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c\n", "max_tokens": 4}
-        with httpx.Client(timeout=120) as client:
-            i = 0
-            while not self.stop.is_set():
-                user = users[i % len(users)]
-                i += 1
-                try:
-                    response = client.post(f"{self.url}/v1/completions", json={**body, "user": user})
-                    version = response.headers.get("x-midfill-model-version")
-                    self.answers.append((response.status_code, version, user))
-                except httpx.HTTPError as exc:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def __enter__(self) -> Editors:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
 
 
 def _release(**canary) -> dict:
@@ -102,7 +63,7 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
             lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="1 Available"
         )
         assert available.stable_version == "1"
-        with Editors(available.url) as editors:
+        with Load(available.url, users_per_client=8) as editors:
             wait_until(lambda: len(editors.answers) >= 3, timeout=120, what="the editors' first answers")
             registry.approve("fim-debug", 2)
             weights = set()
@@ -117,12 +78,12 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
             assert done.previous_stable_version == "1" and done.canary is not None
             assert done.canary.state == "Promoted" and {30, 100} <= weights
             assert done.canary.canary_numbers is not None and done.canary.canary_numbers.requests >= 5
-            served = {version for _, version, _ in editors.answers}
+            served = {a.version for a in editors.answers}
             assert {"fim-debug/1", "fim-debug/2"} <= served
             # Sticky and monotone: an editor once answered by the canary never goes back to version 1
             # (not at a later step, not while the promoted version moves into the stable slot).
-            for user in {user for _, _, user in editors.answers}:
-                seen = [version for _, version, u in list(editors.answers) if u == user]
+            for user in {a.user for a in editors.answers}:
+                seen = [a.version for a in list(editors.answers) if a.user == user]
                 if "fim-debug/2" in seen:
                     assert "fim-debug/1" not in seen[seen.index("fim-debug/2") :], (user, seen)
 
@@ -147,13 +108,13 @@ def test_a_canary_walks_to_stable_and_a_breaching_one_returns_to_zero(cli, state
             )
             after = len(editors.answers)
             time.sleep(4)
-            later = {version for _, version, _ in editors.answers[after:]}
+            later = {a.version for a in editors.answers[after:]}
         assert back.stable_version == "2" and back.canary is not None
         assert (back.canary.version, back.canary.state, back.canary.weight) == ("3", "RolledBack", 0)
         assert "maxP95LatencyMs 1" in (back.canary.verdict or "")
         assert later == {"fim-debug/2"}  # the stable version serves 100% after the rollback
         assert editors.errors == []
-        assert {code for code, _, _ in editors.answers} == {200}  # not one failed request, whole run
+        assert {a.status for a in editors.answers} == {200}  # not one failed request, whole run
         events = store.get("ModelRelease", "can").events
         degraded = [e for e in events if e.reason == "Degraded"]
         assert degraded and "p95 latency (ms)" in degraded[-1].message

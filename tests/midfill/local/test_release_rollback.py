@@ -11,7 +11,6 @@ on an endpoint that serves version 1, and records a run of version 1 on version 
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from midfill.local.state import StateStore
 from midfill.registry import Registry
 from tests.midfill.lifecycle.scenarios import condition
+from tests.midfill.local.load import Load
 from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a private Ray Serve and three model loads on a small machine
@@ -50,36 +50,6 @@ def _eval(*args: str):
     register(app)
     register_eval(app)
     return CliRunner().invoke(app, ["eval", *args])
-
-
-class Clients:
-    """A few threads posting completions in a loop; each answer's status and served version."""
-
-    def __init__(self, url: str, n: int = 3) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.answers: list[tuple[int, str | None]] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
-
-    def _loop(self) -> None:
-        body = {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c\n", "max_tokens": 4}
-        with httpx.Client(timeout=120) as client:
-            while not self.stop.is_set():
-                try:
-                    response = client.post(f"{self.url}/v1/completions", json=body)
-                    self.answers.append((response.status_code, response.headers.get("x-midfill-model-version")))
-                except httpx.HTTPError as exc:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def __enter__(self) -> Clients:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
 
 
 @pytest.mark.timeout(900)
@@ -119,7 +89,7 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
         health = httpx.get(f"{available.url}/health", timeout=10).json()  # what Available was based on
         assert (health["ready"], health["registered_model"], health["version"]) == (True, "fim-debug", "1")
 
-        with Clients(available.url) as clients:
+        with Load(available.url) as clients:
             wait_until(lambda: len(clients.answers) >= 3, timeout=120, what="the clients' first answers")
             registry.approve("fim-debug", 2)
             wait_until(
@@ -155,7 +125,7 @@ def test_a_corrupt_version_rolls_back_with_no_failed_request(cli, state_dir, tmp
         assert [e.reason for e in events].index("Degraded") < len(events) - 1  # Available came after it
         assert clients.errors == []
         assert len(clients.answers) >= 10
-        assert {answer for answer in clients.answers} == {(200, "fim-debug/1")}
+        assert {(a.status, a.version) for a in clients.answers} == {(200, "fim-debug/1")}
 
         # The gate evaluates what is served: the alias points at version 2, the endpoint serves 1.
         refused = _eval("models:/fim-debug@champion", "--suite", "line-em", "--limit", "2", "--endpoint", final.url)

@@ -9,61 +9,19 @@ it stops the old one). No request may fail, and once the release reports the swa
 from __future__ import annotations
 
 import shutil
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from midfill.local.state import StateStore
 from midfill.registry import Registry
+from tests.midfill.local.load import Load
 from tests.midfill.local.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a private Ray Serve, two model loads, 32 clients on a small machine
 
 CLIENTS = 32
-BODY = {"prompt": "def add(a, b):\n    ", "suffix": "\n    return c\n", "max_tokens": 4, "temperature": 0}
-
-
-@dataclass(frozen=True)
-class Answer:
-    started: float  # time.monotonic() when the request was sent
-    status: int
-    version: str | None
-
-
-class Load:
-    """CLIENTS threads posting completions back to back; every answer, and every transport error."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.answers: list[Answer] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(CLIENTS)]
-
-    def _loop(self) -> None:
-        with httpx.Client(timeout=120) as client:
-            while not self.stop.is_set():
-                started = time.monotonic()
-                try:
-                    response = client.post(f"{self.url}/v1/completions", json=BODY)
-                except httpx.HTTPError as exc:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                version = response.headers.get("x-midfill-model-version")
-                self.answers.append(Answer(started, response.status_code, version))
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +66,7 @@ def test_a_swap_under_32_clients_fails_nothing_and_then_answers_only_from_versio
         available = wait_until(
             lambda: (s := status()) and s.phase == "Available" and s, timeout=300, what="version 1 Available", poll=0.5
         )
-        with Load(available.url) as load:
+        with Load(available.url, CLIENTS) as load:
             wait_until(lambda: len(load.answers) >= CLIENTS, timeout=120, poll=0.1, what="the clients' first answers")
             registry.approve("fim-swap", 2)
             wait_until(
