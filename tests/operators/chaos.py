@@ -220,9 +220,10 @@ def verdict(cluster: Cluster, plan: Plan, registry: Any) -> dict[str, Any]:
     for run, script in plan.runs.items():
         status = (cluster.get("trainingruns", run) or {}).get("status") or {}
         phase, reason = expected[run]
-        got_reason = next((c["reason"] for c in status.get("conditions", []) if c["type"] == phase), None)
-        if status.get("phase") != phase or (reason and got_reason != reason):
-            wrong_phase.append(f"{run}: {status.get('phase')}/{got_reason}, want {phase}/{reason}")
+        got = status.get("phase")  # and the reason of its own condition (Failed's reason, say)
+        got_reason = next((c["reason"] for c in status.get("conditions", []) if c["type"] == got), None)
+        if got != phase or (reason and got_reason != reason):
+            wrong_phase.append(f"{run}: {got}/{got_reason} ({status.get('message')}), want {phase}/{reason}")
         attempts = sum(1 for (plural, name) in creates if plural == "jobs" and name.startswith(f"{run}-a"))
         if attempts != len(script):
             extra_attempts.append(f"{run}: {attempts} attempts, script has {len(script)}")
