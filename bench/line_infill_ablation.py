@@ -69,6 +69,18 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {
         {"sample": True, "objective": {"causalLM": {"weight": 0.2}, "spanCorruption": {"weight": 0.8}}},
         None,
     ),
+    "lr-3e-3": (
+        "the sample with learningRate 0.003 (3x): a 5M-parameter model takes a larger step",
+        "tree",
+        {"sample": True, "training": {"learningRate": 0.003}},
+        None,
+    ),
+    "vocab-2048": (
+        "the sample with vocabSize 2048: half the parameters were embeddings; each token seen 4x as often",
+        "tree",
+        {"sample": True, "tokenizer": {"vocabSize": 2048}},
+        None,
+    ),
 }
 
 
