@@ -37,11 +37,24 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
     with MlflowServer(work / "mlflow") as mlflow:
         async with emulated_cluster(work) as (cluster, kubeconfig):
             world = World(cluster, mlflow.uri, plan)
-            op = OperatorProcess(kubeconfig, mlflow.uri, work / "operator.log", health_url=world.endpoints.url_template)
+            op = OperatorProcess(
+                kubeconfig,
+                mlflow.uri,
+                work / "operator.log",
+                health_url=world.endpoints.url_template,
+                resync_seconds=args.resync_seconds,
+            )
             with world.endpoints.running():
                 async with killing(op, rng, after_ready=(0.2, 4), kills=args.kills) as kills:
                     settled = await play(
-                        cluster, world, plan, timeout=args.timeout, waves=args.waves, log=ProgressLog(world)
+                        cluster,
+                        world,
+                        plan,
+                        timeout=args.timeout,
+                        waves=args.waves,
+                        wave_seconds=args.wave_seconds,
+                        kills_done=lambda: len(kills) >= args.kills,
+                        log=ProgressLog(world),
                     )
                 op.kill()
             result = verdict(cluster, plan, world.registry)
@@ -69,7 +82,15 @@ def main() -> None:
     parser.add_argument(
         "--waves", type=int, default=5, help="runs are created in this many waves, so kills land in every phase"
     )
+    parser.add_argument("--wave-seconds", type=float, default=15, help="between waves of runs")
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=5,
+        help="the operator's resync timer (default 30 on a cluster; every active run asks MLflow each time, and "
+        "the one-worker SQLite MLflow here falls behind at 1 s with tens of runs)",
+    )
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos_operator.json")
     args = parser.parse_args()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,9 @@ def model_release(run: str) -> dict[str, Any]:
 class OperatorProcess:
     """`midfill operator` as its own process group, killed with SIGKILL (no shutdown handlers run)."""
 
-    def __init__(self, kubeconfig: Path, tracking_uri: str, log: Path, *, health_url: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, tracking_uri: str, log: Path, *, health_url: str, resync_seconds: float = 1
+    ) -> None:
         self.env = {
             k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
         }
@@ -87,7 +89,7 @@ class OperatorProcess:
             "KUBECONFIG": str(kubeconfig),
             "MIDFILL_TRACKING_URI": tracking_uri,
             "MIDFILL_STANDALONE": "true",
-            "MIDFILL_RESYNC_SECONDS": "1",
+            "MIDFILL_RESYNC_SECONDS": str(resync_seconds),
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
             "MIDFILL_ENDPOINT_HEALTH_URL": health_url,
         }
@@ -135,6 +137,9 @@ class World:
         self.finished: set[str] = set()
         self.approved: set[str] = set()
         self.hiccups = 0  # world actions that timed out and were tried again
+        # Actions that wait on MLflow (registering, approving) run beside the loop, one per key, so
+        # a slow tracking server delays those objects only, not every Job's scripted status.
+        self.busy: dict[str, asyncio.Task] = {}
         self.endpoints = ServeEndpoints()  # the replicas' /health: serves what KubeRay made RUNNING
 
     async def step(self) -> None:
@@ -142,7 +147,6 @@ class World:
         await self._releases()
 
     async def _jobs(self) -> None:
-        loop = asyncio.get_running_loop()
         for name in self.cluster.names("jobs"):
             job = self.cluster.get("jobs", name)
             if job is None or name in self.finished or job["metadata"].get("deletionTimestamp"):
@@ -158,22 +162,43 @@ class World:
                 continue
             script = self.plan.runs[run]
             what = script[attempt - 1] if attempt <= len(script) else "crash"  # verdict() counts it
-            if what == "succeed":  # the trainer's last act: register the export, once per run uid
-                uid = job["metadata"]["ownerReferences"][0]["uid"]
-                register = functools.partial(self.registry.register, name=run, source=f"s3://chaos/{run}", run_uid=uid)
-                await loop.run_in_executor(None, register)
-            await self.cluster.patch("jobs", name, {"status": _final_status(what, name)}, "status")
-            self.finished.add(name)
+            self.beside(f"job/{name}", self._end_job(job, run, what))
+
+    async def _end_job(self, job: dict[str, Any], run: str, what: str) -> None:
+        name = job["metadata"]["name"]
+        if what == "succeed":  # the trainer's last act: register the export, once per run uid
+            uid = job["metadata"]["ownerReferences"][0]["uid"]
+            register = functools.partial(self.registry.register, name=run, source=f"s3://chaos/{run}", run_uid=uid)
+            await asyncio.get_running_loop().run_in_executor(None, register)
+        await self.cluster.patch("jobs", name, {"status": _final_status(what, name)}, "status")
+        self.finished.add(name)
+
+    def beside(self, key: str, action: Any) -> None:
+        """Run `action` (a coroutine) as a task unless one for `key` still runs; a failed one is
+        counted and tried again on a later round (every action here is idempotent)."""
+        if key in self.busy:
+            action.close()
+            return
+
+        def done(task: asyncio.Task) -> None:
+            del self.busy[key]
+            if not task.cancelled() and task.exception() is not None:
+                self.hiccups += 1
+
+        self.busy[key] = asyncio.create_task(action)
+        self.busy[key].add_done_callback(done)
+
+    async def drain(self) -> None:
+        """Cancel what still runs beside the loop (the run is over)."""
+        for task in list(self.busy.values()):
+            task.cancel()
+        await asyncio.gather(*self.busy.values(), return_exceptions=True)
 
     async def _releases(self) -> None:
-        loop = asyncio.get_running_loop()
         for run in self.plan.releases:
             status = (self.cluster.get("trainingruns", run) or {}).get("status") or {}
             if run not in self.approved and (status.get("registeredModel") or {}).get("version"):
-                await loop.run_in_executor(None, lambda run=run: self.registry.approve(run, 1))
-                if self.cluster.get("modelreleases", f"rel-{run}") is None:  # a timed-out create may have landed
-                    await self.cluster.create(model_release(run))
-                self.approved.add(run)
+                self.beside(f"approve/{run}", self._approve_and_release(run))
             rs = self.cluster.get("rayservices", f"rel-{run}")
             if rs is not None:
                 want = {
@@ -184,6 +209,13 @@ class World:
                     await self.cluster.patch("rayservices", f"rel-{run}", {"status": want}, "status")
                 version = rs["metadata"]["annotations"][ANNOTATION_VERSION]
                 self.endpoints.serve(rs["metadata"]["namespace"], f"rel-{run}-serve-svc", run, version)
+
+    async def _approve_and_release(self, run: str) -> None:
+        """The reviewer approves the run's version, then the team applies its ModelRelease."""
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.registry.approve(run, 1))
+        if self.cluster.get("modelreleases", f"rel-{run}") is None:  # a timed-out create may have landed
+            await self.cluster.create(model_release(run))
+        self.approved.add(run)
 
 
 def _final_status(what: str, job: str) -> dict[str, Any]:
@@ -305,7 +337,8 @@ class ProgressLog:
         )
         print(
             f"[chaos {time.monotonic() - self.t0:6.0f}s] runs {dict(runs)} releases {dict(releases)} "
-            f"slowest world round {self.slowest_round:.1f}s, mlflow search {mlflow}, retried {self.world.hiccups}",
+            f"slowest world round {self.slowest_round:.1f}s, {len(self.world.busy)} MLflow actions under way, "
+            f"mlflow search {mlflow}, retried {self.world.hiccups}",
             file=self.out,
             flush=True,
         )
@@ -313,31 +346,42 @@ class ProgressLog:
 
 
 async def play(
-    cluster: Cluster, world: World, plan: Plan, *, timeout: float, waves: int = 1, log: ProgressLog | None = None
+    cluster: Cluster,
+    world: World,
+    plan: Plan,
+    *,
+    timeout: float,
+    waves: int = 1,
+    wave_seconds: float = 2.0,
+    kills_done: Callable[[], bool] = lambda: True,
+    log: ProgressLog | None = None,
 ) -> bool:
-    """Create the runs (in `waves` spread over time, so kills land in every phase), play the world
-    until everything settled or `timeout`; whether it settled."""
+    """Create the runs in `waves`, `wave_seconds` apart (so kills land in every phase), and play the
+    world until everything settled and the kills are over (`kills_done`), or `timeout`; whether it
+    settled."""
     names = list(plan.runs)
     per_wave = max(1, -(-len(names) // waves))
     deadline = time.monotonic() + timeout
-    created = 0
+    created, next_wave = 0, time.monotonic()
     while time.monotonic() < deadline:
         round_start = time.monotonic()
-        if created < len(names):
+        if created < len(names) and round_start >= next_wave:
             try:
                 for name in names[created : created + per_wave]:
                     if cluster.get("trainingruns", name) is None:  # a timed-out create may have landed
                         await cluster.create(training_run(name, plan.runs[name]))
-                created += per_wave
+                created, next_wave = created + per_wave, round_start + wave_seconds
             except (TimeoutError, aiohttp.ClientError):
                 world.hiccups += 1
         try:
             await world.step()
         except (TimeoutError, aiohttp.ClientError):  # a loaded machine: the world tries again next round
             world.hiccups += 1
-        if created >= len(names) and settled(cluster, plan):
+        if created >= len(names) and settled(cluster, plan) and kills_done():
+            await world.drain()
             return True
         if log is not None:
             await log.tick(time.monotonic() - round_start)
-        await asyncio.sleep(0.3 if created >= len(names) else 2.0)
+        await asyncio.sleep(0.3)
+    await world.drain()
     return False

@@ -26,10 +26,12 @@ async def test_operator_killed_at_random_keeps_every_lifecycle_whole(tmp_path) -
             )
             with world.endpoints.running():
                 async with killing(op, rng, after_ready=(0.2, 4), kills=4) as kills:
-                    done = await play(cluster, world, plan, timeout=420, waves=2)
+                    done = await play(
+                        cluster, world, plan, timeout=420, waves=2, wave_seconds=10, kills_done=lambda: len(kills) >= 3
+                    )
                 op.kill()
             result = verdict(cluster, plan, world.registry)
-    assert len(kills) >= 3, f"too few kills to mean anything: {kills}"  # the run settled before the kills ended
+    assert len(kills) >= 3, f"too few kills to mean anything: {kills}"
     assert done, f"not settled: {result}; log tail: {(tmp_path / 'operator.log').read_text()[-3000:]}"
     assert result["objects_created_twice"] == {}
     assert result["attempts_beyond_script"] == []
