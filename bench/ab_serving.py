@@ -40,9 +40,9 @@ def extract(ref: str, into: Path) -> Path:
     return into
 
 
-def run_side(code: Path, out: Path) -> dict:
+def run_side(code: Path, out: Path, bench_args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{code}:{code / 'platform'}"}
-    cmd = [sys.executable, str(code / "bench" / "serve_throughput.py"), *ARGS, "--out", str(out)]
+    cmd = [sys.executable, str(code / "bench" / "serve_throughput.py"), *bench_args, "--out", str(out)]
     started = time.monotonic()
     subprocess.run(cmd, cwd=code, env=env, check=True, stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())
@@ -53,30 +53,49 @@ def run_side(code: Path, out: Path) -> dict:
 
 
 def numbers(result: dict) -> dict:
-    """Engine tokens/s and speedup over its own run's fastest baseline, per concurrency; decode steps."""
-    (engine,) = result["engine_in_process"].values()  # one dtype (float32), the device's own decode path
-    measured = engine["rounds"][0]
-    costs = engine.get("cost_model", {})
+    """Per configuration (engine/endpoint x dtype) the speedup over the run's own fastest baseline
+    per concurrency (median over the run's rounds), and the engine's decode steps per dtype."""
+    summary = result["summary_speedup_vs_fastest_baseline"]
     return {
-        "baseline_tokens_per_s": measured["reference_tokens_per_s"],
-        "tokens_per_s": {c: measured["runs"][c]["tokens_per_s"] for c in CONCURRENCY},
-        "speedup": {c: measured["runs"][c]["speedup_vs_baseline"] for c in CONCURRENCY},
-        "decode_step_ms": {r: costs.get(f"decode_step_ms_{r}_rows") for r in CONCURRENCY},
+        "speedup": {cfg: {c: v[c]["median"] for c in CONCURRENCY if c in v} for cfg, v in summary.items()},
+        "decode_step_ms": {
+            dtype: {r: engine.get("cost_model", {}).get(f"decode_step_ms_{r}_rows") for r in CONCURRENCY}
+            for dtype, engine in result["engine_in_process"].items()
+        },
         "load_average_1m": result["ab_load_average_1m"],
     }
 
 
-def median_of(runs: list[dict], group: str) -> dict:
-    return {c: round(statistics.median(r[group][c] for r in runs if r[group][c] is not None), 2) for c in CONCURRENCY}
+def medians(runs: list[dict], group: str) -> dict:
+    """Median over runs of `group` (config -> concurrency -> value), for what every run measured."""
+    configs = set.intersection(*(set(r[group]) for r in runs))
+    return {
+        cfg: {
+            c: round(statistics.median(r[group][cfg][c] for r in runs), 2)
+            for c in CONCURRENCY
+            if all(r[group][cfg].get(c) is not None for r in runs)
+        }
+        for cfg in sorted(configs)
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", default=DEFAULT_REF, help="the A side (default: main before issue 17)")
     parser.add_argument("--runs", type=int, default=3, help="runs per side, interleaved")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ab_serving.json")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="serve_throughput at its defaults (both dtypes, the Ray endpoint, 3 rounds of 64 requests: "
+        "5-10 minutes a run) instead of the engine in float32",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/ab_serving[_defaults].json")
     args = parser.parse_args()
-    folder = args.out.parent / "ab_serving"
+    bench_args = [] if args.defaults else ARGS
+    args.out = args.out or ROOT / "bench" / "results" / (
+        "ab_serving_defaults.json" if args.defaults else "ab_serving.json"
+    )
+    folder = args.out.with_suffix("")  # every run's own JSON
     folder.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     sides: dict[str, list[dict]] = {"ref": [], "tree": []}
@@ -85,18 +104,15 @@ def main() -> None:
         for i in range(args.runs):
             order = ("ref", "tree") if i % 2 == 0 else ("tree", "ref")
             for side in order:
-                result = run_side(code[side], folder / f"{side}_{i + 1}.json")
+                result = run_side(code[side], folder / f"{side}_{i + 1}.json", bench_args)
                 sides[side].append(numbers(result))
                 print(f"run {i + 1} {side}: {sides[side][-1]}", flush=True)
     summary = {
         "ref": args.ref,
         "tree": head.strip(),
-        "args": ARGS,
+        "args": bench_args,
         "runs": sides,
-        "median": {
-            side: {g: median_of(runs, g) for g in ("tokens_per_s", "speedup", "decode_step_ms")}
-            for side, runs in sides.items()
-        },
+        "median": {side: {g: medians(runs, g) for g in ("speedup", "decode_step_ms")} for side, runs in sides.items()},
     }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["median"], indent=2))
