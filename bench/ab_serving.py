@@ -54,13 +54,18 @@ def run_side(code: Path, out: Path, bench_args: list[str]) -> dict:
 
 def numbers(result: dict) -> dict:
     """Per configuration (engine/endpoint x dtype) the speedup over the run's own fastest baseline
-    per concurrency (median over the run's rounds), and the engine's decode steps per dtype."""
+    per concurrency (median over the run's rounds); the engine's tokens/s and decode steps per dtype."""
     summary = result["summary_speedup_vs_fastest_baseline"]
+    engines = result["engine_in_process"]
     return {
         "speedup": {cfg: {c: v[c]["median"] for c in CONCURRENCY if c in v} for cfg, v in summary.items()},
+        "tokens_per_s": {
+            dtype: {c: statistics.median(r["runs"][c]["tokens_per_s"] for r in engine["rounds"]) for c in CONCURRENCY}
+            for dtype, engine in engines.items()
+        },
         "decode_step_ms": {
             dtype: {r: engine.get("cost_model", {}).get(f"decode_step_ms_{r}_rows") for r in CONCURRENCY}
-            for dtype, engine in result["engine_in_process"].items()
+            for dtype, engine in engines.items()
         },
         "load_average_1m": result["ab_load_average_1m"],
     }
@@ -76,6 +81,7 @@ def medians(runs: list[dict], group: str) -> dict:
             if all(r[group][cfg].get(c) is not None for r in runs)
         }
         for cfg in sorted(configs)
+        if any(r[group][cfg] for r in runs)  # e.g. the endpoint's p95 ratio: no concurrency keys
     }
 
 
@@ -112,7 +118,10 @@ def main() -> None:
         "tree": head.strip(),
         "args": bench_args,
         "runs": sides,
-        "median": {side: {g: medians(runs, g) for g in ("speedup", "decode_step_ms")} for side, runs in sides.items()},
+        "median": {
+            side: {g: medians(runs, g) for g in ("speedup", "tokens_per_s", "decode_step_ms")}
+            for side, runs in sides.items()
+        },
     }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["median"], indent=2))

@@ -137,8 +137,8 @@ class World:
         self.finished: set[str] = set()
         self.approved: set[str] = set()
         self.hiccups = 0  # world actions that timed out and were tried again
-        # Actions that wait on MLflow (registering, approving) run beside the loop, one per key, so
-        # a slow tracking server delays those objects only, not every Job's scripted status.
+        # Ending a Job (registering its version first) and approving run beside the loop, one per
+        # key, so a slow tracking server delays those objects only, not every Job's scripted status.
         self.busy: dict[str, asyncio.Task] = {}
         self.endpoints = ServeEndpoints()  # the replicas' /health: serves what KubeRay made RUNNING
 
@@ -337,7 +337,7 @@ class ProgressLog:
         )
         print(
             f"[chaos {time.monotonic() - self.t0:6.0f}s] runs {dict(runs)} releases {dict(releases)} "
-            f"slowest world round {self.slowest_round:.1f}s, {len(self.world.busy)} MLflow actions under way, "
+            f"slowest world round {self.slowest_round:.1f}s, {len(self.world.busy)} world actions under way, "
             f"mlflow search {mlflow}, retried {self.world.hiccups}",
             file=self.out,
             flush=True,

@@ -55,8 +55,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _forget_old_requests(self) -> None:
         """kmock keeps every request for assertions and matches each new one by walking that log, so
-        a long run slows down quadratically (the 50-lifecycle chaos run spent minutes per request
-        after ~10^5 requests). No test here asserts on the log: keep only the recent tail."""
+        a long run slows down quadratically (the 50-lifecycle chaos run stalled in that matching).
+        No test here asserts on the log: keep only the recent tail."""
         for log in (self._requests, *(payload._requests for payload in self._payloads)):
             if len(log) > REQUEST_LOG:
                 del log[: len(log) - REQUEST_LOG // 2]
