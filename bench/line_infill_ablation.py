@@ -81,6 +81,38 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {
         {"sample": True, "tokenizer": {"vocabSize": 2048}},
         None,
     ),
+    "compiled": (
+        "the sample with training.compile true: torch.compile on the CPU (1.6x tokens/s after ~26 s warm-up)",
+        "tree",
+        {"sample": True, "training": {"compile": True}},
+        None,
+    ),
+    "many-holes": (
+        "compiled, 80% span-corrupted, every span one line (singleLineProbability 1.0), up to 8 per piece",
+        "tree",
+        {
+            "sample": True,
+            "training": {"compile": True},
+            "objective": {
+                "causalLM": {"weight": 0.2},
+                "spanCorruption": {"weight": 0.8, "maxSpans": 8, "singleLineProbability": 1.0},
+            },
+        },
+        None,
+    ),
+    "full-budget": (
+        "many-holes for the issue's whole budget: 1,900 steps (~7.8M tokens) in <= 10 minutes on 2 cores",
+        "tree",
+        {
+            "sample": True,
+            "training": {"compile": True, "steps": 1900, "warmupSteps": 100},
+            "objective": {
+                "causalLM": {"weight": 0.2},
+                "spanCorruption": {"weight": 0.8, "maxSpans": 8, "singleLineProbability": 1.0},
+            },
+        },
+        None,
+    ),
 }
 
 
