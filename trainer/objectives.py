@@ -20,7 +20,7 @@ spec): k ~ U{1..maxSpans} spans per piece, masked share of the piece's character
 maskRatioMax) split randomly between them, each span placed in its own k-th of the piece; with
 probability singleLineProbability a span is instead the code of one line: after its indentation,
 before its newline (what editors ask for most, with the cursor after the indentation; it teaches a
-small model to stop at the end of the line).
+small model to stop at the end of the line). Comment and docstring lines are never such a span.
 """
 
 from __future__ import annotations
@@ -285,11 +285,12 @@ def choose_spans(text: str, *, k: int, ratio: float, single_line_p: float, rng: 
     cuts = sorted(rng.randint(1, max(1, total - 1)) for _ in range(k - 1))
     lengths = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
     spans = []
+    code_lines = _code_lines(text) if single_line_p > 0 else []
     for i, length in enumerate(lengths):
         lo, hi = i * n // k, (i + 1) * n // k  # this span's share of the text
         if hi - lo < 1:
             continue
-        line = _random_line(text, lo, hi, rng) if rng.random() < single_line_p else None
+        line = _random_line(code_lines, lo, hi, rng) if rng.random() < single_line_p else None
         if line is not None:
             spans.append(line)
             continue
@@ -299,23 +300,36 @@ def choose_spans(text: str, *, k: int, ratio: float, single_line_p: float, rng: 
     return spans
 
 
-def _random_line(text: str, lo: int, hi: int, rng: random.Random) -> tuple[int, int] | None:
-    """The statement of a random non-blank line lying inside [lo, hi): from after its indentation
-    to before its newline, or None. This is the hole an editor asks for with the cursor at the
-    start of a line's code: the prefix ends with the indentation, the suffix starts with the
-    newline, and the model learns to end the middle (<eom>) where the line ends."""
-    starts = [lo] if lo == 0 or text[lo - 1] == "\n" else []
-    starts += [i + 1 for i in range(lo, hi - 1) if text[i] == "\n"]
-    lines = []
-    for s in starts:
-        e = text.find("\n", s)
-        e = len(text) if e < 0 else e
-        line = text[s:e]
-        body = line.strip()
-        if e <= hi and body:
-            start = s + len(line) - len(line.lstrip())
-            lines.append((start, start + len(line.strip())))
+def _random_line(code_lines: list[tuple[int, int]], lo: int, hi: int, rng: random.Random) -> tuple[int, int] | None:
+    """The statement of a random code line (of _code_lines) lying inside [lo, hi): from after its
+    indentation to before its newline, or None. This is the hole an editor asks for with the
+    cursor at the start of a line's code: the prefix ends with the indentation, the suffix starts
+    with the newline, and the model learns to end the middle (<eom>) where the line ends. Comment
+    and docstring lines are left out: an editor completes statements, and a small model that sees
+    prose holes answers statement holes with `#` or `\"\"\"`."""
+    lines = [(start, end) for start, end in code_lines if start >= lo and end <= hi]
     return rng.choice(lines) if lines else None
+
+
+def _code_lines(text: str) -> list[tuple[int, int]]:
+    """(first char after the indentation, end before the newline) of each line of `text` that holds
+    code: not blank, not a comment, not inside or opening a triple-quoted string. Triple quotes
+    are tracked by counting them per line, which is cheap and right for the usual docstring; a
+    piece cut inside a docstring may misread a few of its lines."""
+    out: list[tuple[int, int]] = []
+    in_string = False
+    pos = 0
+    for line in text.split("\n"):
+        body = line.strip()
+        quotes = body.count('"""') + body.count("'''")
+        code = body and not in_string and not quotes and body[0] not in "#\"'"
+        if code:
+            start = pos + len(line) - len(line.lstrip())
+            out.append((start, start + len(body)))
+        if quotes % 2:
+            in_string = not in_string
+        pos += len(line) + 1
+    return out
 
 
 def parse_back(ids: list[int], tok: Tokenizer, sid: SpecialIds) -> str:

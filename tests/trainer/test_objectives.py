@@ -170,3 +170,15 @@ def test_single_line_spans_are_a_lines_code_between_its_indentation_and_its_newl
             assert text[a:b] == text[a:b].strip() and text[a:b]
             seen.add(a - line_start)
     assert seen == {0, 4, 8}  # every indentation depth, the indentation itself never in the span
+
+
+def test_single_line_spans_are_never_comment_or_docstring_lines():
+    """Editors ask for statements; prose holes taught the debug model to answer `#` or `\"\"\"`."""
+    rng = random.Random(2)
+    unit = 'def f(x):\n    """Doc.\n\n    More doc.\n    """\n    # a comment\n    y = x + 1\n    return y\n\n'
+    text = unit * 20
+    chosen = set()
+    for _ in range(100):
+        for a, b in choose_spans(text, k=4, ratio=0.2, single_line_p=1.0, rng=rng):
+            chosen.add(text[a:b])
+    assert chosen == {"def f(x):", "y = x + 1", "return y"}
