@@ -113,6 +113,19 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {
         },
         None,
     ),
+    "sample-10min": (
+        "the sample as committed: full-budget's recipe, one-line spans on code lines only (no comment or "
+        "docstring lines), timeBudgetMinutes 10",
+        "tree",
+        {"sample": True},
+        None,
+    ),
+    "no-code-lines": (
+        "sample-10min's spec and step count, trained by the trainer before the code-lines change (--ref)",
+        "ref",
+        {"sample": True},
+        None,
+    ),
 }
 
 
@@ -132,9 +145,11 @@ def spec_for(row: str, *, steps: int | None, state: Path) -> dict[str, Any]:
         spec["objective"] = merge(BEFORE["objective"], over.get("objective", {}))
     else:  # the committed sample, with this row's changes on top
         spec = merge(spec, {k: v for k, v in over.items() if k != "sample"})
-    if steps:
+    if steps:  # a fixed step count instead of the spec's length or time budget (comparable across trainers)
         spec["training"]["steps"] = steps
-        spec["training"]["warmupSteps"] = max(1, steps // 10)
+        spec["training"].pop("timeBudgetMinutes", None)
+        if "warmupSteps" not in over.get("training", {}) and not over.get("sample"):
+            spec["training"]["warmupSteps"] = max(1, steps // 10)
     spec["training"]["evalIntervalSteps"] = spec["training"]["steps"]
     spec["checkpoint"] = {"intervalSteps": spec["training"]["steps"], "keepLast": 1}
     spec["registry"] = {"registeredModelName": f"ablation-{row}"}
@@ -261,7 +276,11 @@ def main() -> None:
     parser.add_argument("--row", choices=list(ROWS))
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the stored rows")
     parser.add_argument("--boundary", action="store_true", help="the prompt-boundary statistic (no model)")
-    parser.add_argument("--steps", type=int, help="override spec.training.steps (warmup = steps / 10)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="a fixed spec.training.steps, no time budget (warmup = steps / 10 unless the row or sample sets it)",
+    )
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ref", default="main", help="git ref whose trainer the baseline row runs")

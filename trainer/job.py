@@ -170,7 +170,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
     _resume(p, parts, model, reporter, d)
     on_eval = _evaluator(p, model, tracker, attn=attn, bf16=bf16, d=d)
 
-    if parts.state.step < p.total_steps:
+    if parts.state.step < (parts.state.total_steps or p.total_steps):
         loop.train(
             model=model,
             optimizer=parts.optimizer,
@@ -187,7 +187,10 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             flat=loop.is_flash(attn),  # packed documents reach FlashAttention as one row (loop.collate)
             block_mask=loop.is_flex(attn),  # and flex_attention as a BlockMask of the documents
             hooks=loop.LoopHooks(
-                on_log=reporter.on_log, on_eval=on_eval, on_checkpoint=_checkpointer(parts, model, reporter, d)
+                on_log=reporter.on_log,
+                on_eval=on_eval,
+                on_checkpoint=_checkpointer(parts, model, reporter, d),
+                on_plan=lambda total: reporter.write_progress(total_steps=total),
             ),
             checkpoint_interval=spec.checkpoint.interval_steps,
             show_bar=settings.progress_bar if settings.progress_bar is not None else _is_tty(),
@@ -195,6 +198,7 @@ def run_job(run: TrainingRun, settings: TrainerSettings, d: parallel.Dist) -> No
             flops_per_token=flops_token,
             peak_tflops=flops.peak_tflops(d.device, bf16=bf16, override=t.peak_tflops),
             prepare_batch=_prepare_batch(p, model),
+            time_budget_s=t.time_budget_minutes * 60 if t.time_budget_minutes else None,
         )
     on_eval(parts.state.step)
     _finish(p, model=model, tracker=tracker, settings=settings, d=d, step=parts.state.step)
@@ -321,14 +325,15 @@ class TrainingParts:
 def _training_parts(p: Prepared, model: torch.nn.Module, d: parallel.Dist) -> TrainingParts:
     spec, t = p.run.spec, p.run.spec.training
     optimizer = loop.make_optimizer(model, t, d.device)
-    scheduler = loop.make_scheduler(optimizer, t, total_steps=p.total_steps)
+    state = loop.LoopState()
+    scheduler = loop.make_scheduler(optimizer, t, total_steps=p.total_steps, state=state)
     stream = DocumentStream(p.corpus.train, p.corpus.weights, seed=t.seed, rank=d.rank, world_size=d.world_size)
     num_masks = spec.tokenizer.num_mask_tokens
     packer = Packer(stream, p.tok, spec.objective, seq_length=t.seq_length, num_mask_tokens=num_masks, seed=t.seed)
     ckpts = checkpoint.CheckpointManager(
         p.paths.checkpoint_dir, keep_last=spec.checkpoint.keep_last, d=d, trainable_only=p.composed is not None
     )
-    return TrainingParts(optimizer, scheduler, packer, ckpts, loop.LoopState())
+    return TrainingParts(optimizer, scheduler, packer, ckpts, state)
 
 
 def _resume(p: Prepared, parts: TrainingParts, model: torch.nn.Module, reporter: Reporter, d: parallel.Dist) -> None:
@@ -345,6 +350,9 @@ def _resume(p: Prepared, parts: TrainingParts, model: torch.nn.Module, reporter:
     )
     parts.scheduler.load_state_dict(extra["scheduler"])
     parts.state.step = int(extra["step"])
+    if rank_state is not None and rank_state.get("total_steps"):  # a time budget's fitted step count
+        parts.state.total_steps = int(rank_state["total_steps"])
+        reporter.progress = reporter.progress.model_copy(update={"total_steps": parts.state.total_steps})
     if rank_state is not None and rank_state.get("world_size") == d.world_size:
         parts.packer.load_state_dict(rank_state["packer"])
         torch.set_rng_state(rank_state["torch_rng"])
@@ -367,6 +375,7 @@ def _checkpointer(
             "packer": parts.packer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "world_size": d.world_size,
+            "total_steps": parts.state.total_steps,
         }
         info = parts.ckpts.save(
             step,

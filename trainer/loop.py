@@ -59,15 +59,16 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, spec: TrainingSpec, *, total_steps: int
+    optimizer: torch.optim.Optimizer, spec: TrainingSpec, *, total_steps: int, state: LoopState | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The spec's learning rate schedule over `total_steps` (warmup, then `lr_factor`'s decay)."""
+    """The spec's learning rate schedule over `total_steps` (warmup, then `lr_factor`'s decay), or
+    over state.total_steps once a time budget has fitted it."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(
             s,
             warmup=spec.warmup_steps,
-            total=total_steps,
+            total=(state.total_steps if state is not None else None) or total_steps,
             schedule=spec.schedule,
             floor=spec.min_learning_rate_ratio,
         ),
@@ -195,6 +196,66 @@ def throughput(
 @dataclass
 class LoopState:
     step: int = 0
+    total_steps: int | None = None  # the step count a time budget fitted; None = the planned count
+
+
+# Steps timed (a compiled run's warm-up step not among them) before a time budget fits the step count.
+FIT_AFTER_STEPS = 10
+
+
+def steps_within(budget_s: float, *, elapsed_s: float, step_s: float, step: int, planned: int) -> int:
+    """The step count a time budget allows: this step plus as many more as the time left holds at
+    `step_s` seconds each, at most the planned count."""
+    more = int(max(0.0, budget_s - elapsed_s) / max(step_s, 1e-9))
+    return max(step, min(planned, step + more))
+
+
+class TimeBudget:
+    """training.timeBudgetMinutes in the loop. After FIT_AFTER_STEPS timed steps, and again at every
+    log interval, the step count is fitted to the time left (state.total_steps) at the mean time per
+    step so far, evaluations and checkpoints included; the LR schedule follows it, so warmup and
+    decay complete within the budget. A run that is out of time at a log interval stops there.
+    Every rank takes the same decisions, from all-reduced times at the same steps."""
+
+    def __init__(self, seconds: float, d: Dist) -> None:
+        self.seconds, self.d = seconds, d
+        self.start = time.perf_counter()
+        self.timed_from: tuple[int, float] | None = None  # (step, time) the step timing starts at
+
+    def after_step(self, state: LoopState, planned: int, *, timing: bool, at_log: bool) -> None:
+        if not timing:
+            return
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)  # the steps queued so far are part of the time
+        now = time.perf_counter()
+        if self.timed_from is None:
+            self.timed_from = (state.step, now)
+            return
+        first, since = self.timed_from
+        fitted = state.total_steps is not None
+        if (not fitted and state.step - first < FIT_AFTER_STEPS) or (fitted and not at_log):
+            return
+        elapsed, step_s = (
+            x / self.d.world_size
+            for x in all_reduce_sum([now - self.start, (now - since) / (state.step - first)], self.d)
+        )
+        if elapsed >= self.seconds:
+            log.warning("time budget (%.0f s) spent at step %d of %d: stopping here", self.seconds, state.step, planned)
+            state.total_steps = state.step
+            return
+        state.total_steps = steps_within(
+            self.seconds, elapsed_s=elapsed, step_s=step_s, step=state.step, planned=planned
+        )
+        if not fitted:
+            log.info(
+                "time budget %.0f s: %.3f s per step, %.0f s spent; training %d of the %d planned steps "
+                "(refitted at every log interval)",
+                self.seconds,
+                step_s,
+                elapsed,
+                state.total_steps,
+                planned,
+            )
 
 
 @dataclass
@@ -204,6 +265,7 @@ class LoopHooks:
     on_log: Callable[[int, dict[str, float]], None]
     on_eval: Callable[[int], None]
     on_checkpoint: Callable[[int], None]
+    on_plan: Callable[[int], None] = lambda total_steps: None  # a time budget changed the step count
 
 
 def _no_sync(model: torch.nn.Module, last: bool):
@@ -318,8 +380,10 @@ def train(
     compiled: bool = False,
     flops_per_token: float | None = None,
     peak_tflops: float | None = None,
+    time_budget_s: float | None = None,
 ) -> None:
-    """Run optimizer steps from state.step to total_steps, mutating state.
+    """Run optimizer steps from state.step to total_steps (or to state.total_steps, which a
+    time budget fits), mutating state.
 
     flat, block_mask: collate's layouts for FlashAttention and flex_attention models.
     prepare_batch: applied to every collated micro-batch (composed codet5p models add the encoder's
@@ -327,6 +391,8 @@ def train(
     compiled: the model is torch.compiled; the loss is then compiled too, and the first step (the
     compilation) is timed apart: logged as the warm-up and left out of tokens/s.
     flops_per_token, peak_tflops: for the `mfu` metric (trainer.flops); left out without a peak.
+    time_budget_s: spec.training.timeBudgetMinutes in seconds (TimeBudget); a resumed run keeps the
+    step count fitted before (state.total_steps) and only stops early if it overruns.
 
     Long only in its signature (every knob keyword-only and named); the steps are the helpers above."""
     model.train()
@@ -338,7 +404,8 @@ def train(
     window = _Window(torch.zeros((), dtype=torch.float64, device=d.device))  # on the device: no sync per micro-step
     grad_norm = torch.zeros(())
     warming_up = compiled  # the first step of this process compiles the model (and the loss)
-    while state.step < total_steps:
+    budget = TimeBudget(time_budget_s, d) if time_budget_s else None
+    while state.step < (state.total_steps or total_steps):
         for micro in range(accum):
             batch = make_batch(_next_sequences(packer, spec.micro_batch_size))
             if prepare_batch is not None:
@@ -357,7 +424,17 @@ def train(
             float(window.loss)  # waits for the step to finish
             log.info("compile warm-up: %.1f s (first step, left out of tokens/s)", time.perf_counter() - window.start)
             window.tokens, window.start = 0, time.perf_counter()
-        if state.step % spec.log_interval_steps == 0 or state.step == total_steps:
+        at_log = state.step % spec.log_interval_steps == 0
+        if budget is not None:
+            before = state.total_steps
+            budget.after_step(state, total_steps, timing=not warming_up, at_log=at_log)
+            if state.total_steps != before:
+                hooks.on_plan(state.total_steps)
+                if bar is not None:
+                    bar.total = state.total_steps
+                    bar.refresh()
+        end = state.total_steps or total_steps
+        if at_log or state.step == end:
             metrics = window.metrics(
                 state.step, grad_norm, scheduler, accum=accum, d=d, flops_per_token=flops_per_token, peak=peak_tflops
             )
@@ -365,11 +442,11 @@ def train(
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics.get('tokens_per_second', 0):.0f}")
             hooks.on_log(state.step, metrics)
             window.reset()
-        if state.step % spec.eval_interval_steps == 0 and state.step < total_steps:
+        if state.step % spec.eval_interval_steps == 0 and state.step < end:
             hooks.on_eval(state.step)
             model.train()
             window.start = time.perf_counter()
-        if state.step % checkpoint_interval == 0 or state.step == total_steps:
+        if state.step % checkpoint_interval == 0 or state.step == end:
             hooks.on_checkpoint(state.step)
             window.start = time.perf_counter()
     if bar is not None:

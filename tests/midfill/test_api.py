@@ -72,6 +72,7 @@ BAD_SPECS = [
     ("tr", "spec.training.compile", "sometimes", "spec.training.compile", "use auto"),
     ("tr", "spec.training.activationCheckpointing", "half", "spec.training.activationCheckpointing", "'full'"),
     ("tr", "spec.training.peakTflops", 0, "spec.training.peakTflops", "greater than 0"),
+    ("tr", "spec.training.timeBudgetMinutes", 0, "spec.training.timeBudgetMinutes", "greater than 0"),
     (
         "tr",
         "spec.objective.spanCorruption.maskRatioMin",
@@ -141,7 +142,9 @@ def test_defaults_are_documented_and_applied(repo_root: Path) -> None:
 
 
 def test_compile_is_auto_by_default_and_still_takes_true_or_false(repo_root: Path) -> None:
-    run = parse_resource(_tr(repo_root))
+    doc = _tr(repo_root)
+    del doc["spec"]["training"]["compile"]  # the sample turns it on (it pays off for its 10 minutes)
+    run = parse_resource(doc)
     assert run.spec.training.compile == "auto" and run.spec.training.activation_checkpointing == "none"
     assert run.spec.training.compile_on("cuda") and not run.spec.training.compile_on("cpu")
     for value, on_cpu in ((True, True), (False, False), ("auto", False)):

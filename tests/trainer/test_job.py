@@ -180,6 +180,19 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # ~40 s: two processes train for 12 s of budget
+def test_two_ranks_fit_a_time_budget_alike_and_report_the_fitted_step_count(tmp_path):
+    """Planned for 100,000 steps, budgeted 12 s: both ranks stop at the same fitted step (a rank that
+    disagreed would hang in a collective and fail the run), which progress.json reports as the total."""
+    run_file = write_run(tmp_path / "run.yaml", tiny_run("tiny-budget", steps=100_000, timeBudgetMinutes=0.2))
+    proc = _trainer(tmp_path, run_file, uid="u", nproc=2)
+    _ok(proc)
+    assert "time budget 12 s:" in proc.stderr
+    progress = read_progress(tmp_path / "state" / "runs" / "tiny-budget")
+    assert progress is not None and progress.step == progress.total_steps < 100_000
+    assert (tmp_path / "state" / "runs" / "tiny-budget" / "export" / "model.safetensors").exists()
+
+
 def test_invalid_config_exits_78_with_one_line_naming_the_field(tmp_path, capsys, monkeypatch):
     from trainer.__main__ import main
 

@@ -89,6 +89,16 @@ class TrainingSpec(ApiModel):
     micro_batch_size: int = Field(default=8, ge=1, description="Sequences per process per forward pass. Default 8.")
     steps: int | None = Field(default=None, ge=1, description="Optimizer steps to train (set steps or tokens).")
     tokens: int | None = Field(default=None, ge=1, description="Tokens to train on (set steps or tokens).")
+    time_budget_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        le=10080,
+        description="Train for at most this many minutes (the training loop's wall time, compile warm-up, "
+        "evaluations and checkpoints included): after 10 timed steps, and at every log interval, the step "
+        "count (at most steps or tokens) is fitted to the time left and the LR schedule follows it; a run "
+        "out of time at a log interval stops there. For a recipe that must end in time on any machine "
+        "(the demo). Default: no budget.",
+    )
     learning_rate: float = Field(default=3e-4, gt=0, le=1, description="Peak learning rate. Default 3e-4.")
     min_learning_rate_ratio: float = Field(
         default=0.1, ge=0, le=1, description="Final LR as a share of the peak (cosine floor). Default 0.1."
