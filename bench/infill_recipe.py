@@ -8,8 +8,9 @@ files, through its ModelInfiller, the in-memory half of what `midfill eval` uses
         --max-seconds 300 --out bench/results/gpu/infill_recipe_125m.json
     python bench/infill_recipe.py --run ... --device cpu --dry-run     # tiny: checks the script itself
 
-Training stops at spec.training.steps or after --max-seconds, whichever comes first (the learning
-rate schedule is the spec's, so an early stop ends above its floor; the JSON says which happened).
+Training runs under the trainer's time budget (trainer.loop.TimeBudget: --max-seconds, else the
+spec's training.timeBudgetMinutes): the step count, at most spec.training.steps, is fitted to the
+budget and the learning rate schedule with it; the JSON has the planned and the fitted count.
 --dry-run swaps in the debug geometry, 2 steps of 2 x 128 tokens, a 512-token vocabulary and 2 tasks.
 """
 
@@ -40,10 +41,6 @@ DRY_RUN = {
     "tokenizer": {"vocabSize": 512, "trainBytes": 2_000_000},
     "training": {"seqLength": 128, "globalBatchTokens": 256, "microBatchSize": 2, "steps": 2, "warmupSteps": 1},
 }
-
-
-class OutOfTime(Exception):
-    """The time budget ran out between two optimizer steps."""
 
 
 def load_run(path: Path, *, dry_run: bool, steps: int | None) -> TrainingRun:
@@ -85,7 +82,8 @@ def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict
     )
     model.to(device)
     optimizer = loop.make_optimizer(model, t, device)
-    scheduler = loop.make_scheduler(optimizer, t, total_steps=t.steps)
+    state = loop.LoopState()
+    scheduler = loop.make_scheduler(optimizer, t, total_steps=t.steps, state=state)
     stream = DocumentStream(corpus.train, corpus.weights, seed=t.seed, rank=0, world_size=1)
     packer = Packer(
         stream,
@@ -100,32 +98,27 @@ def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         logs.append({"step": step, **metrics})
-        print(f"step {step}/{t.steps} loss {metrics['loss']:.3f} tok/s {metrics['tokens_per_second']:.0f}", flush=True)
-        if time.monotonic() - train_started > max_seconds:
-            raise OutOfTime
+        total = state.total_steps or t.steps
+        print(f"step {step}/{total} loss {metrics['loss']:.3f} tok/s {metrics['tokens_per_second']:.0f}", flush=True)
 
-    state = loop.LoopState()
-    stopped_early = False
-    try:
-        loop.train(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            packer=packer,
-            spec=t,
-            state=state,
-            total_steps=t.steps,
-            accum=t.global_batch_tokens // (t.seq_length * t.micro_batch_size),
-            pad_id=tok.pad_token_id,
-            document_mask=spec.objective.document_mask,
-            bf16=bf16,
-            d=Dist(device=device),
-            hooks=loop.LoopHooks(on_log=on_log, on_eval=lambda s: None, on_checkpoint=lambda s: None),
-            flat=loop.is_flash(attn),
-            checkpoint_interval=10**9,
-        )
-    except OutOfTime:
-        stopped_early = True
+    loop.train(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        packer=packer,
+        spec=t,
+        state=state,
+        total_steps=t.steps,
+        accum=t.global_batch_tokens // (t.seq_length * t.micro_batch_size),
+        pad_id=tok.pad_token_id,
+        document_mask=spec.objective.document_mask,
+        bf16=bf16,
+        d=Dist(device=device),
+        hooks=loop.LoopHooks(on_log=on_log, on_eval=lambda s: None, on_checkpoint=lambda s: None),
+        flat=loop.is_flash(attn),
+        checkpoint_interval=10**9,
+        time_budget_s=max_seconds,
+    )
     return {
         "model": model,
         "tok": tok,
@@ -138,7 +131,7 @@ def train(run: TrainingRun, device: torch.device, *, max_seconds: float) -> dict
             "bf16": bf16,
             "steps_done": logs[-1]["step"] if logs else 0,
             "steps_planned": t.steps,
-            "stopped_by_time_budget": stopped_early,
+            "steps_fitted_to_budget": state.total_steps,
             "tokens": (logs[-1]["step"] if logs else 0) * t.global_batch_tokens,
             "train_seconds": round(time.monotonic() - train_started, 1),
             "tokenizer_and_setup_seconds": round(train_started - started, 1),
@@ -151,7 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("manifests/samples/trainingrun-125m-gpu.yaml"))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--max-seconds", type=float, default=300.0, help="training time budget (seconds)")
+    parser.add_argument(
+        "--max-seconds", type=float, help="training time budget (seconds); default the spec's timeBudgetMinutes"
+    )
     parser.add_argument("--steps", type=int, help="override spec.training.steps")
     parser.add_argument("--tasks", type=int, default=200, help="line-em tasks (held-out stdlib function bodies)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -160,7 +155,11 @@ def main() -> None:
     args = parser.parse_args()
     run = load_run(args.run, dry_run=args.dry_run, steps=args.steps)
     device = torch.device(args.device)
-    trained = train(run, device, max_seconds=args.max_seconds)
+    budget_minutes = run.spec.training.time_budget_minutes
+    max_seconds = args.max_seconds or (budget_minutes * 60 if budget_minutes else None)
+    if max_seconds is None:
+        parser.error("--max-seconds: no time budget; pass one or set the run's spec.training.timeBudgetMinutes")
+    trained = train(run, device, max_seconds=max_seconds)
     held_out = [Path(f.url) for f in trained["corpus"].validation if f.kind == "code"]
     infiller = ModelInfiller(
         trained["model"],
