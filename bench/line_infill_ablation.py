@@ -131,6 +131,17 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {
         },
         None,
     ),
+    "batch-2048-32-holes": (
+        "batch-2048 with up to 32 one-line holes per piece (maxSpans 32)",
+        "tree",
+        {
+            "sample": True,
+            "training": {"globalBatchTokens": 2048, "microBatchSize": 4, "steps": 3800},
+            "tokenizer": {"numMaskTokens": 32},
+            "objective": {"spanCorruption": {"maxSpans": 32}},
+        },
+        None,
+    ),
     "no-code-lines": (
         "sample-10min's spec and step count, trained by the trainer before the code-lines change (--ref)",
         "ref",

@@ -265,7 +265,7 @@ def test_steps_within_a_budget_count_the_time_left_and_never_exceed_the_plan():
 
 
 def _budget_run(budget_s: float, *, on_eval=lambda s: None, eval_interval: int = 1000):
-    """The tiny model planned for 100,000 steps under a time budget; returns (state, plans, scheduler)."""
+    """The tiny model planned for 100,000 steps under a time budget: (state, plans, scheduler, spec)."""
     from midfill.api.trainingrun import TrainingSpec
     from trainer.loop import LoopHooks, LoopState, make_optimizer, make_scheduler, train
     from trainer.parallel import Dist
