@@ -309,13 +309,16 @@ def test_a_time_budget_fits_the_step_count_and_the_lr_still_reaches_its_floor():
     state, plans, scheduler, spec = _budget_run(3.0)
     assert plans and plans[-1] == state.step == state.total_steps < 100_000
     floor = spec.learning_rate * spec.min_learning_rate_ratio
-    assert scheduler.get_last_lr()[0] == pytest.approx(floor, rel=0.05)  # the schedule was fitted, not cut
+    decayed = (spec.learning_rate - scheduler.get_last_lr()[0]) / (spec.learning_rate - floor)
+    # Fitted, not cut: the cosine ended (nearly) at its floor; a run merely cut would stop near the peak.
+    # Not exactly: under load the last fit may overshoot by a few steps and the run stop at a log step.
+    assert decayed > 0.9
 
 
 def test_a_run_pushed_past_its_budget_by_evaluation_stops_at_the_next_log_interval(caplog):
     import time as _time
 
     with caplog.at_level("WARNING", logger="trainer.loop"):
-        state, plans, _, _ = _budget_run(2.0, on_eval=lambda s: _time.sleep(2.5), eval_interval=15)
+        state, plans, _, _ = _budget_run(4.0, on_eval=lambda s: _time.sleep(4.5), eval_interval=15)
     assert state.step == state.total_steps == 20  # evaluated at 15 (past the budget), stopped at log step 20
-    assert plans[-1] == 20 and "time budget (2 s) spent at step 20 of 100000" in caplog.text
+    assert plans[-1] == 20 and "time budget (4 s) spent at step 20 of 100000" in caplog.text
