@@ -24,7 +24,9 @@ class Progress(ApiModel):
     """Latest training progress reported by rank 0."""
 
     step: int = Field(default=0, description="Optimizer steps done.")
-    total_steps: int | None = Field(default=None, description="Steps planned.")
+    total_steps: int | None = Field(
+        default=None, description="Steps planned: spec.training.steps or tokens, or what its timeBudgetMinutes fitted."
+    )
     loss: float | None = Field(default=None, description="Latest training loss (nats/token).")
     tokens_per_second: float | None = Field(default=None, description="Training throughput over all processes.")
     tokens_per_second_per_device: float | None = Field(
