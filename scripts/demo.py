@@ -100,7 +100,7 @@ standard-library files (greedy, cursor after the indentation, like the examples 
   ended the line itself (<eom>) {got["stop_rate"]:.0%} | cut by the client's newline stop \
 {got["stop_string_rate"]:.0%} | ran to max tokens {got["length_rate"]:.0%}
   only whitespace {got["whitespace_rate"]:.0%} | first line exactly right {got["first_line_exact_match"]:.0%}
-Judge the model by these numbers, not by three examples: a 5M-parameter model after a few minutes on
+Judge the model by these numbers, not by three examples: a 5M-parameter model after at most 10 minutes on
 2 CPU cores is weak (targets and measurements: docs/benchmarks.md, line_infill_ablation)."""
     )
 
@@ -110,7 +110,7 @@ def main() -> int:
     os.environ["MIDFILL_STATE_DIR"] = str(state_dir)
     print(f"midfill demo: state dir {state_dir} (resources, logs, checkpoints, MLflow store, API keys)")
 
-    step("1/4 Train the debug recipe on the Python standard library (a few minutes on 2 cores)")
+    step("1/4 Train the debug recipe on the Python standard library (at most 10 minutes of training)")
     midfill("apply", "-f", str(TRAINING_YAML), "--wait", "--timeout", str(TRAINING_TIMEOUT_S))
     run = get("tr", "fim-debug")
     registered = run["status"]["registeredModel"]
