@@ -217,24 +217,28 @@ class TimeBudget:
     decay complete within the budget. A run that is out of time at a log interval stops there.
     Every rank takes the same decisions, from all-reduced times at the same steps."""
 
-    def __init__(self, seconds: float, d: Dist) -> None:
+    def __init__(self, seconds: float, d: Dist, *, refit: bool = True) -> None:
         self.seconds, self.d = seconds, d
+        self.refit = refit  # False for a resumed run: it keeps the count fitted before, only the stop applies
         self.start = time.perf_counter()
         self.timed_from: tuple[int, float] | None = None  # (step, time) the step timing starts at
+
+    def _now(self) -> float:
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)  # the steps queued so far are part of the time
+        return time.perf_counter()
 
     def after_step(self, state: LoopState, planned: int, *, timing: bool, at_log: bool) -> None:
         if not timing:
             return
-        if self.d.device.type == "cuda":
-            torch.cuda.synchronize(self.d.device)  # the steps queued so far are part of the time
-        now = time.perf_counter()
         if self.timed_from is None:
-            self.timed_from = (state.step, now)
+            self.timed_from = (state.step, self._now())
             return
         first, since = self.timed_from
         fitted = state.total_steps is not None
         if (not fitted and state.step - first < FIT_AFTER_STEPS) or (fitted and not at_log):
-            return
+            return  # no device sync on the steps in between
+        now = self._now()
         elapsed, step_s = (
             x / self.d.world_size
             for x in all_reduce_sum([now - self.start, (now - since) / (state.step - first)], self.d)
@@ -242,6 +246,8 @@ class TimeBudget:
         if elapsed >= self.seconds:
             log.warning("time budget (%.0f s) spent at step %d of %d: stopping here", self.seconds, state.step, planned)
             state.total_steps = state.step
+            return
+        if fitted and not self.refit:
             return
         state.total_steps = steps_within(
             self.seconds, elapsed_s=elapsed, step_s=step_s, step=state.step, planned=planned
@@ -404,7 +410,7 @@ def train(
     window = _Window(torch.zeros((), dtype=torch.float64, device=d.device))  # on the device: no sync per micro-step
     grad_norm = torch.zeros(())
     warming_up = compiled  # the first step of this process compiles the model (and the loss)
-    budget = TimeBudget(time_budget_s, d) if time_budget_s else None
+    budget = TimeBudget(time_budget_s, d, refit=state.total_steps is None) if time_budget_s else None
     while state.step < (state.total_steps or total_steps):
         for micro in range(accum):
             batch = make_batch(_next_sequences(packer, spec.micro_batch_size))

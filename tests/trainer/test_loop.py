@@ -264,7 +264,7 @@ def test_steps_within_a_budget_count_the_time_left_and_never_exceed_the_plan():
     assert steps_within(60, elapsed_s=70, step_s=0.5, step=11, planned=1000) == 11  # already spent: stop
 
 
-def _budget_run(budget_s: float, *, on_eval=lambda s: None, eval_interval: int = 1000):
+def _budget_run(budget_s: float, *, on_eval=lambda s: None, eval_interval: int = 1000, fitted: int | None = None):
     """The tiny model planned for 100,000 steps under a time budget: (state, plans, scheduler, spec)."""
     from midfill.api.trainingrun import TrainingSpec
     from trainer.loop import LoopHooks, LoopState, make_optimizer, make_scheduler, train
@@ -281,7 +281,7 @@ def _budget_run(budget_s: float, *, on_eval=lambda s: None, eval_interval: int =
         eval_interval_steps=eval_interval,
     )
     optimizer = make_optimizer(model, spec, torch.device("cpu"))
-    state = LoopState()
+    state = LoopState(total_steps=fitted)  # fitted: as a resumed run restores it from its checkpoint
     scheduler = make_scheduler(optimizer, spec, total_steps=100_000, state=state)
     plans: list[int] = []
     hooks = LoopHooks(on_log=lambda s, m: None, on_eval=on_eval, on_checkpoint=lambda s: None, on_plan=plans.append)
@@ -322,3 +322,8 @@ def test_a_run_pushed_past_its_budget_by_evaluation_stops_at_the_next_log_interv
         state, plans, _, _ = _budget_run(4.0, on_eval=lambda s: _time.sleep(4.5), eval_interval=15)
     assert state.step == state.total_steps == 20  # evaluated at 15 (past the budget), stopped at log step 20
     assert plans[-1] == 20 and "time budget (4 s) spent at step 20 of 100000" in caplog.text
+
+
+def test_a_resumed_run_keeps_the_step_count_its_budget_fitted_before():
+    state, plans, _, _ = _budget_run(20.0, fitted=30)
+    assert state.step == state.total_steps == 30 and plans == []  # not refitted to the new attempt's time
