@@ -13,6 +13,7 @@ tokenizer (to separate the span cut from the tokenizer). One row per call, resul
     .venv/bin/python bench/line_infill_ablation.py --row baseline --steps 120
     .venv/bin/python bench/line_infill_ablation.py --boundary     # needs rows baseline and indent-token
     .venv/bin/python bench/line_infill_ablation.py --table
+    .venv/bin/python bench/line_infill_ablation.py --score .midfill/runs/fim-debug/export   # make demo's model
 
 --boundary measures the cause without a model: the token each line-em prompt ends with (the line's
 indentation), and how often that token is followed by code in the training text (every 10th
@@ -305,6 +306,9 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the stored rows")
     parser.add_argument("--boundary", action="store_true", help="the prompt-boundary statistic (no model)")
     parser.add_argument(
+        "--score", type=Path, metavar="EXPORT", help="score an export (e.g. make demo's) as the rows are"
+    )
+    parser.add_argument(
         "--steps",
         type=int,
         help="a fixed spec.training.steps, no time budget (warmup = steps / 10 unless the row or sample sets it)",
@@ -314,6 +318,9 @@ def main() -> None:
     parser.add_argument("--ref", default="main", help="git ref whose trainer the baseline row runs")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "midfill-line-ablation")
     args = parser.parse_args()
+    if args.score:
+        metrics, samples = score(args.score, tasks=args.tasks, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({"line_em": metrics, "samples": samples}, indent=1))
     if args.row:
         run_row(args)
     if args.boundary:
@@ -322,7 +329,7 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report["boundary"], indent=1))
-    if args.table or not (args.row or args.boundary):
+    if args.table or not (args.row or args.boundary or args.score):
         print(table())
 
 
